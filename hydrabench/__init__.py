@@ -1,0 +1,3 @@
+"""hydrabench: an evaluation and benchmark harness for parameter-efficient fine-tuning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""Training corpora → InstructionRecords: the synthetic suite, local files, or hub datasets.
+
+Corpus names: `synthetic`; `data:<path>` (relative to HYDRABENCH_DATA_DIR); a file path (JSON list,
+JSONL, CSV or parquet); `hub:<dataset id>[:<config>]`; several joined by `+`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hydrabench.data import synthetic
+from hydrabench.data.records import InstructionRecord
+from hydrabench.spec import SpecError
+
+# Field names used by the paper's corpora (Alpaca-style, Dolly, GSM8K, Flan) for the same roles.
+FIELD_ALIASES = {
+    "instruction": ("instruction", "question", "prompt", "inputs"),
+    "input": ("input", "context"),
+    "output": ("output", "response", "answer", "completion", "targets"),
+    "component": ("component", "category", "task_type", "task_name"),
+}
+
+
+def to_record(row: dict, where: str) -> InstructionRecord:
+    values = {}
+    for role, names in FIELD_ALIASES.items():
+        found = next((name for name in names if row.get(name) not in (None, "")), None)
+        values[role] = str(row[found]) if found else ""
+    for role in ("instruction", "output"):
+        if not values[role]:
+            raise SpecError(f"{where}: record has no {role} field "
+                            f"(expected one of {', '.join(FIELD_ALIASES[role])})")
+    return InstructionRecord(**values)
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(location, row) pairs; malformed input names file and line/record."""
+    if not path.exists():
+        raise SpecError(f"corpus file {path} not found")
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise SpecError(f"malformed JSONL at {path}:{number}: {err.msg}") from None
+        return rows
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise SpecError(f"malformed JSON at {path}:{err.lineno}: {err.msg}") from None
+        if not isinstance(data, list):
+            raise SpecError(f"{path}: expected a JSON list of records")
+        return [(f"{path} record {i}", row) for i, row in enumerate(data)]
+    if path.suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
+        return [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
+    raise SpecError(f"{path}: unsupported corpus format (use .json, .jsonl, .csv or .parquet)")
+
+
+def _load_one(name: str) -> list[InstructionRecord]:
+    if name == "synthetic":
+        return synthetic.training_records()
+    if name.startswith("hub:"):
+        import datasets
+
+        dataset_id, _, config = name[4:].partition(":")
+        try:
+            rows = datasets.load_dataset(dataset_id, config or None, split="train")
+        except Exception as err:  # offline, unknown id, gated: all reach the user the same way
+            raise SpecError(f"cannot load hub dataset {dataset_id!r}: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                            ) from None
+        return [to_record(row, f"{dataset_id} row {i}") for i, row in enumerate(rows)]
+    if name.startswith("data:"):
+        root = os.environ.get("HYDRABENCH_DATA_DIR")
+        if not root:
+            raise SpecError(f"corpus {name} needs HYDRABENCH_DATA_DIR (a copy of the data files)")
+        path = Path(root) / name[5:]
+    else:
+        path = Path(name)
+    return [to_record(row, where) for where, row in _read_rows(path)]
+
+
+def load_corpus(name: str) -> list[InstructionRecord]:
+    records = [rec for part in name.split("+") for rec in _load_one(part)]
+    if not records:
+        raise SpecError(f"corpus {name} is empty")
+    return records

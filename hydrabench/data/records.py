@@ -1,0 +1,43 @@
+"""The one record every training corpus is turned into, and the prompt templates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# The Alpaca template the HydraLoRA reference scripts train with.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass(frozen=True)
+class InstructionRecord:
+    """instruction (+ optional input) → output; `component` is the intrinsic sub-task when known."""
+
+    instruction: str
+    output: str
+    input: str = ""
+    component: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def render_prompt(record: InstructionRecord, template: str) -> str:
+    """The text the model sees before the response; the loss is on the response only.
+
+    `plain` concatenates instruction and input (the synthetic suite's records already carry the
+    exact evaluation format); `alpaca` is the reference code's template.
+    """
+    if template == "plain":
+        return record.instruction + record.input
+    if template == "alpaca":
+        pattern = ALPACA_WITH_INPUT if record.input else ALPACA_NO_INPUT
+        return pattern.format(instruction=record.instruction, input=record.input)
+    raise ValueError(f"unknown prompt template {template!r} (valid: plain, alpaca)")

@@ -1,0 +1,645 @@
+"""Energy and throughput metering around one phase (train, export, eval) of a run.
+
+Every energy figure carries the source it came from, so that a report never presents an
+estimate as a measurement:
+
+- ``measured:nvml``: NVML's cumulative GPU energy counter (Volta and newer);
+- ``measured:nvml-power-samples``: trapezoid integral of sampled NVML board power;
+- ``measured:rapl``: the CPU package RAPL counters under ``/sys/class/powercap``;
+- ``estimated:codecarbon``: CodeCarbon's model (TDP-based CPU guess, fixed RAM power);
+- ``unavailable: <reason>``: no figure, and why.
+
+GPU and RAPL readings cover the whole machine (all processes), like CodeCarbon's default
+"machine" tracking mode; GPUs are restricted to those in ``CUDA_VISIBLE_DEVICES``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import platform
+import re
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import psutil
+import torch
+
+try:
+    import pynvml
+except ImportError:  # the package is a dependency, but metering must never break a run
+    pynvml = None
+
+RAPL_ROOT = Path("/sys/class/powercap")
+# Top-level zones only ("intel-rapl:0", not "intel-rapl:0:1"): subzones are already included
+# in their package's counter and would be counted twice.
+_RAPL_ZONE = re.compile(r"intel-rapl:\d+$")
+_MJ_PER_KWH = 3.6e9
+_J_PER_KWH = 3.6e6
+_UJ_PER_KWH = 3.6e12
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class EnergyMetrics:
+    """Energy of one phase by component (kWh), each with its source label."""
+
+    gpu_kwh: float | None
+    gpu_source: str
+    gpu_per_device: list[dict[str, Any]]
+    cpu_kwh: float | None
+    cpu_source: str
+    ram_kwh: float | None
+    ram_source: str
+    total_kwh: float | None
+    co2eq_kg: float | None
+    co2_source: str
+    energy_measured: bool
+
+
+@dataclass
+class ThroughputMetrics:
+    """Wall time, counts, rates and peak memory of one phase."""
+
+    wall_s: float
+    steps: int
+    tokens: int
+    samples: int
+    tokens_per_s: float
+    samples_per_s: float
+    step_time_mean_s: float | None
+    step_time_p50_s: float | None
+    step_time_p95_s: float | None
+    peak_memory_bytes: int
+    peak_memory_source: str
+    # Evaluation counters stay None unless Meter.add_eval was called.
+    requests: int | None = None
+    prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+    requests_per_s: float | None = None
+    prompt_tokens_per_s: float | None = None
+    generated_tokens_per_s: float | None = None
+
+
+@dataclass
+class PhaseMetrics:
+    """Everything measured for one phase; ``to_dict()`` is JSON-serialisable."""
+
+    phase: str
+    energy: EnergyMetrics
+    throughput: ThroughputMetrics
+    # [seconds since phase start, total watts over visible GPUs], downsampled to a cap.
+    power_samples_w: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the metrics as plain dicts, lists and numbers."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# RAPL
+
+
+def rapl_delta_uj(start_uj: int, end_uj: int, max_energy_range_uj: int) -> int:
+    """Energy between two readings of one RAPL counter, allowing for one wrap-around."""
+    if end_uj >= start_uj:
+        return end_uj - start_uj
+    return max_energy_range_uj - start_uj + end_uj
+
+
+class RaplReader:
+    """Accumulates CPU package energy from RAPL counters under ``root``.
+
+    ``poll()`` must run more often than the counter wraps (tens of minutes at full load), so
+    Meter calls it from its sampling thread rather than only at the phase edges.
+    """
+
+    def __init__(self, root: Path | str = RAPL_ROOT) -> None:
+        self.zones: list[Path] = []
+        self.max_uj: list[int] = []
+        self.error: str | None = None
+        self.total_uj = 0
+        self._last: list[int] | None = None
+        root = Path(root)
+        try:
+            for zone in sorted(p for p in root.glob("intel-rapl:*") if _RAPL_ZONE.match(p.name)):
+                name_file = zone / "name"
+                # "psys" (platform) zones contain the package again; keep only packages.
+                if name_file.exists() and not name_file.read_text().startswith("package"):
+                    continue
+                self.max_uj.append(int((zone / "max_energy_range_uj").read_text()))
+                int((zone / "energy_uj").read_text())  # root-only on many kernels
+                self.zones.append(zone)
+        except (OSError, ValueError) as exc:
+            self.zones, self.max_uj = [], []
+            self.error = f"unavailable: RAPL unreadable ({type(exc).__name__})"
+            return
+        if not self.zones:
+            self.error = f"unavailable: no RAPL package zones under {root}"
+
+    @property
+    def available(self) -> bool:
+        """True while the counters can be read."""
+        return self.error is None
+
+    def _read(self) -> list[int]:
+        return [int((zone / "energy_uj").read_text()) for zone in self.zones]
+
+    def start(self) -> None:
+        """Take the reference reading and reset the accumulated energy."""
+        self.total_uj = 0
+        self._last = self._read()
+
+    def poll(self) -> None:
+        """Add the energy since the previous reading to ``total_uj``."""
+        if not self.available or self._last is None:
+            return
+        try:
+            current = self._read()
+        except (OSError, ValueError) as exc:
+            self.error = f"unavailable: RAPL read failed ({type(exc).__name__})"
+            return
+        for prev, cur, max_uj in zip(self._last, current, self.max_uj, strict=True):
+            self.total_uj += rapl_delta_uj(prev, cur, max_uj)
+        self._last = current
+
+    @property
+    def kwh(self) -> float:
+        """Accumulated energy in kWh."""
+        return self.total_uj / _UJ_PER_KWH
+
+
+# --------------------------------------------------------------------------------------------
+# NVML helpers
+
+
+def _text(value: Any) -> str:
+    # Older pynvml releases return bytes for names and versions.
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _visible_gpu_handles(nvml: Any) -> list[tuple[int, Any]]:
+    """(NVML index, handle) of the GPUs this process may use, honouring CUDA_VISIBLE_DEVICES.
+
+    NVML enumerates every GPU on the node; counting all of them would charge a single-GPU job
+    for its neighbours. Integer entries are taken as NVML indices (CUDA's order matches on
+    the usual homogeneous nodes); "GPU-..." entries may be UUID prefixes, as CUDA allows.
+    """
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    spec = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if spec is None:
+        return list(enumerate(handles))
+    uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles] if "GPU-" in spec else []
+    chosen: list[tuple[int, Any]] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.isdigit() and int(entry) < len(handles):
+            index = int(entry)
+        elif entry.startswith("GPU-") and any(u.startswith(entry) for u in uuids):
+            index = next(i for i, u in enumerate(uuids) if u.startswith(entry))
+        else:
+            # CUDA ignores an invalid entry and all after it; MIG slices land here too
+            # (they expose no energy counter, and the parent's counts other tenants).
+            break
+        chosen.append((index, handles[index]))
+    return chosen
+
+
+def _nvml_energy_mj(nvml: Any, handle: Any) -> int | None:
+    # Pre-Volta GPUs raise NotSupported; any NVML error means "no counter on this GPU".
+    try:
+        return int(nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
+    except nvml.NVMLError:
+        return None
+
+
+def _nvml_power_w(nvml: Any, handle: Any) -> float | None:
+    try:
+        return nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+    except nvml.NVMLError:
+        return None
+
+
+def _trapezoid_kwh(samples: list[tuple[float, list[float | None]]], device: int) -> float | None:
+    """Integral of one device's sampled power; None without two consecutive readings."""
+    joules = 0.0
+    pairs = 0
+    for (t0, w0), (t1, w1) in itertools.pairwise(samples):
+        if w0[device] is not None and w1[device] is not None:
+            joules += (t1 - t0) * (w0[device] + w1[device]) / 2
+            pairs += 1
+    return joules / _J_PER_KWH if pairs else None
+
+
+def gpu_inventory() -> list[dict[str, Any]]:
+    """Name, memory and driver of each visible GPU via NVML; [] when there is none."""
+    if pynvml is None:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        return [
+            {
+                "index": index,
+                "name": _text(pynvml.nvmlDeviceGetName(handle)),
+                "memory_total_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total),
+                "driver": driver,
+            }
+            for index, handle in _visible_gpu_handles(pynvml)
+        ]
+    except pynvml.NVMLError:
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware_summary() -> dict[str, Any]:
+    """Hardware and software facts for the provenance section of a run record."""
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "ram_total_bytes": int(psutil.virtual_memory().total),
+        "gpus": gpu_inventory(),
+        "torch_version": torch.__version__,
+        "torch_cuda_available": torch.cuda.is_available(),
+        "torch_cuda_version": torch.version.cuda,
+        "platform": platform.platform(),
+        "python_version": platform.python_version(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Meter
+
+
+def _cuda_in_use() -> bool:
+    # Only an existing CUDA context is touched: creating one just to meter would cost GPU
+    # memory and seconds, and a process that never initialised CUDA has no GPU work to wait for.
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default) of a sorted, non-empty list."""
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _rate(count: int, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _is_measured(source: str) -> bool:
+    return source.startswith("measured:")
+
+
+class Meter:
+    """Context manager measuring energy, CO2eq and throughput of one phase (one Meter each).
+
+    Example::
+
+        with Meter(phase="train", country_iso_code="USA") as meter:
+            for batch in loader:
+                train_step(batch)
+                meter.step(tokens=int(batch["attention_mask"].sum()), samples=len(batch))
+        record["train"] = meter.result.to_dict()
+
+    CUDA is synchronised at the phase edges only, so the window matches the queued work
+    without slowing individual steps down.
+    """
+
+    def __init__(
+        self,
+        phase: str,
+        country_iso_code: str = "USA",
+        codecarbon_dir: str | Path | None = None,
+        sample_interval_s: float = 0.5,
+        codecarbon_interval_s: float = 5.0,
+        use_codecarbon: bool = True,
+        rapl_root: str | Path = RAPL_ROOT,
+        max_power_samples: int = 600,
+    ) -> None:
+        self.phase = phase
+        self.country_iso_code = country_iso_code
+        self.codecarbon_dir = Path(codecarbon_dir) if codecarbon_dir is not None else None
+        self.sample_interval_s = sample_interval_s
+        self.codecarbon_interval_s = codecarbon_interval_s
+        self.use_codecarbon = use_codecarbon
+        self.rapl_root = Path(rapl_root)
+        self.max_power_samples = max_power_samples
+        self.result: PhaseMetrics | None = None
+
+        self._step_times: list[float] = []
+        self._tokens = 0
+        self._samples = 0
+        self._eval: dict[str, int] | None = None
+        self._t0 = 0.0
+        self._last = 0.0
+        self._tracker: Any = None
+        self._codecarbon_error = "unavailable: codecarbon disabled"
+        self._nvml: Any = None
+        self._nvml_error = "unavailable: pynvml not installed"
+        self._gpus: list[tuple[int, Any]] = []
+        self._energy_start: list[int | None] = []
+        self._power: list[tuple[float, list[float | None]]] = []
+        self._rapl: RaplReader | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- hot path ----------------------------------------------------------------------------
+
+    def step(self, tokens: int = 0, samples: int = 0) -> None:
+        """Record one step: wall time since the previous step (or phase start) and counts."""
+        now = time.perf_counter()
+        self._step_times.append(now - self._last)
+        self._last = now
+        self._tokens += tokens
+        self._samples += samples
+
+    def add_eval(
+        self, requests: int = 0, prompt_tokens: int = 0, generated_tokens: int = 0
+    ) -> None:
+        """Add evaluation counts; the result then reports per-second rates for them."""
+        if self._eval is None:
+            self._eval = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self._eval["requests"] += requests
+        self._eval["prompt_tokens"] += prompt_tokens
+        self._eval["generated_tokens"] += generated_tokens
+
+    # -- phase edges -------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        # CodeCarbon first: its ~1.6 s start-up should not count as part of the phase.
+        if self.use_codecarbon:
+            self._start_codecarbon()
+        self._open_nvml()
+        rapl = RaplReader(self.rapl_root)
+        self._rapl = rapl if rapl.available else None
+        if self._rapl is not None:
+            self._rapl.start()
+
+        if _cuda_in_use():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self._t0 = self._last = time.perf_counter()
+        self._energy_start = [_nvml_energy_mj(self._nvml, h) for _, h in self._gpus]
+        self._sample()
+        if self._gpus or self._rapl is not None:
+            self._thread = threading.Thread(
+                target=self._sample_loop, name=f"hydrabench-meter-{self.phase}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if _cuda_in_use():
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._sample()
+        energy_end = [_nvml_energy_mj(self._nvml, h) for _, h in self._gpus]
+        gpu_kwh, gpu_source, per_device = self._gpu_energy(energy_end)  # needs NVML open
+        if self._nvml is not None:
+            self._nvml.nvmlShutdown()
+        cc_data = self._stop_codecarbon()
+
+        self.result = PhaseMetrics(
+            phase=self.phase,
+            energy=self._energy_metrics(gpu_kwh, gpu_source, per_device, cc_data),
+            throughput=self._throughput_metrics(t1 - self._t0),
+            power_samples_w=self._power_curve(),
+        )
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.sample_interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        if self._gpus:
+            watts = [_nvml_power_w(self._nvml, h) for _, h in self._gpus]
+            self._power.append((time.perf_counter(), watts))
+        if self._rapl is not None:
+            self._rapl.poll()
+
+    # -- NVML --------------------------------------------------------------------------------
+
+    def _open_nvml(self) -> None:
+        if pynvml is None:
+            return
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            self._nvml_error = f"unavailable: {type(exc).__name__}"
+            return
+        self._nvml = pynvml
+        try:
+            self._gpus = _visible_gpu_handles(pynvml)
+        except pynvml.NVMLError as exc:
+            self._nvml_error = f"unavailable: GPU enumeration failed ({type(exc).__name__})"
+            return
+        if not self._gpus:
+            self._nvml_error = "unavailable: no visible GPU"
+
+    def _gpu_energy(
+        self, energy_end: list[int | None]
+    ) -> tuple[float | None, str, list[dict[str, Any]]]:
+        """Per-device energy (counter, else power integral) and their sum."""
+        if not self._gpus:
+            return None, self._nvml_error, []
+        per_device: list[dict[str, Any]] = []
+        for slot, (index, handle) in enumerate(self._gpus):
+            start, end = self._energy_start[slot], energy_end[slot]
+            if start is not None and end is not None:
+                kwh: float | None = (end - start) / _MJ_PER_KWH
+                source = "measured:nvml"
+            else:
+                kwh = _trapezoid_kwh(self._power, slot)
+                source = (
+                    "measured:nvml-power-samples"
+                    if kwh is not None
+                    else "unavailable: no energy counter or power readings"
+                )
+            try:
+                name = _text(self._nvml.nvmlDeviceGetName(handle))
+            except self._nvml.NVMLError:
+                name = "unknown"
+            per_device.append({"index": index, "name": name, "kwh": kwh, "source": source})
+
+        missing = [d["index"] for d in per_device if d["kwh"] is None]
+        if missing:
+            # A partial sum would silently under-report; say which GPU is missing instead.
+            return None, f"unavailable: no reading for GPU {missing}", per_device
+        sources = {d["source"] for d in per_device}
+        # Mixed counters and power integrals: report the less precise of the two.
+        source = sources.pop() if len(sources) == 1 else "measured:nvml-power-samples"
+        return sum(d["kwh"] for d in per_device), source, per_device
+
+    def _power_curve(self) -> list[list[float]]:
+        stride = max(1, math.ceil(len(self._power) / self.max_power_samples))
+        return [
+            [round(t - self._t0, 3), round(sum(w for w in watts if w is not None), 1)]
+            for t, watts in self._power[::stride]
+        ]
+
+    # -- CodeCarbon --------------------------------------------------------------------------
+
+    def _start_codecarbon(self) -> None:
+        try:
+            # Imported here: it is slow to import and only needed when metering with it.
+            from codecarbon import OfflineEmissionsTracker, OutputMethod
+
+            # log_level="error" only applies after CodeCarbon's own init messages are logged.
+            logging.getLogger("codecarbon").setLevel(logging.ERROR)
+            output_methods: list[OutputMethod] = []
+            output_dir = "."
+            if self.codecarbon_dir is not None:
+                self.codecarbon_dir.mkdir(parents=True, exist_ok=True)
+                output_methods = [OutputMethod.CSV]
+                output_dir = str(self.codecarbon_dir)
+            tracker = OfflineEmissionsTracker(
+                country_iso_code=self.country_iso_code,
+                project_name=f"hydrabench-{self.phase}",
+                measure_power_secs=self.codecarbon_interval_s,
+                output_methods=output_methods,
+                output_dir=output_dir,
+                log_level="error",
+            )
+            tracker.start()
+        # Metering is auxiliary: whatever breaks CodeCarbon is recorded, never fatal to a run.
+        except Exception as exc:
+            self._codecarbon_error = (
+                f"unavailable: codecarbon failed to start ({type(exc).__name__}: {exc})"
+            )
+            return
+        self._tracker = tracker
+
+    def _stop_codecarbon(self) -> Any:
+        """CodeCarbon's EmissionsData, or None (with the reason recorded)."""
+        if self._tracker is None:
+            return None
+        try:
+            self._tracker.stop()
+        except Exception as exc:
+            self._codecarbon_error = f"unavailable: codecarbon failed ({type(exc).__name__})"
+            return None
+        # CodeCarbon swallows its own exceptions, so a failure only shows as missing data.
+        data = getattr(self._tracker, "final_emissions_data", None)
+        if data is None:
+            self._codecarbon_error = "unavailable: codecarbon produced no data"
+        return data
+
+    # -- assembly ----------------------------------------------------------------------------
+
+    def _energy_metrics(
+        self,
+        gpu_kwh: float | None,
+        gpu_source: str,
+        per_device: list[dict[str, Any]],
+        cc_data: Any,
+    ) -> EnergyMetrics:
+        if self._rapl is not None and self._rapl.available:
+            cpu_kwh: float | None = self._rapl.kwh
+            cpu_source = "measured:rapl"
+        elif cc_data is not None:
+            cpu_kwh, cpu_source = float(cc_data.cpu_energy), "estimated:codecarbon"
+        else:
+            cpu_kwh, cpu_source = None, self._codecarbon_error
+        if cc_data is not None:
+            ram_kwh: float | None = float(cc_data.ram_energy)
+            ram_source = "estimated:codecarbon"
+        else:
+            ram_kwh, ram_source = None, self._codecarbon_error
+
+        components = [(gpu_kwh, gpu_source), (cpu_kwh, cpu_source), (ram_kwh, ram_source)]
+        known = [(kwh, source) for kwh, source in components if kwh is not None]
+        total_kwh = sum(kwh for kwh, _ in known) if known else None
+
+        # CO2 = our total x CodeCarbon's grid intensity, so that co2eq_kg / total_kwh is the
+        # country's intensity even where our GPU/RAPL figures differ from CodeCarbon's own.
+        co2eq_kg: float | None = None
+        co2_source = self._codecarbon_error
+        if cc_data is not None and total_kwh is not None:
+            if cc_data.energy_consumed > 0:
+                co2eq_kg = total_kwh * cc_data.emissions / cc_data.energy_consumed
+                co2_source = "estimated:codecarbon"
+            else:
+                co2_source = "unavailable: codecarbon reported no energy to derive intensity"
+
+        return EnergyMetrics(
+            gpu_kwh=gpu_kwh,
+            gpu_source=gpu_source,
+            gpu_per_device=per_device,
+            cpu_kwh=cpu_kwh,
+            cpu_source=cpu_source,
+            ram_kwh=ram_kwh,
+            ram_source=ram_source,
+            total_kwh=total_kwh,
+            co2eq_kg=co2eq_kg,
+            co2_source=co2_source,
+            energy_measured=bool(known) and all(_is_measured(s) for _, s in known),
+        )
+
+    def _throughput_metrics(self, wall_s: float) -> ThroughputMetrics:
+        times = sorted(self._step_times)
+        if _cuda_in_use():
+            peak, peak_source = torch.cuda.max_memory_allocated(), "cuda_max_memory_allocated"
+        else:
+            # Peak RSS over the process lifetime (not resettable per phase); KiB on Linux.
+            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+            peak_source = "peak_rss"
+        metrics = ThroughputMetrics(
+            wall_s=wall_s,
+            steps=len(times),
+            tokens=self._tokens,
+            samples=self._samples,
+            tokens_per_s=_rate(self._tokens, wall_s),
+            samples_per_s=_rate(self._samples, wall_s),
+            step_time_mean_s=sum(times) / len(times) if times else None,
+            step_time_p50_s=_percentile(times, 0.5) if times else None,
+            step_time_p95_s=_percentile(times, 0.95) if times else None,
+            peak_memory_bytes=int(peak),
+            peak_memory_source=peak_source,
+        )
+        if self._eval is not None:
+            metrics.requests = self._eval["requests"]
+            metrics.prompt_tokens = self._eval["prompt_tokens"]
+            metrics.generated_tokens = self._eval["generated_tokens"]
+            metrics.requests_per_s = _rate(metrics.requests, wall_s)
+            metrics.prompt_tokens_per_s = _rate(metrics.prompt_tokens, wall_s)
+            metrics.generated_tokens_per_s = _rate(metrics.generated_tokens, wall_s)
+        return metrics

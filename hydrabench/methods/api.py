@@ -1,0 +1,45 @@
+"""What a fine-tuning method gives the harness; each method is one module with one `METHOD`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from hydrabench.data.records import InstructionRecord
+from hydrabench.spec import RunSpec
+
+
+class TrainFn(Protocol):
+    """The shared training loop bound to a run: train `model` on `records`, return a summary."""
+
+    def __call__(self, model: torch.nn.Module, records: Sequence[InstructionRecord], *,
+                 tag: str = "", max_steps: int | None = None) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # adapt(base_model, spec, training_records) -> the model to train (None: no training at all)
+    adapt: Callable[[torch.nn.Module, RunSpec, Sequence[InstructionRecord]],
+                    torch.nn.Module] | None
+    save: Callable[[torch.nn.Module, Path], None]
+    load: Callable[[torch.nn.Module, Path], torch.nn.Module]
+    # merge(model) -> a plain transformers model for export; None: no exact merge (hf only)
+    merge: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    # fit overrides the default "train everything trainable on all records" (LoRA-Split)
+    fit: Callable[[torch.nn.Module, RunSpec, Sequence[InstructionRecord], TrainFn],
+                  dict] | None = None
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merge is not None
+
+
+def default_fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],
+                train_fn: TrainFn) -> dict:
+    return train_fn(model, records)

@@ -1,0 +1,188 @@
+"""One run, end to end: spec → train (cached by train id) → artifact → evaluate → record.
+
+Data flows one way. Training artifacts are keyed by the spec's train id, so the columns that share
+a corpus (every column on the tiny profile) train once and are evaluated many times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hydrabench import provenance
+from hydrabench.data import synthetic
+from hydrabench.data.corpora import load_corpus
+from hydrabench.evaluate import check_tasks, evaluate_model, offline_mode
+from hydrabench.metering import Meter, hardware_summary
+from hydrabench.methods import get_method
+from hydrabench.methods.api import Method, default_fit
+from hydrabench.models import BaseModel, load_base_model
+from hydrabench.spec import RunSpec, SpecError
+from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.train import train
+
+ARTIFACT_MARKER = "artifact.json"
+
+
+def log(message: str) -> None:
+    print(f"[hydrabench] {message}", file=sys.stderr, flush=True)
+
+
+def parameter_counts(model: torch.nn.Module, base_total: int) -> dict[str, Any]:
+    """The paper's %Param: adapter parameters / base parameters; the router reported apart.
+
+    Adapter parameters are those the method added to the base model; for full fine-tuning, which
+    adds none, they are the trainable parameters (all of them).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
+    added = total - base_total
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    adapter = (added - router) if added > 0 else trainable
+    return {"base": base_total, "total": total, "trainable": trainable, "adapter": adapter,
+            "router": router, "percent_param": 100.0 * adapter / base_total,
+            "percent_param_with_router": 100.0 * (adapter + router) / base_total}
+
+
+def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
+    names = {n.rpartition(".")[2] for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(spec.adapter.target_modules) - names)
+    if missing and spec.method not in ("base", "full"):
+        raise SpecError(f"target module(s) {', '.join(missing)} not in model {spec.model}; "
+                        f"its linear layers: {', '.join(sorted(names))}")
+
+
+def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter):
+    def run(model: torch.nn.Module, records, *, tag: str = "", max_steps: int | None = None):
+        settings = spec.train
+        if max_steps is not None:
+            settings = replace(settings, max_steps=max_steps)
+        result = train(model, base.tokenizer, records, settings, seed=spec.seed,
+                       template=spec.prompt_template, device=spec.device,
+                       checkpoint_path=checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
+                       on_step=meter.step, desc=f"train {spec.method} {tag}".strip())
+        return result.summary()
+
+    return run
+
+
+def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseModel,
+                   records: list) -> tuple[Path, dict]:
+    """The trained artifact for the spec's train id, training it if no finished one exists.
+
+    `base` is adapted in place; `records` may be empty when the artifact was already finished.
+    """
+    final = store.artifacts / spec.train_id
+    with store.lock(f"train-{spec.train_id}"):
+        if (final / ARTIFACT_MARKER).exists():
+            return final, json.loads((final / ARTIFACT_MARKER).read_text())
+        base_total = sum(p.numel() for p in base.model.parameters())
+        checkpoint_dir = store.artifacts / f".checkpoints-{spec.train_id}"
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        with store.staging(final) as scratch:
+            if method.adapt is None:
+                info: dict[str, Any] = {"trained": False, "train": None}
+                model = base.model
+            else:
+                records = records or load_corpus(spec.corpus)
+                log(f"training {spec.method} on {len(records)} records ({spec.corpus})")
+                torch.manual_seed(spec.seed)
+                model = method.adapt(base.model, spec, records)
+                with Meter(phase="train", country_iso_code=spec.country_iso_code) as meter:
+                    fit = method.fit or default_fit
+                    train_fn = _train_fn(spec, base, checkpoint_dir, meter)
+                    summary = fit(model, spec, records, train_fn)
+                info = {"trained": True, "train": summary, "train_records": len(records),
+                        "metering": {"train": meter.result.to_dict()}}
+                method.save(model, scratch)
+            info["parameters"] = parameter_counts(model, base_total)
+            info["train_id"] = spec.train_id
+            write_json_atomic(scratch / ARTIFACT_MARKER, info)
+        # The checkpoints only serve to resume this training, which has now finished.
+        for ckpt in checkpoint_dir.glob("*.pt"):
+            ckpt.unlink()
+        checkpoint_dir.rmdir()
+        return final, info
+
+
+def model_fingerprint(spec: RunSpec, base: BaseModel) -> str:
+    return provenance.fingerprint_path(base.directory) if base.directory else f"hub:{spec.model}"
+
+
+def data_fingerprint(spec: RunSpec) -> dict[str, str]:
+    fingerprints = {}
+    for part in spec.corpus.split("+"):
+        if part == "synthetic":
+            fingerprints[part] = synthetic.suite_fingerprint()
+        elif part.startswith("data:") and os.environ.get("HYDRABENCH_DATA_DIR"):
+            fingerprints[part] = provenance.fingerprint_path(
+                Path(os.environ["HYDRABENCH_DATA_DIR"]) / part[5:])
+        elif Path(part).exists():
+            fingerprints[part] = provenance.fingerprint_path(Path(part))
+        else:
+            fingerprints[part] = f"hub:{part}"
+    return fingerprints
+
+
+def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None) -> dict[str, Any]:
+    """Run `spec` unless a finished record exists (or `force`); return the record."""
+    store = store or RunStore()
+    method = get_method(spec.method)
+    if spec.eval.backend != "hf" and not method.mergeable:
+        raise SpecError(f"method {spec.method} cannot be merged, so it cannot be served by "
+                        f"{spec.eval.backend}; use --backend hf")
+    if not force and store.has(spec.run_id):
+        log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
+        return store.load(spec.run_id)
+    # Check what can be checked before anything is written under results/.
+    base = load_base_model(spec.model, spec.dtype, spec.device)
+    check_target_modules(base.model, spec)
+    check_tasks(list(spec.eval_tasks))
+    needs_training = method.adapt is not None and not (
+        store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
+    records = load_corpus(spec.corpus) if needs_training else []
+    with store.lock(spec.run_id):
+        if not force and store.has(spec.run_id):
+            return store.load(spec.run_id)
+        started = time.time()
+        artifact, train_info = ensure_trained(spec, method, store, base, records)
+        base = load_base_model(spec.model, spec.dtype, spec.device)  # fresh: training adapted it
+        model = method.load(base.model, artifact)
+        with store.staging(store.runs / spec.run_id) as scratch:
+            log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
+            with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
+                scores = evaluate_model(
+                    model, base.tokenizer, list(spec.eval_tasks), batch_size=spec.eval.batch_size,
+                    limit=spec.eval.limit, seed=spec.seed,
+                    allow_code_execution=spec.eval.allow_code_execution,
+                    output_dir=scratch / "lm_eval")
+            record = {
+                "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
+                "task": spec.task, "seed": spec.seed,
+                "metrics": {name: s.to_dict() for name, s in scores.items()},
+                "column_tasks": list(spec.eval_tasks),
+                "backend": spec.eval.backend, "merge": None,
+                "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
+                "metering": {**train_info.get("metering", {}), "eval": meter.result.to_dict()},
+                "provenance": {
+                    "model_source": spec.model, "model_fingerprint": model_fingerprint(spec, base),
+                    "data_fingerprints": data_fingerprint(spec),
+                    "data_source": "local" if offline_mode() else "hub",
+                    "packages": provenance.package_versions(), "git": provenance.git_commit(),
+                    "python": platform.python_version(), "hardware": hardware_summary(),
+                },
+                "wall_s": {"total": time.time() - started},
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            write_json_atomic(scratch / "record.json", record)
+        log(f"{spec.run_id}: done")
+        return record

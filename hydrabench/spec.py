@@ -1,0 +1,195 @@
+"""RunSpec: everything that decides a run's result, resolved from a profile plus overrides.
+
+The run id is a hash of the resolved spec, so identical requests find each other's records
+(resume) and any change of a hyper-parameter gives a new run.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class SpecError(ValueError):
+    """Bad user input: reported as one line, exit code 2, before anything is written."""
+
+
+def did_you_mean(kind: str, name: str, valid: list[str]) -> SpecError:
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return SpecError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise SpecError(message)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the whole epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 1024
+    weight_decay: float = 0.0
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _require(self.scheduler in ("cosine", "linear", "constant"),
+                 f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        _require(0 <= self.warmup_ratio < 1,
+                 f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _require(self.seq_len >= 8, f"seq_len must be >= 8, got {self.seq_len}")
+        _require(self.checkpoint_every >= 1,
+                 f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    rank: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.05
+    num_heads: int | str = 4  # an int, or "auto": TF-IDF + k-means + elbow, as the paper
+    num_splits: int = 4
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
+        _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.num_heads == "auto" or (isinstance(self.num_heads, int)
+                                              and self.num_heads >= 1),
+                 f"num_heads must be >= 1 or 'auto', got {self.num_heads!r}")
+        _require(self.num_splits >= 1, f"num_splits must be >= 1, got {self.num_splits}")
+        _require(len(self.target_modules) > 0, "target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    backend: str = "hf"
+    batch_size: int = 16
+    limit: int | None = None
+    allow_code_execution: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("hf",), f"unknown backend {self.backend!r}; valid: hf")
+        _require(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
+        _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    task: str
+    profile: str
+    model: str
+    seed: int
+    corpus: str
+    eval_tasks: tuple[str, ...]
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt_template: str = "plain"
+    country_iso_code: str = "USA"
+    train: TrainSettings = field(default_factory=TrainSettings)
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def _digest(self, payload: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def run_id(self) -> str:
+        """Readable prefix plus a hash of the whole resolved spec."""
+        return f"{self.method}-{self.task}-s{self.seed}-{self._digest(self.to_dict())}"
+
+    @property
+    def train_id(self) -> str:
+        """Hash of what decides the trained weights only: columns sharing a corpus share it."""
+        payload = self.to_dict()
+        for key in ("task", "eval_tasks", "eval"):
+            payload.pop(key)
+        return f"{self.method}-s{self.seed}-{self._digest(payload)}"
+
+
+PROFILE_DIR = Path(str(resources.files("hydrabench") / "profiles"))
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Parse a YAML mapping; a syntax error becomes one line naming file:line."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"malformed YAML at {where}: {err.problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"malformed YAML in {path}: expected a mapping at the top level")
+    return data
+
+
+def load_profile(name: str) -> dict[str, Any]:
+    if name not in profile_names():
+        raise did_you_mean("profile", name, profile_names())
+    return load_yaml(PROFILE_DIR / f"{name}.yaml")
+
+
+def _settings(cls: type, values: dict[str, Any], where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    _require(not unknown, f"unknown {where} setting(s) {sorted(unknown)}; valid: {sorted(known)}")
+    if "target_modules" in values:
+        values = {**values, "target_modules": tuple(values["target_modules"])}
+    return cls(**values)
+
+
+def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
+                 model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                 valid_methods: list[str] | None = None) -> RunSpec:
+    """Profile YAML + CLI overrides ({"train": {...}, "adapter": {...}, "eval": {...}})."""
+    prof = load_profile(profile)
+    if valid_methods is not None and method not in valid_methods:
+        raise did_you_mean("method", method, valid_methods)
+    tasks = prof.get("tasks", {})
+    if task not in tasks:
+        raise did_you_mean("task", task, list(tasks))
+    overrides = overrides or {}
+    section = {key: {**prof.get(key, {}), **overrides.get(key, {})}
+               for key in ("train", "adapter", "eval")}
+    return RunSpec(
+        method=method, task=task, profile=profile, model=model or prof["model"], seed=seed,
+        corpus=tasks[task]["corpus"], eval_tasks=tuple(tasks[task]["eval"]),
+        device=prof.get("device", "cpu"), dtype=prof.get("dtype", "float32"),
+        prompt_template=prof.get("prompt_template", "plain"),
+        country_iso_code=prof.get("country_iso_code", "USA"),
+        train=_settings(TrainSettings, section["train"], "train"),
+        adapter=_settings(AdapterSettings, section["adapter"], "adapter"),
+        eval=_settings(EvalSettings, section["eval"], "eval"),
+    )
+
+
+def with_adapter(spec: RunSpec, **changes: Any) -> RunSpec:
+    """A copy of `spec` with adapter settings changed (table rows vary rank, heads, splits)."""
+    return replace(spec, adapter=replace(spec.adapter, **changes))

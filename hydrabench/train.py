@@ -1,0 +1,165 @@
+"""One plain training loop: setup, step, checkpoint, log — readable top to bottom (torchtune style).
+
+Loss is on the response tokens only. The batch order is fixed by the seed up front, so a run resumed
+from a checkpoint sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hydrabench.data.records import InstructionRecord, render_prompt
+from hydrabench.spec import TrainSettings
+
+IGNORE_INDEX = -100
+StepHook = Callable[[int, int], None]  # (trained tokens, samples) after each optimizer step
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    trained_tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "trained_tokens": self.trained_tokens,
+                "first_loss": self.losses[0] if self.losses else None,
+                "final_loss": self.losses[-1] if self.losses else None,
+                "resumed_from_step": self.resumed_from_step}
+
+
+def encode_record(tokenizer, record: InstructionRecord, template: str,
+                  seq_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels; the prompt (with BOS) is masked out of the loss."""
+    prompt = tokenizer(render_prompt(record, template))["input_ids"]
+    response = tokenizer(record.output, add_special_tokens=False)["input_ids"]
+    response = [*response, tokenizer.eos_token_id]
+    ids = (prompt + response)[:seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:seq_len]
+    return ids, labels
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]],
+            pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), IGNORE_INDEX)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def batch_schedule(n_examples: int, settings: TrainSettings, seed: int) -> list[list[int]]:
+    """Micro-batches of example indices for the whole run, shuffled per epoch by the seed."""
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(settings.epochs):
+        order = list(range(n_examples))
+        rng.shuffle(order)
+        batches += [order[i: i + settings.batch_size]
+                    for i in range(0, n_examples, settings.batch_size)]
+    if settings.max_steps:
+        batches = batches[: settings.max_steps * settings.grad_accum]
+    return batches
+
+
+def lr_lambda(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
+    warmup = math.ceil(settings.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if settings.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if settings.scheduler == "linear":
+            return 1 - progress
+        return 1.0
+
+    return factor
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model, optim, sched, step: int, result: TrainResult) -> None:
+    state = {"step": step, "params": {n: p.detach().clone() for n, p in _trainable(model).items()},
+             "optim": optim.state_dict(), "sched": sched.state_dict(),
+             "rng": torch.get_rng_state(), "losses": result.losses,
+             "tokens": result.trained_tokens}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path: Path, model, optim, sched, result: TrainResult) -> int:
+    state = torch.load(path, weights_only=False)
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            params[name].copy_(value)
+    optim.load_state_dict(state["optim"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    result.losses, result.trained_tokens = state["losses"], state["tokens"]
+    result.resumed_from_step = state["step"]
+    return state["step"]
+
+
+def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord],
+          settings: TrainSettings, *, seed: int, template: str, device: str = "cpu",
+          checkpoint_path: Path | None = None, on_step: StepHook | None = None,
+          desc: str = "training") -> TrainResult:
+    """Train the parameters of `model` that require grad; resume from `checkpoint_path` if any."""
+    torch.manual_seed(seed)
+    encoded = [encode_record(tokenizer, r, template, settings.seq_len) for r in records]
+    batches = batch_schedule(len(encoded), settings, seed)
+    total_steps = max(1, len(batches) // settings.grad_accum)
+    optim = torch.optim.AdamW(list(_trainable(model).values()), lr=settings.lr,
+                              weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
+    result = TrainResult()
+    start = 0
+    if checkpoint_path is not None and checkpoint_path.exists():
+        start = _load_checkpoint(checkpoint_path, model, optim, sched, result)
+
+    model.to(device).train()
+    progress = tqdm(range(start, total_steps), desc=desc, initial=start, total=total_steps,
+                    leave=False)
+    for step in progress:
+        micro = batches[step * settings.grad_accum: (step + 1) * settings.grad_accum]
+        n_tokens = sum(sum(1 for t in encoded[i][1] if t != IGNORE_INDEX) for b in micro for i in b)
+        step_loss = 0.0
+        for indices in micro:
+            batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss / len(micro)
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        result.losses.append(step_loss)
+        result.trained_tokens += n_tokens
+        progress.set_postfix(loss=f"{step_loss:.3f}")
+        if on_step is not None:
+            on_step(n_tokens, sum(len(b) for b in micro))
+        if checkpoint_path is not None and (step + 1) % settings.checkpoint_every == 0:
+            _save_checkpoint(checkpoint_path, model, optim, sched, step + 1, result)
+    model.eval()
+    result.steps = total_steps
+    return result

@@ -1,0 +1,58 @@
+"""RunSpec resolution: profiles + overrides, run ids, and validation of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from hydrabench.methods import METHODS
+from hydrabench.spec import SpecError, load_yaml, resolve_spec
+
+
+def test_profile_values_and_overrides_are_resolved() -> None:
+    spec = resolve_spec("lora", "math", "tiny", seed=3,
+                        overrides={"adapter": {"rank": 16}, "train": {"lr": 1e-3}})
+    assert spec.adapter.rank == 16 and spec.train.lr == 1e-3
+    assert spec.train.batch_size == 8  # from tiny.yaml
+    assert spec.eval_tasks == ("tiny_arithmetic",)
+    assert spec.adapter.target_modules == ("q_proj", "v_proj")  # the paper's default
+
+
+def test_run_id_is_stable_and_changes_with_any_setting() -> None:
+    a = resolve_spec("lora", "general")
+    assert a.run_id == resolve_spec("lora", "general").run_id
+    assert a.run_id.startswith("lora-general-s0-")
+    b = resolve_spec("lora", "general", overrides={"adapter": {"rank": 16}})
+    c = resolve_spec("lora", "general", seed=1)
+    assert len({a.run_id, b.run_id, c.run_id}) == 3
+
+
+def test_columns_sharing_a_corpus_share_the_training() -> None:
+    general, bbh = resolve_spec("hydralora", "general"), resolve_spec("hydralora", "bbh")
+    assert general.run_id != bbh.run_id
+    assert general.train_id == bbh.train_id
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"method": "lorra"}, "unknown method 'lorra' (did you mean 'lora'?)"),
+    ({"task": "medicine"}, "unknown task 'medicine' (did you mean 'medical'?)"),
+    ({"profile": "tinny"}, "unknown profile 'tinny' (did you mean 'tiny'?)"),
+    ({"overrides": {"adapter": {"rank": 0}}}, "rank must be >= 1"),
+    ({"overrides": {"adapter": {"num_heads": 0}}}, "num_heads must be >= 1"),
+    ({"overrides": {"adapter": {"alpha": -1.0}}}, "alpha must be > 0"),
+    ({"overrides": {"train": {"lr": 0.0}}}, "lr must be > 0"),
+    ({"overrides": {"train": {"seq_len": 0}}}, "seq_len must be >= 8"),
+    ({"overrides": {"train": {"bogus": 1}}}, "unknown train setting(s) ['bogus']"),
+])
+def test_bad_input_is_one_clear_error(kwargs: dict, message: str) -> None:
+    args = {"method": "lora", "task": "general", "profile": "tiny", **kwargs}
+    with pytest.raises(SpecError) as err:
+        resolve_spec(args.pop("method"), args.pop("task"), valid_methods=list(METHODS), **args)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain:\n  lr: [1, 2\n  epochs: 1\n")
+    with pytest.raises(SpecError, match=r"malformed YAML at .*bad\.yaml:\d+"):
+        load_yaml(bad)
