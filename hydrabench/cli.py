@@ -19,7 +19,8 @@ HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "rank": ("adapter", int), "alpha": ("adapter", float), "dropout": ("adapter", float),
     "num_splits": ("adapter", int), "num_heads": ("adapter", _heads), "lr": ("train", float),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int),
-    "seq_len": ("train", int), "limit": ("eval", int)}
+    "seq_len": ("train", int), "checkpoint_every": ("train", int), "limit": ("eval", int),
+    "backend": ("eval", str)}
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -61,11 +62,39 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("table")
     repro.add_argument("--profile", default="tiny")
     repro.add_argument("--seeds", default="0", help="comma-separated seeds")
+    repro.add_argument("--allow-code-execution", action="store_true",
+                       help="also run the code columns (model-written code, sandboxed)")
 
-    report = sub.add_parser("report", help="write reports/<table>.md/.csv/.tex from records")
-    report.add_argument("table")
+    report = sub.add_parser("report", help="write reports/<table>.md/.csv/.tex (figures: also "
+                            ".png/.pdf) from records")
+    report.add_argument("table", help="a table or figure (`hydrabench list tables`), or all")
     report.add_argument("--profile", default="tiny")
     report.add_argument("--seeds", default="0")
+
+    ev = sub.add_parser("eval", help="score any causal LM (or a run's artifact) without training")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a local model directory or a hub id")
+    source.add_argument("--run", dest="run_id", help="a finished run whose artifact to score")
+    ev.add_argument("--task", required=True,
+                    help="a column (general, medical, ...) or any single lm-eval task name")
+    ev.add_argument("--profile", default="tiny")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--force", action="store_true")
+    ev.add_argument("--allow-code-execution", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    export = sub.add_parser("export", help="write a merged standalone checkpoint of a run")
+    export.add_argument("run_id")
+    export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
+                        help="HydraLoRA only: uniform (g = 1/N) or router-mean (mean gate)")
+
+    prof = sub.add_parser("profile", help="show a resolved profile")
+    prof.add_argument("action", choices=["show"])
+    prof.add_argument("name")
+
+    sub.add_parser("doctor", help="print the environment and what will fail for which profile")
 
     lister = sub.add_parser("list", help="list methods, tasks, profiles or tables")
     lister.add_argument("what", choices=["methods", "tasks", "profiles", "tables"])
@@ -87,37 +116,103 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
                         _overrides(args), valid_methods=list(METHODS))
-    record = execute(spec, force=args.force)
+    _print_metrics(execute(spec, force=args.force))
+
+
+def _eval_spec(args: argparse.Namespace):
+    from hydrabench.spec import resolve_spec, retarget, spec_from_dict
+
+    overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
+                          "allow_code_execution": args.allow_code_execution}}
+    if args.run_id is None:
+        return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
+                            lm_eval_task_ok=True)
+    from hydrabench.store import RunStore
+
+    store = RunStore()
+    if not store.has(args.run_id):
+        raise SpecError(f"no finished run {args.run_id!r} in {store.runs}")
+    return retarget(spec_from_dict(store.load(args.run_id)["spec"]), args.task,
+                    overrides["eval"])
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from hydrabench.runner import execute
+
+    record = execute(_eval_spec(args), force=args.force)
+    if args.json:
+        print(json.dumps({task: m["metrics"] for task, m in record["metrics"].items()}))
+    else:
+        _print_metrics(record)
+
+
+def _print_metrics(record: dict) -> None:
     for task, metrics in record["metrics"].items():
         print(f"{task:24s} {metrics['primary']:28s} {metrics['value']:.4f}  (n={metrics['n']})")
-    print(f"record: results/runs/{record['run_id']}/record.json")
+    from hydrabench.store import RunStore
+
+    print(f"record: {RunStore().record_path(record['run_id'])}")
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from hydrabench.methods import METHODS
-    from hydrabench.report import write_table_report
+    from hydrabench.report import write_report
     from hydrabench.runner import execute, log
+    from hydrabench.spec import load_profile
+    from hydrabench.store import RunStore
     from hydrabench.tables import load_table
 
     table = load_table(args.table)
     seeds = _seeds(args.seeds)
     runs = table.run_specs(args.profile, seeds)
+    store = RunStore()
+    done = sum(store.has(spec.run_id) for _, _, spec in runs)
+    profile = load_profile(args.profile)
+    log(f"plan: {table.name} on profile {args.profile}: {len(runs)} runs, {done} already done, "
+        f"{len(runs) - done} to run; {profile.get('estimate', 'minutes on a CPU')}")
     for i, (row, _, spec) in enumerate(runs, start=1):
         if row.method not in METHODS:
             log(f"[{i}/{len(runs)}] {row.label}: method {row.method!r} not implemented, left empty")
             continue
+        if spec.eval.allow_code_execution and not args.allow_code_execution:
+            log(f"[{i}/{len(runs)}] {row.label} ({spec.task}): runs model-written code, left empty "
+                "(opt in with --allow-code-execution)")
+            continue
         log(f"[{i}/{len(runs)}] {row.label} → {spec.run_id}")
         execute(spec)
-    for path in write_table_report(table, args.profile, seeds):
+    for path in write_report(args.table, args.profile, seeds):
         print(path)
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from hydrabench.report import write_table_report
-    from hydrabench.tables import load_table
+    from hydrabench.report import write_report
+    from hydrabench.tables import table_names
 
-    for path in write_table_report(load_table(args.table), args.profile, _seeds(args.seeds)):
-        print(path)
+    for name in table_names() if args.table == "all" else [args.table]:
+        for path in write_report(name, args.profile, _seeds(args.seeds)):
+            print(path)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from hydrabench.export import export_run
+
+    print(export_run(args.run_id, args.merge))
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    import yaml
+
+    from hydrabench.spec import load_profile
+
+    print(yaml.safe_dump(load_profile(args.name), sort_keys=False, allow_unicode=True), end="")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from hydrabench.doctor import report
+
+    print("\n".join(report()))
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
@@ -143,7 +238,9 @@ def _cmd_list(args: argparse.Namespace) -> None:
             print(f"{name:10s} {load_table(name).title}")
 
 
-COMMANDS = {"run": _cmd_run, "reproduce": _cmd_reproduce, "report": _cmd_report,
+COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
+            "report": _cmd_report, "export": _cmd_export, "doctor": _cmd_doctor,
+            "profile": _cmd_profile,
             "list": _cmd_list}
 
 

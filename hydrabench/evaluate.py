@@ -14,12 +14,15 @@ from typing import Any
 
 import torch
 
+from hydrabench.serving import VllmServer, local_completions_args
+
 TASKS_DIR = Path(os.environ.get("HYDRABENCH_TASKS_DIR",
                                 Path(__file__).resolve().parents[1] / "tasks"))
 
 # The headline metric of a task, in order of preference ("metric,filter" as lm-eval keys them).
-PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip", "pass@1,none",
-                   "exact_match,get-answer", "exact_match,none", "exact_match,flexible-extract")
+PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip",
+                   "pass@1,create_test", "exact_match,get-answer", "exact_match,none",
+                   "exact_match,flexible-extract")
 
 
 def offline_mode() -> bool:
@@ -42,14 +45,21 @@ def task_manager(offline: bool):
     return TaskManager(include_path=paths, include_defaults=not offline)
 
 
-def check_tasks(tasks: list[str]) -> None:
-    """Fail before any work when lm-eval does not know a task name."""
-    manager = task_manager(offline_mode())
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        from hydrabench.spec import did_you_mean
+def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
+    """Fail before any work when lm-eval does not know a task, or it runs code without opt-in."""
+    from lm_eval.tasks._yaml_loader import load_yaml
 
-        raise did_you_mean("lm-eval task", unknown[0], list(manager.all_tasks))
+    from hydrabench.spec import SpecError, did_you_mean
+
+    manager = task_manager(offline_mode())
+    for task in tasks:
+        if task not in manager.all_tasks:
+            raise did_you_mean("lm-eval task", task, list(manager.all_tasks))
+        entry = manager.task_index[task]
+        config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
+        if config.get("unsafe_code") and not allow_code_execution:
+            raise SpecError(f"task {task} executes model-written code; opt in with "
+                            f"--allow-code-execution (it runs in hydrabench's sandbox)")
 
 
 @dataclass
@@ -95,15 +105,41 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
                    num_fewshot: int | None = None, max_length: int | None = None,
                    output_dir: Path | None = None) -> dict[str, TaskScore]:
     """Score an in-memory model with lm-eval's HF backend; raw output saved under output_dir."""
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    return _run_lm_eval(lm, None, tasks, batch_size=batch_size, limit=limit, seed=seed,
+                        allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
+                        output_dir=output_dir)
+
+
+def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, batch_size: int,
+                    limit: int | None, seed: int, allow_code_execution: bool = False,
+                    num_fewshot: int | None = None,
+                    output_dir: Path | None = None) -> dict[str, TaskScore]:
+    """Score the checkpoint in `model_dir`, served by `server`, with lm-eval's local-completions.
+
+    The model_args make its per-answer loglikelihoods and greedy generations match the hf
+    backend's on the same checkpoint (see `serving.local_completions_args`).
+    """
+    model_args = local_completions_args(server, model_dir, server.max_model_len)
+    return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
+                        limit=limit, seed=seed, allow_code_execution=allow_code_execution,
+                        num_fewshot=num_fewshot, output_dir=output_dir)
+
+
+def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_size: int,
+                 limit: int | None, seed: int, allow_code_execution: bool,
+                 num_fewshot: int | None, output_dir: Path | None) -> dict[str, TaskScore]:
+    """`simple_evaluate` on an lm-eval model (an instance, or a registered name + model_args)."""
+    import lm_eval
     from lm_eval.utils import handle_non_serializable
 
     if allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks require
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, log_samples=True,
+        model=model, model_args=model_args, batch_size=batch_size, tasks=tasks,
+        num_fewshot=num_fewshot, limit=limit, log_samples=True,
         task_manager=task_manager(offline_mode()), confirm_run_unsafe_code=allow_code_execution,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed, bootstrap_iters=1000)
@@ -122,3 +158,18 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
 def column_score(scores: dict[str, TaskScore], tasks: list[str]) -> float:
     """A table column's value: the mean of its tasks' primary metrics (one task: that metric)."""
     return sum(scores[t].value for t in tasks) / len(tasks)
+
+
+def request_counts(output_dir: Path, tokenizer) -> dict[str, int]:
+    """Requests, prompt tokens and generated tokens of an evaluation, from lm-eval's samples."""
+    counts = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+    for samples in output_dir.glob("samples_*.jsonl"):
+        for line in samples.read_text().splitlines():
+            row = json.loads(line)
+            for arguments, response in zip(row["arguments"], row["resps"], strict=False):
+                counts["requests"] += 1
+                counts["prompt_tokens"] += len(tokenizer(arguments[0])["input_ids"])
+                if isinstance(response[0], str):  # generate_until; loglikelihood gives numbers
+                    counts["generated_tokens"] += len(
+                        tokenizer(response[0], add_special_tokens=False)["input_ids"])
+    return counts

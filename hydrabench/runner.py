@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,14 +21,23 @@ import torch
 from hydrabench import provenance
 from hydrabench.data import synthetic
 from hydrabench.data.corpora import load_corpus
-from hydrabench.evaluate import check_tasks, evaluate_model, offline_mode
+from hydrabench.evaluate import (
+    TaskScore,
+    check_tasks,
+    evaluate_model,
+    evaluate_served,
+    offline_mode,
+    request_counts,
+)
+from hydrabench.export import merge_loaded, save_checkpoint
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
-from hydrabench.spec import RunSpec, SpecError
+from hydrabench.serving import LOG_NAME, VllmServer
+from hydrabench.spec import RunSpec, SpecError, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
-from hydrabench.train import train
+from hydrabench.train import StepCallback, train
 
 ARTIFACT_MARKER = "artifact.json"
 
@@ -61,15 +71,17 @@ def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
                         f"its linear layers: {', '.join(sorted(names))}")
 
 
-def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter):
+def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter,
+              step_callback: StepCallback | None = None):
     def run(model: torch.nn.Module, records, *, tag: str = "", max_steps: int | None = None):
         settings = spec.train
         if max_steps is not None:
             settings = replace(settings, max_steps=max_steps)
         result = train(model, base.tokenizer, records, settings, seed=spec.seed,
-                       template=spec.prompt_template, device=spec.device,
+                       template=spec.prompt_template, device=str(base.model.device),
                        checkpoint_path=checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
-                       on_step=meter.step, desc=f"train {spec.method} {tag}".strip())
+                       on_step=meter.step, step_callback=step_callback,
+                       desc=f"train {spec.method} {tag}".strip())
         return result.summary()
 
     return run
@@ -99,7 +111,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                 model = method.adapt(base.model, spec, records)
                 with Meter(phase="train", country_iso_code=spec.country_iso_code) as meter:
                     fit = method.fit or default_fit
-                    train_fn = _train_fn(spec, base, checkpoint_dir, meter)
+                    train_fn = _train_fn(spec, base, checkpoint_dir, meter, method.step_callback)
                     summary = fit(model, spec, records, train_fn)
                 info = {"trained": True, "train": summary, "train_records": len(records),
                         "metering": {"train": meter.result.to_dict()}}
@@ -121,6 +133,8 @@ def model_fingerprint(spec: RunSpec, base: BaseModel) -> str:
 def data_fingerprint(spec: RunSpec) -> dict[str, str]:
     fingerprints = {}
     for part in spec.corpus.split("+"):
+        if part == "none":  # evaluation only
+            continue
         if part == "synthetic":
             fingerprints[part] = synthetic.suite_fingerprint()
         elif part.startswith("data:") and os.environ.get("HYDRABENCH_DATA_DIR"):
@@ -131,6 +145,32 @@ def data_fingerprint(spec: RunSpec) -> dict[str, str]:
         else:
             fingerprints[part] = f"hub:{part}"
     return fingerprints
+
+
+def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
+              out: Path) -> tuple[dict[str, TaskScore], dict[str, Any]]:
+    """Score with the spec's backend: (scores, the record's merge and serving entries).
+
+    lm-eval's raw output goes to out/lm_eval. vllm serves the exactly merged checkpoint and keeps
+    the server's log in `out`.
+    """
+    settings: dict[str, Any] = {
+        "batch_size": spec.eval.batch_size, "limit": spec.eval.limit, "seed": spec.seed,
+        "num_fewshot": spec.eval.num_fewshot,
+        "allow_code_execution": spec.eval.allow_code_execution, "output_dir": out / "lm_eval"}
+    if spec.eval.backend == "hf":
+        scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
+        return scores, {"merge": None, "serving": None}
+    merged, label = merge_loaded(spec, model, tokenizer, merge=None)
+    # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one).
+    with tempfile.TemporaryDirectory(dir=out, prefix="merged-") as directory:
+        save_checkpoint(merged, tokenizer, Path(directory), spec.run_id, label)
+        # The context hf would score with: HFLM reads the same config field.
+        with VllmServer(directory, dtype=spec.dtype, log_dir=out,
+                        max_model_len=merged.config.max_position_embeddings) as server:
+            scores = evaluate_served(server, Path(directory), list(spec.eval_tasks), **settings)
+    return scores, {"merge": label,
+                    "serving": {"server_log": LOG_NAME, "startup_s": server.startup_s}}
 
 
 def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None) -> dict[str, Any]:
@@ -144,9 +184,10 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
         return store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
-    base = load_base_model(spec.model, spec.dtype, spec.device)
+    device = runtime_device(spec)
+    base = load_base_model(spec.model, spec.dtype, device)
     check_target_modules(base.model, spec)
-    check_tasks(list(spec.eval_tasks))
+    check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     needs_training = method.adapt is not None and not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
     records = load_corpus(spec.corpus) if needs_training else []
@@ -155,22 +196,19 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
             return store.load(spec.run_id)
         started = time.time()
         artifact, train_info = ensure_trained(spec, method, store, base, records)
-        base = load_base_model(spec.model, spec.dtype, spec.device)  # fresh: training adapted it
+        base = load_base_model(spec.model, spec.dtype, device)  # fresh: training adapted it
         model = method.load(base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
             with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
-                scores = evaluate_model(
-                    model, base.tokenizer, list(spec.eval_tasks), batch_size=spec.eval.batch_size,
-                    limit=spec.eval.limit, seed=spec.seed,
-                    allow_code_execution=spec.eval.allow_code_execution,
-                    output_dir=scratch / "lm_eval")
+                scores, backend_entries = _evaluate(spec, model, base.tokenizer, scratch)
+                meter.add_eval(**request_counts(scratch / "lm_eval", base.tokenizer))
             record = {
                 "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
                 "task": spec.task, "seed": spec.seed,
                 "metrics": {name: s.to_dict() for name, s in scores.items()},
                 "column_tasks": list(spec.eval_tasks),
-                "backend": spec.eval.backend, "merge": None,
+                "backend": spec.eval.backend, **backend_entries,
                 "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
                 "metering": {**train_info.get("metering", {}), "eval": meter.result.to_dict()},
                 "provenance": {

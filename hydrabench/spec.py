@@ -6,10 +6,13 @@ The run id is a hash of the resolved spec, so identical requests find each other
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -80,17 +83,25 @@ class AdapterSettings:
         _require(len(self.target_modules) > 0, "target_modules must name at least one module")
 
 
+# hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM.
+BACKENDS = ("hf", "vllm")
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     backend: str = "hf"
     batch_size: int = 16
     limit: int | None = None
+    num_fewshot: int | None = None  # None: each task's own default
     allow_code_execution: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.backend in ("hf",), f"unknown backend {self.backend!r}; valid: hf")
+        _require(self.backend in BACKENDS,
+                 f"unknown backend {self.backend!r}; valid: {', '.join(BACKENDS)}")
         _require(self.batch_size >= 1, f"eval batch_size must be >= 1, got {self.batch_size}")
         _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        _require(self.num_fewshot is None or self.num_fewshot >= 0,
+                 f"num_fewshot must be >= 0, got {self.num_fewshot}")
 
 
 @dataclass(frozen=True)
@@ -150,10 +161,26 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        merged[key] = _deep_merge(base[key], value) if both_dicts else value
+    return merged
+
+
 def load_profile(name: str) -> dict[str, Any]:
+    """A profile's YAML; `extends: other` starts from another profile and overrides its keys."""
+    return copy.deepcopy(_load_profile(name))  # a copy: callers may change what they get
+
+
+@cache  # reports resolve hundreds of specs; parse each profile once
+def _load_profile(name: str) -> dict[str, Any]:
     if name not in profile_names():
         raise did_you_mean("profile", name, profile_names())
-    return load_yaml(PROFILE_DIR / f"{name}.yaml")
+    profile = load_yaml(PROFILE_DIR / f"{name}.yaml")
+    parent = profile.pop("extends", None)
+    return _deep_merge(_load_profile(parent), profile) if parent else profile
 
 
 def _settings(cls: type, values: dict[str, Any], where: str):
@@ -167,20 +194,29 @@ def _settings(cls: type, values: dict[str, Any], where: str):
 
 def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
                  model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                 valid_methods: list[str] | None = None) -> RunSpec:
-    """Profile YAML + CLI overrides ({"train": {...}, "adapter": {...}, "eval": {...}})."""
+                 valid_methods: list[str] | None = None, lm_eval_task_ok: bool = False) -> RunSpec:
+    """Profile YAML + CLI overrides ({"train": {...}, "adapter": {...}, "eval": {...}}).
+
+    `task` is a column of the profile; with `lm_eval_task_ok` any other name is taken as one
+    lm-eval task (checked against lm-eval's registry before the run starts).
+    """
     prof = load_profile(profile)
     if valid_methods is not None and method not in valid_methods:
         raise did_you_mean("method", method, valid_methods)
-    tasks = prof.get("tasks", {})
+    tasks = dict(prof.get("tasks", {}))
+    if task not in tasks and lm_eval_task_ok:
+        tasks[task] = {"corpus": "none", "eval": [task]}
     if task not in tasks:
         raise did_you_mean("task", task, list(tasks))
+    # Offline (local benchmark copies configured), train on the local copy where there is one.
+    offline = bool(os.environ.get("HYDRABENCH_DATA_DIR"))
+    corpus = tasks[task].get("local_corpus") if offline else None
     overrides = overrides or {}
     section = {key: {**prof.get(key, {}), **overrides.get(key, {})}
                for key in ("train", "adapter", "eval")}
     return RunSpec(
         method=method, task=task, profile=profile, model=model or prof["model"], seed=seed,
-        corpus=tasks[task]["corpus"], eval_tasks=tuple(tasks[task]["eval"]),
+        corpus=corpus or tasks[task]["corpus"], eval_tasks=tuple(tasks[task]["eval"]),
         device=prof.get("device", "cpu"), dtype=prof.get("dtype", "float32"),
         prompt_template=prof.get("prompt_template", "plain"),
         country_iso_code=prof.get("country_iso_code", "USA"),
@@ -193,3 +229,35 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
 def with_adapter(spec: RunSpec, **changes: Any) -> RunSpec:
     """A copy of `spec` with adapter settings changed (table rows vary rank, heads, splits)."""
     return replace(spec, adapter=replace(spec.adapter, **changes))
+
+
+def spec_from_dict(data: dict[str, Any]) -> RunSpec:
+    """Rebuild a RunSpec from a record's `spec` (the inverse of RunSpec.to_dict)."""
+    nested = {"train": TrainSettings, "adapter": AdapterSettings, "eval": EvalSettings}
+    values = {k: (_settings(nested[k], v, k) if k in nested else v) for k, v in data.items()}
+    values["eval_tasks"] = tuple(values["eval_tasks"])
+    return RunSpec(**values)
+
+
+def retarget(trained: RunSpec, task: str, eval_overrides: dict[str, Any]) -> RunSpec:
+    """The same training (hence the same artifact) scored on another column or lm-eval task."""
+    column = resolve_spec(trained.method, task, trained.profile, trained.seed,
+                          lm_eval_task_ok=True)
+    return replace(trained, task=column.task, eval_tasks=column.eval_tasks,
+                   eval=replace(trained.eval, **eval_overrides))
+
+
+def runtime_device(spec: RunSpec) -> str:
+    """The device to run on here. `auto` (kept as is in the spec, so run ids do not depend on the
+    machine) means CUDA when available; a GPU-only profile's default model refuses the CPU."""
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    profile = load_profile(spec.profile)
+    if profile.get("requires_gpu") and not has_cuda and spec.model == profile["model"]:
+        raise SpecError(f"profile {spec.profile} needs a GPU for {spec.model} and none is "
+                        "visible; pass --model with a small local model to check its wiring on "
+                        "CPU")
+    if spec.device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    return spec.device

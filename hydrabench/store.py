@@ -61,8 +61,14 @@ class RunStore:
 
     @contextmanager
     def staging(self, final_dir: Path) -> Iterator[Path]:
-        """A scratch directory that becomes `final_dir` only if the block finishes."""
+        """A scratch directory that becomes `final_dir` only if the block finishes.
+
+        Callers hold the lock for `final_dir`, so scratch dirs left by a killed process for the
+        same target are garbage and are removed first.
+        """
         final_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final_dir.parent.glob(f".staging-{final_dir.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".staging-{final_dir.name}-"))
         try:
             yield scratch

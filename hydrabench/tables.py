@@ -1,8 +1,9 @@
 """Table specs (tasks/tables/*.yaml): the runs a paper table needs and its cells from records.
 
 A row names a method and its adapter settings; a column names a task (a column of the paper's
-tables) or a parameter count. The run id of every cell follows from the spec, so a report finds
-its records without searching, and a cell without a record stays empty ("—"), never invented.
+tables), optionally one metric of it, or a parameter count. The run id of every cell follows from
+the spec, so a report finds its records without searching, and a cell without a record stays
+empty ("—"), never invented. Figures are specs too: their runs are listed the same way.
 """
 
 from __future__ import annotations
@@ -28,9 +29,17 @@ class Row:
 
 @dataclass(frozen=True)
 class Column:
-    key: str
+    key: str  # names the column in rows' `paper` values
     label: str
     kind: str  # "score": a task column scored by lm-eval; "param": %Param of the adapter
+    task: str | None = None  # the task whose runs score it (default: key; param: the table's)
+    # An lm-eval metric name ("pass@10") or "metric,filter" key, instead of each task's primary
+    # metric: one task can then fill several columns (HumanEval P@1 and P@10).
+    metric: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("score", "param"):
+            raise SpecError(f"column {self.key!r}: kind must be score or param, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -40,15 +49,26 @@ class TableSpec:
     task: str  # the task whose runs fill param columns
     rows: tuple[Row, ...]
     columns: tuple[Column, ...]
+    notes: tuple[str, ...] = ()  # printed under the report's header
+    # Eval settings every run of a task needs, e.g. {code: {allow_code_execution: true}}. They
+    # are part of the run id, so reproduce and report resolve the same runs from the spec.
+    eval_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def task_of(self, column: Column) -> str:
+        return column.task or (column.key if column.kind == "score" else self.task)
+
+    def tasks(self) -> list[str]:
+        """The tasks the table's runs cover, in column order, each once."""
+        return list(dict.fromkeys(self.task_of(c) for c in self.columns))
 
     def run_specs(self, profile: str, seeds: tuple[int, ...] = (0,),
                   valid_methods: list[str] | None = None) -> list[tuple[Row, str, RunSpec]]:
-        """(row, task, spec) for every run the table needs: rows × score columns × seeds."""
-        tasks = [c.key for c in self.columns if c.kind == "score"] or [self.task]
+        """(row, task, spec) for every run the table needs: rows × tasks × seeds."""
         return [(row, task, resolve_spec(row.method, task, profile, seed,
-                                         overrides={"adapter": row.adapter},
+                                         overrides={"adapter": row.adapter,
+                                                    "eval": self.eval_overrides.get(task, {})},
                                          valid_methods=valid_methods))
-                for row in self.rows for task in tasks for seed in seeds]
+                for row in self.rows for task in self.tasks() for seed in seeds]
 
 
 def table_names() -> list[str]:
@@ -62,9 +82,22 @@ def load_table(name: str) -> TableSpec:
     try:
         return TableSpec(name=raw["name"], title=raw["title"], task=raw["task"],
                          rows=tuple(Row(**r) for r in raw["rows"]),
-                         columns=tuple(Column(**c) for c in raw["columns"]))
-    except (KeyError, TypeError) as err:
+                         columns=tuple(Column(**c) for c in raw["columns"]),
+                         notes=tuple(raw.get("notes", ())),
+                         eval_overrides=raw.get("eval_overrides", {}))
+    except (KeyError, TypeError, SpecError) as err:
         raise SpecError(f"malformed table spec {TABLES_DIR / f'{name}.yaml'}: {err}") from None
+
+
+def find_records(table: TableSpec, profile: str, seeds: tuple[int, ...],
+                 store: RunStore) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """(row label, task) → the finished records of its runs, one per seed that has one."""
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row, task, spec in table.run_specs(profile, seeds):
+        records = found.setdefault((row.label, task), [])
+        if store.has(spec.run_id):
+            records.append(store.load(spec.run_id))
+    return found
 
 
 @dataclass
@@ -72,58 +105,86 @@ class Cell:
     row: str
     column: str
     value: float | None
-    stderr: float | None
+    stderr: float | None  # lm-eval's (one seed) or the standard error of the mean over seeds
     n: int | None
     paper: float | None
     run_ids: list[str]
+    ci95: float | None = None  # half-width of the 95% t-interval over seeds (two or more)
+    n_seeds: int = 0  # seeds whose records gave the value
 
     @property
     def delta(self) -> float | None:
         return None if self.value is None or self.paper is None else self.value - self.paper
 
 
-def score_of(record: dict[str, Any]) -> tuple[float, float | None, int]:
-    """A record's column score in percent: the mean of its tasks' primary metrics.
+def metric_key(task_metrics: dict[str, Any], metric: str | None) -> str | None:
+    """The "metric,filter" key a column reads from one task's metrics (None: not reported)."""
+    if metric is None:
+        return task_metrics["primary"]
+    keys = task_metrics["metrics"]
+    return next((k for k in keys if metric in (k, k.split(",")[0])), None)
+
+
+def score_of(record: dict[str, Any],
+             metric: str | None = None) -> tuple[float, float | None, int] | None:
+    """A record's column score in percent: the mean of its tasks' metric (default: primary).
 
     Its stderr combines the tasks' stderrs as independent (sqrt of the sum of squares / k).
+    None when a task did not report the metric (pass@10 needs k=10 samples per problem).
     """
-    tasks = record["column_tasks"]
-    metrics = [record["metrics"][t] for t in tasks]
-    value = 100 * sum(m["value"] for m in metrics) / len(metrics)
-    errors = [m["stderr"].get(m["primary"]) for m in metrics]
+    values, errors = [], []
+    for task in record["column_tasks"]:
+        task_metrics = record["metrics"][task]
+        key = metric_key(task_metrics, metric)
+        if key is None:
+            return None
+        values.append(task_metrics["metrics"][key])
+        errors.append(task_metrics["stderr"].get(key))
+    value = 100 * sum(values) / len(values)
     stderr = (100 * math.sqrt(sum(e * e for e in errors)) / len(errors)
               if all(e is not None for e in errors) else None)
-    return value, stderr, sum(m["n"] for m in metrics)
+    n = sum(record["metrics"][t]["n"] for t in record["column_tasks"])
+    return value, stderr, n
 
 
-def _mean_ci(values: list[float]) -> tuple[float, float | None]:
-    """Mean and the half-width of a 95% t-interval over seeds (None for one seed)."""
+def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean, its standard error and the half-width of a 95% t-interval over seeds.
+
+    The spread is None for one seed: one value says nothing about the seed-to-seed variation.
+    """
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return mean, None
+        return mean, None, None
     from scipy import stats
 
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return mean, stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+    return mean, sem, float(stats.t.ppf(0.975, len(values) - 1)) * sem
 
 
-def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...], store: RunStore,
-                  valid_methods: list[str] | None = None) -> list[Cell]:
-    runs = table.run_specs(profile, seeds, valid_methods)
-    cells = []
-    for row in table.rows:
-        for column in table.columns:
-            task = column.key if column.kind == "score" else table.task
-            found = [store.load(spec.run_id) for r, t, spec in runs
-                     if r is row and t == task and store.has(spec.run_id)]
-            value = stderr = n = None
-            if found and column.kind == "score":
-                scores = [score_of(rec) for rec in found]
-                value, ci = _mean_ci([s[0] for s in scores])
-                stderr = ci if len(found) > 1 else scores[0][1]
-                n = scores[0][2]
-            elif found:
-                value = found[0]["training"]["parameters"]["percent_param"]
-            cells.append(Cell(row.label, column.label, value, stderr, n,
-                              row.paper.get(column.key), [rec["run_id"] for rec in found]))
-    return cells
+def _score_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell:
+    scores = [s for s in (score_of(rec, column.metric) for rec in records) if s is not None]
+    value = stderr = ci95 = n = None
+    if scores:
+        value, stderr, ci95 = mean_ci([s[0] for s in scores])
+        n = scores[0][2]
+        if len(scores) == 1:
+            stderr = scores[0][1]
+    return Cell(row.label, column.label, value, stderr, n, row.paper.get(column.key),
+                [rec["run_id"] for rec in records], ci95, len(scores))
+
+
+def _param_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell:
+    # An untrained model (the base row) has no adapter: its %Param is not applicable, not 100.
+    trained = [rec for rec in records if rec["training"].get("trained", True)]
+    value = trained[0]["training"]["parameters"]["percent_param"] if trained else None
+    return Cell(row.label, column.label, value, None, None, row.paper.get(column.key),
+                [rec["run_id"] for rec in records], n_seeds=len(trained))
+
+
+def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...],
+                  store: RunStore) -> list[Cell]:
+    """Every cell of the table, row by row, from the records the store holds."""
+    found = find_records(table, profile, seeds, store)
+    make = {"score": _score_cell, "param": _param_cell}
+    return [make[column.kind](row, column, found[(row.label, table.task_of(column))])
+            for row in table.rows for column in table.columns]

@@ -21,6 +21,9 @@ from hydrabench.spec import TrainSettings
 
 IGNORE_INDEX = -100
 StepHook = Callable[[int, int], None]  # (trained tokens, samples) after each optimizer step
+# A method's own per-step work, given (model, 0-based step) after each optimizer update and before
+# the gradients are cleared: AdaLoRA's rank allocation reads those gradients.
+StepCallback = Callable[[torch.nn.Module, int], None]
 
 
 @dataclass
@@ -75,6 +78,11 @@ def batch_schedule(n_examples: int, settings: TrainSettings, seed: int) -> list[
     return batches
 
 
+def optimizer_steps(n_examples: int, settings: TrainSettings) -> int:
+    """The number of optimizer steps `train` takes on n examples (AdaLoRA needs it up front)."""
+    return max(1, len(batch_schedule(n_examples, settings, seed=0)) // settings.grad_accum)
+
+
 def lr_lambda(settings: TrainSettings, total_steps: int) -> Callable[[int], float]:
     warmup = math.ceil(settings.warmup_ratio * total_steps)
 
@@ -122,12 +130,12 @@ def _load_checkpoint(path: Path, model, optim, sched, result: TrainResult) -> in
 def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord],
           settings: TrainSettings, *, seed: int, template: str, device: str = "cpu",
           checkpoint_path: Path | None = None, on_step: StepHook | None = None,
-          desc: str = "training") -> TrainResult:
+          step_callback: StepCallback | None = None, desc: str = "training") -> TrainResult:
     """Train the parameters of `model` that require grad; resume from `checkpoint_path` if any."""
     torch.manual_seed(seed)
     encoded = [encode_record(tokenizer, r, template, settings.seq_len) for r in records]
     batches = batch_schedule(len(encoded), settings, seed)
-    total_steps = max(1, len(batches) // settings.grad_accum)
+    total_steps = optimizer_steps(len(encoded), settings)
     optim = torch.optim.AdamW(list(_trainable(model).values()), lr=settings.lr,
                               weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
@@ -152,6 +160,8 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
         optim.step()
         sched.step()
+        if step_callback is not None:
+            step_callback(model, step)
         optim.zero_grad(set_to_none=True)
         result.losses.append(step_loss)
         result.trained_tokens += n_tokens

@@ -1,4 +1,4 @@
-"""The walking skeleton end to end on the tiny profile: train → artifact → lm-eval → record → report.
+"""The walking skeleton end to end on tiny: train → artifact → lm-eval → record → report.
 
 Real components throughout: the project-built tiny Llama, peft, lm-eval's HF backend, CodeCarbon.
 Steps and documents are cut down (--max-steps, --limit) to keep this to about a minute.
@@ -56,6 +56,9 @@ def test_record_has_metrics_and_provenance(finished: tuple[RunStore, dict]) -> N
     energy = record["metering"]["train"]["energy"]
     assert energy["cpu_source"] in ("estimated:codecarbon", "measured:rapl")
     assert energy["energy_measured"] is (energy["cpu_source"] == "measured:rapl")
+    evaluation = record["metering"]["eval"]["throughput"]
+    assert evaluation["requests"] > 5 * 6 and evaluation["prompt_tokens"] > evaluation["requests"]
+    assert evaluation["generated_tokens"] > 0  # the arithmetic and BBH-like tasks generate
     run_dir = store.runs / record["run_id"]
     assert (run_dir / "lm_eval" / "lm_eval_results.json").exists()
     assert (run_dir / "lm_eval" / "samples_tiny_bbh.jsonl").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from hydrabench.data import synthetic
@@ -16,18 +17,27 @@ from hydrabench.spec import SpecError
 
 # Field names used by the paper's corpora (Alpaca-style, Dolly, GSM8K, Flan) for the same roles.
 FIELD_ALIASES = {
-    "instruction": ("instruction", "question", "prompt", "inputs"),
+    "instruction": ("instruction", "question", "prompt", "inputs", "text"),
     "input": ("input", "context"),
-    "output": ("output", "response", "answer", "completion", "targets"),
+    "output": ("output", "response", "answer", "completion", "targets", "answer_icliniq",
+               "label"),
     "component": ("component", "category", "task_type", "task_name"),
 }
 
 
-def to_record(row: dict, where: str) -> InstructionRecord:
+def to_record(row: dict, where: str) -> InstructionRecord | None:
+    """The record in `row`; None when it has the fields but an empty response (real corpora do:
+    CodeAlpaca has some), which cannot be trained on; an error when a field is missing."""
+    if not isinstance(row, dict):
+        raise SpecError(f"{where}: expected an object with instruction/output fields")
     values = {}
     for role, names in FIELD_ALIASES.items():
         found = next((name for name in names if row.get(name) not in (None, "")), None)
         values[role] = str(row[found]) if found else ""
+    if not values["output"] and any(name in row for name in FIELD_ALIASES["output"]):
+        return None
+    if not values["instruction"] and values["input"]:  # e.g. iCliniq: the patient's message only
+        values["instruction"], values["input"] = values["input"], ""
     for role in ("instruction", "output"):
         if not values[role]:
             raise SpecError(f"{where}: record has no {role} field "
@@ -78,7 +88,7 @@ def _load_one(name: str) -> list[InstructionRecord]:
             raise SpecError(f"cannot load hub dataset {dataset_id!r}: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
                             ) from None
-        return [to_record(row, f"{dataset_id} row {i}") for i, row in enumerate(rows)]
+        return _records((f"{dataset_id} row {i}", row) for i, row in enumerate(rows))
     if name.startswith("data:"):
         root = os.environ.get("HYDRABENCH_DATA_DIR")
         if not root:
@@ -86,7 +96,11 @@ def _load_one(name: str) -> list[InstructionRecord]:
         path = Path(root) / name[5:]
     else:
         path = Path(name)
-    return [to_record(row, where) for where, row in _read_rows(path)]
+    return _records(_read_rows(path))
+
+
+def _records(rows: Iterable[tuple[str, dict]]) -> list[InstructionRecord]:
+    return [rec for where, row in rows if (rec := to_record(row, where)) is not None]
 
 
 def load_corpus(name: str) -> list[InstructionRecord]:

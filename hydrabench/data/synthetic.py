@@ -29,7 +29,7 @@ from functools import cache
 
 from hydrabench.data.records import InstructionRecord
 
-SUITE_VERSION = 1
+SUITE_VERSION = 2
 SUITE_SEED = 1234
 COMPONENTS = ("facts", "medical", "legal", "arithmetic", "bbh", "code")
 
@@ -84,7 +84,8 @@ def _facts(rng: random.Random, n_train: int, n_eval: int) -> Component:
     countries: dict[str, dict[str, str]] = {}
     while len(countries) < n_eval:
         countries[_name(rng)] = {}
-    cities = list({_name(rng) for _ in range(4 * n_eval)})
+    # dict.fromkeys dedupes in a fixed order; a set's order would change with PYTHONHASHSEED.
+    cities = list(dict.fromkeys(_name(rng) for _ in range(4 * n_eval)))
     for attrs in countries.values():
         attrs.update(capital=rng.choice(cities), colour=rng.choice(_COLOURS),
                      animal=rng.choice(_ANIMALS))

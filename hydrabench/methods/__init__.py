@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from hydrabench.methods import base, full, hydralora, lora, lora_split
+from hydrabench.methods import (
+    adalora,
+    base,
+    full,
+    hydralora,
+    ia3,
+    lora,
+    lora_split,
+    prompt_learning,
+)
 from hydrabench.methods.api import Method
 from hydrabench.spec import did_you_mean
 
@@ -13,6 +22,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     full.METHOD,
     hydralora.METHOD,
     hydralora.UNIFORM_GATE_METHOD,
+    prompt_learning.PROMPT_TUNING,
+    prompt_learning.P_TUNING,
+    prompt_learning.PREFIX_TUNING,
+    ia3.METHOD,
+    adalora.METHOD,
 )}
 
 

@@ -11,6 +11,7 @@ import torch
 
 from hydrabench.data.records import InstructionRecord
 from hydrabench.spec import RunSpec
+from hydrabench.train import StepCallback
 
 
 class TrainFn(Protocol):
@@ -34,6 +35,8 @@ class Method:
     # fit overrides the default "train everything trainable on all records" (LoRA-Split)
     fit: Callable[[torch.nn.Module, RunSpec, Sequence[InstructionRecord], TrainFn],
                   dict] | None = None
+    # step_callback(model, step) after each optimizer update, gradients still set (AdaLoRA)
+    step_callback: StepCallback | None = None
 
     @property
     def mergeable(self) -> bool:

@@ -36,7 +36,7 @@ class TinyModelRecipe:
     pretrain_seq: int = 128
     pretrain_lr: float = 3e-3
     seed: int = 0
-    recipe_version: int = 1
+    recipe_version: int = 2
 
     def fingerprint(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + f"suite{synthetic.SUITE_VERSION}"
@@ -73,8 +73,8 @@ def _train_tokenizer(recipe: TinyModelRecipe):
 
 def _pretrain(model, tokenizer, recipe: TinyModelRecipe) -> list[float]:
     """Next-token pre-training on packed generated text: plain loop, cosine decay."""
-    ids = tokenizer("\n".join(synthetic.pretraining_text()), add_special_tokens=False)["input_ids"]
-    data = torch.tensor(ids)
+    docs = tokenizer(synthetic.pretraining_text(), add_special_tokens=False)["input_ids"]
+    data = torch.tensor([tok for doc in docs for tok in [*doc, tokenizer.eos_token_id]])
     seq, batch = recipe.pretrain_seq, recipe.pretrain_batch
     n_windows = (len(data) - 1) // seq
     windows = data[: n_windows * seq].view(n_windows, seq)

@@ -11,6 +11,7 @@ task reads, so the task YAMLs can keep the built-in prompts, targets and filters
 """
 
 import csv
+import gzip
 import json
 import os
 from pathlib import Path
@@ -113,12 +114,21 @@ def _legalbench_early(task: str, **_metadata) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
+def _humaneval(**_metadata) -> datasets.DatasetDict:
+    """openai/openai_humaneval schema: task_id, prompt, canonical_solution, test, entry_point
+    (that dataset holds this same file)."""
+    with gzip.open(data_file("humaneval/HumanEval.jsonl.gz"), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
 _LOADERS = {
     "mmlu": _mmlu,
     "gsm8k": _gsm8k,
     "bbh": _bbh,
     "medqa_4options": _medqa_4options,
     "legalbench_early": _legalbench_early,
+    "humaneval": _humaneval,
 }
 
 

