@@ -17,7 +17,8 @@ def _heads(value: str) -> int | str:
 # dest → (spec section, type) of the hyper-parameter flags.
 HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "rank": ("adapter", int), "alpha": ("adapter", float), "dropout": ("adapter", float),
-    "num_splits": ("adapter", int), "num_heads": ("adapter", _heads), "lr": ("train", float),
+    "num_splits": ("adapter", int), "num_heads": ("adapter", _heads),
+    "balance_loss_coef": ("adapter", float), "lr": ("train", float),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int),
     "seq_len": ("train", int), "checkpoint_every": ("train", int), "limit": ("eval", int),
     "backend": ("eval", str)}
@@ -28,11 +29,15 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", help="base model: a local directory or hub id (default: profile's)")
     p.add_argument("--force", action="store_true", help="rerun even if a finished record exists")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model repository's own code (off by default)")
     hp = p.add_argument_group("hyper-parameters (override the profile, validated the same way)")
     for dest, (_, kind) in HYPERPARAMETERS.items():
         hp.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=None)
     hp.add_argument("--target-modules", default=None,
                     help="comma-separated module names, e.g. q_proj,v_proj")
+    p.add_argument("--merge-gap", action="store_true",
+                   help="HydraLoRA: also score the uniform and router-mean merges, record the gap")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written code for code tasks (sandboxed); off by default")
 
@@ -46,6 +51,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out["adapter"]["target_modules"] = [m.strip() for m in args.target_modules.split(",")]
     if args.allow_code_execution:
         out["eval"]["allow_code_execution"] = True
+    if args.merge_gap:
+        out["eval"]["merge_gap"] = True
     return out
 
 
@@ -82,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-fewshot", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--force", action="store_true")
+    ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--allow-code-execution", action="store_true")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -115,7 +123,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from hydrabench.spec import resolve_spec
 
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
-                        _overrides(args), valid_methods=list(METHODS))
+                        _overrides(args), valid_methods=list(METHODS),
+                        trust_remote_code=args.trust_remote_code)
     _print_metrics(execute(spec, force=args.force))
 
 
@@ -126,7 +135,7 @@ def _eval_spec(args: argparse.Namespace):
                           "allow_code_execution": args.allow_code_execution}}
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
-                            lm_eval_task_ok=True)
+                            lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
     from hydrabench.store import RunStore
 
     store = RunStore()

@@ -60,7 +60,8 @@ def merged_model(run_id: str, merge: str | None, store: RunStore):
         raise SpecError(f"no finished run {run_id!r} in {store.runs}")
     record = store.load(run_id)
     spec = spec_from_dict(record["spec"])
-    base = load_base_model(spec.model, spec.dtype, runtime_device(spec))
+    base = load_base_model(spec.model, spec.dtype, runtime_device(spec),
+                           spec.trust_remote_code)
     model = get_method(spec.method).load(base.model, Path(record["artifact"]))
     merged, label = merge_loaded(spec, model, base.tokenizer, merge, store.runs / run_id)
     return merged, base.tokenizer, label

@@ -6,6 +6,7 @@ a corpus (every column on the tiny profile) train once and are evaluated many ti
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -29,7 +30,7 @@ from hydrabench.evaluate import (
     offline_mode,
     request_counts,
 )
-from hydrabench.export import merge_loaded, save_checkpoint
+from hydrabench.export import HYDRALORA_MERGES, merge_loaded, save_checkpoint
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -37,7 +38,7 @@ from hydrabench.models import BaseModel, load_base_model
 from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec, SpecError, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
-from hydrabench.train import StepCallback, train
+from hydrabench.train import train
 
 ARTIFACT_MARKER = "artifact.json"
 
@@ -72,7 +73,9 @@ def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
 
 
 def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter,
-              step_callback: StepCallback | None = None):
+              method: Method):
+    loss_fn = method.loss_fn(spec) if method.loss_fn else None
+
     def run(model: torch.nn.Module, records, *, tag: str = "", max_steps: int | None = None):
         settings = spec.train
         if max_steps is not None:
@@ -80,7 +83,7 @@ def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter
         result = train(model, base.tokenizer, records, settings, seed=spec.seed,
                        template=spec.prompt_template, device=str(base.model.device),
                        checkpoint_path=checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
-                       on_step=meter.step, step_callback=step_callback,
+                       on_step=meter.step, step_callback=method.step_callback, loss_fn=loss_fn,
                        desc=f"train {spec.method} {tag}".strip())
         return result.summary()
 
@@ -111,7 +114,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                 model = method.adapt(base.model, spec, records)
                 with Meter(phase="train", country_iso_code=spec.country_iso_code) as meter:
                     fit = method.fit or default_fit
-                    train_fn = _train_fn(spec, base, checkpoint_dir, meter, method.step_callback)
+                    train_fn = _train_fn(spec, base, checkpoint_dir, meter, method)
                     summary = fit(model, spec, records, train_fn)
                 info = {"trained": True, "train": summary, "train_records": len(records),
                         "metering": {"train": meter.result.to_dict()}}
@@ -147,6 +150,29 @@ def data_fingerprint(spec: RunSpec) -> dict[str, str]:
     return fingerprints
 
 
+def _eval_settings(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
+    return {"batch_size": spec.eval.batch_size, "limit": spec.eval.limit, "seed": spec.seed,
+            "num_fewshot": spec.eval.num_fewshot,
+            "allow_code_execution": spec.eval.allow_code_execution, "output_dir": output_dir}
+
+
+def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str, TaskScore],
+               out: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """HydraLoRA's approximate merges scored on hf beside the exact model: value and gap per task.
+
+    The gate depends on every token, so merging is approximate; this measures by how much. The
+    router-mean gate is averaged over the prompts the exact evaluation just sent (out/lm_eval).
+    """
+    gaps = {}
+    for merge in HYDRALORA_MERGES:
+        merged, _ = merge_loaded(spec, copy.deepcopy(model), tokenizer, merge, run_dir=out)
+        scores = evaluate_model(merged, tokenizer, list(spec.eval_tasks),
+                                **_eval_settings(spec, out / f"lm_eval_{merge}"))
+        gaps[merge] = {task: {"value": s.value, "exact": exact[task].value,
+                              "gap": s.value - exact[task].value} for task, s in scores.items()}
+    return gaps
+
+
 def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
               out: Path) -> tuple[dict[str, TaskScore], dict[str, Any]]:
     """Score with the spec's backend: (scores, the record's merge and serving entries).
@@ -154,10 +180,7 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
     lm-eval's raw output goes to out/lm_eval. vllm serves the exactly merged checkpoint and keeps
     the server's log in `out`.
     """
-    settings: dict[str, Any] = {
-        "batch_size": spec.eval.batch_size, "limit": spec.eval.limit, "seed": spec.seed,
-        "num_fewshot": spec.eval.num_fewshot,
-        "allow_code_execution": spec.eval.allow_code_execution, "output_dir": out / "lm_eval"}
+    settings = _eval_settings(spec, out / "lm_eval")
     if spec.eval.backend == "hf":
         scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
         return scores, {"merge": None, "serving": None}
@@ -185,7 +208,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         return store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     device = runtime_device(spec)
-    base = load_base_model(spec.model, spec.dtype, device)
+    base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     needs_training = method.adapt is not None and not (
@@ -196,19 +219,22 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
             return store.load(spec.run_id)
         started = time.time()
         artifact, train_info = ensure_trained(spec, method, store, base, records)
-        base = load_base_model(spec.model, spec.dtype, device)  # fresh: training adapted it
+        # A fresh base model: training adapted the first one in place.
+        base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
         model = method.load(base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
             with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
                 scores, backend_entries = _evaluate(spec, model, base.tokenizer, scratch)
                 meter.add_eval(**request_counts(scratch / "lm_eval", base.tokenizer))
+            gaps = (merge_gaps(spec, model, base.tokenizer, scores, scratch)
+                    if spec.eval.merge_gap and not method.mergeable else None)
             record = {
                 "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
                 "task": spec.task, "seed": spec.seed,
                 "metrics": {name: s.to_dict() for name, s in scores.items()},
                 "column_tasks": list(spec.eval_tasks),
-                "backend": spec.eval.backend, **backend_entries,
+                "backend": spec.eval.backend, **backend_entries, "merge_gap": gaps,
                 "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
                 "metering": {**train_info.get("metering", {}), "eval": meter.result.to_dict()},
                 "provenance": {

@@ -71,6 +71,7 @@ class AdapterSettings:
     num_heads: int | str = 4  # an int, or "auto": TF-IDF + k-means + elbow, as the paper
     num_splits: int = 4
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    balance_loss_coef: float = 0.0  # HydraLoRA's load-balancing term; off, as the reference code
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -81,6 +82,8 @@ class AdapterSettings:
                  f"num_heads must be >= 1 or 'auto', got {self.num_heads!r}")
         _require(self.num_splits >= 1, f"num_splits must be >= 1, got {self.num_splits}")
         _require(len(self.target_modules) > 0, "target_modules must name at least one module")
+        _require(self.balance_loss_coef >= 0,
+                 f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
 
 
 # hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM.
@@ -94,6 +97,8 @@ class EvalSettings:
     limit: int | None = None
     num_fewshot: int | None = None  # None: each task's own default
     allow_code_execution: bool = False
+    # HydraLoRA: also score the approximate merges (uniform, router-mean) and record the gap
+    merge_gap: bool = False
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS,
@@ -117,6 +122,7 @@ class RunSpec:
     dtype: str = "float32"
     prompt_template: str = "plain"
     country_iso_code: str = "USA"
+    trust_remote_code: bool = False  # never on unless the profile or --trust-remote-code says so
     train: TrainSettings = field(default_factory=TrainSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -194,7 +200,8 @@ def _settings(cls: type, values: dict[str, Any], where: str):
 
 def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
                  model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                 valid_methods: list[str] | None = None, lm_eval_task_ok: bool = False) -> RunSpec:
+                 valid_methods: list[str] | None = None, lm_eval_task_ok: bool = False,
+                 trust_remote_code: bool = False) -> RunSpec:
     """Profile YAML + CLI overrides ({"train": {...}, "adapter": {...}, "eval": {...}}).
 
     `task` is a column of the profile; with `lm_eval_task_ok` any other name is taken as one
@@ -220,6 +227,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
         device=prof.get("device", "cpu"), dtype=prof.get("dtype", "float32"),
         prompt_template=prof.get("prompt_template", "plain"),
         country_iso_code=prof.get("country_iso_code", "USA"),
+        trust_remote_code=trust_remote_code or bool(prof.get("trust_remote_code", False)),
         train=_settings(TrainSettings, section["train"], "train"),
         adapter=_settings(AdapterSettings, section["adapter"], "adapter"),
         eval=_settings(EvalSettings, section["eval"], "eval"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from hydrabench.spec import SpecError
+
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def results_root() -> Path:
@@ -33,6 +38,13 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def checked_run_id(run_id: str) -> str:
+    """A run id names one directory under results/: no separators, no '..', nothing hidden."""
+    if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
+        raise SpecError(f"invalid run id {run_id!r} (letters, digits, '.', '_' and '-' only)")
+    return run_id
+
+
 class RunStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or results_root()
@@ -40,7 +52,7 @@ class RunStore:
         self.artifacts = self.root / "artifacts"
 
     def record_path(self, run_id: str) -> Path:
-        return self.runs / run_id / "record.json"
+        return self.runs / checked_run_id(run_id) / "record.json"
 
     def has(self, run_id: str) -> bool:
         return self.record_path(run_id).exists()

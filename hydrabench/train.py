@@ -17,13 +17,19 @@ import torch
 from tqdm.auto import tqdm
 
 from hydrabench.data.records import InstructionRecord, render_prompt
-from hydrabench.spec import TrainSettings
+from hydrabench.spec import SpecError, TrainSettings
 
 IGNORE_INDEX = -100
 StepHook = Callable[[int, int], None]  # (trained tokens, samples) after each optimizer step
 # A method's own per-step work, given (model, 0-based step) after each optimizer update and before
 # the gradients are cleared: AdaLoRA's rank allocation reads those gradients.
 StepCallback = Callable[[torch.nn.Module, int], None]
+# A method's own training loss for one micro-batch (HydraLoRA adds its load-balancing term).
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class TrainingOutOfMemory(SpecError):
+    """Reported like bad input: one line naming the batch shape that did not fit."""
 
 
 @dataclass
@@ -130,7 +136,8 @@ def _load_checkpoint(path: Path, model, optim, sched, result: TrainResult) -> in
 def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord],
           settings: TrainSettings, *, seed: int, template: str, device: str = "cpu",
           checkpoint_path: Path | None = None, on_step: StepHook | None = None,
-          step_callback: StepCallback | None = None, desc: str = "training") -> TrainResult:
+          step_callback: StepCallback | None = None, loss_fn: LossFn | None = None,
+          desc: str = "training") -> TrainResult:
     """Train the parameters of `model` that require grad; resume from `checkpoint_path` if any."""
     torch.manual_seed(seed)
     encoded = [encode_record(tokenizer, r, template, settings.seq_len) for r in records]
@@ -146,7 +153,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
 
     model.to(device).train()
     progress = tqdm(range(start, total_steps), desc=desc, initial=start, total=total_steps,
-                    leave=False)
+                    leave=False, disable=None)  # None: no bar when not a TTY (CI logs)
     for step in progress:
         micro = batches[step * settings.grad_accum: (step + 1) * settings.grad_accum]
         n_tokens = sum(sum(1 for t in encoded[i][1] if t != IGNORE_INDEX) for b in micro for i in b)
@@ -154,8 +161,14 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         for indices in micro:
             batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss / len(micro)
-            loss.backward()
+            try:
+                loss = (loss_fn(model, batch) if loss_fn else model(**batch).loss) / len(micro)
+                loss.backward()
+            except torch.OutOfMemoryError:
+                raise TrainingOutOfMemory(
+                    f"out of memory at step {step} with batch size {len(indices)} × "
+                    f"{batch['input_ids'].shape[1]} tokens; lower --batch-size (raising "
+                    f"grad_accum keeps the effective batch) or --seq-len") from None
             step_loss += loss.item()
         torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
         optim.step()

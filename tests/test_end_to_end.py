@@ -104,20 +104,21 @@ def test_table1_report_fills_only_cells_with_records(finished: tuple[RunStore, d
     assert "\\toprule" in tex.read_text()
 
 
-def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
-    for args, needle in [
-        (["run", "--method", "lorra", "--task", "general"], "did you mean 'lora'"),
-        (["run", "--method", "lora", "--task", "general", "--rank", "0"], "rank must be >= 1"),
-        (["run", "--method", "lora", "--task", "general", "--model", "./no/such/model"],
-         "does not exist"),
-        (["run", "--method", "lora", "--task", "general", "--target-modules", "nope_proj"],
-         "target module(s) nope_proj not in model"),
-    ]:
-        result = hydrabench(*args, env_root=tmp_path)
-        assert result.returncode == 2, result.stderr
-        lines = [line for line in result.stderr.splitlines() if line.startswith("hydrabench:")]
-        assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert not (tmp_path / "results").exists()  # nothing half-written
+def test_exported_lora_checkpoint_equals_the_adapter(finished: tuple[RunStore, dict]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hydrabench.export import export_run
+    from hydrabench.methods import get_method
+    from hydrabench.models import load_base_model
+
+    store, record = finished
+    merged = AutoModelForCausalLM.from_pretrained(export_run(record["run_id"], store=store))
+    adapted = get_method("lora").load(load_base_model("builtin:tiny").model,
+                                      Path(record["artifact"]))
+    ids = torch.randint(0, 1000, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
 
 
 def test_list_commands(tmp_path: Path) -> None:
@@ -125,3 +126,15 @@ def test_list_commands(tmp_path: Path) -> None:
     for name in ("base", "lora", "lora-split", "full", "hydralora"):
         assert f"\n{name} " in "\n" + out
     assert "tiny_arithmetic" in hydrabench("list", "tasks", env_root=tmp_path).stdout
+
+
+def test_hydralora_records_the_gap_of_its_approximate_merges(tmp_path: Path) -> None:
+    spec = resolve_spec("hydralora", "medical",
+                        overrides={**QUICK, "eval": {"limit": 6, "merge_gap": True}})
+    record = execute(spec, store=RunStore(tmp_path / "results"))
+    exact = record["metrics"]["tiny_medical"]["value"]
+    for merge in ("uniform", "router-mean"):
+        cell = record["merge_gap"][merge]["tiny_medical"]
+        assert cell["exact"] == exact and 0 <= cell["value"] <= 1
+        assert cell["gap"] == pytest.approx(cell["value"] - exact)
+        assert (tmp_path / "results" / "runs" / spec.run_id / f"lm_eval_{merge}").is_dir()

@@ -317,3 +317,23 @@ def test_unknown_target_module() -> None:
     model = adapted()
     with pytest.raises(ValueError, match="already has HydraLoRA"):
         apply_hydralora(model, HydraLoraConfig())
+
+
+def test_balance_loss_is_added_to_training_only_when_turned_on() -> None:
+    from types import SimpleNamespace
+
+    from hydrabench.methods.hydralora import METHOD
+
+    model = apply_hydralora(tiny_llama(), HydraLoraConfig(r=4, num_heads=3, dropout=0.0))
+    batch = {"input_ids": torch.randint(0, 128, (2, 6)), "attention_mask": torch.ones(2, 6)}
+    batch["labels"] = batch["input_ids"]
+    off = SimpleNamespace(adapter=SimpleNamespace(balance_loss_coef=0.0))
+    assert METHOD.loss_fn(off) is None  # the reference code never applies it: nor do we
+    loss_fn = METHOD.loss_fn(SimpleNamespace(adapter=SimpleNamespace(balance_loss_coef=0.5)))
+    total = loss_fn(model, batch)
+    with recording_gates(model):
+        lm_loss = model(**batch).loss
+        expected = lm_loss + 0.5 * load_balancing_loss(model, batch["attention_mask"])
+    assert torch.allclose(total, expected) and total > lm_loss
+    total.backward()
+    assert all(layer.router.weight.grad is not None for layer in hydralora_layers(model).values())

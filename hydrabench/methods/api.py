@@ -11,7 +11,7 @@ import torch
 
 from hydrabench.data.records import InstructionRecord
 from hydrabench.spec import RunSpec
-from hydrabench.train import StepCallback
+from hydrabench.train import LossFn, StepCallback
 
 
 class TrainFn(Protocol):
@@ -37,6 +37,8 @@ class Method:
                   dict] | None = None
     # step_callback(model, step) after each optimizer update, gradients still set (AdaLoRA)
     step_callback: StepCallback | None = None
+    # loss_fn(spec) -> the training loss to use instead of the LM loss, or None (HydraLoRA balance)
+    loss_fn: Callable[[RunSpec], LossFn | None] | None = None
 
     @property
     def mergeable(self) -> bool:

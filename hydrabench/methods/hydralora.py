@@ -471,6 +471,20 @@ def _adapt(model: nn.Module, spec: Any, records: Any) -> nn.Module:
     return model
 
 
+def _balanced_loss(spec: Any) -> Any:
+    """LM loss + coef · load-balancing loss when the spec turns it on (off by default)."""
+    coef = spec.adapter.balance_loss_coef
+    if coef == 0:
+        return None
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with recording_gates(model):
+            lm_loss = model(**batch).loss
+            return lm_loss + coef * load_balancing_loss(model, batch.get("attention_mask"))
+
+    return loss
+
+
 def _fit(model: nn.Module, spec: Any, records: Any, train_fn: Any) -> dict[str, Any]:
     return {**train_fn(model, records), "num_heads": model.hydralora_config.num_heads,
             "head_choice": model.hydralora_head_choice}
@@ -484,17 +498,17 @@ def _uniform_gate_adapt(model: nn.Module, spec: Any, records: Any) -> nn.Module:
     return apply_hydralora(model, config)
 
 
-def _method(name: str, description: str, adapt: Any, fit: Any = None) -> Any:
+def _method(name: str, description: str, adapt: Any, fit: Any = None, loss_fn: Any = None) -> Any:
     from hydrabench.methods.api import Method
 
     # The gate depends on every token, so there is no exact merge: hf backend only. Approximate
     # merges (uniform, router-mean) are export options, measured against the exact model.
     return Method(name=name, description=description, adapt=adapt, save=save_hydralora,
-                  load=load_hydralora, merge=None, fit=fit)
+                  load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn)
 
 
 METHOD = _method("hydralora", "HydraLoRA: shared A, N B heads, per-token softmax router", _adapt,
-                 _fit)
+                 _fit, _balanced_loss)
 UNIFORM_GATE_METHOD = _method(
     "hydralora-uniform", "HydraLoRA without gate (g = 1/N), the paper's Fig. 6 ablation",
     _uniform_gate_adapt)

@@ -84,7 +84,8 @@ def _pretrain(model, tokenizer, recipe: TinyModelRecipe) -> list[float]:
         optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / recipe.pretrain_steps)))
     losses = []
     model.train()
-    for _ in tqdm(range(recipe.pretrain_steps), desc="pre-training tiny base", leave=False):
+    for _ in tqdm(range(recipe.pretrain_steps), desc="pre-training tiny base", leave=False,
+                  disable=None):  # None: no bar when not a TTY (CI logs)
         rows = torch.randint(0, n_windows, (batch,), generator=gen)
         input_ids = torch.cat(
             [torch.full((batch, 1), tokenizer.bos_token_id), windows[rows]], dim=1)

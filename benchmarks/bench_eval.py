@@ -1,0 +1,192 @@
+"""lm-eval scoring throughput (requests/s, tokens/s) of the tiny base model, per backend.
+
+Tasks from the synthetic suite (``tasks/tiny``, lm-eval's own tasks left out):
+``tiny_medical`` (multiple choice, loglikelihood requests) and ``tiny_arithmetic``
+(``generate_until``, greedy, up to 48 new tokens). The backend's LM is wrapped so that only its
+model calls are timed (``model_s``); ``wall_s`` is the whole ``simple_evaluate`` call, including
+lm-eval's task building and metrics. tokens = prompt tokens (context + continuation for
+loglikelihood) + generated tokens, counted with the model's tokenizer. Each evaluation runs
+``--rounds`` times and the fastest is kept.
+
+The hf backend always runs. When vllm is installed, the same checkpoint is also served the way
+the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, scored through
+lm-eval's ``local-completions``); the server's start-up (about a minute on 2 cores) is reported
+apart, not counted in the rates. Otherwise the reason is printed and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lm_eval
+from _common import REPORT_DIR, finish, other_cores_busy, parse_args, print_table, ratio
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import get_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from hydrabench.evaluate import TASKS_DIR
+from hydrabench.models import BUILTIN_TINY, load_base_model
+
+TASKS = ("tiny_medical", "tiny_arithmetic")
+
+
+@dataclass
+class Counts:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    model_s: float = 0.0
+
+
+class CountingLM(LM):
+    """Delegates every request type to a backend's LM, timing the calls and counting tokens."""
+
+    def __init__(self, inner: LM, tokenizer: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.tokenizer = tokenizer
+        self.counts = Counts()
+
+    def _n_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _timed(self, call: Callable[[list[Instance]], list], requests: list[Instance]) -> list:
+        start = time.perf_counter()
+        results = call(requests)
+        self.counts.model_s += time.perf_counter() - start
+        self.counts.requests += len(requests)
+        return results
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        results = self._timed(self.inner.loglikelihood, requests)
+        self.counts.prompt_tokens += sum(self._n_tokens(ctx + cont) for ctx, cont in
+                                         (r.args for r in requests))
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
+        results = self._timed(self.inner.loglikelihood_rolling, requests)
+        self.counts.prompt_tokens += sum(self._n_tokens(r.args[0]) for r in requests)
+        return results
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        results = self._timed(self.inner.generate_until, requests)
+        self.counts.prompt_tokens += sum(self._n_tokens(r.args[0]) for r in requests)
+        self.counts.generated_tokens += sum(self._n_tokens(text) for text in results)
+        return results
+
+
+def evaluate_once(inner: LM, tokenizer: Any, task: str, manager: TaskManager,
+                  limit: int | None) -> dict[str, Any]:
+    """One lm-eval run of ``task``: its counts, times and rates."""
+    lm = CountingLM(inner, tokenizer)
+    start = time.perf_counter()
+    # bootstrap_iters=0: stderr bootstrapping is metric work, not scoring throughput.
+    lm_eval.simple_evaluate(model=lm, tasks=[task], limit=limit, task_manager=manager,
+                            bootstrap_iters=0, log_samples=False, verbosity="WARNING")
+    wall_s = time.perf_counter() - start
+    c = lm.counts
+    return {"task": task, **asdict(c), "wall_s": wall_s,
+            "requests/s": c.requests / c.model_s,
+            "tokens/s": (c.prompt_tokens + c.generated_tokens) / c.model_s,
+            "generated tokens/s": c.generated_tokens / c.model_s}
+
+
+def run_backend(name: str, inner: LM, tokenizer: Any, manager: TaskManager,
+                args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for task in TASKS:
+        print(f"scoring {task} with {name} ...", flush=True)
+        runs = [evaluate_once(inner, tokenizer, task, manager, args.limit)
+                for _ in range(args.rounds)]
+        # The fastest run: on a shared machine other processes only ever slow a run down.
+        rows.append({"backend": name, **min(runs, key=lambda run: run["model_s"])})
+    return rows
+
+
+def vllm_rows(model_dir: Path, tokenizer: Any, manager: TaskManager,
+              args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float | None]:
+    """vLLM rows, a status line and the server start-up seconds.
+
+    Never raises: a missing or broken optional backend must not lose the hf figures.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return [], "unavailable: vllm is not installed", None
+    try:
+        from hydrabench.serving import VllmServer, local_completions_args
+    except ImportError as err:
+        return [], f"unavailable: hydrabench.serving is not importable ({err})", None
+    try:
+        # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
+        with VllmServer(model_dir, max_model_len=args.max_length,
+                        log_dir=REPORT_DIR / "vllm_server") as server:
+            lm = get_model("local-completions").create_from_arg_string(
+                local_completions_args(server, model_dir, args.max_length),
+                {"batch_size": args.batch_size})
+            return run_backend("vllm", lm, tokenizer, manager, args), "measured", server.startup_s
+    except Exception as err:
+        print(f"vllm failed: {err}", file=sys.stderr)  # ServerError carries the server log tail
+        first_line = next(iter(str(err).splitlines()), "")
+        return [], f"failed: {type(err).__name__}: {first_line}", None
+
+
+def over(rows: Sequence[dict[str, Any]], backend: str, reference: str,
+         key: str) -> dict[str, float]:
+    by = {(r["backend"], r["task"]): r[key] for r in rows}
+    return {task: ratio(by[(backend, task)], by[(reference, task)]) for task in TASKS
+            if (backend, task) in by}
+
+
+def main() -> None:
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--limit", type=int, default=None,
+                            help="documents per task (default: all 60; quick: 20)")
+        parser.add_argument("--batch-size", type=int, default=32,
+                            help="lm-eval batch size (the tiny profile's)")
+        parser.add_argument("--max-length", type=int, default=512,
+                            help="context length (the tiny model's maximum)")
+
+    args = parse_args(__doc__.splitlines()[0], (3, 5), options)
+    if args.quick and args.limit is None:
+        args.limit = 20
+    base = load_base_model(BUILTIN_TINY, "float32", args.device)
+    manager = TaskManager(include_path=str(TASKS_DIR / "tiny"), include_defaults=False)
+    hf = HFLM(pretrained=base.model, tokenizer=base.tokenizer, batch_size=args.batch_size,
+              max_length=args.max_length)
+    rows = run_backend("hf", hf, base.tokenizer, manager, args)
+    # Taken before vLLM starts: its engine processes are not children this process reaps, so
+    # their CPU time would otherwise count as other processes' load.
+    others = other_cores_busy()
+    extra, vllm_status, vllm_startup_s = vllm_rows(base.directory, base.tokenizer, manager, args)
+    rows += extra
+
+    columns = ["backend", "task", "requests", "prompt_tokens", "generated_tokens", "model_s",
+               "wall_s", "requests/s", "tokens/s", "generated tokens/s"]
+    print_table(f"lm-eval scoring throughput, tiny base model ({args.device}, "
+                f"limit {args.limit}, batch {args.batch_size})",
+                [{k: r[k] for k in columns} for r in rows])
+    vllm_over_hf = over(rows, "vllm", "hf", "tokens/s") or None
+    print(f"\nvllm: {vllm_status}" + (f"; vllm/hf tokens/s: {vllm_over_hf}" if vllm_over_hf
+                                      else ""))
+    hf_rows = {r["task"]: r for r in rows if r["backend"] == "hf"}
+    headline: dict[str, Any] = {}
+    for task, row in hf_rows.items():
+        headline[f"hf_{task}_requests_per_s"] = round(row["requests/s"], 1)
+        headline[f"hf_{task}_tokens_per_s"] = round(row["tokens/s"])
+    headline |= {"vllm_over_hf_tokens_per_s": vllm_over_hf, "vllm": vllm_status,
+                 "vllm_startup_s": None if vllm_startup_s is None else round(vllm_startup_s, 1),
+                 "device": args.device}
+    finish("bench_eval", headline, {"quick": args.quick, "limit": args.limit,
+                                    "batch_size": args.batch_size, "rows": rows}, others)
+
+
+if __name__ == "__main__":
+    main()

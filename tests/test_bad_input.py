@@ -1,0 +1,89 @@
+"""Every kind of bad input: one line on stderr naming the problem, exit code 2, nothing written
+under results/. Runs the real command line in-process (the code path of the `hydrabench` script)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED
+
+from hydrabench.cli import main
+from hydrabench.train import TrainingOutOfMemory, train
+
+STORIES = str(SHARED / "models" / "stories260K")
+RUN = ["run", "--method", "lora", "--task", "general"]
+
+
+def not_a_causal_lm(tmp_path: Path) -> str:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(tmp_path / "bert")
+    return str(tmp_path / "bert")
+
+
+CASES = [
+    ("unknown method", ["run", "--method", "lorra", "--task", "general"], "did you mean 'lora'"),
+    ("unknown task", ["run", "--method", "lora", "--task", "maths"], "did you mean 'math'"),
+    ("unknown profile", [*RUN, "--profile", "tinny"], "did you mean 'tiny'"),
+    ("unknown table", ["report", "tabel1"], "did you mean 'table1'"),
+    ("unknown lm-eval task", ["eval", "--model", "builtin:tiny", "--task", "tiny_mdical"],
+     "did you mean 'tiny_medical'"),
+    ("rank <= 0", [*RUN, "--rank", "0"], "rank must be >= 1"),
+    ("num_heads < 1", ["run", "--method", "hydralora", "--task", "general", "--num-heads", "0"],
+     "num_heads must be >= 1"),
+    ("alpha <= 0", [*RUN, "--alpha", "0"], "alpha must be > 0"),
+    ("lr <= 0", [*RUN, "--lr=-1e-4"], "lr must be > 0"),
+    ("seq len <= 0", [*RUN, "--seq-len", "0"], "seq_len must be >= 8"),
+    ("target module not in model", [*RUN, "--target-modules", "q_proj,qkv"],
+     "target module(s) qkv not in model"),
+    ("missing model path", [*RUN, "--model", "./no/such/model"], "does not exist"),
+    ("not a causal LM", [*RUN, "--model", not_a_causal_lm], "cannot load causal LM"),
+    ("hub dataset offline", ["run", "--profile", "paper", "--model", STORIES, "--method", "lora",
+                             "--task", "math"], "cannot load hub dataset 'openai/gsm8k'"),
+    ("vllm for an unmergeable method", ["run", "--method", "prompt-tuning", "--task", "medical",
+                                        "--backend", "vllm"], "cannot be merged"),
+    ("no GPU for a GPU-only profile", ["run", "--profile", "paper", "--method", "lora",
+                                       "--task", "math"], "needs a GPU"),
+    ("code without opt-in", ["run", "--method", "lora", "--task", "code"],
+     "--allow-code-execution"),
+    ("run id escaping results/", ["export", "../../etc"], "invalid run id"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(argv: list, message: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available() and "needs a GPU" in message:
+        pytest.skip("a GPU is visible here")
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.delenv("HYDRABENCH_DATA_DIR", raising=False)
+    argv = [a(tmp_path) if callable(a) else a for a in argv]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "results").exists()
+
+
+def test_out_of_memory_names_the_batch_that_failed() -> None:
+    """CUDA OOM cannot happen on this CPU machine, so the model raises it (a stand-in)."""
+    from hydrabench.data.records import InstructionRecord
+    from hydrabench.spec import TrainSettings
+
+    class Exploding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, **batch: torch.Tensor) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    from hydrabench.models import load_base_model
+
+    tokenizer = load_base_model("builtin:tiny").tokenizer
+    records = [InstructionRecord("Question: 1 + 1?\nAnswer:", " 2")] * 8
+    with pytest.raises(TrainingOutOfMemory, match=r"batch size 4 × \d+ tokens; lower --batch-size"):
+        train(Exploding(), tokenizer, records, TrainSettings(batch_size=4, seq_len=64), seed=0,
+              template="plain")
