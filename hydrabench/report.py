@@ -114,8 +114,12 @@ def write_text(path: Path, text: str) -> None:
 
 def publish(tmp: Path, path: Path) -> None:
     """Rename a finished temp file into place, readable by all like any report (mkstemp: 0600)."""
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    try:
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _LATEX = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_",

@@ -106,7 +106,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
         with store.staging(final) as scratch:
             if method.adapt is None:
                 info: dict[str, Any] = {"trained": False, "train": None}
-                model = base.model
+                model = base.model.requires_grad_(False)  # nothing trains: 0 trainable
             else:
                 records = records or load_corpus(spec.corpus)
                 log(f"training {spec.method} on {len(records)} records ({spec.corpus})")

@@ -138,3 +138,10 @@ def test_hydralora_records_the_gap_of_its_approximate_merges(tmp_path: Path) -> 
         assert cell["exact"] == exact and 0 <= cell["value"] <= 1
         assert cell["gap"] == pytest.approx(cell["value"] - exact)
         assert (tmp_path / "results" / "runs" / spec.run_id / f"lm_eval_{merge}").is_dir()
+
+
+def test_doctor_reports_environment_and_profiles(tmp_path: Path) -> None:
+    out = hydrabench("doctor", env_root=tmp_path).stdout
+    for line in ("python", "packages", "vllm", "data dir", "free disk", "profile tiny"):
+        assert line in out
+    assert "profile tiny     ok" in out

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 # Enough steps that a kill lands mid-training, checkpoints every 5 steps, a cheap evaluation.
 RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
        "--checkpoint-every", "5", "--limit", "2"]
@@ -70,3 +72,38 @@ def test_different_runs_at_once_both_finish(tmp_path: Path) -> None:
         finish(proc)
     records = [json.loads(p.read_text()) for p in results.glob("runs/*/record.json")]
     assert sorted(r["seed"] for r in records) == [1, 2]
+
+
+def test_sigkill_during_evaluation_leaves_no_record_and_rerun_finishes(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    proc = start(RUN, results)
+    deadline = time.monotonic() + 300
+    while not list(results.glob("runs/.staging-*")):  # evaluation has started writing
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "evaluation never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list(results.glob("runs/*/record.json"))
+    assert list(results.glob("artifacts/*/artifact.json"))  # training had finished: kept
+    err = finish(start(RUN, results))
+    assert "training lora" not in err  # the finished artifact was reused
+    assert len(list(results.glob("runs/*/record.json"))) == 1
+    assert not list(results.glob("runs/.staging-*"))  # the killed run's scratch was cleared
+
+
+def test_report_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    """A crash while writing a report (here: the rename fails) leaves the old file intact."""
+    from hydrabench import report
+
+    target = tmp_path / "table1.md"
+    target.write_text("previous report")
+
+    def crash(src: str, dst: str) -> None:
+        raise OSError("killed")
+
+    monkeypatch.setattr(report.os, "replace", crash)
+    with pytest.raises(OSError):
+        report.write_text(target, "new report")
+    assert target.read_text() == "previous report"
+    assert [p.name for p in tmp_path.iterdir()] == ["table1.md"]  # no temp file left behind
