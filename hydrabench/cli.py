@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydrabench.spec import SpecError
+
+if TYPE_CHECKING:  # the CLI imports its commands' modules lazily, to start fast
+    from hydrabench.sweep import Sweep
 
 
 def _heads(value: str) -> int | str:
@@ -42,6 +45,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="run model-written code for code tasks (sandboxed); off by default")
 
 
+def _add_table_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("table")
+    p.add_argument("--profile", default="tiny")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--allow-code-execution", action="store_true",
+                   help="also run the code columns (model-written code, sandboxed)")
+
+
+# The hyper-parameters `sweep` can override in every run of the matrix.
+SWEEP_OVERRIDES = ("max_steps", "limit")
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {"train": {}, "adapter": {}, "eval": {}}
     for dest, (section, _) in HYPERPARAMETERS.items():
@@ -66,11 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(run)
 
     repro = sub.add_parser("reproduce", help="run every cell of a paper table, then report it")
-    repro.add_argument("table")
-    repro.add_argument("--profile", default="tiny")
-    repro.add_argument("--seeds", default="0", help="comma-separated seeds")
-    repro.add_argument("--allow-code-execution", action="store_true",
-                       help="also run the code columns (model-written code, sandboxed)")
+    _add_table_options(repro)
+
+    sweep = sub.add_parser("sweep", help="run a table's matrix (rows × tasks × seeds) here or "
+                           "as a Slurm job array; --status shows where each run stands")
+    _add_table_options(sweep)
+    sweep.add_argument("--executor", choices=["local", "slurm"], default="local",
+                       help="local: one run after another here; slurm: one job per run to do, "
+                       "resources from the profile's slurm: section")
+    sweep.add_argument("--status", action="store_true",
+                       help="only show each run's state: done, running, pending or failed")
+    sweep.add_argument("--wait", action="store_true",
+                       help="slurm: block until the jobs have left the queue, then show --status")
+    sweep.add_argument("--rows", default=None,
+                       help="comma-separated row numbers (1-based, as --status lists them)")
+    shrink = sweep.add_argument_group("shrink every run, e.g. for a quick check (this changes "
+                                      "run ids: pass the same to --status)")
+    for dest in SWEEP_OVERRIDES:
+        shrink.add_argument("--" + dest.replace("_", "-"), dest=dest,
+                            type=HYPERPARAMETERS[dest][1], default=None)
 
     report = sub.add_parser("report", help="write reports/<table>.md/.csv/.tex (figures: also "
                             ".png/.pdf) from records")
@@ -110,11 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seeds(text: str) -> tuple[int, ...]:
+def _ints(text: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise SpecError(f"--seeds must be comma-separated integers, got {text!r}") from None
+        raise SpecError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    return _ints(text, "--seeds")
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
@@ -125,7 +158,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
                         _overrides(args), valid_methods=list(METHODS),
                         trust_remote_code=args.trust_remote_code)
-    _print_metrics(execute(spec, force=args.force))
+    record = execute(spec, force=args.force)
+    if record:  # empty on the worker processes of a torchrun launch
+        _print_metrics(record)
 
 
 def _eval_spec(args: argparse.Namespace):
@@ -165,34 +200,44 @@ def _print_metrics(record: dict) -> None:
     print(f"record: {RunStore().record_path(record['run_id'])}")
 
 
-def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from hydrabench.methods import METHODS
-    from hydrabench.report import write_report
-    from hydrabench.runner import execute, log
-    from hydrabench.spec import load_profile
-    from hydrabench.store import RunStore
+def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
+                rows: list[int] | None = None) -> Sweep:
+    from hydrabench.sweep import plan_sweep
     from hydrabench.tables import load_table
 
-    table = load_table(args.table)
-    seeds = _seeds(args.seeds)
-    runs = table.run_specs(args.profile, seeds)
-    store = RunStore()
-    done = sum(store.has(spec.run_id) for _, _, spec in runs)
-    profile = load_profile(args.profile)
-    log(f"plan: {table.name} on profile {args.profile}: {len(runs)} runs, {done} already done, "
-        f"{len(runs) - done} to run; {profile.get('estimate', 'minutes on a CPU')}")
-    for i, (row, _, spec) in enumerate(runs, start=1):
-        if row.method not in METHODS:
-            log(f"[{i}/{len(runs)}] {row.label}: method {row.method!r} not implemented, left empty")
-            continue
-        if spec.eval.allow_code_execution and not args.allow_code_execution:
-            log(f"[{i}/{len(runs)}] {row.label} ({spec.task}): runs model-written code, left empty "
-                "(opt in with --allow-code-execution)")
-            continue
-        log(f"[{i}/{len(runs)}] {row.label} → {spec.run_id}")
-        execute(spec)
-    for path in write_report(args.table, args.profile, seeds):
+    return plan_sweep(load_table(args.table), args.profile, _seeds(args.seeds),
+                      overrides=overrides, rows=rows,
+                      allow_code_execution=args.allow_code_execution)
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from hydrabench.report import write_report
+
+    _plan_sweep(args).run_local()
+    for path in write_report(args.table, args.profile, _seeds(args.seeds)):
         print(path)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from hydrabench.sweep import format_status
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for dest in SWEEP_OVERRIDES:
+        if getattr(args, dest) is not None:
+            overrides.setdefault(HYPERPARAMETERS[dest][0], {})[dest] = getattr(args, dest)
+    sweep = _plan_sweep(args, overrides, list(_ints(args.rows, "--rows")) if args.rows else None)
+    if args.status:
+        print(format_status(sweep.status()))
+    elif args.executor == "local":
+        sweep.run_local()
+    else:
+        sweep.submit_slurm()
+        if args.wait:
+            statuses = sweep.wait()
+            print(format_status(statuses))
+            failed = sum(s.state == "failed" for s in statuses)
+            if failed:
+                raise SpecError(f"{failed} run(s) failed; their logs are named above")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -248,8 +293,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
-            "report": _cmd_report, "export": _cmd_export, "doctor": _cmd_doctor,
-            "profile": _cmd_profile,
+            "sweep": _cmd_sweep, "report": _cmd_report, "export": _cmd_export,
+            "doctor": _cmd_doctor, "profile": _cmd_profile,
             "list": _cmd_list}
 
 
@@ -260,6 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as err:
         print(f"hydrabench: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from hydrabench import distributed
+
+        distributed.shutdown()
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hydrabench.metering import Meter
 from hydrabench.methods import get_method
 from hydrabench.methods.hydralora import mean_router_gates, merge_hydralora
 from hydrabench.models import load_base_model
@@ -80,8 +81,12 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: 
 def export_run(run_id: str, merge: str | None = None, store: RunStore | None = None) -> Path:
     """Write results/exports/<run_id>[-<merge>]/ atomically and return it."""
     store = store or RunStore()
-    model, tokenizer, label = merged_model(run_id, merge, store)
-    final = store.root / "exports" / (run_id if label == "exact" else f"{run_id}-{label}")
-    with store.staging(final) as scratch:
-        save_checkpoint(model, tokenizer, scratch, run_id, label)
+    if not store.has(run_id):  # checks the run id too, before the lock file is made
+        raise SpecError(f"no finished run {run_id!r} in {store.runs}")
+    with store.lock(f"export-{run_id}-{merge}"), Meter(phase="export") as meter:
+        model, tokenizer, label = merged_model(run_id, merge, store)
+        final = store.root / "exports" / (run_id if label == "exact" else f"{run_id}-{label}")
+        with store.staging(final) as scratch:
+            save_checkpoint(model, tokenizer, scratch, run_id, label)
+    write_json_atomic(final / "metering.json", meter.result.to_dict())
     return final

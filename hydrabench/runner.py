@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from hydrabench import provenance
+from hydrabench import distributed, provenance
 from hydrabench.data import synthetic
 from hydrabench.data.corpora import load_corpus
 from hydrabench.evaluate import (
@@ -72,7 +72,7 @@ def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
                         f"its linear layers: {', '.join(sorted(names))}")
 
 
-def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter,
+def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter | None,
               method: Method):
     loss_fn = method.loss_fn(spec) if method.loss_fn else None
 
@@ -83,7 +83,8 @@ def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter
         result = train(model, base.tokenizer, records, settings, seed=spec.seed,
                        template=spec.prompt_template, device=str(base.model.device),
                        checkpoint_path=checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
-                       on_step=meter.step, step_callback=method.step_callback, loss_fn=loss_fn,
+                       on_step=meter.step if meter else None,
+                       step_callback=method.step_callback, loss_fn=loss_fn,
                        desc=f"train {spec.method} {tag}".strip())
         return result.summary()
 
@@ -156,6 +157,20 @@ def _eval_settings(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
             "allow_code_execution": spec.eval.allow_code_execution, "output_dir": output_dir}
 
 
+def train_as_worker(spec: RunSpec, method: Method, base: BaseModel, records: list,
+                    store: RunStore) -> dict:
+    """Ranks other than 0 of a torchrun launch: train in step with rank 0, write nothing.
+
+    They read rank 0's checkpoints (to resume where it resumes) but never write them.
+    """
+    torch.manual_seed(spec.seed)
+    model = method.adapt(base.model, spec, records)
+    checkpoints = store.artifacts / f".checkpoints-{spec.train_id}"
+    (method.fit or default_fit)(model, spec, records,
+                                _train_fn(spec, base, checkpoints, None, method))
+    return {}
+
+
 def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str, TaskScore],
                out: Path) -> dict[str, dict[str, dict[str, float]]]:
     """HydraLoRA's approximate merges scored on hf beside the exact model: value and gap per task.
@@ -174,26 +189,38 @@ def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str
 
 
 def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
-              out: Path) -> tuple[dict[str, TaskScore], dict[str, Any]]:
-    """Score with the spec's backend: (scores, the record's merge and serving entries).
+              out: Path) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]:
+    """Score with the spec's backend: (scores, the record's merge and serving entries, metering
+    of the export and eval phases).
 
     lm-eval's raw output goes to out/lm_eval. vllm serves the exactly merged checkpoint and keeps
     the server's log in `out`.
     """
     settings = _eval_settings(spec, out / "lm_eval")
+    country = spec.country_iso_code
     if spec.eval.backend == "hf":
-        scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
-        return scores, {"merge": None, "serving": None}
-    merged, label = merge_loaded(spec, model, tokenizer, merge=None)
+        with Meter(phase="eval", country_iso_code=country) as meter:
+            scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
+            meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
+        return scores, {"merge": None, "serving": None}, {"eval": meter.result.to_dict()}
     # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one).
     with tempfile.TemporaryDirectory(dir=out, prefix="merged-") as directory:
-        save_checkpoint(merged, tokenizer, Path(directory), spec.run_id, label)
-        # The context hf would score with: HFLM reads the same config field.
-        with VllmServer(directory, dtype=spec.dtype, log_dir=out,
-                        max_model_len=merged.config.max_position_embeddings) as server:
+        with Meter(phase="export", country_iso_code=country) as export_meter:
+            merged, label = merge_loaded(spec, model, tokenizer, merge=None)
+            save_checkpoint(merged, tokenizer, Path(directory), spec.run_id, label)
+        # Server start-up counts as evaluation: it is what serving costs on each run.
+        with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
+                directory, dtype=spec.dtype, log_dir=out,
+                # The context hf would score with: HFLM reads the same config field.
+                max_model_len=spec.eval.max_model_len or merged.config.max_position_embeddings,
+                tensor_parallel_size=spec.eval.tensor_parallel_size,
+                data_parallel_size=spec.eval.data_parallel_size,
+                gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
             scores = evaluate_served(server, Path(directory), list(spec.eval_tasks), **settings)
+            meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
     return scores, {"merge": label,
-                    "serving": {"server_log": LOG_NAME, "startup_s": server.startup_s}}
+                    "serving": {"server_log": LOG_NAME, "startup_s": server.startup_s}}, {
+        "export": export_meter.result.to_dict(), "eval": meter.result.to_dict()}
 
 
 def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None) -> dict[str, Any]:
@@ -207,6 +234,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
         return store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
+    distributed.init_if_launched()
     device = runtime_device(spec)
     base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec)
@@ -214,6 +242,8 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
     needs_training = method.adapt is not None and not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
     records = load_corpus(spec.corpus) if needs_training else []
+    if not distributed.is_main():
+        return train_as_worker(spec, method, base, records, store) if needs_training else {}
     with store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
@@ -224,9 +254,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         model = method.load(base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
-            with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
-                scores, backend_entries = _evaluate(spec, model, base.tokenizer, scratch)
-                meter.add_eval(**request_counts(scratch / "lm_eval", base.tokenizer))
+            scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch)
             gaps = (merge_gaps(spec, model, base.tokenizer, scores, scratch)
                     if spec.eval.merge_gap and not method.mergeable else None)
             record = {
@@ -236,7 +264,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
                 "column_tasks": list(spec.eval_tasks),
                 "backend": spec.eval.backend, **backend_entries, "merge_gap": gaps,
                 "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
-                "metering": {**train_info.get("metering", {}), "eval": meter.result.to_dict()},
+                "metering": {**train_info.get("metering", {}), **metering},
                 "provenance": {
                     "model_source": spec.model, "model_fingerprint": model_fingerprint(spec, base),
                     "data_fingerprints": data_fingerprint(spec),

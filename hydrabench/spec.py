@@ -86,8 +86,9 @@ class AdapterSettings:
                  f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
 
 
-# hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM.
-BACKENDS = ("hf", "vllm")
+# hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM;
+# auto (profiles only): vllm for methods that merge exactly, hf for the others.
+BACKENDS = ("hf", "vllm", "auto")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,11 @@ class EvalSettings:
     allow_code_execution: bool = False
     # HydraLoRA: also score the approximate merges (uniform, router-mean) and record the gap
     merge_gap: bool = False
+    # vLLM serving (backend vllm): parallelism and memory, passed to the server as they are
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None  # None: the model's own context length
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS,
@@ -107,6 +113,10 @@ class EvalSettings:
         _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         _require(self.num_fewshot is None or self.num_fewshot >= 0,
                  f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        _require(self.tensor_parallel_size >= 1 and self.data_parallel_size >= 1,
+                 "tensor_parallel_size and data_parallel_size must be >= 1")
+        _require(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
+                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,12 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
     overrides = overrides or {}
     section = {key: {**prof.get(key, {}), **overrides.get(key, {})}
                for key in ("train", "adapter", "eval")}
+    eval_settings = _settings(EvalSettings, section["eval"], "eval")
+    if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
+        from hydrabench.methods import METHODS
+
+        mergeable = method in METHODS and METHODS[method].mergeable
+        eval_settings = replace(eval_settings, backend="vllm" if mergeable else "hf")
     return RunSpec(
         method=method, task=task, profile=profile, model=model or prof["model"], seed=seed,
         corpus=corpus or tasks[task]["corpus"], eval_tasks=tuple(tasks[task]["eval"]),
@@ -230,7 +246,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
         trust_remote_code=trust_remote_code or bool(prof.get("trust_remote_code", False)),
         train=_settings(TrainSettings, section["train"], "train"),
         adapter=_settings(AdapterSettings, section["adapter"], "adapter"),
-        eval=_settings(EvalSettings, section["eval"], "eval"),
+        eval=eval_settings,
     )
 
 
@@ -266,6 +282,7 @@ def runtime_device(spec: RunSpec) -> str:
         raise SpecError(f"profile {spec.profile} needs a GPU for {spec.model} and none is "
                         "visible; pass --model with a small local model to check its wiring on "
                         "CPU")
-    if spec.device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    return spec.device
+    device = ("cuda" if has_cuda else "cpu") if spec.device == "auto" else spec.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from hydrabench import distributed
 from hydrabench.data.records import InstructionRecord, render_prompt
 from hydrabench.spec import SpecError, TrainSettings
 
@@ -38,12 +39,13 @@ class TrainResult:
     trained_tokens: int = 0
     losses: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
+    processes: int = 1  # data-parallel training processes (torchrun)
 
     def summary(self) -> dict:
         return {"steps": self.steps, "trained_tokens": self.trained_tokens,
                 "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None,
-                "resumed_from_step": self.resumed_from_step}
+                "resumed_from_step": self.resumed_from_step, "processes": self.processes}
 
 
 def encode_record(tokenizer, record: InstructionRecord, template: str,
@@ -152,6 +154,12 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         start = _load_checkpoint(checkpoint_path, model, optim, sched, result)
 
     model.to(device).train()
+    rank, processes = distributed.world()
+    if any(len(b) < processes for b in batches):
+        raise SpecError(f"a micro-batch of the schedule has fewer examples than the "
+                        f"{processes} processes; use a batch size that divides the data")
+    forward = distributed.data_parallel(model)
+    result.processes = processes
     progress = tqdm(range(start, total_steps), desc=desc, initial=start, total=total_steps,
                     leave=False, disable=None)  # None: no bar when not a TTY (CI logs)
     for step in progress:
@@ -159,17 +167,23 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         n_tokens = sum(sum(1 for t in encoded[i][1] if t != IGNORE_INDEX) for b in micro for i in b)
         step_loss = 0.0
         for indices in micro:
-            batch = collate([encoded[i] for i in indices], tokenizer.pad_token_id)
+            local = indices[rank::processes]  # this process's slice of the micro-batch
+            batch = collate([encoded[i] for i in local], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
+            local_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+            micro_tokens = distributed.all_sum(local_tokens)
             try:
-                loss = (loss_fn(model, batch) if loss_fn else model(**batch).loss) / len(micro)
-                loss.backward()
+                raw = loss_fn(forward, batch) if loss_fn else forward(**batch).loss
+                # DDP averages gradients over processes; this weight turns that average into
+                # the token-mean loss of the whole micro-batch (weight 1 in one process).
+                weight = local_tokens * processes / micro_tokens / len(micro)
+                (raw * weight).backward()
             except torch.OutOfMemoryError:
                 raise TrainingOutOfMemory(
-                    f"out of memory at step {step} with batch size {len(indices)} × "
+                    f"out of memory at step {step} with batch size {len(local)} × "
                     f"{batch['input_ids'].shape[1]} tokens; lower --batch-size (raising "
                     f"grad_accum keeps the effective batch) or --seq-len") from None
-            step_loss += loss.item()
+            step_loss += distributed.all_sum(raw.item() * local_tokens) / micro_tokens / len(micro)
         torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
         optim.step()
         sched.step()
@@ -181,7 +195,8 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         progress.set_postfix(loss=f"{step_loss:.3f}")
         if on_step is not None:
             on_step(n_tokens, sum(len(b) for b in micro))
-        if checkpoint_path is not None and (step + 1) % settings.checkpoint_every == 0:
+        if (checkpoint_path is not None and distributed.is_main()
+                and (step + 1) % settings.checkpoint_every == 0):
             _save_checkpoint(checkpoint_path, model, optim, sched, step + 1, result)
     model.eval()
     result.steps = total_steps

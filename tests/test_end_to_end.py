@@ -44,6 +44,7 @@ def test_record_has_metrics_and_provenance(finished: tuple[RunStore, dict]) -> N
         assert 0.0 <= metrics["value"] <= 1.0
         assert metrics["primary"] in metrics["metrics"]
     assert record["spec"]["adapter"]["rank"] == 8 and record["seed"] == 0
+    assert record["spec"]["trust_remote_code"] is False  # off unless asked for, and recorded
     prov = record["provenance"]
     assert len(prov["model_fingerprint"]) == 64
     assert len(prov["data_fingerprints"]["synthetic"]) == 64
@@ -145,3 +146,21 @@ def test_doctor_reports_environment_and_profiles(tmp_path: Path) -> None:
     for line in ("python", "packages", "vllm", "data dir", "free disk", "profile tiny"):
         assert line in out
     assert "profile tiny     ok" in out
+
+
+@pytest.mark.parametrize(("method", "adapter"), [
+    ("full", {}), ("lora-split", {"num_splits": 2, "rank": 4}), ("hydralora-uniform", {}),
+    ("hydralora", {"num_heads": "auto"})])
+def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: Path) -> None:
+    spec = resolve_spec(method, "medical",
+                        overrides={**QUICK, "adapter": adapter, "eval": {"limit": 4}})
+    record = execute(spec, store=RunStore(tmp_path / "results"))
+    assert record["metrics"]["tiny_medical"]["n"] == 4
+    params = record["training"]["parameters"]
+    assert 0 < params["adapter"] <= params["base"]
+    if method == "full":
+        assert params["percent_param"] == 100.0
+    if method == "lora-split":  # two rank-4 LoRAs, combined into one rank-8 LoRA
+        assert params["adapter"] == 2 * 2 * (128 * 8 + 8 * 128)
+    if method == "hydralora":
+        assert record["training"]["train"]["head_choice"]["num_heads"] >= 1

@@ -1,0 +1,253 @@
+"""Sweeps: the run matrix of a table spec (rows × tasks × seeds), run here or on Slurm.
+
+`local` runs one cell after another in this process and is resumable: finished runs are found by
+run id. `slurm` submits one submitit job array with a job per run that is neither finished nor
+queued; each job rebuilds its spec from a plain dict and calls `runner.execute`. Submitit's
+folder (scripts, pickles, logs) is results/slurm/<sweep id>/, and results/runs/<run id>.slurm.json
+points from a run to its job, so `--status` tells queued, running and failed runs apart from the
+records, squeue and submitit's result files alone, without Slurm's accounting database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hydrabench.runner import execute, log
+from hydrabench.spec import RunSpec, SpecError, load_profile, spec_from_dict
+from hydrabench.store import RunStore, checked_run_id, write_json_atomic
+from hydrabench.tables import Row, TableSpec
+
+# The profile's `slurm:` section; a profile without one asks for this (and the cluster's default
+# partition).
+SLURM_DEFAULTS: dict[str, Any] = {"partition": None, "cpus": 1, "mem": "4G", "time_min": 60,
+                                  "gpus": 0}
+# squeue states of a job that holds its node; any other state still in the queue is waiting.
+ACTIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"}
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    number: int  # 1-based position in the matrix, as the logs and --status show it
+    row: Row
+    spec: RunSpec
+    skip: str | None = None  # why the cell stays empty; None: it runs
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run: PlannedRun
+    state: str  # done, running, pending, failed or skipped
+    job: str | None = None  # the Slurm job id of its latest submission
+    detail: str = ""
+
+
+@dataclass
+class Sweep:
+    table: TableSpec
+    profile: str
+    runs: list[PlannedRun]
+    store: RunStore
+
+    def log_plan(self) -> None:
+        done = sum(self.store.has(r.spec.run_id) for r in self.runs)
+        estimate = load_profile(self.profile).get("estimate", "minutes on a CPU")
+        log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
+            f"already done, {len(self.runs) - done} to run; {estimate}")
+
+    def _log_run(self, run: PlannedRun) -> None:
+        where = f"[{run.number}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
+        log(f"{where}: {run.skip}, left empty" if run.skip else f"{where} → {run.spec.run_id}")
+
+    def run_local(self) -> None:
+        """Every runnable cell in turn, in this process; finished runs are skipped."""
+        self.log_plan()
+        for run in self.runs:
+            self._log_run(run)
+            if run.skip is None:
+                execute(run.spec, store=self.store)
+
+    def submit_slurm(self) -> list[RunStatus]:
+        """One job array for the runnable cells that are neither finished nor queued.
+
+        Returns the statuses of the runs it submitted (none: nothing left to do).
+        """
+        self.log_plan()
+        todo = [s.run for s in self.status()
+                if s.state == "failed" or (s.state == "pending" and s.job is None)]
+        for run in todo:
+            self._log_run(run)
+        if not todo:
+            log("nothing to submit: every runnable cell is finished or queued")
+            return []
+        import submitit
+
+        sweep_id = f"{self.table.name}-{self.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # Absolute paths: the jobs may start in another directory than this one.
+        root = self.store.root.resolve()
+        folder = root / "slurm" / sweep_id
+        # The jobs run this Python (submitit's default): the project's environment.
+        executor = submitit.SlurmExecutor(folder=folder)
+        executor.update_parameters(job_name=f"hydrabench-{sweep_id}",
+                                   **slurm_parameters(self.profile))
+        jobs = executor.map_array(run_job, [r.spec.to_dict() for r in todo],
+                                  [str(root)] * len(todo))
+        for run, job in zip(todo, jobs, strict=True):
+            write_json_atomic(pointer_path(self.store, run.spec.run_id), {
+                "job_id": job.job_id, "sweep_id": sweep_id, "folder": str(folder),
+                "log": str(job.paths.stderr),
+                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        log(f"submitted {len(jobs)} jobs as array {jobs[0].job_id.split('_')[0]}; "
+            f"logs in {folder}")
+        return [RunStatus(r, "pending", j.job_id) for r, j in zip(todo, jobs, strict=True)]
+
+    def status(self) -> list[RunStatus]:
+        pointers = {r.spec.run_id: p for r in self.runs
+                    if (p := read_pointer(self.store, r.spec.run_id)) is not None}
+        # Ask Slurm before reading the records: a job that ends in between then reads as done;
+        # the other way round it would read as gone without a record, i.e. failed.
+        unfinished = [rid for rid in pointers if not self.store.has(rid)]
+        queue = queued_jobs() if unfinished else {}
+        return [self._status(r, pointers.get(r.spec.run_id), queue) for r in self.runs]
+
+    def _status(self, run: PlannedRun, pointer: dict[str, Any] | None,
+                queue: dict[str, str]) -> RunStatus:
+        job = pointer["job_id"] if pointer else None
+        if run.skip:
+            return RunStatus(run, "skipped", None, run.skip)
+        if self.store.has(run.spec.run_id):
+            return RunStatus(run, "done", job)
+        if pointer is None:
+            return RunStatus(run, "pending", None, "not submitted")
+        if job in queue:
+            state = queue[job]
+            return RunStatus(run, "running" if state.split()[0] in ACTIVE_STATES else "pending",
+                             job, state)
+        return RunStatus(run, "failed", job, failure_reason(pointer))
+
+    def wait(self, poll_s: float = 5.0) -> list[RunStatus]:
+        """Block until no run of the sweep is queued or running on Slurm; the final statuses."""
+        while True:
+            statuses = self.status()
+            if not any(s.state == "running" or (s.state == "pending" and s.job)
+                       for s in statuses):
+                return statuses
+            time.sleep(poll_s)
+
+
+def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], *,
+               overrides: dict[str, dict[str, Any]] | None = None,
+               rows: list[int] | None = None, allow_code_execution: bool = False,
+               store: RunStore | None = None) -> Sweep:
+    """The table's runs, each with `overrides` ({"train": {...}, "eval": {...}}) applied.
+
+    `rows` keeps only those rows (1-based, in the table's order). Overrides change run ids:
+    --status finds a sweep's runs only when given the same ones.
+    """
+    from hydrabench.methods import METHODS
+
+    if rows:
+        bad = [n for n in rows if not 1 <= n <= len(table.rows)]
+        if bad:
+            raise SpecError(f"--rows {bad}: table {table.name} has rows 1-{len(table.rows)}")
+        table = replace(table, rows=tuple(table.rows[n - 1] for n in sorted(set(rows))))
+    runs = []
+    for number, (row, _, spec) in enumerate(table.run_specs(profile, seeds), start=1):
+        skip = None
+        if row.method not in METHODS:
+            skip = f"method {row.method!r} not implemented"
+        elif spec.eval.allow_code_execution and not allow_code_execution:
+            skip = "runs model-written code (opt in with --allow-code-execution)"
+        runs.append(PlannedRun(number, row, with_overrides(spec, overrides or {}), skip))
+    return Sweep(table, profile, runs, store or RunStore())
+
+
+def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSpec:
+    """`spec` with settings of its train/adapter/eval sections replaced (and validated)."""
+    return replace(spec, **{section: replace(getattr(spec, section), **values)
+                            for section, values in overrides.items() if values})
+
+
+def slurm_parameters(profile: str) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters from the profile's `slurm:` section."""
+    section = load_profile(profile).get("slurm") or {}
+    unknown = set(section) - set(SLURM_DEFAULTS)
+    if unknown:
+        raise SpecError(f"profile {profile}: unknown slurm setting(s) {sorted(unknown)}; "
+                        f"valid: {sorted(SLURM_DEFAULTS)}")
+    settings = {**SLURM_DEFAULTS, **section}
+    params: dict[str, Any] = {"cpus_per_task": settings["cpus"], "mem": settings["mem"],
+                              "time": settings["time_min"]}
+    # Only ask for what is wanted: --gpus-per-node=0 is an error on clusters without GPU gres.
+    if settings["gpus"]:
+        params["gpus_per_node"] = settings["gpus"]
+    if settings["partition"]:
+        params["partition"] = settings["partition"]
+    return params
+
+
+def run_job(spec: dict[str, Any], results_root: str) -> str:
+    """The body of one Slurm job: run the spec (skipped if it finished meanwhile); its run id."""
+    import torch
+
+    # Without cgroups a job sees every core of the node: use those Slurm allotted to it.
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return execute(spec_from_dict(spec), store=RunStore(Path(results_root)))["run_id"]
+
+
+def pointer_path(store: RunStore, run_id: str) -> Path:
+    """results/runs/<run id>.slurm.json: the run's latest Slurm job, beside its record dir."""
+    return store.runs / f"{checked_run_id(run_id)}.slurm.json"
+
+
+def read_pointer(store: RunStore, run_id: str) -> dict[str, Any] | None:
+    path = pointer_path(store, run_id)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def queued_jobs() -> dict[str, str]:
+    """Job id (array elements as <array>_<index>) → "STATE (reason)" of this user's queue."""
+    try:
+        out = subprocess.run(["squeue", "--noheader", "--array", "--me", "--format=%i|%T|%r"],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        raise SpecError(f"squeue failed, so submitted runs cannot be told apart: "
+                        f"{detail}") from None
+    jobs = {}
+    for line in out.splitlines():
+        job, state, reason = line.split("|", 2)
+        jobs[job] = state if reason in ("", "None") else f"{state} ({reason})"
+    return jobs
+
+
+def failure_reason(pointer: dict[str, Any]) -> str:
+    """Why a job left the queue without a record: its Python error, else where to look."""
+    from submitit.core.utils import JobPaths, pickle_load
+
+    result = JobPaths(pointer["folder"], job_id=pointer["job_id"], task_id=0).result_pickle
+    if result.exists():
+        outcome, value = pickle_load(result)
+        if outcome == "error":
+            lines = [line for line in str(value).splitlines() if line.strip()]
+            return lines[-1] if lines else "error"
+    return f"ended without a record (killed? time limit?); see {pointer['log']}"
+
+
+def format_status(statuses: list[RunStatus]) -> str:
+    """A small table, one line per run, and the count of each state."""
+    from tabulate import tabulate
+
+    rows = [(s.run.number, s.run.row.label, s.run.spec.task, s.run.spec.seed, s.state,
+             s.job or "", s.run.spec.run_id, s.detail) for s in statuses]
+    counts = {state: sum(s.state == state for s in statuses)
+              for state in ("done", "running", "pending", "failed", "skipped")}
+    table = tabulate(rows, headers=["#", "row", "task", "seed", "state", "job", "run id",
+                                    "detail"])
+    return table + "\n" + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
