@@ -14,12 +14,18 @@ export SLURM_CONF=$CONF
 
 fail() { echo "slurm-up: $*" >&2; exit 1; }
 
-node_idle() { sinfo -h -N -n localhost -o %T 2>/dev/null | grep -qE '^idle|^mixed|^allocated'; }
+node_idle() { sinfo -h -N -n localhost -o %T 2>/dev/null | grep -qxE 'idle|mixed|allocated'; }
+
+stop() {  # $1: pid file of a daemon this script started
+    if [[ -f $1 ]]; then kill "$(cat "$1")" 2>/dev/null || true; fi
+    rm -f "$1"
+}
 
 if [[ ${1:-} == down ]]; then
-    for pidfile in "$DIR"/slurmd.pid "$DIR"/slurmctld.pid; do
-        [[ -f $pidfile ]] && kill "$(cat "$pidfile")" 2>/dev/null || true
-    done
+    stop "$DIR/slurmd.pid"
+    stop "$DIR/slurmctld.pid"
+    # munged only when this script started it: another service may rely on a running one.
+    [[ -f $DIR/munged.started ]] && stop /run/munge/munged.pid && rm -f "$DIR/munged.started"
     exit 0
 fi
 
@@ -49,6 +55,7 @@ mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     runuser -u munge -- /usr/sbin/munged || fail "munged did not start (see /var/log/munge)"
+    touch "$DIR/munged.started"
     for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
     munge -n | unmunge >/dev/null || fail "munge does not answer"
 fi
@@ -84,8 +91,9 @@ NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$real_mb State=UN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 
-# A previous instance from an older conf: restart from scratch.
-"$0" down
+# A previous instance from an older conf (not answering): start afresh.
+stop "$DIR/slurmd.pid"
+stop "$DIR/slurmctld.pid"
 sleep 1
 slurmctld -i || { tail -n 5 "$DIR/slurmctld.log" >&2; fail "slurmctld did not start"; }
 slurmd -N localhost || { tail -n 5 "$DIR/slurmd.log" >&2; fail "slurmd did not start"; }

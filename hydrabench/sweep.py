@@ -14,11 +14,13 @@ import json
 import os
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hydrabench.runner import execute, log
+import submitit
+from submitit.core.utils import JobPaths, pickle_load
+
 from hydrabench.spec import RunSpec, SpecError, load_profile, spec_from_dict
 from hydrabench.store import RunStore, checked_run_id, write_json_atomic
 from hydrabench.tables import Row, TableSpec
@@ -33,7 +35,7 @@ ACTIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"}
 
 @dataclass(frozen=True)
 class PlannedRun:
-    number: int  # 1-based position in the matrix, as the logs and --status show it
+    row_number: int  # 1-based, in the table's order: what --rows selects and --status shows
     row: Row
     spec: RunSpec
     skip: str | None = None  # why the cell stays empty; None: it runs
@@ -52,41 +54,47 @@ class Sweep:
     table: TableSpec
     profile: str
     runs: list[PlannedRun]
-    store: RunStore
+    # Where runner.execute writes (results/ or $HYDRABENCH_RESULTS), hence where records are.
+    store: RunStore = field(default_factory=RunStore)
 
+    # hydrabench.runner is imported where it is used: tests stand in for it in sys.modules.
     def log_plan(self) -> None:
+        from hydrabench.runner import log
+
         done = sum(self.store.has(r.spec.run_id) for r in self.runs)
         estimate = load_profile(self.profile).get("estimate", "minutes on a CPU")
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
             f"already done, {len(self.runs) - done} to run; {estimate}")
 
-    def _log_run(self, run: PlannedRun) -> None:
-        where = f"[{run.number}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
+    def _log_run(self, i: int, run: PlannedRun) -> None:
+        from hydrabench.runner import log
+
+        where = f"[{i}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
         log(f"{where}: {run.skip}, left empty" if run.skip else f"{where} → {run.spec.run_id}")
 
     def run_local(self) -> None:
         """Every runnable cell in turn, in this process; finished runs are skipped."""
+        from hydrabench.runner import execute
+
         self.log_plan()
-        for run in self.runs:
-            self._log_run(run)
+        for i, run in enumerate(self.runs, start=1):
+            self._log_run(i, run)
             if run.skip is None:
-                execute(run.spec, store=self.store)
+                execute(run.spec)
 
-    def submit_slurm(self) -> list[RunStatus]:
-        """One job array for the runnable cells that are neither finished nor queued.
+    def submit_slurm(self) -> None:
+        """One job array for the runnable cells that are neither finished nor queued."""
+        from hydrabench.runner import log
 
-        Returns the statuses of the runs it submitted (none: nothing left to do).
-        """
         self.log_plan()
-        todo = [s.run for s in self.status()
-                if s.state == "failed" or (s.state == "pending" and s.job is None)]
-        for run in todo:
-            self._log_run(run)
+        todo = []
+        for i, status in enumerate(self.status(), start=1):
+            if status.state == "failed" or (status.state == "pending" and status.job is None):
+                self._log_run(i, status.run)
+                todo.append(status.run)
         if not todo:
             log("nothing to submit: every runnable cell is finished or queued")
-            return []
-        import submitit
-
+            return
         sweep_id = f"{self.table.name}-{self.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
         # Absolute paths: the jobs may start in another directory than this one.
         root = self.store.root.resolve()
@@ -104,7 +112,6 @@ class Sweep:
                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         log(f"submitted {len(jobs)} jobs as array {jobs[0].job_id.split('_')[0]}; "
             f"logs in {folder}")
-        return [RunStatus(r, "pending", j.job_id) for r, j in zip(todo, jobs, strict=True)]
 
     def status(self) -> list[RunStatus]:
         pointers = {r.spec.run_id: p for r in self.runs
@@ -142,8 +149,7 @@ class Sweep:
 
 def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], *,
                overrides: dict[str, dict[str, Any]] | None = None,
-               rows: list[int] | None = None, allow_code_execution: bool = False,
-               store: RunStore | None = None) -> Sweep:
+               rows: list[int] | None = None, allow_code_execution: bool = False) -> Sweep:
     """The table's runs, each with `overrides` ({"train": {...}, "eval": {...}}) applied.
 
     `rows` keeps only those rows (1-based, in the table's order). Overrides change run ids:
@@ -151,20 +157,21 @@ def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], *,
     """
     from hydrabench.methods import METHODS
 
-    if rows:
-        bad = [n for n in rows if not 1 <= n <= len(table.rows)]
-        if bad:
-            raise SpecError(f"--rows {bad}: table {table.name} has rows 1-{len(table.rows)}")
-        table = replace(table, rows=tuple(table.rows[n - 1] for n in sorted(set(rows))))
+    bad = [n for n in rows or () if not 1 <= n <= len(table.rows)]
+    if bad:
+        raise SpecError(f"--rows {bad}: table {table.name} has rows 1-{len(table.rows)}")
+    numbers = {id(row): n for n, row in enumerate(table.rows, start=1) if not rows or n in rows}
+    table = replace(table, rows=tuple(row for row in table.rows if id(row) in numbers))
     runs = []
-    for number, (row, _, spec) in enumerate(table.run_specs(profile, seeds), start=1):
+    for row, _, spec in table.run_specs(profile, seeds):
         skip = None
         if row.method not in METHODS:
             skip = f"method {row.method!r} not implemented"
         elif spec.eval.allow_code_execution and not allow_code_execution:
             skip = "runs model-written code (opt in with --allow-code-execution)"
-        runs.append(PlannedRun(number, row, with_overrides(spec, overrides or {}), skip))
-    return Sweep(table, profile, runs, store or RunStore())
+        runs.append(PlannedRun(numbers[id(row)], row, with_overrides(spec, overrides or {}),
+                               skip))
+    return Sweep(table, profile, runs)
 
 
 def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSpec:
@@ -194,6 +201,8 @@ def slurm_parameters(profile: str) -> dict[str, Any]:
 def run_job(spec: dict[str, Any], results_root: str) -> str:
     """The body of one Slurm job: run the spec (skipped if it finished meanwhile); its run id."""
     import torch
+
+    from hydrabench.runner import execute
 
     # Without cgroups a job sees every core of the node: use those Slurm allotted to it.
     if os.environ.get("SLURM_CPUS_PER_TASK"):
@@ -229,8 +238,6 @@ def queued_jobs() -> dict[str, str]:
 
 def failure_reason(pointer: dict[str, Any]) -> str:
     """Why a job left the queue without a record: its Python error, else where to look."""
-    from submitit.core.utils import JobPaths, pickle_load
-
     result = JobPaths(pointer["folder"], job_id=pointer["job_id"], task_id=0).result_pickle
     if result.exists():
         outcome, value = pickle_load(result)
@@ -244,7 +251,7 @@ def format_status(statuses: list[RunStatus]) -> str:
     """A small table, one line per run, and the count of each state."""
     from tabulate import tabulate
 
-    rows = [(s.run.number, s.run.row.label, s.run.spec.task, s.run.spec.seed, s.state,
+    rows = [(s.run.row_number, s.run.row.label, s.run.spec.task, s.run.spec.seed, s.state,
              s.job or "", s.run.spec.run_id, s.detail) for s in statuses]
     counts = {state: sum(s.state == state for s in statuses)
               for state in ("done", "running", "pending", "failed", "skipped")}

@@ -1,0 +1,166 @@
+"""Sweeps of a table's run matrix: locally, and as a job array on a real single-node Slurm.
+
+When `sinfo` does not already answer, .ci/slurm-up.sh installs and starts Slurm on this machine
+(root, apt) and is stopped again afterwards; where it cannot start, the Slurm test is skipped
+with the script's last error lines. Runs are cut down (--max-steps, --limit) to seconds each.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from submitit.core.utils import JobPaths, cloudpickle_dump
+
+from hydrabench import sweep as sweeps
+from hydrabench.spec import spec_from_dict
+from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.sweep import Sweep, plan_sweep, read_pointer, slurm_parameters
+from hydrabench.tables import load_table
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ("--max-steps", "5", "--limit", "4")
+QUICK_OVERRIDES = {"train": {"max_steps": 5}, "eval": {"limit": 4}}
+SLURM_DIR = Path("/tmp/hydrabench-slurm")  # where .ci/slurm-up.sh keeps its conf, state and logs
+
+
+def hydrabench(*args: str, results: Path, env: dict[str, str] | None = None,
+               ) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "HYDRABENCH_RESULTS": str(results)}
+    return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def states(status_output: str) -> dict[str, str]:
+    """run id → state, from the table `sweep --status` prints."""
+    return {m["run_id"]: m["state"] for m in re.finditer(
+        r"\s(?P<state>done|running|pending|failed|skipped)\s+(?:\S+\s+)?"
+        r"(?P<run_id>[\w.-]+-s\d+-[0-9a-f]{16})", status_output)}
+
+
+def quick_sweep(rows: list[int] | None = None) -> Sweep:
+    return plan_sweep(load_table("table1"), "tiny", (0,), overrides=QUICK_OVERRIDES, rows=rows)
+
+
+def _sinfo_answers(env: dict[str, str]) -> bool:
+    try:
+        return subprocess.run(["sinfo", "-h"], env=env, capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """An environment in which Slurm's commands (and so submitit) reach a working cluster."""
+    if _sinfo_answers(dict(os.environ)):
+        yield dict(os.environ)
+        return
+    env = {**os.environ, "HYDRABENCH_SLURM_DIR": str(SLURM_DIR),
+           "SLURM_CONF": str(SLURM_DIR / "slurm.conf")}
+    script = str(REPO / ".ci" / "slurm-up.sh")
+    up = subprocess.run([script], env=env, capture_output=True, text=True, timeout=900)
+    if up.returncode != 0:
+        tail = " | ".join((up.stderr or up.stdout).strip().splitlines()[-5:])
+        pytest.skip(f"Slurm could not start here (.ci/slurm-up.sh exited {up.returncode}): "
+                    f"{tail}")
+    yield env
+    subprocess.run([script, "down"], env=env, capture_output=True, timeout=60)
+
+
+def test_job_specs_survive_the_round_trip_through_a_dict() -> None:
+    # Jobs get plain dicts; the spec rebuilt from one must name the same run.
+    for run in quick_sweep().runs:
+        assert spec_from_dict(run.spec.to_dict()).run_id == run.spec.run_id
+        assert run.spec.train.max_steps == 5 and run.spec.eval.limit == 4
+
+
+def test_slurm_resources_come_from_the_profile() -> None:
+    # No --gpus-per-node at all on tiny: 0 is an error on clusters without GPU gres.
+    assert slurm_parameters("tiny") == {"cpus_per_task": 1, "mem": "4G", "time": 20}
+    assert slurm_parameters("paper") == {"cpus_per_task": 8, "mem": "64G", "time": 720,
+                                         "gpus_per_node": 1}
+    assert slurm_parameters("small")["time"] == 180  # its own time limit; the rest from paper
+
+
+def test_status_tells_queued_running_and_failed_jobs_apart(
+        store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = quick_sweep(rows=[1, 2, 3, 4, 5, 7])
+    done, running, queued, crashed, killed, unsubmitted = sweep.runs
+    folder = store_env / "slurm" / "s"
+    folder.mkdir(parents=True)
+    for job, run in enumerate([done, running, queued, crashed, killed]):
+        write_json_atomic(sweeps.pointer_path(sweep.store, run.spec.run_id),
+                          {"job_id": f"9_{job}", "folder": str(folder), "log": "9.err"})
+    write_json_atomic(sweep.store.record_path(done.spec.run_id), {})
+    cloudpickle_dump(("error", "Traceback (most recent call last):\nValueError: boom\n"),
+                     JobPaths(folder, job_id="9_3", task_id=0).result_pickle)
+    monkeypatch.setattr(sweeps, "queued_jobs",
+                        lambda: {"9_1": "RUNNING", "9_2": "PENDING (Resources)"})
+
+    got = {s.run.row_number: (s.state, s.job, s.detail) for s in sweep.status()}
+    assert got[1] == ("done", "9_0", "")
+    assert got[2] == ("running", "9_1", "RUNNING")
+    assert got[3] == ("pending", "9_2", "PENDING (Resources)")
+    assert got[4] == ("failed", "9_3", "ValueError: boom")
+    assert got[5][:2] == ("failed", "9_4") and "see 9.err" in got[5][2]
+    assert got[7] == ("pending", None, "not submitted")
+    # The failed and the never submitted runs are submitted again; nothing is queued twice.
+    submitted: list[str] = []
+
+    def map_array(self, fn, specs, roots):
+        submitted.extend(spec_from_dict(spec).run_id for spec in specs)
+        return [SimpleNamespace(job_id=f"10_{i}", paths=SimpleNamespace(stderr=f"10_{i}.err"))
+                for i in range(len(specs))]
+
+    monkeypatch.setattr(sweeps.submitit.SlurmExecutor, "map_array", map_array)
+    sweep.submit_slurm()
+    assert submitted == [r.spec.run_id for r in (crashed, killed, unsubmitted)]
+    assert read_pointer(sweep.store, unsubmitted.spec.run_id)["job_id"] == "10_2"
+    assert read_pointer(sweep.store, queued.spec.run_id)["job_id"] == "9_2"
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_the_selected_rows_and_resumes(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    args = ("sweep", "table1", "--executor", "local", "--rows", "1,7", *QUICK)
+    first = hydrabench(*args, results=results)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = RunStore(results)
+    runs = quick_sweep(rows=[1, 7]).runs
+    assert [r.row.method for r in runs] == ["lora", "hydralora"]
+    assert all(store.has(r.spec.run_id) for r in runs)
+
+    status = hydrabench(*args, "--status", results=results)
+    assert states(status.stdout) == {r.spec.run_id: "done" for r in runs}, status.stdout
+    rerun = hydrabench(*args, results=results)
+    assert rerun.returncode == 0
+    assert rerun.stderr.count("finished record found, skipping") == 2
+
+
+@pytest.mark.slow
+def test_slurm_sweep_runs_every_cell_once(slurm_env: dict[str, str], tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    args = ("sweep", "table1", "--executor", "slurm", *QUICK)
+    first = hydrabench(*args, "--wait", results=results, env=slurm_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    store = RunStore(results)
+    runs = [r for r in quick_sweep().runs if r.skip is None]
+    assert len(runs) == 7
+    for run in runs:
+        assert store.has(run.spec.run_id), run.spec.run_id
+        pointer = read_pointer(store, run.spec.run_id)
+        assert re.fullmatch(r"\d+_\d+", pointer["job_id"])
+        assert Path(pointer["log"]).exists()  # the job's log, under results/slurm/<sweep id>/
+    assert len({read_pointer(store, r.spec.run_id)["sweep_id"] for r in runs}) == 1
+
+    status = hydrabench(*args, "--status", results=results, env=slurm_env)
+    assert states(status.stdout) == {r.spec.run_id: "done" for r in runs}, status.stdout
+    rerun = hydrabench(*args, results=results, env=slurm_env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "nothing to submit" in rerun.stderr
+    assert len(list((results / "slurm").iterdir())) == 1  # no second sweep folder, no new jobs
