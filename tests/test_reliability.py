@@ -28,6 +28,17 @@ def finish(proc: subprocess.Popen) -> str:
     return err
 
 
+def kill_when(proc: subprocess.Popen, results: Path, pattern: str) -> None:
+    """SIGKILL `proc` as soon as a path matching `pattern` appears under `results`."""
+    deadline = time.monotonic() + 300
+    while not list(results.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def artifact_info(results: Path) -> dict:
     (marker,) = results.glob("artifacts/*/artifact.json")
     return json.loads(marker.read_text())
@@ -38,14 +49,7 @@ def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path
     finish(start(RUN, reference))
 
     killed = tmp_path / "killed"
-    proc = start(RUN, killed)
-    deadline = time.monotonic() + 300
-    while not list(killed.glob("artifacts/.checkpoints-*/ckpt.pt")):
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(start(RUN, killed), killed, "artifacts/.checkpoints-*/ckpt.pt")
     assert not list(killed.glob("runs/*/record.json"))
     assert not list(killed.glob("artifacts/*/artifact.json"))
 
@@ -76,14 +80,7 @@ def test_different_runs_at_once_both_finish(tmp_path: Path) -> None:
 
 def test_sigkill_during_evaluation_leaves_no_record_and_rerun_finishes(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    proc = start(RUN, results)
-    deadline = time.monotonic() + 300
-    while not list(results.glob("runs/.staging-*")):  # evaluation has started writing
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, "evaluation never started"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(start(RUN, results), results, "runs/.staging-*")  # evaluation started writing
     assert not list(results.glob("runs/*/record.json"))
     assert list(results.glob("artifacts/*/artifact.json"))  # training had finished: kept
     err = finish(start(RUN, results))
