@@ -155,11 +155,6 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
     return _scores(results)
 
 
-def column_score(scores: dict[str, TaskScore], tasks: list[str]) -> float:
-    """A table column's value: the mean of its tasks' primary metrics (one task: that metric)."""
-    return sum(scores[t].value for t in tasks) / len(tasks)
-
-
 def request_counts(output_dir: Path, tokenizer) -> dict[str, int]:
     """Requests, prompt tokens and generated tokens of an evaluation, from lm-eval's samples."""
     counts = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}

@@ -250,11 +250,6 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
     )
 
 
-def with_adapter(spec: RunSpec, **changes: Any) -> RunSpec:
-    """A copy of `spec` with adapter settings changed (table rows vary rank, heads, splits)."""
-    return replace(spec, adapter=replace(spec.adapter, **changes))
-
-
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:
     """Rebuild a RunSpec from a record's `spec` (the inverse of RunSpec.to_dict)."""
     nested = {"train": TrainSettings, "adapter": AdapterSettings, "eval": EvalSettings}
