@@ -62,7 +62,7 @@ def make_record(spec: RunSpec, row_index: int, *, trained: bool = True,
     metrics = {}
     for task in spec.eval_tasks:
         values = {"acc,none": task_score(row_index, task, spec.seed)}
-        if spec.task == "code" and with_pass_at_10:
+        if spec.task == "code_p10" and with_pass_at_10:
             values["pass@10,none"] = pass_at_10(row_index, task, spec.seed)
         metrics[task] = {"metrics": values, "stderr": dict.fromkeys(values, STDERR),
                          "primary": "acc,none", "value": values["acc,none"], "n": N_PER_TASK}
@@ -418,7 +418,7 @@ def test_cli_reproduce_skips_unimplemented_methods_and_unapproved_code(
                         SimpleNamespace(execute=execute, log=lambda message: None))
     table = load_table("table2")
     runs = [(row, spec) for row, _, spec in table.run_specs(PROFILE)]
-    code = {spec.run_id for _, spec in runs if spec.task == "code"}
+    code = {spec.run_id for _, spec in runs if spec.task in ("code", "code_p10")}
     assert code and all(s.eval.allow_code_execution == (s.run_id in code) for _, s in runs)
 
     assert main(["reproduce", "table2"]) == 0
