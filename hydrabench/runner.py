@@ -36,7 +36,7 @@ from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
 from hydrabench.serving import LOG_NAME, VllmServer
-from hydrabench.spec import RunSpec, SpecError, runtime_device
+from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
 from hydrabench.train import train
 
@@ -242,6 +242,12 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
     needs_training = method.adapt is not None and not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
     records = load_corpus(spec.corpus) if needs_training else []
+    if distributed.is_main():
+        estimate = load_profile(spec.profile).get("estimate", "minutes on a CPU")
+        training = (f"train {spec.method} on {len(records)} records" if needs_training
+                    else "nothing to train" if method.adapt is None else "trained artifact found")
+        log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
+            f"({spec.eval.backend}); {estimate}")
     if not distributed.is_main():
         return train_as_worker(spec, method, base, records, store) if needs_training else {}
     with store.lock(spec.run_id):
