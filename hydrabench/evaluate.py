@@ -158,12 +158,16 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
 def request_counts(output_dir: Path, tokenizer) -> dict[str, int]:
     """Requests, prompt tokens and generated tokens of an evaluation, from lm-eval's samples."""
     counts = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
+    prompt_tokens: dict[str, int] = {}  # multiple-choice requests repeat their context per choice
     for samples in output_dir.glob("samples_*.jsonl"):
         for line in samples.read_text().splitlines():
             row = json.loads(line)
             for arguments, response in zip(row["arguments"], row["resps"], strict=False):
                 counts["requests"] += 1
-                counts["prompt_tokens"] += len(tokenizer(arguments[0])["input_ids"])
+                context = arguments[0]
+                if context not in prompt_tokens:
+                    prompt_tokens[context] = len(tokenizer(context)["input_ids"])
+                counts["prompt_tokens"] += prompt_tokens[context]
                 if isinstance(response[0], str):  # generate_until; loglikelihood gives numbers
                     counts["generated_tokens"] += len(
                         tokenizer(response[0], add_special_tokens=False)["input_ids"])

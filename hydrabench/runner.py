@@ -242,21 +242,20 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
     needs_training = method.adapt is not None and not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
     records = load_corpus(spec.corpus) if needs_training else []
-    if distributed.is_main():
-        estimate = load_profile(spec.profile).get("estimate", "minutes on a CPU")
-        training = (f"train {spec.method} on {len(records)} records" if needs_training
-                    else "nothing to train" if method.adapt is None else "trained artifact found")
-        log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
-            f"({spec.eval.backend}); {estimate}")
     if not distributed.is_main():
         return train_as_worker(spec, method, base, records, store) if needs_training else {}
+    estimate = load_profile(spec.profile).get("estimate", "minutes on a CPU")
+    training = (f"train {spec.method} on {len(records)} records" if needs_training
+                else "nothing to train" if method.adapt is None else "trained artifact found")
+    log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
+        f"({spec.eval.backend}); {estimate}")
     with store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
         started = time.time()
         artifact, train_info = ensure_trained(spec, method, store, base, records)
-        # A fresh base model: training adapted the first one in place.
-        base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
+        if needs_training:  # training adapted the first base model in place: load a fresh one
+            base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
         model = method.load(base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
