@@ -1,14 +1,20 @@
 """Several training processes on torch.distributed, launched by `torchrun` (or `accelerate launch`).
 
-Each process trains on its slice of every micro-batch; DDP averages the gradients. Weighting each
-process's loss by its share of the micro-batch's tokens makes that average equal to the loss a
-single process computes on the whole micro-batch, so the global batch, and the result, do not
-depend on the number of processes. Only rank 0 writes records and artifacts.
+Each process trains on its slice of every micro-batch; DDP (or FSDP's reduce-scatter) averages
+the gradients. Weighting each process's loss by its share of the micro-batch's tokens makes that
+average equal to the loss a single process computes on the whole micro-batch, so the global batch,
+and the result, do not depend on the number of processes. Only rank 0 writes records and artifacts.
+
+Methods the profile names under `sharding:` (full fine-tuning) train an FSDP2-sharded copy; rank 0
+keeps the model it was given as the full copy the trained weights are gathered into, so saving
+and everything after training see a plain model.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,11 +52,74 @@ def all_sum(value: float) -> float:
     return float(tensor.item())
 
 
-def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to run forward/backward through: DDP across processes, else the model itself."""
+def all_gather(value: Any) -> list[Any]:
+    """`value` from every process, in rank order (a one-item list in a single process)."""
     if not dist.is_initialized():
-        return model
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def strategy(sharding: dict[str, Any] | None) -> str:
+    """How this process trains: single, ddp, or fsdp:<config name>."""
+    if not dist.is_initialized():
+        return "single"
+    return f"fsdp:{sharding['name']}" if sharding else "ddp"
+
+
+def prepare(model: torch.nn.Module,
+            sharding: dict[str, Any] | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(module to run forward/backward through, module whose parameters the optimizer steps)."""
+    if not dist.is_initialized():
+        return model, model
+    if sharding:
+        sharded = shard(model, sharding)
+        return sharded, sharded
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids), model
+
+
+def shard(model: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
+    """An FSDP2-sharded copy of `model`, one unit per decoder layer plus the root.
+
+    `model` moves to CPU memory (rank 0: to receive the trained weights; other ranks: emptied).
+    """
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
+
+    reduce_dtype = options.get("reduce_dtype")
+    settings = {
+        "reshard_after_forward": options.get("reshard_after_forward", True),
+        "mp_policy": MixedPrecisionPolicy(
+            reduce_dtype=getattr(torch, reduce_dtype) if reduce_dtype else None),
+        "offload_policy": CPUOffloadPolicy() if options.get("cpu_offload") else OffloadPolicy(),
+    }
+    sharded = copy.deepcopy(model.to("cpu"))
+    # transformers names the blocks that must not be split: those are FSDP's units
+    units = set(getattr(model, "_no_split_modules", None) or ())
+    for module in sharded.modules():
+        if type(module).__name__ in units:
+            fully_shard(module, **settings)
+    fully_shard(sharded, **settings)  # moves the shards to this process's device
+    if not is_main():
+        model.to("meta")  # only rank 0 keeps a full copy
+    return sharded
+
+
+FULL_STATE = {"full_state_dict": True, "cpu_offload": True}
+
+
+def gather_into(sharded: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Copy the trained weights of the sharded copy into rank 0's full `model` (all ranks call)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(sharded, options=StateDictOptions(**FULL_STATE))
+    if is_main():
+        model.load_state_dict(weights)

@@ -47,6 +47,9 @@ class TrainSettings:
     seq_len: int = 1024
     weight_decay: float = 0.0
     checkpoint_every: int = 100
+    # FSDP2 options (from hydrabench/sharding/<name>.yaml, resolved with their name) used when
+    # torchrun launches several processes; None: each process holds the whole model (DDP).
+    sharding: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -186,17 +189,41 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 
 def load_profile(name: str) -> dict[str, Any]:
-    """A profile's YAML; `extends: other` starts from another profile and overrides its keys."""
+    """A profile's YAML: a shipped one by name, or the user's own file (a path ending in .yaml);
+    `extends: other` starts from another profile and overrides its keys."""
     return copy.deepcopy(_load_profile(name))  # a copy: callers may change what they get
 
 
 @cache  # reports resolve hundreds of specs; parse each profile once
 def _load_profile(name: str) -> dict[str, Any]:
-    if name not in profile_names():
+    if name.endswith((".yaml", ".yml")):
+        _require(Path(name).is_file(), f"profile file {name} not found")
+        profile = load_yaml(Path(name))
+    elif name in profile_names():
+        profile = load_yaml(PROFILE_DIR / f"{name}.yaml")
+    else:
         raise did_you_mean("profile", name, profile_names())
-    profile = load_yaml(PROFILE_DIR / f"{name}.yaml")
     parent = profile.pop("extends", None)
     return _deep_merge(_load_profile(parent), profile) if parent else profile
+
+
+SHARDING_DIR = Path(str(resources.files("hydrabench") / "sharding"))
+SHARDING_KEYS = {"reshard_after_forward": bool, "reduce_dtype": (str, type(None)),
+                 "cpu_offload": bool}
+
+
+def load_sharding(name: str) -> dict[str, Any]:
+    """A shipped FSDP config, checked and resolved with its name (recorded in the spec)."""
+    names = sorted(p.stem for p in SHARDING_DIR.glob("*.yaml"))
+    if name not in names:
+        raise did_you_mean("sharding config", name, names)
+    options = load_yaml(SHARDING_DIR / f"{name}.yaml")
+    for key, value in options.items():
+        _require(key in SHARDING_KEYS, f"unknown key {key!r} in sharding config {name}; "
+                                       f"valid: {', '.join(SHARDING_KEYS)}")
+        _require(isinstance(value, SHARDING_KEYS[key]),
+                 f"sharding config {name}: {key} has the wrong type ({value!r})")
+    return {"name": name, **options}
 
 
 def _settings(cls: type, values: dict[str, Any], where: str):
@@ -231,6 +258,10 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
     overrides = overrides or {}
     section = {key: {**prof.get(key, {}), **overrides.get(key, {})}
                for key in ("train", "adapter", "eval")}
+    # The profile names, per method, the FSDP config its multi-process training shards with.
+    sharding = prof.get("sharding", {}).get(method)
+    if sharding is not None:
+        section["train"]["sharding"] = load_sharding(sharding)
     eval_settings = _settings(EvalSettings, section["eval"], "eval")
     if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
         from hydrabench.methods import METHODS

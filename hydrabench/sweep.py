@@ -27,8 +27,9 @@ from hydrabench.tables import Row, TableSpec
 
 # The profile's `slurm:` section; a profile without one asks for this (and the cluster's default
 # partition).
+# `tasks` > 1: that many training processes per job (torch.distributed, one per GPU).
 SLURM_DEFAULTS: dict[str, Any] = {"partition": None, "cpus": 1, "mem": "4G", "time_min": 60,
-                                  "gpus": 0}
+                                  "gpus": 0, "tasks": 1}
 # squeue states of a job that holds its node; any other state still in the queue is waiting.
 ACTIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"}
 
@@ -189,7 +190,7 @@ def slurm_parameters(profile: str) -> dict[str, Any]:
                         f"valid: {sorted(SLURM_DEFAULTS)}")
     settings = {**SLURM_DEFAULTS, **section}
     params: dict[str, Any] = {"cpus_per_task": settings["cpus"], "mem": settings["mem"],
-                              "time": settings["time_min"]}
+                              "time": settings["time_min"], "ntasks_per_node": settings["tasks"]}
     # Only ask for what is wanted: --gpus-per-node=0 is an error on clusters without GPU gres.
     if settings["gpus"]:
         params["gpus_per_node"] = settings["gpus"]
@@ -199,7 +200,12 @@ def slurm_parameters(profile: str) -> dict[str, Any]:
 
 
 def run_job(spec: dict[str, Any], results_root: str) -> str:
-    """The body of one Slurm job: run the spec (skipped if it finished meanwhile); its run id."""
+    """The body of one Slurm task: run the spec (skipped if it finished meanwhile); its run id.
+
+    A job of several tasks is one torch.distributed training, as under torchrun: submitit sets
+    the same variables from Slurm's (every GPU stays visible: the processes pick theirs by
+    LOCAL_RANK, and rank 0's vLLM may use them all).
+    """
     import torch
 
     from hydrabench.runner import execute
@@ -207,7 +213,11 @@ def run_job(spec: dict[str, Any], results_root: str) -> str:
     # Without cgroups a job sees every core of the node: use those Slurm allotted to it.
     if os.environ.get("SLURM_CPUS_PER_TASK"):
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-    return execute(spec_from_dict(spec), store=RunStore(Path(results_root)))["run_id"]
+    if int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    run = spec_from_dict(spec)
+    execute(run, store=RunStore(Path(results_root)))
+    return run.run_id
 
 
 def pointer_path(store: RunStore, run_id: str) -> Path:

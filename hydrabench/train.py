@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm.auto import tqdm
 
 from hydrabench import distributed
@@ -40,12 +41,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     resumed_from_step: int = 0
     processes: int = 1  # data-parallel training processes (torchrun)
+    strategy: str = "single"  # single, ddp or fsdp:<sharding config>
 
     def summary(self) -> dict:
         return {"steps": self.steps, "trained_tokens": self.trained_tokens,
                 "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None,
-                "resumed_from_step": self.resumed_from_step, "processes": self.processes}
+                "resumed_from_step": self.resumed_from_step, "processes": self.processes,
+                "strategy": self.strategy}
 
 
 def encode_record(tokenizer, record: InstructionRecord, template: str,
@@ -111,25 +114,47 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path: Path, model, optim, sched, step: int, result: TrainResult) -> None:
-    state = {"step": step, "params": {n: p.detach().clone() for n, p in _trainable(model).items()},
-             "optim": optim.state_dict(), "sched": sched.state_dict(),
-             "rng": torch.get_rng_state(), "losses": result.losses,
+CHECKPOINT_FORMAT = 2  # whole (unsharded) state, loadable whatever the number of processes
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainResult) -> None:
+    """All processes gather the trainable weights and optimizer state whole; rank 0 writes them."""
+    options = StateDictOptions(**distributed.FULL_STATE, ignore_frozen_params=True)
+    params, optim_state = get_state_dict(owner, optim, options=options)
+    rng = distributed.all_gather(_rng_state())  # each process draws its own dropout masks
+    if not distributed.is_main():
+        return
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "params": params, "optim": optim_state,
+             "sched": sched.state_dict(), "rng": rng, "losses": result.losses,
              "tokens": result.trained_tokens}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path: Path, model, optim, sched, result: TrainResult) -> int:
+def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> int:
+    """Restore a checkpoint in every process; the step to go on from (0: none usable)."""
     state = torch.load(path, weights_only=False)
-    params = _trainable(model)
-    with torch.no_grad():
-        for name, value in state["params"].items():
-            params[name].copy_(value)
-    optim.load_state_dict(state["optim"])
+    if state.get("format") != CHECKPOINT_FORMAT:
+        tqdm.write(f"{path}: checkpoint from an older hydrabench, starting over")
+        return 0
+    set_state_dict(owner, optim, model_state_dict=state["params"],
+                   optim_state_dict=state["optim"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
     sched.load_state_dict(state["sched"])
-    torch.set_rng_state(state["rng"])
+    rank, processes = distributed.world()
+    # The same process count resumes every process's own random stream, hence the same run.
+    rng = state["rng"][rank] if len(state["rng"]) == processes else state["rng"][0]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     result.losses, result.trained_tokens = state["losses"], state["tokens"]
     result.resumed_from_step = state["step"]
     return state["step"]
@@ -145,21 +170,19 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
     encoded = [encode_record(tokenizer, r, template, settings.seq_len) for r in records]
     batches = batch_schedule(len(encoded), settings, seed)
     total_steps = optimizer_steps(len(encoded), settings)
-    optim = torch.optim.AdamW(list(_trainable(model).values()), lr=settings.lr,
-                              weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
-    result = TrainResult()
-    start = 0
-    if checkpoint_path is not None and checkpoint_path.exists():
-        start = _load_checkpoint(checkpoint_path, model, optim, sched, result)
-
-    model.to(device).train()
     rank, processes = distributed.world()
     if any(len(b) < processes for b in batches):
         raise SpecError(f"a micro-batch of the schedule has fewer examples than the "
                         f"{processes} processes; use a batch size that divides the data")
-    forward = distributed.data_parallel(model)
-    result.processes = processes
+    model.to(device).train()
+    forward, owner = distributed.prepare(model, settings.sharding)
+    optim = torch.optim.AdamW(list(_trainable(owner).values()), lr=settings.lr,
+                              weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
+    result = TrainResult(processes=processes, strategy=distributed.strategy(settings.sharding))
+    start = 0
+    if checkpoint_path is not None and checkpoint_path.exists():
+        start = _load_checkpoint(checkpoint_path, owner, optim, sched, result)
     progress = tqdm(range(start, total_steps), desc=desc, initial=start, total=total_steps,
                     leave=False, disable=None)  # None: no bar when not a TTY (CI logs)
     for step in progress:
@@ -184,20 +207,21 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
                     f"{batch['input_ids'].shape[1]} tokens; lower --batch-size (raising "
                     f"grad_accum keeps the effective batch) or --seq-len") from None
             step_loss += distributed.all_sum(raw.item() * local_tokens) / micro_tokens / len(micro)
-        torch.nn.utils.clip_grad_norm_(list(_trainable(model).values()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(_trainable(owner).values()), 1.0)
         optim.step()
         sched.step()
         if step_callback is not None:
-            step_callback(model, step)
+            step_callback(owner, step)
         optim.zero_grad(set_to_none=True)
         result.losses.append(step_loss)
         result.trained_tokens += n_tokens
         progress.set_postfix(loss=f"{step_loss:.3f}")
         if on_step is not None:
             on_step(n_tokens, sum(len(b) for b in micro))
-        if (checkpoint_path is not None and distributed.is_main()
-                and (step + 1) % settings.checkpoint_every == 0):
-            _save_checkpoint(checkpoint_path, model, optim, sched, step + 1, result)
+        if checkpoint_path is not None and (step + 1) % settings.checkpoint_every == 0:
+            _save_checkpoint(checkpoint_path, owner, optim, sched, step + 1, result)
+    if owner is not model:  # trained sharded: rank 0's full copy takes the trained weights
+        distributed.gather_into(owner, model)
     model.eval()
     result.steps = total_steps
     return result

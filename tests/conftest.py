@@ -1,6 +1,12 @@
 """Shared test set-up: offline hub, a persistent cache for the tiny base model, isolated stores."""
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,3 +29,44 @@ def store_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("HYDRABENCH_REPORTS", str(tmp_path / "reports"))
     return tmp_path
+
+
+def torchrun(processes: int) -> list[str]:
+    """The real launcher, on a free local port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(port)]
+
+
+def start(args: list[str], results: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+    """`hydrabench ARGS` as a process (under `launcher`, e.g. torchrun), in a session of its own
+    so that `kill_when` kills every process it started."""
+    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*(launcher or [sys.executable]), "-m", "hydrabench.cli", *args],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def kill_when(proc: subprocess.Popen, results: Path, pattern: str) -> None:
+    """SIGKILL `proc` and its children as soon as a path matching `pattern` appears under
+    `results` (a whole-node failure when they are torchrun's workers)."""
+    deadline = time.monotonic() + 300
+    while not list(results.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{pattern} never appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def artifact_info(results: Path) -> dict:
+    (marker,) = results.glob("artifacts/*/artifact.json")
+    return json.loads(marker.read_text())

@@ -22,10 +22,25 @@ def not_a_causal_lm(tmp_path: Path) -> str:
     return str(tmp_path / "bert")
 
 
+def profile_file(text: str):
+    """A callable writing the user's own profile with `text`; gives its path."""
+    def write(tmp_path: Path) -> str:
+        (tmp_path / "mine.yaml").write_text(text)
+        return str(tmp_path / "mine.yaml")
+    return write
+
+
 CASES = [
     ("unknown method", ["run", "--method", "lorra", "--task", "general"], "did you mean 'lora'"),
     ("unknown task", ["run", "--method", "lora", "--task", "maths"], "did you mean 'math'"),
     ("unknown profile", [*RUN, "--profile", "tinny"], "did you mean 'tiny'"),
+    ("missing profile file", [*RUN, "--profile", "no/such.yaml"],
+     "profile file no/such.yaml not found"),
+    ("malformed profile file", [*RUN, "--profile", profile_file("extends: tiny\ntrain: [1\n")],
+     "malformed YAML at"),
+    ("unknown sharding config", ["run", "--method", "full", "--task", "general", "--profile",
+                                 profile_file("extends: tiny\nsharding: {full: fsdp_fulll}\n")],
+     "did you mean 'fsdp_full'"),
     ("unknown table", ["report", "tabel1"], "did you mean 'table1'"),
     ("unknown lm-eval task", ["eval", "--model", "builtin:tiny", "--task", "tiny_mdical"],
      "did you mean 'tiny_medical'"),

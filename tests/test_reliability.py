@@ -2,46 +2,14 @@
 two runs of the same spec at once. No mocks: each case runs `hydrabench` as a process."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import artifact_info, finish, kill_when, start
 
 # Enough steps that a kill lands mid-training, checkpoints every 5 steps, a cheap evaluation.
 RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
        "--checkpoint-every", "5", "--limit", "2"]
-
-
-def start(args: list[str], results: Path) -> subprocess.Popen:
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "hydrabench.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return err
-
-
-def kill_when(proc: subprocess.Popen, results: Path, pattern: str) -> None:
-    """SIGKILL `proc` as soon as a path matching `pattern` appears under `results`."""
-    deadline = time.monotonic() + 300
-    while not list(results.glob(pattern)):
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.monotonic() < deadline, f"{pattern} never appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def artifact_info(results: Path) -> dict:
-    (marker,) = results.glob("artifacts/*/artifact.json")
-    return json.loads(marker.read_text())
 
 
 def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from hydrabench.methods import METHODS
-from hydrabench.spec import SpecError, load_yaml, resolve_spec
+from hydrabench.spec import SpecError, load_yaml, resolve_spec, spec_from_dict
 
 
 def test_profile_values_and_overrides_are_resolved() -> None:
@@ -56,3 +56,11 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     bad.write_text("name: x\ntrain:\n  lr: [1, 2\n  epochs: 1\n")
     with pytest.raises(SpecError, match=r"malformed YAML at .*bad\.yaml:\d+"):
         load_yaml(bad)
+
+
+def test_the_profile_picks_fsdp_for_full_finetuning_only() -> None:
+    full = resolve_spec("full", "medical", "paper")
+    assert full.train.sharding == {"name": "fsdp_full", "reshard_after_forward": True,
+                                   "reduce_dtype": "float32", "cpu_offload": False}
+    assert resolve_spec("lora", "medical", "paper").train.sharding is None
+    assert spec_from_dict(full.to_dict()).train_id == full.train_id  # survives the record

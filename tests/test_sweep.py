@@ -5,6 +5,7 @@ When `sinfo` does not already answer, .ci/slurm-up.sh installs and starts Slurm 
 with the script's last error lines. Runs are cut down (--max-steps, --limit) to seconds each.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -81,9 +82,10 @@ def test_job_specs_survive_the_round_trip_through_a_dict() -> None:
 
 def test_slurm_resources_come_from_the_profile() -> None:
     # No --gpus-per-node at all on tiny: 0 is an error on clusters without GPU gres.
-    assert slurm_parameters("tiny") == {"cpus_per_task": 1, "mem": "4G", "time": 20}
+    assert slurm_parameters("tiny") == {"cpus_per_task": 1, "mem": "4G", "time": 20,
+                                        "ntasks_per_node": 1}
     assert slurm_parameters("paper") == {"cpus_per_task": 8, "mem": "64G", "time": 720,
-                                         "gpus_per_node": 1}
+                                         "ntasks_per_node": 1, "gpus_per_node": 1}
     assert slurm_parameters("small")["time"] == 180  # its own time limit; the rest from paper
 
 
@@ -164,3 +166,24 @@ def test_slurm_sweep_runs_every_cell_once(slurm_env: dict[str, str], tmp_path: P
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "nothing to submit" in rerun.stderr
     assert len(list((results / "slurm").iterdir())) == 1  # no second sweep folder, no new jobs
+
+
+@pytest.mark.slow
+def test_slurm_job_of_two_tasks_is_one_two_process_training(slurm_env: dict[str, str],
+                                                            tmp_path: Path) -> None:
+    """A profile of the user's own (a .yaml path) asking for 2 tasks per job: submitit starts
+    2 processes that train as one torch.distributed group, as torchrun would."""
+    profile = tmp_path / "two-tasks.yaml"
+    profile.write_text("extends: tiny\nslurm: {tasks: 2, cpus: 1, mem: 4G, time_min: 20}\n")
+    results = tmp_path / "results"
+    args = ("sweep", "table1", "--profile", str(profile), "--executor", "slurm", "--rows", "1",
+            *QUICK)
+    done = hydrabench(*args, "--wait", results=results, env=slurm_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record_path,) = results.glob("runs/*/record.json")
+    record = json.loads(record_path.read_text())
+    assert record["spec"]["profile"] == str(profile)
+    assert record["training"]["train"]["processes"] == 2
+    assert record["training"]["train"]["strategy"] == "ddp"
+    assert states(hydrabench(*args, "--status", results=results, env=slurm_env).stdout) == {
+        record["run_id"]: "done"}
