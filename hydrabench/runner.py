@@ -189,11 +189,11 @@ def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str
     return gaps
 
 
-def drop_weights(*modules: torch.nn.Module) -> None:
-    """Free modules that are done with (their weights become meta tensors) and hand the GPU
-    memory back: a vLLM server, or a fresh copy of the base model, needs it."""
+def offload(*modules: torch.nn.Module) -> None:
+    """Move modules that are done with to CPU memory and hand the GPU memory they held back:
+    a vLLM server, or a fresh copy of the base model, needs it."""
     for module in modules:
-        module.to("meta")
+        module.to("cpu")
     gc.collect()  # peft models keep reference cycles
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -219,7 +219,7 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
         with Meter(phase="export", country_iso_code=country) as export_meter:
             merged, label = merge_loaded(spec, model, tokenizer, merge=None)
             save_checkpoint(merged, tokenizer, Path(directory), spec.run_id, label)
-        drop_weights(model, merged)  # the served copy is on disk now
+        offload(model, merged)  # the served copy is on disk now
         # Server start-up counts as evaluation: it is what serving costs on each run.
         with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
                 directory, dtype=spec.dtype, log_dir=out,
@@ -267,7 +267,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         started = time.time()
         artifact, train_info = ensure_trained(spec, method, store, base, records)
         if needs_training:  # training adapted the first base model in place: load a fresh one
-            drop_weights(base.model)
+            offload(base.model)
             base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
         model = method.load(base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
