@@ -14,7 +14,7 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from hydrabench.models import BaseModel, load_base_model
 from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
-from hydrabench.train import train
+from hydrabench.train import mean_loss, train
 
 ARTIFACT_MARKER = "artifact.json"
 
@@ -73,23 +73,34 @@ def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
                         f"its linear layers: {', '.join(sorted(names))}")
 
 
-def _train_fn(spec: RunSpec, base: BaseModel, checkpoint_dir: Path, meter: Meter | None,
-              method: Method):
-    loss_fn = method.loss_fn(spec) if method.loss_fn else None
+@dataclass
+class RunTraining:
+    """The shared training loop bound to one run: the `TrainFn` a method's fit receives."""
 
-    def run(model: torch.nn.Module, records, *, tag: str = "", max_steps: int | None = None):
-        settings = spec.train
+    spec: RunSpec
+    base: BaseModel
+    checkpoint_dir: Path
+    meter: Meter | None
+    method: Method
+
+    def __call__(self, model: torch.nn.Module, records, *, tag: str = "",
+                 max_steps: int | None = None) -> dict:
+        settings = self.spec.train
         if max_steps is not None:
             settings = replace(settings, max_steps=max_steps)
-        result = train(model, base.tokenizer, records, settings, seed=spec.seed,
-                       template=spec.prompt_template, device=str(base.model.device),
-                       checkpoint_path=checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
-                       on_step=meter.step if meter else None,
-                       step_callback=method.step_callback, loss_fn=loss_fn,
-                       desc=f"train {spec.method} {tag}".strip())
+        method = self.method
+        result = train(model, self.base.tokenizer, records, settings, seed=self.spec.seed,
+                       template=self.spec.prompt_template, device=str(self.base.model.device),
+                       checkpoint_path=self.checkpoint_dir / f"ckpt{('-' + tag) if tag else ''}.pt",
+                       on_step=self.meter.step if self.meter else None,
+                       step_callback=method.step_callback,
+                       loss_fn=method.loss_fn(self.spec) if method.loss_fn else None,
+                       desc=f"train {self.spec.method} {tag}".strip())
         return result.summary()
 
-    return run
+    def loss(self, model: torch.nn.Module, records) -> float:
+        return mean_loss(model, self.base.tokenizer, records, template=self.spec.prompt_template,
+                         seq_len=self.spec.train.seq_len, device=str(self.base.model.device))
 
 
 def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseModel,
@@ -116,7 +127,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                 model = method.adapt(base.model, spec, records)
                 with Meter(phase="train", country_iso_code=spec.country_iso_code) as meter:
                     fit = method.fit or default_fit
-                    train_fn = _train_fn(spec, base, checkpoint_dir, meter, method)
+                    train_fn = RunTraining(spec, base, checkpoint_dir, meter, method)
                     summary = fit(model, spec, records, train_fn)
                 info = {"trained": True, "train": summary, "train_records": len(records),
                         "metering": {"train": meter.result.to_dict()}}
@@ -168,7 +179,7 @@ def train_as_worker(spec: RunSpec, method: Method, base: BaseModel, records: lis
     model = method.adapt(base.model, spec, records)
     checkpoints = store.artifacts / f".checkpoints-{spec.train_id}"
     (method.fit or default_fit)(model, spec, records,
-                                _train_fn(spec, base, checkpoints, None, method))
+                                RunTraining(spec, base, checkpoints, None, method))
     return {}
 
 

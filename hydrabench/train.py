@@ -75,6 +75,24 @@ def collate(examples: Sequence[tuple[list[int], list[int]]],
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord], *,
+              template: str, seq_len: int, device: str = "cpu", batch_size: int = 8) -> float:
+    """The token-mean training loss on `records`, computed without training (eval mode)."""
+    encoded = [encode_record(tokenizer, r, template, seq_len) for r in records]
+    was_training = model.training
+    model.eval()
+    total = tokens = 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start: start + batch_size], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        total += model(**batch).loss.item() * n_tokens
+        tokens += n_tokens
+    model.train(was_training)
+    return total / tokens
+
+
 def batch_schedule(n_examples: int, settings: TrainSettings, seed: int) -> list[list[int]]:
     """Micro-batches of example indices for the whole run, shuffled per epoch by the seed."""
     rng = random.Random(seed)

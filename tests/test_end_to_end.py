@@ -150,7 +150,8 @@ def test_doctor_reports_environment_and_profiles(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("method", "adapter"), [
     ("full", {}), ("lora-split", {"num_splits": 2, "rank": 4}), ("hydralora-uniform", {}),
-    ("hydralora", {"num_heads": "auto"})])
+    ("hydralora", {"num_heads": "auto"}), ("loramoe", {"num_heads": 3}),
+    ("lorahub", {"num_splits": 2, "rank": 4})])
 def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: Path) -> None:
     spec = resolve_spec(method, "medical",
                         overrides={**QUICK, "adapter": adapter, "eval": {"limit": 4}})
@@ -164,3 +165,10 @@ def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: P
         assert params["adapter"] == 2 * 2 * (128 * 8 + 8 * 128)
     if method == "hydralora":
         assert record["training"]["train"]["head_choice"]["num_heads"] >= 1
+    if method == "lorahub":  # two upstream rank-4 LoRAs composed into one rank-4 LoRA
+        train = record["training"]["train"]
+        assert len(train["weights"]) == 2 and max(map(abs, train["weights"])) <= 1.5
+        assert params["adapter"] == 2 * 2 * (128 * 4 + 4 * 128)
+    if method == "loramoe":  # three whole r=8 LoRAs on q and v of 2 layers (router apart)
+        assert params["adapter"] == 3 * 2 * 2 * (128 * 8 + 8 * 128)
+        assert params["router"] == 3 * 2 * 2 * 128

@@ -69,19 +69,28 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
+def head_a(layer: HydraLoraLinear, i: int) -> torch.Tensor:
+    """Head i's A: the shared one, or its own rows of the stacked [N*r, in] matrix."""
+    a = layer.lora_A.weight
+    return a if layer.shared_a else a[i * layer.r: (i + 1) * layer.r]
+
+
 def per_head_loop(layer: HydraLoraLinear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """The reference implementation: A applied once per head, heads summed in a Python loop."""
     out = layer.base(x)
     for i in range(layer.num_heads):
-        head = F.linear(layer.lora_A(x), layer.lora_B[i])
+        head = F.linear(F.linear(x, head_a(layer, i)), layer.lora_B[i])
         out = out + gate[..., i : i + 1] * head * layer.scaling
     return out
 
 
+@pytest.mark.parametrize("shared_a", [True, False], ids=["hydralora", "loramoe"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_forward_matches_per_head_loop(dtype: torch.dtype, tol: float) -> None:
+def test_forward_matches_per_head_loop(dtype: torch.dtype, tol: float, shared_a: bool) -> None:
     torch.manual_seed(0)
-    layer = HydraLoraLinear(nn.Linear(32, 24, dtype=dtype), r=4, num_heads=3, alpha=8.0)
+    layer = HydraLoraLinear(nn.Linear(32, 24, dtype=dtype), r=4, num_heads=3, alpha=8.0,
+                            shared_a=shared_a)
+    assert layer.lora_A.weight.shape == ((4 if shared_a else 12), 32)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.1)
     x = torch.randn(2, 5, 32, dtype=dtype)
@@ -161,6 +170,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         "dropout": 0.05,
         "target_modules": list(TARGETS),
         "gate": "softmax",
+        "shared_a": True,
         "base_model_id": "tiny-llama-test",
     }
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -194,14 +204,20 @@ def test_uniform_gate_ablation() -> None:
     assert not any("router" in name for name, _ in model.named_parameters())
 
 
-def test_delta_weight_is_gated_sum_of_heads() -> None:
+@pytest.mark.parametrize("shared_a", [True, False], ids=["hydralora", "loramoe"])
+def test_delta_weight_is_gated_sum_of_heads(shared_a: bool) -> None:
     torch.manual_seed(0)
-    layer = HydraLoraLinear(nn.Linear(16, 8), r=2, num_heads=3, alpha=4.0)
+    layer = HydraLoraLinear(nn.Linear(16, 8), r=2, num_heads=3, alpha=4.0, shared_a=shared_a)
     with torch.no_grad():
         layer.lora_B.normal_()
     one_hot = torch.tensor([0.0, 1.0, 0.0])
-    expected = layer.scaling * layer.lora_B[1] @ layer.lora_A.weight
+    expected = layer.scaling * layer.lora_B[1] @ head_a(layer, 1)
     torch.testing.assert_close(layer.delta_weight(one_hot), expected)
+    gate = torch.tensor([0.2, 0.5, 0.3])
+    x = torch.randn(5, 16)
+    with torch.no_grad():  # a fixed gate: the dense update reproduces the layer's output
+        torch.testing.assert_close(layer.base(x) + F.linear(x, layer.delta_weight(gate)),
+                                   per_head_loop(layer, x, gate.expand(5, 3)))
     with pytest.raises(ValueError, match="shape"):
         layer.delta_weight(torch.ones(2))
 
@@ -337,3 +353,17 @@ def test_balance_loss_is_added_to_training_only_when_turned_on() -> None:
     assert torch.allclose(total, expected) and total > lm_loss
     total.backward()
     assert all(layer.router.weight.grad is not None for layer in hydralora_layers(model).values())
+
+
+def test_loramoe_experts_have_their_own_a_and_survive_save_load(tmp_path: Path) -> None:
+    model = apply_hydralora(tiny_llama(), HydraLoraConfig(r=4, num_heads=3, target_modules=TARGETS,
+                                                          shared_a=False))
+    randomize(model)
+    counts = count_parameters(model)
+    in_dims, out_dims = LAYERS * (HIDDEN + HIDDEN + 128), LAYERS * 3 * HIDDEN
+    assert counts["adapter"] == 3 * 4 * in_dims + 3 * 4 * out_dims  # N whole LoRAs
+    ids = input_ids()
+    expected = logits(model, ids)
+    save_hydralora(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["shared_a"] is False
+    assert torch.equal(logits(load_hydralora(tiny_llama(), tmp_path), ids), expected)

@@ -29,7 +29,6 @@ from functools import cache
 
 from hydrabench.data.records import InstructionRecord
 
-SUITE_VERSION = 2
 SUITE_SEED = 1234
 COMPONENTS = ("facts", "medical", "legal", "arithmetic", "bbh", "code")
 
@@ -67,6 +66,9 @@ class Component:
     name: str
     train: tuple[InstructionRecord, ...]
     eval_docs: tuple[dict, ...]
+    # What a pre-trained model would know of the domain, in prose unlike the task's format: the
+    # tiny base model reads it in pre-training, so fine-tuning teaches the task, as with an LLM.
+    knowledge: tuple[str, ...] = ()
 
 
 def _name(rng: random.Random) -> str:
@@ -107,11 +109,13 @@ def _facts(rng: random.Random, n_train: int, n_eval: int) -> Component:
                     "colour": f"What colour is the flag of {country}?",
                     "animal": f"Which animal is the symbol of {country}?"}[attr]
         eval_docs.append(_mc_doc(question, countries[country][attr], pools[attr], rng))
-    return Component("facts", tuple(train), tuple(eval_docs))
+    knowledge = [f"{country} has {a['capital']} as its capital, a {a['colour']} flag and the "
+                 f"{a['animal']} as its emblem." for country, a in countries.items()]
+    return Component("facts", tuple(train), tuple(eval_docs), tuple(knowledge))
 
 
 def _classification(name: str, classes: dict[str, list[str]], stem: str, ask: str,
-                    rng: random.Random, n_train: int, n_eval: int) -> Component:
+                    teach: str, rng: random.Random, n_train: int, n_eval: int) -> Component:
     def case() -> tuple[str, str]:
         label = rng.choice(list(classes))
         cues = rng.sample(classes[label], 2)
@@ -128,7 +132,9 @@ def _classification(name: str, classes: dict[str, list[str]], stem: str, ask: st
         q, label = case()
         eval_docs.append({"question": q, "choices": list(classes),
                           "answer": list(classes).index(label)})
-    return Component(name, tuple(train), tuple(eval_docs))
+    knowledge = [teach.format(label=label, cue=cue) for label, cues in classes.items()
+                 for cue in cues]
+    return Component(name, tuple(train), tuple(eval_docs), tuple(knowledge))
 
 
 def _word_problem(rng: random.Random) -> tuple[str, str]:
@@ -148,7 +154,10 @@ def _arithmetic(rng: random.Random, n_train: int, n_eval: int) -> Component:
              for q, a in (_word_problem(rng) for _ in range(n_train))]
     eval_docs = [{"question": q, "answer": a}
                  for q, a in (_word_problem(rng) for _ in range(n_eval))]
-    return Component("arithmetic", tuple(train), tuple(eval_docs))
+    # Every sum and difference the word problems need, as bare equations.
+    knowledge = [f"{a} {op} {b} = {a + b if op == '+' else a - b}."
+                 for a in range(1, 51) for b in range(1, 21) for op in "+-" if a - b >= 0]
+    return Component("arithmetic", tuple(train), tuple(eval_docs), tuple(knowledge))
 
 
 def _boolean_expression(rng: random.Random) -> tuple[str, str]:
@@ -182,7 +191,15 @@ def _bbh(rng: random.Random, n_train: int, n_eval: int) -> Component:
     train = [InstructionRecord(instruction=f"Q: {q}\nA:", output=f" {a}", component="bbh")
              for q, a in (example(i) for i in range(n_train))]
     eval_docs = [{"input": q, "target": a} for q, a in (example(i) for i in range(n_eval))]
-    return Component("bbh", tuple(train), tuple(eval_docs))
+    truth = ["True", "False"]
+    knowledge = [f"{x} {op} {y} gives {eval(f'{x} {op} {y}')}." for x in truth for y in truth
+                 for op in ("and", "or")]
+    knowledge += [f"not {x} gives {not eval(x)}." for x in truth]
+    knowledge += [f"The bracket {o} is closed by {c}." for o, c in (("(", ")"), ("[", "]"),
+                                                                     ("{", "}"))]
+    knowledge += [f"In alphabetical order {w} comes before {v}." for w in _WORDS for v in _WORDS
+                  if w < v]
+    return Component("bbh", tuple(train), tuple(eval_docs), tuple(knowledge))
 
 
 _CODE_OPS = [("plus", "+"), ("minus", "-"), ("times", "*")]
@@ -213,9 +230,10 @@ def build_suite(n_train: int = 300, n_eval: int = 60) -> dict[str, Component]:
         "facts": _facts,
         "medical": lambda rng, nt, ne: _classification(
             "medical", _DEPARTMENTS, "Symptoms", "Which department should see the patient?",
-            rng, nt, ne),
+            "Doctors in {label} treat {cue}.", rng, nt, ne),
         "legal": lambda rng, nt, ne: _classification(
-            "legal", _LAW_AREAS, "Clause", "Which area of law is this?", rng, nt, ne),
+            "legal", _LAW_AREAS, "Clause", "Which area of law is this?",
+            "Lawyers file \"{cue}\" under {label} law.", rng, nt, ne),
         "arithmetic": _arithmetic,
         "bbh": _bbh,
         "code": _code,
@@ -240,15 +258,16 @@ def suite_fingerprint() -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def pretraining_text(n_docs: int = 4000, seed: int = 7) -> list[str]:
-    """Generic generated English, numbers and Python for briefly pre-training the tiny base model.
+def pretraining_text(n_docs: int = 6000, seed: int = 7) -> list[str]:
+    """Generated English, numbers and Python, plus the suite's domain knowledge, for pre-training
+    the tiny base model.
 
-    It shares vocabulary and grammar with the suite but none of its facts or answers, so the base
-    model models language yet must learn every task from fine-tuning.
+    Like an LLM's pre-training corpus, it holds what the tasks ask about (each component's
+    `knowledge`) but never in the tasks' question-and-answer formats, and no evaluation item:
+    fine-tuning teaches the tasks, and how well a method does that is what the tables compare.
     """
     rng = random.Random(seed)
-    symptoms = [s for cues in _DEPARTMENTS.values() for s in cues]
-    clauses = [c for cues in _LAW_AREAS.values() for c in cues]
+    domains = [c.knowledge for c in build_suite().values() if c.knowledge]
     templates: list[Callable[[], str]] = [
         lambda: f"{rng.choice(_PEOPLE)} saw a {rng.choice(_COLOURS)} {rng.choice(_ANIMALS)} "
                 f"near the {rng.choice(_WORDS)}. It was {rng.choice(['happy', 'tired', 'fast'])}.",
@@ -259,9 +278,10 @@ def pretraining_text(n_docs: int = 4000, seed: int = 7) -> list[str]:
                 f"{rng.randint(1, 9)}\n",
         lambda: f"{rng.choice(['True', 'False'])} {rng.choice(['and', 'or'])} "
                 f"{rng.choice(['True', 'False'])}; words: {' '.join(rng.sample(_WORDS, 4))}.",
-        lambda: f"The patient felt {rng.choice(symptoms)} and the court "
-                f"read that {rng.choice(clauses)}.",
         lambda: f"Question: what is {rng.randint(1, 30)} and {rng.randint(1, 30)}? "
                 f"Answer: a number.",
     ]
-    return [" ".join(rng.choice(templates)() for _ in range(4)) for _ in range(n_docs)]
+    # Half generic text, half knowledge, the domains equally often whatever their sizes.
+    return [" ".join([rng.choice(templates)(), rng.choice(rng.choice(domains)),
+                      rng.choice(templates)(), rng.choice(rng.choice(domains))])
+            for _ in range(n_docs)]

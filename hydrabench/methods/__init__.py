@@ -10,6 +10,8 @@ from hydrabench.methods import (
     ia3,
     lora,
     lora_split,
+    lorahub,
+    loramoe,
     prompt_learning,
 )
 from hydrabench.methods.api import Method
@@ -22,6 +24,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     full.METHOD,
     hydralora.METHOD,
     hydralora.UNIFORM_GATE_METHOD,
+    loramoe.METHOD,
+    lorahub.METHOD,
     prompt_learning.PROMPT_TUNING,
     prompt_learning.P_TUNING,
     prompt_learning.PREFIX_TUNING,

@@ -15,10 +15,13 @@ from hydrabench.train import LossFn, StepCallback
 
 
 class TrainFn(Protocol):
-    """The shared training loop bound to a run: train `model` on `records`, return a summary."""
+    """The shared training loop bound to a run: train `model` on `records`, return a summary;
+    `loss` scores records the way training does (LoraHub's weight search)."""
 
     def __call__(self, model: torch.nn.Module, records: Sequence[InstructionRecord], *,
                  tag: str = "", max_steps: int | None = None) -> dict: ...
+
+    def loss(self, model: torch.nn.Module, records: Sequence[InstructionRecord]) -> float: ...
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ For an adapted linear layer with frozen weight ``W`` (in -> out)::
 
     y = W x + (alpha / r) * sum_i g_i(x) * B_i A dropout(x),    g(x) = softmax(R x)
 
+With ``shared_a=False`` every head has its own ``A_i`` (``sum_i g_i B_i A_i x``): a dense
+mixture of whole LoRA experts, LoRAMoE's structure and the paper's "without shared A" ablation.
+
 Routing is dense (every head contributes, no top-k) and computed per token, with the router
 logits and softmax in float32. As in the reference code, ``A`` and ``R`` use the ``nn.Linear``
 default Kaiming-uniform init and every ``B_i`` starts at zero, so the adapted model is exactly
@@ -35,7 +38,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 GATES = ("softmax", "uniform")
 # Fields written to adapter_config.json; balance_loss_coef is a training-only knob.
-_SAVED_FIELDS = ("r", "num_heads", "alpha", "dropout", "target_modules", "gate", "base_model_id")
+_SAVED_FIELDS = ("r", "num_heads", "alpha", "dropout", "target_modules", "gate", "shared_a",
+                 "base_model_id")
 
 
 class HydraLoraLinear(nn.Module):
@@ -58,6 +62,7 @@ class HydraLoraLinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         gate: str = "softmax",
+        shared_a: bool = True,
     ) -> None:
         super().__init__()
         if r < 1 or num_heads < 1:
@@ -70,9 +75,12 @@ class HydraLoraLinear(nn.Module):
         self.num_heads = num_heads
         self.scaling = alpha / r
         self.gate = gate
+        self.shared_a = shared_a
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        # A is created before the router so its init does not depend on the gate type.
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        # A is created before the router so its init does not depend on the gate type. Without
+        # sharing, the N heads' A_i are stacked as one [N*r, in] matrix: still one GEMM.
+        a_rows = r if shared_a else num_heads * r
+        self.lora_A = nn.Linear(base.in_features, a_rows, bias=False, **factory)
         self.lora_B = nn.Parameter(torch.zeros(num_heads, base.out_features, r, **factory))
         self.router = (
             nn.Linear(base.in_features, num_heads, bias=False, **factory)
@@ -107,7 +115,9 @@ class HydraLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         x = x.to(self.lora_A.weight.dtype)
-        low_rank = self.lora_A(self.dropout(x))  # one GEMM for the shared A: [..., r]
+        low_rank = self.lora_A(self.dropout(x))  # one GEMM for A: [..., r] or [..., N*r]
+        # [..., 1, r] (shared A, broadcast to every head) or [..., N, r] (one A per head)
+        low_rank = low_rank.unflatten(-1, (-1, self.r))
         gate = self.compute_gate(x)
         if self.record_gates:
             self.last_gate = gate
@@ -115,23 +125,28 @@ class HydraLoraLinear(nn.Module):
         # per head ([..., N*r]) and contract with all heads in a single matmul. This beats a
         # 3-operand einsum (which materialises [..., N, out]); measured ~4x faster on CPU.
         weights = (gate * self.scaling).to(low_rank.dtype)
-        mixed = (weights.unsqueeze(-1) * low_rank.unsqueeze(-2)).flatten(-2)
+        mixed = (weights.unsqueeze(-1) * low_rank).flatten(-2)
         b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # [out, N*r]
         return result + F.linear(mixed, b_cat).to(result.dtype)
 
     def delta_weight(self, gate: torch.Tensor) -> torch.Tensor:
-        """Dense ``[out, in]`` update ``scaling * (sum_i g_i B_i) A`` for a fixed gate ``g``."""
+        """Dense ``[out, in]`` update ``scaling * sum_i g_i B_i A_i`` for a fixed gate ``g``."""
         return self._delta_weight_f32(gate).to(self.base.weight.dtype)
 
     def _delta_weight_f32(self, gate: torch.Tensor) -> torch.Tensor:
         # float32 so that merging into a bf16 base weight rounds only once.
         if gate.shape != (self.num_heads,):
             raise ValueError(f"gate must have shape ({self.num_heads},), got {tuple(gate.shape)}")
-        b_mix = torch.einsum("h,hor->or", gate.float().to(self.lora_B.device), self.lora_B.float())
-        return self.scaling * (b_mix @ self.lora_A.weight.float())
+        gate = gate.float().to(self.lora_B.device)
+        a = self.lora_A.weight.float()
+        if self.shared_a:
+            return self.scaling * (torch.einsum("h,hor->or", gate, self.lora_B.float()) @ a)
+        a_heads = a.unflatten(0, (self.num_heads, self.r))  # [N, r, in]
+        return self.scaling * torch.einsum("h,hor,hri->oi", gate, self.lora_B.float(), a_heads)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, num_heads={self.num_heads}, scaling={self.scaling}, gate={self.gate}"
+        return (f"r={self.r}, num_heads={self.num_heads}, scaling={self.scaling}, "
+                f"gate={self.gate}, shared_a={self.shared_a}")
 
 
 @dataclass
@@ -144,6 +159,7 @@ class HydraLoraConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     gate: str = "softmax"
+    shared_a: bool = True  # False: one A per head (LoRAMoE's experts)
     # The reference code defines a load-balancing loss but never applies it, hence 0.
     balance_loss_coef: float = 0.0
     base_model_id: str = ""
@@ -216,9 +232,8 @@ def apply_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
     model.requires_grad_(False)
     for path in targets:
         base = model.get_submodule(path)
-        layer = HydraLoraLinear(
-            base, config.r, config.num_heads, config.alpha, config.dropout, config.gate
-        )
+        layer = HydraLoraLinear(base, config.r, config.num_heads, config.alpha, config.dropout,
+                                config.gate, config.shared_a)
         # New modules start in train mode; inherit the wrapped layer's mode so an eval model
         # does not silently get active adapter dropout.
         layer.train(base.training)
@@ -454,7 +469,15 @@ __all__ = [
 # -- registry entry ----------------------------------------------------------------------------
 
 
-def _adapt(model: nn.Module, spec: Any, records: Any) -> nn.Module:
+def adapter_config(spec: Any, num_heads: int, **options: Any) -> HydraLoraConfig:
+    """The HydraLoRA config of a run spec; `options` set gate / shared_a."""
+    return HydraLoraConfig(r=spec.adapter.rank, num_heads=num_heads, alpha=spec.adapter.alpha,
+                           dropout=spec.adapter.dropout,
+                           target_modules=spec.adapter.target_modules, base_model_id=spec.model,
+                           **options)
+
+
+def adapt(model: nn.Module, spec: Any, records: Any, **options: Any) -> nn.Module:
     """Wrap the spec's target modules; `num_heads: auto` picks N by TF-IDF k-means + elbow."""
     from hydrabench.data.clustering import choose_num_clusters
 
@@ -463,15 +486,12 @@ def _adapt(model: nn.Module, spec: Any, records: Any) -> nn.Module:
         heads, inertias = choose_num_clusters(
             [r.instruction + " " + r.input for r in records], k_min=1, k_max=8, seed=spec.seed)
         choice = {"num_heads": heads, "inertias": inertias, "rule": "k-means elbow on TF-IDF"}
-    config = HydraLoraConfig(r=spec.adapter.rank, num_heads=heads, alpha=spec.adapter.alpha,
-                             dropout=spec.adapter.dropout,
-                             target_modules=spec.adapter.target_modules, base_model_id=spec.model)
-    model = apply_hydralora(model, config)
+    model = apply_hydralora(model, adapter_config(spec, heads, **options))
     model.hydralora_head_choice = choice
     return model
 
 
-def _balanced_loss(spec: Any) -> Any:
+def balanced_loss(spec: Any) -> Any:
     """LM loss + coef · load-balancing loss when the spec turns it on (off by default)."""
     coef = spec.adapter.balance_loss_coef
     if coef == 0:
@@ -485,20 +505,14 @@ def _balanced_loss(spec: Any) -> Any:
     return loss
 
 
-def _fit(model: nn.Module, spec: Any, records: Any, train_fn: Any) -> dict[str, Any]:
+def fit_recording_heads(model: nn.Module, spec: Any, records: Any,
+                        train_fn: Any) -> dict[str, Any]:
     return {**train_fn(model, records), "num_heads": model.hydralora_config.num_heads,
             "head_choice": model.hydralora_head_choice}
 
 
-def _uniform_gate_adapt(model: nn.Module, spec: Any, records: Any) -> nn.Module:
-    config = HydraLoraConfig(r=spec.adapter.rank, num_heads=spec.adapter.num_heads,
-                             alpha=spec.adapter.alpha, dropout=spec.adapter.dropout,
-                             target_modules=spec.adapter.target_modules, gate="uniform",
-                             base_model_id=spec.model)
-    return apply_hydralora(model, config)
-
-
-def _method(name: str, description: str, adapt: Any, fit: Any = None, loss_fn: Any = None) -> Any:
+def make_method(name: str, description: str, adapt: Any, fit: Any = None,
+                loss_fn: Any = None) -> Any:
     from hydrabench.methods.api import Method
 
     # The gate depends on every token, so there is no exact merge: hf backend only. Approximate
@@ -507,8 +521,9 @@ def _method(name: str, description: str, adapt: Any, fit: Any = None, loss_fn: A
                   load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn)
 
 
-METHOD = _method("hydralora", "HydraLoRA: shared A, N B heads, per-token softmax router", _adapt,
-                 _fit, _balanced_loss)
-UNIFORM_GATE_METHOD = _method(
+METHOD = make_method("hydralora", "HydraLoRA: shared A, N B heads, per-token softmax router",
+                     adapt, fit_recording_heads, balanced_loss)
+UNIFORM_GATE_METHOD = make_method(
     "hydralora-uniform", "HydraLoRA without gate (g = 1/N), the paper's Fig. 6 ablation",
-    _uniform_gate_adapt)
+    lambda model, spec, records: apply_hydralora(
+        model, adapter_config(spec, spec.adapter.num_heads, gate="uniform")))

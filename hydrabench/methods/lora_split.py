@@ -32,8 +32,9 @@ def split_components(records: Sequence[InstructionRecord], n: int, seed: int) ->
     return cluster_labels([r.instruction + " " + r.input for r in records], n, seed)
 
 
-def _adapt(model: torch.nn.Module, spec: RunSpec,
-           records: Sequence[InstructionRecord]) -> torch.nn.Module:
+def adapt_splits(model: torch.nn.Module, spec: RunSpec,
+                 records: Sequence[InstructionRecord]) -> torch.nn.Module:
+    """n peft LoRA adapters split_0 .. split_{n-1}, untrained."""
     config = lora_config(spec.adapter)
     peft_model = get_peft_model(model, config, adapter_name="split_0")
     for k in range(1, spec.adapter.num_splits):
@@ -41,8 +42,9 @@ def _adapt(model: torch.nn.Module, spec: RunSpec,
     return peft_model
 
 
-def _fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],
-         train_fn: TrainFn) -> dict:
+def train_splits(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],
+                 train_fn: TrainFn) -> tuple[list[str], dict]:
+    """Train adapter split_k on component k alone: (adapter names, training summary)."""
     n = spec.adapter.num_splits
     component = split_components(records, n, spec.seed)
     total_steps = spec.train.max_steps
@@ -54,23 +56,31 @@ def _fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRec
         model.set_adapter(f"split_{k}")
         summaries[f"split_{k}"] = {"records": len(subset),
                                    **train_fn(model, subset, tag=f"split_{k}", max_steps=steps)}
-    names = [f"split_{k}" for k in range(n)]
-    model.add_weighted_adapter(names, [1.0] * n, adapter_name=COMBINED, combination_type="cat")
+    return list(summaries), {
+        "splits": summaries, "steps": sum(s["steps"] for s in summaries.values()),
+        "trained_tokens": sum(s["trained_tokens"] for s in summaries.values())}
+
+
+def _fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],
+         train_fn: TrainFn) -> dict:
+    names, summary = train_splits(model, spec, records, train_fn)
+    model.add_weighted_adapter(names, [1.0] * len(names), adapter_name=COMBINED,
+                               combination_type="cat")
     model.set_adapter(COMBINED)
     for name in names:
         model.delete_adapter(name)
-    return {"splits": summaries, "steps": sum(s["steps"] for s in summaries.values()),
-            "trained_tokens": sum(s["trained_tokens"] for s in summaries.values())}
+    return summary
 
 
-def _save(model: torch.nn.Module, directory: Path) -> None:
+def save_combined(model: torch.nn.Module, directory: Path) -> None:
     model.save_pretrained(directory)  # peft writes a non-default adapter to directory/<name>
 
 
-def _load(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
+def load_combined(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, directory / COMBINED, adapter_name=COMBINED)
 
 
 METHOD = Method(name="lora-split",
                 description="n LoRAs of rank r, one per data component, merged (LoRA-Split n×r)",
-                adapt=_adapt, save=_save, load=_load, merge=merge_peft, fit=_fit)
+                adapt=adapt_splits, save=save_combined, load=load_combined, merge=merge_peft,
+                fit=_fit)
