@@ -2,11 +2,13 @@
 
 Variants, all wrapping the same frozen ``nn.Linear`` (input requires grad, as inside a network):
 frozen linear alone (no adapter), peft LoRA r=8 and r=32, hydrabench's ``HydraLoraLinear``
-(r=8, N=4) and ``ReferenceHydraLoraLinear``, the baseline written the way the HydraLoRA authors'
-code computes it. Shapes: LLaMA-2-7B's 4096->4096 projection and the tiny model's 128->128.
+(r=8, N=4), the same layer with one A per head (LoRAMoE's structure, ``shared_a=False``) and
+``ReferenceHydraLoraLinear``, the baseline written the way the HydraLoRA authors' code computes
+it. Shapes: LLaMA-2-7B's 4096->4096 projection and the tiny model's 128->128.
 
 Headline (at the 7B shape, largest token count): ``hydra_over_lora_r8`` (time ratio, target
-<= 1.15) and ``reference_over_hydra`` (target >= 2 at N=4). The ``*_adapter_only`` figures
+<= 1.15) and ``reference_over_hydra`` (target >= 2 at N=4); ``loramoe_over_hydra`` is what the
+shared A saves. The ``*_adapter_only`` figures
 subtract the frozen linear's time, i.e. compare only what each adapter adds; the ``GEMM FLOPs``
 columns give the ratio that matmul arithmetic alone predicts, so that time beyond it shows up
 as overhead. When HydraLoRA misses its target at some shape, it is profiled there and the top
@@ -98,6 +100,10 @@ VARIANTS = [
     Variant("hydralora r=8 N=4",
             lambda base: HydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT),
             lambda i, o: [(i, R), (i, NUM_HEADS), (NUM_HEADS * R, o)]),
+    # LoRAMoE's structure: the same layer with one A per head (shared_a=False).
+    Variant("loramoe r=8 N=4",
+            lambda base: HydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT, shared_a=False),
+            lambda i, o: [(i, NUM_HEADS * R), (i, NUM_HEADS), (NUM_HEADS * R, o)]),
     Variant("reference r=8 N=4",
             lambda base: ReferenceHydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT),
             lambda i, o: [(i, NUM_HEADS)] + [(i, R), (R, o)] * NUM_HEADS),
@@ -167,16 +173,19 @@ def bench_shape(label: str, fan_in: int, fan_out: int, tokens: int, args: argpar
     times = {name: t.seconds for name, t in timings.items()}
     flops = {v.name: gemm_flops(v, fan_in, fan_out, tokens) for v in VARIANTS}
     lora8, hydra, ref = "lora r=8", "hydralora r=8 N=4", "reference r=8 N=4"
+    moe = "loramoe r=8 N=4"
     row: dict[str, Any] = {"shape": label, "tokens": tokens}
     row |= {f"{name} ms": seconds * 1e3 for name, seconds in times.items()}
     row |= {f"{name} MiB": peak_memory_mib(step) for name, step in steps.items()}
     row |= {
         "hydra/lora8": ratio(times[hydra], times[lora8]),
         "ref/hydra": ratio(times[ref], times[hydra]),
+        "moe/hydra": ratio(times[moe], times[hydra]),
         "hydra/lora8 adapter-only": overhead_ratio(times, hydra, lora8),
         "ref/hydra adapter-only": overhead_ratio(times, ref, hydra),
         "hydra/lora8 GEMM FLOPs": ratio(flops[hydra], flops[lora8]),
         "ref/hydra GEMM FLOPs": ratio(flops[ref], flops[hydra]),
+        "moe/hydra GEMM FLOPs": ratio(flops[moe], flops[hydra]),
         "max spread": round(max(t.spread for t in timings.values()), 3),
     }
     return row, steps
@@ -207,9 +216,9 @@ def main() -> None:
     time_cols = ["shape", "tokens", *(k for k in rows[0] if k.endswith(" ms"))]
     print_table(f"forward+backward of one projection, ms per call ({args.device}, {dtype})",
                 [{k: r[k] for k in time_cols} for r in rows])
-    ratio_cols = ["shape", "tokens", "hydra/lora8", "ref/hydra", "hydra/lora8 adapter-only",
-                  "ref/hydra adapter-only", "hydra/lora8 GEMM FLOPs", "ref/hydra GEMM FLOPs",
-                  "max spread"]
+    ratio_cols = ["shape", "tokens", "hydra/lora8", "ref/hydra", "moe/hydra",
+                  "hydra/lora8 adapter-only", "ref/hydra adapter-only", "hydra/lora8 GEMM FLOPs",
+                  "ref/hydra GEMM FLOPs", "moe/hydra GEMM FLOPs", "max spread"]
     print_table("ratios (time / time)", [{k: r[k] for k in ratio_cols} for r in rows])
     if args.device == "cuda":
         mem_cols = ["shape", "tokens", *(k for k in rows[0] if k.endswith(" MiB"))]
@@ -236,6 +245,7 @@ def main() -> None:
         "reference_over_hydra": head["ref/hydra"],
         "hydra_over_lora_r8_adapter_only": head["hydra/lora8 adapter-only"],
         "reference_over_hydra_adapter_only": head["ref/hydra adapter-only"],
+        "loramoe_over_hydra": head["moe/hydra"],  # the price of N A's instead of one shared
         "at": f"{head['shape']}, {head['tokens']} tokens",
         "tiny_hydra_over_lora_r8": tiny["hydra/lora8"],
         "tiny_reference_over_hydra": tiny["ref/hydra"],
