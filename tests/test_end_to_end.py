@@ -172,3 +172,15 @@ def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: P
     if method == "loramoe":  # three whole r=8 LoRAs on q and v of 2 layers (router apart)
         assert params["adapter"] == 3 * 2 * 2 * (128 * 8 + 8 * 128)
         assert params["router"] == 3 * 2 * 2 * 128
+
+
+def test_the_tiny_default_is_learnable_by_an_adapter(tmp_path: Path) -> None:
+    """Guards what makes the tiny tables telling: a LoRA on the frozen tiny model, trained as
+    `make reproduce-table1` trains it, learns the legal task far above the base model (measured:
+    68–77% vs 23%; 4 choices). An adapter cannot learn words the base never saw in pre-training,
+    which once left every adapter at chance."""
+    store = RunStore(tmp_path / "results")
+    scores = {method: execute(resolve_spec(method, "law"), store=store)["metrics"]["tiny_legal"]
+              for method in ("base", "lora")}
+    assert scores["base"]["value"] <= 0.35
+    assert scores["lora"]["value"] >= 0.5
