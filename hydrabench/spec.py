@@ -214,6 +214,11 @@ SHARDING_KEYS = {"reshard_after_forward": bool, "reduce_dtype": (str, type(None)
 
 def load_sharding(name: str) -> dict[str, Any]:
     """A shipped FSDP config, checked and resolved with its name (recorded in the spec)."""
+    return dict(_load_sharding(name))  # a copy: the spec owns what it gets
+
+
+@cache  # every resolved spec of the method reads it; parse it once
+def _load_sharding(name: str) -> dict[str, Any]:
     names = sorted(p.stem for p in SHARDING_DIR.glob("*.yaml"))
     if name not in names:
         raise did_you_mean("sharding config", name, names)

@@ -194,8 +194,8 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
                         f"{processes} processes; use a batch size that divides the data")
     model.to(device).train()
     forward, owner = distributed.prepare(model, settings.sharding)
-    optim = torch.optim.AdamW(list(_trainable(owner).values()), lr=settings.lr,
-                              weight_decay=settings.weight_decay)
+    params = list(_trainable(owner).values())
+    optim = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
     result = TrainResult(processes=processes, strategy=distributed.strategy(settings.sharding))
     start = 0
@@ -225,7 +225,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
                     f"{batch['input_ids'].shape[1]} tokens; lower --batch-size (raising "
                     f"grad_accum keeps the effective batch) or --seq-len") from None
             step_loss += distributed.all_sum(raw.item() * local_tokens) / micro_tokens / len(micro)
-        torch.nn.utils.clip_grad_norm_(list(_trainable(owner).values()), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         sched.step()
         if step_callback is not None:

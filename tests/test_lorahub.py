@@ -26,7 +26,8 @@ def test_compose_is_the_weighted_sum_of_a_and_b() -> None:
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.normal_()
-    compose(model, ["up_0", "up_1"], [0.5, -1.5])
+    compose(model, [get_peft_model_state_dict(model, adapter_name=n) for n in ("up_0", "up_1")],
+            [0.5, -1.5])
     states = {n: get_peft_model_state_dict(model, adapter_name=n)
               for n in ("up_0", "up_1", COMBINED)}
     assert states[COMBINED].keys() == states["up_0"].keys()

@@ -39,9 +39,10 @@ WEIGHT_BOUND = 1.5
 L1_COEF = 0.05
 
 
-def compose(model: torch.nn.Module, names: Sequence[str], weights: Sequence[float]) -> None:
-    """Write sum_i w_i * (A_i, B_i) of the named adapters into the combined adapter."""
-    states = [get_peft_model_state_dict(model, adapter_name=name) for name in names]
+def compose(model: torch.nn.Module, states: Sequence[dict[str, torch.Tensor]],
+            weights: Sequence[float]) -> None:
+    """Write sum_i w_i * (A_i, B_i) of the upstream adapters' state dicts into the combined
+    adapter."""
     combined = {key: sum(w * state[key] for w, state in zip(weights, states, strict=True))
                 for key in states[0]}
     set_peft_model_state_dict(model, combined, adapter_name=COMBINED)
@@ -52,11 +53,12 @@ def _fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRec
     names, summary = train_splits(model, spec, records, train_fn)
     examples = random.Random(spec.seed).sample(
         list(records), min(len(records), EXAMPLES_PER_MODULE * len(names)))
+    states = [get_peft_model_state_dict(model, adapter_name=name) for name in names]
     model.add_adapter(COMBINED, lora_config(spec.adapter))
     model.set_adapter(COMBINED)
 
     def objective(weights: list[float]) -> float:
-        compose(model, names, weights)
+        compose(model, states, weights)
         return train_fn.loss(model, examples) + L1_COEF * sum(map(abs, weights)) / len(weights)
 
     weights = ng.p.Array(init=[0.0] * len(names), lower=-WEIGHT_BOUND, upper=WEIGHT_BOUND)
