@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="show a resolved profile")
     prof.add_argument("action", choices=["show"])
     prof.add_argument("name")
+    compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
+                             "scored: bootstrap 95%% CI and McNemar's exact p per task")
+    compare.add_argument("run_a")
+    compare.add_argument("run_b")
+
 
     sub.add_parser("doctor", help="print the environment and what will fail for which profile")
 
@@ -259,6 +264,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     import yaml
 
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from hydrabench.significance import compare_runs, format_comparisons
+
+    print(format_comparisons(args.run_a, args.run_b, compare_runs(args.run_a, args.run_b)))
+
+
     from hydrabench.spec import load_profile
 
     print(yaml.safe_dump(load_profile(args.name), sort_keys=False, allow_unicode=True), end="")
@@ -298,6 +309,7 @@ COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "doctor": _cmd_doctor, "profile": _cmd_profile,
             "list": _cmd_list}
 
+            "compare": _cmd_compare,
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

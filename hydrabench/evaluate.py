@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -149,26 +150,39 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
         (output_dir / "lm_eval_results.json").write_text(
             json.dumps(results, indent=1, default=handle_non_serializable))
         for task, rows in samples.items():
-            with open(output_dir / f"samples_{task}.jsonl", "w") as fh:
+            with open(output_dir / f"{SAMPLES_PREFIX}{task}.jsonl", "w") as fh:
                 for row in rows:
                     fh.write(json.dumps(row, default=handle_non_serializable) + "\n")
     return _scores(results)
+
+
+SAMPLES_PREFIX = "samples_"
+
+
+def read_samples(output_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(lm-eval task, row) for every per-sample row `_run_lm_eval` wrote to output_dir.
+
+    A row is one document under one filter: doc_id, doc, doc_hash, arguments (the requests),
+    resps, filter, and the document's value of each metric (e.g. "acc": 1.0).
+    """
+    for samples in sorted(output_dir.glob(f"{SAMPLES_PREFIX}*.jsonl")):
+        task = samples.stem.removeprefix(SAMPLES_PREFIX)
+        for line in samples.read_text().splitlines():
+            yield task, json.loads(line)
 
 
 def request_counts(output_dir: Path, tokenizer) -> dict[str, int]:
     """Requests, prompt tokens and generated tokens of an evaluation, from lm-eval's samples."""
     counts = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0}
     prompt_tokens: dict[str, int] = {}  # multiple-choice requests repeat their context per choice
-    for samples in output_dir.glob("samples_*.jsonl"):
-        for line in samples.read_text().splitlines():
-            row = json.loads(line)
-            for arguments, response in zip(row["arguments"], row["resps"], strict=False):
-                counts["requests"] += 1
-                context = arguments[0]
-                if context not in prompt_tokens:
-                    prompt_tokens[context] = len(tokenizer(context)["input_ids"])
-                counts["prompt_tokens"] += prompt_tokens[context]
-                if isinstance(response[0], str):  # generate_until; loglikelihood gives numbers
-                    counts["generated_tokens"] += len(
-                        tokenizer(response[0], add_special_tokens=False)["input_ids"])
+    for _, row in read_samples(output_dir):
+        for arguments, response in zip(row["arguments"], row["resps"], strict=False):
+            counts["requests"] += 1
+            context = arguments[0]
+            if context not in prompt_tokens:
+                prompt_tokens[context] = len(tokenizer(context)["input_ids"])
+            counts["prompt_tokens"] += prompt_tokens[context]
+            if isinstance(response[0], str):  # generate_until; loglikelihood gives numbers
+                counts["generated_tokens"] += len(
+                    tokenizer(response[0], add_special_tokens=False)["input_ids"])
     return counts

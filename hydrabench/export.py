@@ -7,11 +7,11 @@ averaged over the prompts of the run's evaluated task (one checkpoint per task).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from hydrabench.evaluate import read_samples
 from hydrabench.metering import Meter
 from hydrabench.methods import get_method
 from hydrabench.methods.hydralora import mean_router_gates, merge_hydralora
@@ -24,10 +24,7 @@ HYDRALORA_MERGES = ("uniform", "router-mean")
 
 def task_prompts(run_dir: Path) -> list[str]:
     """The prompts lm-eval sent for this run, read back from its per-sample outputs."""
-    prompts = []
-    for samples in sorted((run_dir / "lm_eval").glob("samples_*.jsonl")):
-        for line in samples.read_text().splitlines():
-            prompts.append(json.loads(line)["arguments"][0][0])
+    prompts = [row["arguments"][0][0] for _, row in read_samples(run_dir / "lm_eval")]
     return list(dict.fromkeys(prompts))  # multiple-choice docs repeat their context per choice
 
 
