@@ -83,8 +83,12 @@ class Sweep:
             if run.skip is None:
                 execute(run.spec)
 
-    def submit_slurm(self) -> None:
-        """One job array for the runnable cells that are neither finished nor queued."""
+    def submit_slurm(self, executor_class: type[submitit.Executor] = submitit.SlurmExecutor,
+                     ) -> None:
+        """One job array for the runnable cells that are neither finished nor queued.
+
+        `executor_class(folder=...)` submits it: Slurm's through submitit unless a caller
+        passes another (a test with no Slurm installed)."""
         from hydrabench.runner import log
 
         self.log_plan()
@@ -101,7 +105,7 @@ class Sweep:
         root = self.store.root.resolve()
         folder = root / "slurm" / sweep_id
         # The jobs run this Python (submitit's default): the project's environment.
-        executor = submitit.SlurmExecutor(folder=folder)
+        executor = executor_class(folder=folder)
         executor.update_parameters(job_name=f"hydrabench-{sweep_id}",
                                    **slurm_parameters(self.profile))
         jobs = executor.map_array(run_job, [r.spec.to_dict() for r in todo],

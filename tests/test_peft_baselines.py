@@ -112,7 +112,18 @@ def test_saved_artifact_reproduces_the_trained_logits(run: dict) -> None:
     model, tokenizer = loaded(run)
     ids = probe_ids(tokenizer)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, run["trained"].eval()(ids).logits)
+        reloaded, trained = model(ids).logits, run["trained"].eval()(ids).logits
+        if run["name"] != "adalora":
+            assert torch.equal(reloaded, trained)
+            return
+        # peft saves AdaLoRA's rank pattern and reloads each layer cut to its kept ranks, so
+        # the reload sums fewer (masked-out, zero) terms and may round differently in the last
+        # bit on some CPUs. Exact up to float32 rounding, and far from the untrained model
+        # (AdaLoRA's E starts at zero: untrained is the base model).
+        untrained = load_base_model("builtin:tiny").model.eval()(ids).logits
+    tolerance = 1e-5  # measured 2.9e-6 on an AMD EPYC; 0.016 from the untrained model
+    assert (reloaded - trained).abs().max() <= tolerance
+    assert (trained - untrained).abs().max() >= 100 * tolerance
 
 
 def test_lm_eval_scores_the_real_token_positions(run: dict) -> None:
