@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PROFILE ?= tiny
+# Comma-separated seeds of every reproduce target (intervals across seeds: SEEDS=0,1,2).
+SEEDS ?= 0
 BIN := $(VENV)/bin
 # torch goes in first: on CPU machines the pinned CPU build (on disk here, no download);
 # with an NVIDIA driver, the default CUDA build plus vLLM.
@@ -36,16 +38,16 @@ $(BIN)/hydrabench: pyproject.toml
 install: $(BIN)/hydrabench
 
 reproduce-table1: install
-	$(BIN)/hydrabench reproduce table1 --profile $(PROFILE)
+	$(BIN)/hydrabench reproduce table1 --profile $(PROFILE) --seeds $(SEEDS)
 
 # Resumable: finished runs are found by run id and skipped; rows of unimplemented methods stay "—".
 .PHONY: reproduce-table2 reproduce-table3 reproduce-figures reproduce
 # ALLOW_CODE_EXECUTION=1 also runs the HumanEval columns (model-written code, sandboxed).
 reproduce-table2: install
-	$(BIN)/hydrabench reproduce table2 --profile $(PROFILE) $(if $(ALLOW_CODE_EXECUTION),--allow-code-execution)
+	$(BIN)/hydrabench reproduce table2 --profile $(PROFILE) --seeds $(SEEDS) $(if $(ALLOW_CODE_EXECUTION),--allow-code-execution)
 
 reproduce-table3: install
-	$(BIN)/hydrabench reproduce table3 --profile $(PROFILE)
+	$(BIN)/hydrabench reproduce table3 --profile $(PROFILE) --seeds $(SEEDS)
 
 reproduce-figures: install
 	$(BIN)/hydrabench reproduce figure5 --profile $(PROFILE)

