@@ -265,6 +265,8 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
     needs_training = method.adapt is not None and not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
     records = load_corpus(spec.corpus) if needs_training else []
+    if needs_training and method.check is not None:
+        method.check(spec, records)
     if not distributed.is_main():
         return train_as_worker(spec, method, base, records, store) if needs_training else {}
     estimate = load_profile(spec.profile).get("estimate", "minutes on a CPU")

@@ -30,6 +30,14 @@ def profile_file(text: str):
     return write
 
 
+def two_record_corpus(tmp_path: Path) -> str:
+    """The user's own profile whose general column trains on a corpus of two records."""
+    (tmp_path / "two.json").write_text('[{"instruction": "a", "output": "b"}, '
+                                       '{"instruction": "c", "output": "d"}]')
+    return profile_file(f"extends: tiny\ntasks: {{general: {{corpus: {tmp_path / 'two.json'}, "
+                        f"eval: [tiny_facts]}}}}\n")(tmp_path)
+
+
 CASES = [
     ("unknown method", ["run", "--method", "lorra", "--task", "general"], "did you mean 'lora'"),
     ("unknown task", ["run", "--method", "lora", "--task", "maths"], "did you mean 'math'"),
@@ -58,6 +66,15 @@ CASES = [
                              "--task", "math"], "cannot load hub dataset 'openai/gsm8k'"),
     ("vllm for an unmergeable method", ["run", "--method", "prompt-tuning", "--task", "medical",
                                         "--backend", "vllm"], "cannot be merged"),
+    ("num_splits 0", ["run", "--method", "lora-split", "--task", "general", "--num-splits", "0"],
+     "num_splits must be >= 1"),
+    ("more splits than training records", ["run", "--method", "lora-split-sum", "--task",
+                                           "general", "--num-splits", "3", "--profile",
+                                           two_record_corpus], "need at least 3 training records"),
+    ("vllm for router-mixed lora-split", ["run", "--method", "lora-split", "--task", "medical",
+                                          "--backend", "vllm"], "cannot be merged"),
+    ("vllm for lora-split-routed", ["run", "--method", "lora-split-routed", "--task", "medical",
+                                    "--backend", "vllm"], "cannot be merged"),
     ("no GPU for a GPU-only profile", ["run", "--profile", "paper", "--method", "lora",
                                        "--task", "math"], "needs a GPU"),
     ("code without opt-in", ["run", "--method", "lora", "--task", "code"],

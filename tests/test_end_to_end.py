@@ -169,8 +169,9 @@ def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: P
     assert 0 < params["adapter"] <= params["base"]
     if method == "full":
         assert params["percent_param"] == 100.0
-    if method == "lora-split":  # two rank-4 LoRAs, combined into one rank-8 LoRA
+    if method == "lora-split":  # two router-mixed rank-4 experts: LoRA r=8's count (router apart)
         assert params["adapter"] == 2 * 2 * (128 * 8 + 8 * 128)
+        assert params["router"] == 2 * 2 * 2 * 128
     if method == "hydralora":
         assert record["training"]["train"]["head_choice"]["num_heads"] >= 1
     if method == "lorahub":  # two upstream rank-4 LoRAs composed into one rank-4 LoRA

@@ -21,6 +21,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     base.METHOD,
     lora.METHOD,
     lora_split.METHOD,
+    lora_split.SUM_METHOD,
+    lora_split.ROUTED_METHOD,
     full.METHOD,
     hydralora.METHOD,
     hydralora.UNIFORM_GATE_METHOD,

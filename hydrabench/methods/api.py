@@ -42,6 +42,9 @@ class Method:
     step_callback: StepCallback | None = None
     # loss_fn(spec) -> the training loss to use instead of the LM loss, or None (HydraLoRA balance)
     loss_fn: Callable[[RunSpec], LossFn | None] | None = None
+    # check(spec, training records) before any work: raise SpecError on records the method cannot
+    # train on (LoRA-Split's per-component adapters need a record per component)
+    check: Callable[[RunSpec, Sequence[InstructionRecord]], None] | None = None
 
     @property
     def mergeable(self) -> bool:

@@ -477,11 +477,13 @@ def adapter_config(spec: Any, num_heads: int, **options: Any) -> HydraLoraConfig
                            **options)
 
 
-def adapt(model: nn.Module, spec: Any, records: Any, **options: Any) -> nn.Module:
-    """Wrap the spec's target modules; `num_heads: auto` picks N by TF-IDF k-means + elbow."""
+def adapt(model: nn.Module, spec: Any, records: Any, num_heads: int | str | None = None,
+          **options: Any) -> nn.Module:
+    """Wrap the spec's target modules with N heads (`num_heads`, else the spec's; `auto` picks N
+    by TF-IDF k-means + elbow); `options` set gate / shared_a."""
     from hydrabench.data.clustering import choose_num_clusters
 
-    heads, choice = spec.adapter.num_heads, None
+    heads, choice = num_heads or spec.adapter.num_heads, None
     if heads == "auto":
         heads, inertias = choose_num_clusters(
             [r.instruction + " " + r.input for r in records], k_min=1, k_max=8, seed=spec.seed)

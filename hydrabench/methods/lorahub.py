@@ -1,10 +1,10 @@
 """`lorahub`: LoraHub (Huang et al., 2023, arXiv 2307.13269): n upstream LoRAs composed into one.
 
-The upstream LoRAs are LoRA-Split's: adapter k of rank r trained on component k of the corpus.
-LoraHub then searches, gradient-free with nevergrad's NGOpt as its reference code does, weights
-w in [-1.5, 1.5]^n for the element-wise composition A = sum_i w_i A_i, B = sum_i w_i B_i that
-minimise the loss on a few examples plus 0.05 * mean |w|. The result is one rank-r LoRA, mergeable
-like any other.
+The upstream LoRAs are `lora-split-sum`'s before their sum: adapter k of rank r trained on
+component k of the corpus. LoraHub then searches, gradient-free with nevergrad's NGOpt as its
+reference code does, weights w in [-1.5, 1.5]^n for the element-wise composition
+A = sum_i w_i A_i, B = sum_i w_i B_i that minimise the loss on a few examples plus
+0.05 * mean |w|. The result is one rank-r LoRA, mergeable like any other.
 
 LoraHub draws its few examples from the downstream task. hydrabench trains once per corpus and
 scores every column of a table with that training, so the examples are a seeded sample of the
@@ -27,6 +27,7 @@ from hydrabench.methods.lora import lora_config, merge_peft
 from hydrabench.methods.lora_split import (
     COMBINED,
     adapt_splits,
+    check_splits,
     load_combined,
     save_combined,
     train_splits,
@@ -76,4 +77,4 @@ def _fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRec
 METHOD = Method(name="lorahub",
                 description="LoraHub: n upstream LoRAs composed by a gradient-free weight search",
                 adapt=adapt_splits, save=save_combined, load=load_combined, merge=merge_peft,
-                fit=_fit)
+                fit=_fit, check=check_splits)
