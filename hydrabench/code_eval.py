@@ -4,9 +4,11 @@ They replace lm-eval's built-in humaneval `utils.py`, whose metric is HF evaluat
 (downloaded from the hub when the task loads, so unusable offline), with the same interface and
 the same scoring: each sample is `prompt + completion` (the `build_predictions` filter), the test
 program is that sample, a newline and the target (`{{test}}\\ncheck({{entry_point}})`), a sample
-passes when the program runs to its end within 3 s (code_eval's default timeout), and pass@k is
-the unbiased estimator over a doc's samples. Programs run in `hydrabench.sandbox`, which refuses
-to run anything unless the user opted in (HF_ALLOW_CODE_EVAL=1).
+passes when that program runs to its end within 3 s (code_eval's default timeout), and pass@k is
+the unbiased estimator over a doc's samples. Samples run in `hydrabench.sandbox`, which refuses
+to run anything unless the user opted in (HF_ALLOW_CODE_EVAL=1) and where the sandbox's walls
+cannot be put up; it runs the target apart from the sample, in a judge that calls the sample's
+functions, so that a sample cannot decide its own verdict (see its docstring).
 """
 
 from __future__ import annotations
@@ -42,16 +44,17 @@ def pass_at_k(
     references[i] is doc i's test code and predictions[i] its samples (code_eval's interface).
     """
     sandbox.require_opt_in()  # before anything else: no opt-in, no work
+    sandbox.walls()  # nor without the sandbox
     ks = [k] if isinstance(k, int) else list(k)
-    programs = [
-        f"{sample}\n{test}\n"
+    runs = [
+        (sample, test)
         for test, samples in zip(references, predictions, strict=True)
         for sample in samples
     ]
-    # The programs are independent child processes: run as many at once as there are cores.
+    # The runs are independent child processes: run as many at once as there are cores.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        passed = list(pool.map(lambda p: sandbox.run_program(p, timeout_s=TIMEOUT_S).passed,
-                               programs))
+        passed = list(pool.map(
+            lambda run: sandbox.run_program(*run, timeout_s=TIMEOUT_S).passed, runs))
     verdicts = iter(passed)
     counts = [(len(samples), sum(next(verdicts) for _ in samples)) for samples in predictions]
     return {

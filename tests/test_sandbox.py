@@ -1,16 +1,20 @@
-"""hydrabench.sandbox: hostile programs stay contained, real HumanEval code is scored right.
+"""hydrabench.sandbox: hostile programs stay contained and cannot forge their verdict, real
+HumanEval code is scored right.
 
-Each kernel layer is tested with a program that first bypasses the Python-level guard (`posix`,
-`_socket` instead of `os`, `socket`), so a pass shows that the layer itself holds; those tests
-are skipped where the machine does not allow the layer (see `sandbox.isolation().notes`).
+Each wall is tested with a program that first bypasses the Python-level guard (`posix`,
+`_socket` instead of `os`, `socket`), so a pass shows that the wall itself holds. Where
+bubblewrap cannot start, code execution refuses and the tests that run code skip with the
+sandbox's own one-line reason.
 """
 
 import gzip
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,11 +30,8 @@ PROBLEM = {"prompt": "def one():\n", "test": "def check(f):\n    assert f() == 1
            "entry_point": "one"}
 
 
-def needs(layer: str) -> pytest.MarkDecorator:
-    iso = sandbox.isolation()
-    return pytest.mark.skipif(
-        layer not in iso.layers, reason=f"sandbox layer {layer!r} unavailable: {iso.notes}"
-    )
+UNAVAILABLE = sandbox.unavailable_reason()
+needs_walls = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 
 @pytest.fixture(autouse=True)
@@ -62,6 +63,7 @@ def running(procs: set[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+@needs_walls
 def test_humaneval_problem_canonical_passes_wrong_fails():
     if not HUMANEVAL.is_file():
         pytest.skip(f"needs {HUMANEVAL}")
@@ -70,12 +72,12 @@ def test_humaneval_problem_canonical_passes_wrong_fails():
     assert problem["task_id"] == "HumanEval/0"
     result = sandbox.check_completion(problem, problem["canonical_solution"])
     assert (result.passed, result.status) == (True, "passed"), result.detail
-    assert {"rlimit", "guard"} <= set(result.layers)
     wrong = sandbox.check_completion(problem, "    return False\n")
     assert (wrong.passed, wrong.status) == (False, "failed")
     assert "AssertionError" in wrong.detail
 
 
+@needs_walls
 @pytest.mark.parametrize(
     "completion", ["    return 1\nraise SystemExit(0)\n", "    return 1\nimport os\nos._exit(0)\n"]
 )
@@ -85,6 +87,7 @@ def test_leaving_before_the_tests_is_not_a_pass(completion):
     assert sandbox.check_completion(PROBLEM, completion).status == "failed"
 
 
+@needs_walls
 def test_infinite_loop_times_out_and_its_process_group_is_killed():
     # The loop runs in two processes of one group: the forked child is killed with the parent.
     code = "import posix\nposix.fork()\nwhile True:\n    pass\n"
@@ -94,7 +97,7 @@ def test_infinite_loop_times_out_and_its_process_group_is_killed():
     assert procs and not running(procs)
 
 
-@needs("pidns")
+@needs_walls
 def test_process_that_leaves_the_group_dies_with_the_pid_namespace():
     code = (
         "import posix, time\n"
@@ -106,10 +109,7 @@ def test_process_that_leaves_the_group_dies_with_the_pid_namespace():
     assert procs and not running(procs)
 
 
-@pytest.mark.skipif(
-    os.geteuid() == 0 and "nobody" not in sandbox.isolation().layers,
-    reason="RLIMIT_NPROC does not bind root, and the sandbox could not switch to nobody",
-)
+@needs_walls
 def test_fork_bomb_is_contained():
     # The guard stops os.fork at once; posix.fork is the same system call, stopped by NPROC only.
     assert sandbox.run_program("import os\nwhile True:\n    os.fork()\n").status == "failed"
@@ -126,6 +126,7 @@ def test_fork_bomb_is_contained():
     assert subprocess.run(["true"]).returncode == 0  # and this machine can still start processes
 
 
+@needs_walls
 def test_memory_bomb_is_contained():
     code = "blocks = []\nwhile True:\n    blocks.append(bytearray(64 * 1024 * 1024))\n"
     start = time.monotonic()
@@ -134,6 +135,7 @@ def test_memory_bomb_is_contained():
     assert time.monotonic() - start < 5.0
 
 
+@needs_walls
 def test_crash_is_an_error():
     result = sandbox.run_program("import ctypes\nctypes.string_at(0)\n")
     assert (result.passed, result.status) == (False, "error")
@@ -149,6 +151,7 @@ def sentinel(tmp_path: Path) -> Path:
     return path
 
 
+@needs_walls
 @pytest.mark.parametrize(
     "attack",
     [
@@ -165,7 +168,7 @@ def test_guard_stops_deleting_files_outside(sentinel, attack):
     assert sentinel.read_text() == "keep me"
 
 
-@needs("nobody")
+@needs_walls
 @pytest.mark.parametrize(
     "attack",
     [
@@ -194,6 +197,7 @@ def assert_no_connection(server: socket.socket) -> None:
         server.accept()
 
 
+@needs_walls
 def test_guard_stops_sockets(listener):
     port = listener.getsockname()[1]
     result = sandbox.run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}))")
@@ -201,12 +205,13 @@ def test_guard_stops_sockets(listener):
     assert_no_connection(listener)
 
 
-@needs("netns")
+@needs_walls
 def test_network_namespace_stops_sockets(listener):
     port = listener.getsockname()[1]
     code = f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n"
     result = sandbox.run_program(code)
-    assert result.status == "failed" and "Network is unreachable" in result.detail
+    # The namespace's own loopback (bwrap brings it up) has no listener: the host's is elsewhere.
+    assert result.status == "failed" and "ConnectionRefusedError" in result.detail
     assert_no_connection(listener)
 
 
@@ -221,6 +226,7 @@ def test_pass_at_k_known_values():
         sandbox.pass_at_k(5, 1, 10)  # k > n: no unbiased estimate
 
 
+@needs_walls
 def test_code_eval_metric_matches_code_eval_interface():
     test = "def check(f):\n    assert f() == 1\ncheck(one)"
     predictions = [["def one():\n    return 1", "def one():\n    return 2", "def one(:"]]
@@ -249,3 +255,163 @@ def test_nothing_runs_without_opt_in(monkeypatch, value):
         sandbox.check_completion(PROBLEM, "    return 1\n")
     with pytest.raises(sandbox.CodeExecutionNotAllowed):
         code_eval.pass_at_k(["check(one)"], [["def one():\n    return 1"]], k=[1])
+
+
+# Each completion answers wrongly (one() returns 2), then tries to be scored passed anyway; the
+# first three are the attacks that passed the sandbox before the judge ran the tests.
+FORGERIES = {
+    "harness config": "import __main__\n__main__.cfg['failed_rc'] = 0\n",
+    "early exit": "import posix\nposix._exit(0)\n",
+    "exec": "import posix\nposix.execv('/bin/true', ['true'])\n",
+    "harness globals": (  # the code around the program in its own process (sandbox_child.py)
+        "import __main__, posix\n"
+        "__main__.FAILED_RC = 0\n__main__.PASSED = b''\n"
+        "__main__.receive = lambda fd: ['call', 'one', (), {}]\n"
+        "__main__.plain = lambda value: 1\n"
+    ),
+    "guessed verdict on every descriptor": (
+        "import posix\n"
+        "for fd in range(1024):\n"
+        "    for token in (b'passed', b'1', b'\\x00' * 8):\n"
+        "        try:\n            posix.write(fd, token)\n        except OSError:\n"
+        "            pass\n"
+    ),
+    "descriptors reopened from /proc/self/fd": (
+        "import posix\n"
+        "for fd in posix.listdir('/proc/self/fd'):\n"
+        "    try:\n        with open('/proc/self/fd/' + fd, 'wb', buffering=0) as f:\n"
+        "            f.write(b'passed')\n    except OSError:\n        pass\n"
+    ),
+    "secret searched in memory": (  # nothing to find: the judge's side is not in this process
+        "import gc, posix\n"
+        "found = [o for o in gc.get_objects()\n"
+        "         if isinstance(o, (bytes, str)) and 'pass' in str(o)]\n"
+        "for fd in range(3, 64):\n"
+        "    for o in found:\n"
+        "        try:\n            posix.write(fd, o if isinstance(o, bytes) else o.encode())\n"
+        "        except OSError:\n            pass\n"
+    ),
+    "ptrace and signals for every visible process": (
+        "import ctypes, posix\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for pid in [int(p) for p in posix.listdir('/proc') if p.isdigit()]:\n"
+        "    libc.ptrace(16, pid, None, None)  # PTRACE_ATTACH\n"
+        "try:\n    posix.kill(-1, 9)\nexcept OSError:\n    pass\n"
+    ),
+}
+
+
+@needs_walls
+@pytest.mark.parametrize("forgery", FORGERIES.values(), ids=FORGERIES.keys())
+def test_a_wrong_program_cannot_forge_a_pass(forgery):
+    completion = "    return 2\nprint('forging', flush=True)\n" + forgery
+    result = sandbox.check_completion(PROBLEM, completion)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+    assert "forging" in result.detail  # the attack did run
+
+
+@needs_walls
+def test_an_answer_equal_to_everything_fails():
+    # Only plain data crosses to the judge: the object arrives as a stand-in equal to nothing.
+    completion = ("    class Anything:\n        def __eq__(self, other):\n            return True\n"
+                  "    return Anything()\n")
+    result = sandbox.check_completion(PROBLEM, completion)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "AssertionError" in result.detail
+
+
+@needs_walls
+def test_plain_data_and_exceptions_cross_to_the_judge():
+    value = "(1, [2.5, None, True], {'a': {3}, (4,): frozenset({5})}, b'x', 1j, 'é', -0.0)"
+    program = f"def f():\n    return {value}\ndef g(x):\n    raise ValueError(x)\n"
+    tests = (
+        f"assert f() == {value} and type(f()[0]) is int\n"
+        "try:\n    g('no')\nexcept ValueError as e:\n    assert str(e) == 'no'\n"
+        "else:\n    raise AssertionError('g did not raise')\n"
+    )
+    result = sandbox.run_program(program, tests)
+    assert (result.passed, result.status) == (True, "passed"), result.detail
+
+
+@needs_walls
+def test_host_processes_are_out_of_sight():
+    code = (
+        "import posix\n"
+        "print('pids', sorted(int(p) for p in posix.listdir('/proc') if p.isdigit()))\n"
+        "print('init', open('/proc/1/cmdline', 'rb').read().split(b'\\x00')[0])\n"
+        f"open('/proc/{os.getpid()}/cmdline').read()\n"
+    )
+    result = sandbox.run_program(code)
+    assert result.status == "failed" and "FileNotFoundError" in result.detail, result.detail
+    # PID 1 is the sandbox's own bwrap, then the program (setpriv became python); nothing else.
+    sandbox_init = sandbox.walls().bwrap[0].encode()
+    assert f"init {sandbox_init!r}" in result.detail
+    assert Path("/proc/1/cmdline").read_bytes().split(b"\x00")[0] != sandbox_init  # the host's
+    pids = eval(result.detail.split("pids ", 1)[1].splitlines()[0])
+    assert pids and max(pids) <= 3
+
+
+@needs_walls
+@pytest.mark.parametrize("folder", ["/dev/shm", "/tmp"])
+def test_tmpfs_is_private_small_and_gone_after_the_run(folder):
+    marker = f"hydrabench-fill-{os.getpid()}-{time.monotonic_ns()}"
+    # 1 GiB in 4 MiB files (under RLIMIT_FSIZE), with 256 MiB of memory: the issue's attack.
+    code = (
+        "total = 0\nchunk = b'x' * (1 << 20)\n"
+        "try:\n    for i in range(256):\n"
+        f"        with open('{folder}/{marker}-%d' % i, 'wb', buffering=0) as f:\n"
+        "            for _ in range(4):\n                total += f.write(chunk)\n"
+        "except OSError as e:\n    print('stopped after', total, 'bytes, errno', e.errno)\n"
+    )
+    result = sandbox.run_program(code, memory_mb=256)
+    assert result.status == "passed", result.detail
+    written = int(result.detail.split("stopped after ", 1)[1].split()[0])
+    assert written <= 16 * 2**20 and "errno 28" in result.detail  # ENOSPC: the tmpfs is full
+    leftovers = list(Path("/tmp").glob(f"{marker}*")) + list(Path("/dev/shm").glob(f"{marker}*"))
+    assert leftovers == []
+
+
+@pytest.fixture
+def host_unix_socket():
+    """A filesystem Unix socket anyone may connect to, in a world-writable folder of the host."""
+    folder = Path(tempfile.mkdtemp(prefix="hydrabench-socket-", dir="/tmp"))
+    folder.chmod(0o777)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket"))
+    (folder / "socket").chmod(0o777)
+    server.listen()
+    server.setblocking(False)
+    yield server, folder / "socket"
+    server.close()
+    shutil.rmtree(folder)
+
+
+@needs_walls
+def test_host_unix_socket_is_out_of_reach(host_unix_socket):
+    server, path = host_unix_socket
+    code = f"import _socket\ns = _socket.socket(_socket.AF_UNIX)\ns.connect({str(path)!r})\n"
+    result = sandbox.run_program(code)
+    assert result.status == "failed" and "FileNotFoundError" in result.detail, result.detail
+    assert_no_connection(server)
+
+
+def test_without_bubblewrap_code_execution_refuses(monkeypatch):
+    # bwrap cannot be uninstalled for a test: shutil.which is made not to find it (a fake).
+    real_which = shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which",
+                        lambda name, *args, **kw: None if name == "bwrap" else
+                        real_which(name, *args, **kw))
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a process was started without the sandbox")
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", no_process)
+    sandbox._probe_walls.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="needs bubblewrap") as refused:
+            sandbox.run_program("print('hi')")
+        assert "\n" not in str(refused.value)
+        with pytest.raises(sandbox.SandboxUnavailable, match="needs bubblewrap"):
+            code_eval.pass_at_k(["check(one)"], [["def one():\n    return 1"]], k=[1])
+    finally:
+        sandbox._probe_walls.cache_clear()
