@@ -21,7 +21,8 @@ def _heads(value: str) -> int | str:
 HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "rank": ("adapter", int), "alpha": ("adapter", float), "dropout": ("adapter", float),
     "num_splits": ("adapter", int), "num_heads": ("adapter", _heads),
-    "balance_loss_coef": ("adapter", float), "lr": ("train", float),
+    "balance_loss_coef": ("adapter", float), "blc_weight": ("adapter", float),
+    "blc_alpha": ("adapter", float), "lr": ("train", float),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int),
     "seq_len": ("train", int), "checkpoint_every": ("train", int), "limit": ("eval", int),
     "backend": ("eval", str)}

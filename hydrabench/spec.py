@@ -75,6 +75,11 @@ class AdapterSettings:
     num_splits: int = 4
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     balance_loss_coef: float = 0.0  # HydraLoRA's load-balancing term; off, as the reference code
+    # LoRAMoE's localized balancing constraint: its weight, its imbalance (delta) and the record
+    # components of the world-knowledge type (its code's blc_weight, blc_alpha, task_type 1)
+    blc_weight: float = 0.0
+    blc_alpha: float = 0.0
+    blc_knowledge: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -87,6 +92,8 @@ class AdapterSettings:
         _require(len(self.target_modules) > 0, "target_modules must name at least one module")
         _require(self.balance_loss_coef >= 0,
                  f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
+        _require(self.blc_weight >= 0, f"blc_weight must be >= 0, got {self.blc_weight}")
+        _require(0 <= self.blc_alpha <= 1, f"blc_alpha must be in [0, 1], got {self.blc_alpha}")
 
 
 # hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM;
@@ -235,8 +242,8 @@ def _settings(cls: type, values: dict[str, Any], where: str):
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
     _require(not unknown, f"unknown {where} setting(s) {sorted(unknown)}; valid: {sorted(known)}")
-    if "target_modules" in values:
-        values = {**values, "target_modules": tuple(values["target_modules"])}
+    values = {**values, **{key: tuple(values[key]) for key in ("target_modules", "blc_knowledge")
+                           if key in values}}
     return cls(**values)
 
 
@@ -261,7 +268,11 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
     offline = bool(os.environ.get("HYDRABENCH_DATA_DIR"))
     corpus = tasks[task].get("local_corpus") if offline else None
     overrides = overrides or {}
-    section = {key: {**prof.get(key, {}), **overrides.get(key, {})}
+    # A method's own defaults (LoRAMoE's FFN experts) beat the profile's, never the user's flags.
+    from hydrabench.methods import METHODS
+
+    method_defaults = {"adapter": METHODS[method].adapter_defaults if method in METHODS else {}}
+    section = {key: {**prof.get(key, {}), **method_defaults.get(key, {}), **overrides.get(key, {})}
                for key in ("train", "adapter", "eval")}
     # The profile names, per method, the FSDP config its multi-process training shards with.
     sharding = prof.get("sharding", {}).get(method)

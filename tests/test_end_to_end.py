@@ -178,9 +178,9 @@ def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: P
         train = record["training"]["train"]
         assert len(train["weights"]) == 2 and max(map(abs, train["weights"])) <= 1.5
         assert params["adapter"] == 2 * 2 * (128 * 4 + 4 * 128)
-    if method == "loramoe":  # three whole r=8 LoRAs on q and v of 2 layers (router apart)
-        assert params["adapter"] == 3 * 2 * 2 * (128 * 8 + 8 * 128)
-        assert params["router"] == 3 * 2 * 2 * 128
+    if method == "loramoe":  # three whole r=8 LoRAs on gate/up (128->344), down (344->128)
+        assert params["adapter"] == 3 * 2 * 3 * 8 * (128 + 344)
+        assert params["router"] == 3 * 2 * (128 + 128 + 344)
 
 
 def test_the_tiny_default_is_learnable_by_an_adapter(tmp_path: Path) -> None:

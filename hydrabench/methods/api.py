@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from hydrabench.data.records import InstructionRecord
+from hydrabench.models import BaseModel
 from hydrabench.spec import RunSpec
 from hydrabench.train import LossFn, StepCallback
 
@@ -17,6 +18,8 @@ from hydrabench.train import LossFn, StepCallback
 class TrainFn(Protocol):
     """The shared training loop bound to a run: train `model` on `records`, return a summary;
     `loss` scores records the way training does (LoraHub's weight search)."""
+
+    base: BaseModel  # the base model and its tokenizer
 
     def __call__(self, model: torch.nn.Module, records: Sequence[InstructionRecord], *,
                  tag: str = "", max_steps: int | None = None) -> dict: ...
@@ -45,6 +48,8 @@ class Method:
     # check(spec, training records) before any work: raise SpecError on records the method cannot
     # train on (LoRA-Split's per-component adapters need a record per component)
     check: Callable[[RunSpec, Sequence[InstructionRecord]], None] | None = None
+    # adapter settings the method brings, over the profile's and under the user's flags
+    adapter_defaults: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def mergeable(self) -> bool:

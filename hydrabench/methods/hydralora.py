@@ -514,13 +514,14 @@ def fit_recording_heads(model: nn.Module, spec: Any, records: Any,
 
 
 def make_method(name: str, description: str, adapt: Any, fit: Any = None,
-                loss_fn: Any = None) -> Any:
+                loss_fn: Any = None, **fields: Any) -> Any:
+    """A registry entry on this layer; `fields` are further `Method` fields."""
     from hydrabench.methods.api import Method
 
     # The gate depends on every token, so there is no exact merge: hf backend only. Approximate
     # merges (uniform, router-mean) are export options, measured against the exact model.
     return Method(name=name, description=description, adapt=adapt, save=save_hydralora,
-                  load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn)
+                  load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn, **fields)
 
 
 METHOD = make_method("hydralora", "HydraLoRA: shared A, N B heads, per-token softmax router",
