@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("table", help="a table or figure (`hydrabench list tables`), or all")
     report.add_argument("--profile", default="tiny")
     report.add_argument("--seeds", default="0")
+    report.add_argument("--delta-vs", dest="reference", metavar="ROW", default=None,
+                        help='a row label of the table, e.g. "LoRA (r=8)": add a column per '
+                        "score of the paired difference to that row, with its 95%% interval")
 
     ev = sub.add_parser("eval", help="score any causal LM (or a run's artifact) without training")
     source = ev.add_mutually_exclusive_group(required=True)
@@ -129,14 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
                         help="HydraLoRA only: uniform (g = 1/N) or router-mean (mean gate)")
 
-    prof = sub.add_parser("profile", help="show a resolved profile")
-    prof.add_argument("action", choices=["show"])
-    prof.add_argument("name")
     compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
                              "scored: bootstrap 95%% CI and McNemar's exact p per task")
     compare.add_argument("run_a")
     compare.add_argument("run_b")
 
+    prof = sub.add_parser("profile", help="show a resolved profile")
+    prof.add_argument("action", choices=["show"])
+    prof.add_argument("name")
 
     sub.add_parser("doctor", help="print the environment and what will fail for which profile")
 
@@ -251,8 +254,11 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from hydrabench.report import write_report
     from hydrabench.tables import table_names
 
+    if args.reference is not None and args.table == "all":
+        raise SpecError("--delta-vs names a row of one table; give that table, not all")
     for name in table_names() if args.table == "all" else [args.table]:
-        for path in write_report(name, args.profile, _seeds(args.seeds)):
+        for path in write_report(name, args.profile, _seeds(args.seeds),
+                                 reference=args.reference):
             print(path)
 
 
@@ -262,14 +268,14 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(export_run(args.run_id, args.merge))
 
 
-def _cmd_profile(args: argparse.Namespace) -> None:
-    import yaml
-
 def _cmd_compare(args: argparse.Namespace) -> None:
     from hydrabench.significance import compare_runs, format_comparisons
 
     print(format_comparisons(args.run_a, args.run_b, compare_runs(args.run_a, args.run_b)))
 
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    import yaml
 
     from hydrabench.spec import load_profile
 
@@ -308,9 +314,8 @@ def _cmd_list(args: argparse.Namespace) -> None:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "sweep": _cmd_sweep, "report": _cmd_report, "export": _cmd_export,
             "doctor": _cmd_doctor, "profile": _cmd_profile,
-            "list": _cmd_list}
-
             "compare": _cmd_compare,
+            "list": _cmd_list}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

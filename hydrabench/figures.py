@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from hydrabench.report import (
+    STAND_IN_NOTE,
     fmt,
     provenance_lines,
     publish,
@@ -107,12 +108,14 @@ def _wrap(label: str) -> str:
     return "\n".join(textwrap.fill(part, 12) for part in (name, paren.strip() + rest) if part)
 
 
-def _caption(table: TableSpec, profile: str, seeds: tuple[int, ...], error_bars: str) -> str:
-    """Footer text: what the bars come from, and the paper's statements about the figure."""
+def _caption(table: TableSpec, profile: str, seeds: tuple[int, ...], error_bars: str,
+             cells: pd.DataFrame) -> str:
+    """Footer text: what the bars come from (stand-in tasks as the records `cells` come from
+    say), and the paper's statements about the figure."""
     lines = [f"profile {profile} · model {load_profile(profile)['model']} · "
              f"seeds {','.join(map(str, seeds))} · error bars: {error_bars}"]
-    if profile == "tiny":
-        lines.append("stand-in tasks on the embedded tiny model: not comparable to the paper")
+    if (cells["stand_in"] == True).any():  # noqa: E712
+        lines.append(STAND_IN_NOTE)
     return "\n".join([*lines, *table.notes])
 
 
@@ -179,9 +182,10 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
                   out_dir: Path) -> list[Path]:
     """reports/figure5.{png,pdf,csv,md}: training energy and time per method."""
     frame = figure5_frame(table, profile, seeds, store)
+    cells = tidy_frame(collect_cells(table, profile, seeds, store))  # what the records say
     paths = [out_dir / f"{table.name}.{ext}" for ext in ("png", "pdf", "csv", "md")]
     fig = plot_figure5(frame, f"{table.title} ({table.task})",
-                       _caption(table, profile, seeds, "95% CI over seeds"))
+                       _caption(table, profile, seeds, "95% CI over seeds", cells))
     for path in paths[:2]:
         _save(fig, path)
     write_text(paths[2], frame.to_csv(index=False))
@@ -198,7 +202,7 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
         "seeds": frame["n_seeds"],
         "note": frame["note"]})
     write_text(paths[3], "\n".join([
-        f"# {table.title}", "", *provenance_lines(profile, seeds),
+        f"# {table.title}", "", *provenance_lines(profile, seeds, cells),
         f"- training phase of the `{table.task}` runs; ± is the 95% CI over seeds",
         "- energy source: `measured` when every component came from hardware counters "
         "(NVML, RAPL), `estimated` when any came from CodeCarbon's model (bars hatched)",
@@ -243,7 +247,7 @@ def write_figure6(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
     tidy = tidy_frame(collect_cells(table, profile, seeds, store))
     paths = write_table_files(table, tidy, profile, seeds, out_dir)
     fig = plot_figure6(table, tidy, _caption(table, profile, seeds,
-                                             "95% CI over seeds (one seed: lm-eval stderr)"))
+                                             "95% CI over seeds (one seed: lm-eval stderr)", tidy))
     for ext in ("png", "pdf"):
         paths.append(out_dir / f"{table.name}.{ext}")
         _save(fig, paths[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -11,7 +12,7 @@ import pandas as pd
 
 from hydrabench.spec import load_profile
 from hydrabench.store import RunStore
-from hydrabench.tables import Cell, TableSpec, collect_cells, load_table
+from hydrabench.tables import SCORE_RANGE, Cell, TableSpec, collect_cells, load_table
 
 DASH = "—"
 PARTIAL = "†"
@@ -22,11 +23,16 @@ def reports_root() -> Path:
 
 
 def tidy_frame(cells: list[Cell]) -> pd.DataFrame:
-    """One row per cell: value, stderr, 95% CI, n, seeds found, paper value, Δ, run ids."""
+    """One row per cell: value, stderr, 95% CI, n, seeds found, paper value, Δ, run ids; then
+    the clipped interval, what the records say was scored, and the paired tests' results."""
     return pd.DataFrame([{
         "row": c.row, "column": c.column, "value": c.value, "stderr": c.stderr, "ci95": c.ci95,
         "n": c.n, "n_seeds": c.n_seeds, "paper_value": c.paper, "delta": c.delta,
-        "run_id": ";".join(c.run_ids)} for c in cells]).astype({"n": "Int64"})
+        "run_id": ";".join(c.run_ids), "ci_low": c.interval[0], "ci_high": c.interval[1],
+        "stand_in": c.stand_in, "data_source": c.data_source, "bold": c.bold,
+        "p_vs_runner_up": c.p_vs_runner_up, "delta_vs_ref": c.delta_vs_ref,
+        "delta_vs_ref_low": c.delta_vs_ref_low, "delta_vs_ref_high": c.delta_vs_ref_high}
+        for c in cells]).astype({"n": "Int64"})
 
 
 def _missing(value: float | None) -> bool:
@@ -50,40 +56,79 @@ def spread_of(cells: pd.DataFrame) -> pd.Series:
     return cells["ci95"].combine_first(cells["stderr"])
 
 
-def wide_frame(table: TableSpec, tidy: pd.DataFrame, n_seeds: int) -> pd.DataFrame:
-    """Method rows × (ours, paper) columns, best score per column in bold (highest is best).
+def score_text(value: float | None, spread: float | None) -> str:
+    """A score as fmt prints it, but an interval reaching past the score range (0-100) is shown
+    clipped, as "value [low, high]"."""
+    low, high = SCORE_RANGE
+    if _missing(value) or _missing(spread) or low <= value - spread <= value + spread <= high:
+        return fmt(value, spread)
+    return f"{value:.2f} [{max(low, value - spread):.2f}, {min(high, value + spread):.2f}]"
+
+
+def column_label(label: str, key: str, cells: pd.DataFrame) -> str:
+    """What a column scored: on stand-in tasks (as their records say) "general (stand-in for
+    MMLU)", else the paper's label."""
+    return f"{key} (stand-in for {label})" if (cells["stand_in"] == True).any() else label  # noqa: E712
+
+
+def wide_frame(table: TableSpec, tidy: pd.DataFrame, n_seeds: int,
+               reference: str | None = None) -> pd.DataFrame:
+    """Method rows × (ours, paper[, Δ vs reference]) per column; a score in bold where paired
+    tests say it beats its column's runner-up (tidy's `bold`).
 
     Ours is "mean ± 95% CI" over several seeds, "value ± stderr" for one, and marked with
-    PARTIAL where fewer than the `n_seeds` requested had a record.
+    PARTIAL where fewer than the `n_seeds` requested had a record. `attrs["groups"]` lists
+    (column label, its sub-columns) for the LaTeX header.
     """
     out = pd.DataFrame({"Method": [r.label for r in table.rows]})
+    groups = []
     for column in table.columns:
         part = tidy[tidy["column"] == column.label].set_index("row").reindex(out["Method"])
+        label = column_label(column.label, column.key, part)
         number = NUMBER_FORMAT[column.kind]
-        ours = [fmt(v, s, number) + (PARTIAL if 0 < k < n_seeds else "")
+        show = score_text if column.kind == "score" else functools.partial(fmt, number=number)
+        ours = [show(v, s) + (PARTIAL if 0 < k < n_seeds else "")
                 for v, s, k in zip(part["value"], spread_of(part), part["n_seeds"], strict=True)]
-        if column.kind == "score" and part["value"].notna().any():
-            best = part["value"].max()
-            ours = [f"**{text}**" if v == best else text
-                    for text, v in zip(ours, part["value"], strict=True)]
-        out[f"{column.label} (ours)"] = ours
-        out[f"{column.label} (paper)"] = [fmt(v, None, number) for v in part["paper_value"]]
+        out[f"{label} (ours)"] = [f"**{text}**" if bold is True else text
+                                  for text, bold in zip(ours, part["bold"], strict=True)]
+        out[f"{label} (paper)"] = [fmt(v, None, number) for v in part["paper_value"]]
+        sub = ["ours", "paper"]
+        if reference is not None and column.kind == "score":
+            out[f"{label} Δ vs {reference} [95% CI]"] = [
+                DASH if _missing(d) else f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+                for d, lo, hi in zip(part["delta_vs_ref"], part["delta_vs_ref_low"],
+                                     part["delta_vs_ref_high"], strict=True)]
+            sub.append(f"Δ vs {reference}")
+        groups.append((label, sub))
+    out.attrs["groups"] = groups
     return out
 
 
-def provenance_lines(profile: str, seeds: tuple[int, ...]) -> list[str]:
-    """What every report states: profile, model, data source, seeds."""
+def provenance_lines(profile: str, seeds: tuple[int, ...], cells: pd.DataFrame) -> list[str]:
+    """What every report states: profile, model, seeds, and what the records say they scored
+    (stand-in tasks or not, data source): never guessed from names or the environment now."""
     prof = load_profile(profile)
-    data_source = ("local files in " + os.environ["HYDRABENCH_DATA_DIR"]
-                   if os.environ.get("HYDRABENCH_DATA_DIR") else
-                   "generated synthetic suite" if profile == "tiny" else "Hugging Face hub")
-    seed_list = ", ".join(map(str, seeds))
+    ran = cells[cells["run_id"] != ""]
+    sources = sorted(set(ran["data_source"].dropna()))
     lines = [f"- profile: `{profile}` ({prof.get('description', '')})",
-             f"- model: `{prof['model']}`; data: {data_source}; seeds: {seed_list}"]
-    if profile == "tiny":
-        lines.append("- **stand-in tasks on the embedded tiny model: not comparable to the paper's "
-                     "numbers**, which are given beside ours for layout only")
+             f"- model: `{prof['model']}`; seeds: {', '.join(map(str, seeds))}",
+             "- data, as the records state it: " + ("; ".join(sources) if sources else
+                                                     "no record states it")]
+    if (ran["stand_in"] == True).any():  # noqa: E712
+        lines.append(f"- **{STAND_IN_NOTE}**, which are given beside ours for layout only")
+    unlabelled = int(ran["stand_in"].isna().sum())
+    if unlabelled:
+        lines.append(f"- {unlabelled} cell(s) come from records that predate hydrabench's "
+                     "stand-in and data-source labels: whether their tasks are stand-ins is "
+                     "not recorded")
     return lines
+
+
+STAND_IN_NOTE = "stand-in tasks (their records say so): not comparable to the paper's numbers"
+BOLD_RULE = ("bold: a column's best score, only where it beats the runner-up with p < 0.05 in "
+             "McNemar's exact test on the items both scored (several seeds: the discordant "
+             "(item, seed) pairs of the seeds both have, pooled); a tie, or a cell without "
+             "per-item outputs, is never bold")
 
 
 def runs_lines(run_ids: Iterable[str]) -> list[str]:
@@ -93,10 +138,15 @@ def runs_lines(run_ids: Iterable[str]) -> list[str]:
 
 
 def header_lines(table: TableSpec, profile: str, seeds: tuple[int, ...],
-                 tidy: pd.DataFrame) -> list[str]:
-    return [f"# {table.title}", "", *provenance_lines(profile, seeds),
+                 tidy: pd.DataFrame, reference: str | None = None) -> list[str]:
+    return [f"# {table.title}", "", *provenance_lines(profile, seeds, tidy),
             "- scores in percent (lm-eval, mean of the column's tasks); "
-            "± is the stderr (one seed) or the 95% CI over seeds; best per column in bold",
+            "± is the stderr (one seed) or the 95% CI over seeds; an interval reaching past "
+            "0 or 100 is shown clipped, as [low, high]",
+            f"- {BOLD_RULE} (p_vs_runner_up in the CSV)",
+            *([f"- Δ vs {reference}: our score minus {reference}'s in points, with its 95% "
+               "paired bootstrap interval over items (per-item differences averaged over the "
+               "seeds both have)"] if reference else []),
             "- `—`: no finished run record (the method or run does not exist yet), or the record "
             "lacks the column's metric",
             f"- {PARTIAL}: fewer seeds than requested had a record (n_seeds in the CSV)",
@@ -125,7 +175,8 @@ def publish(tmp: Path, path: Path) -> None:
 _LATEX = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_",
           "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
           "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "→": r"$\rightarrow$",
-          "—": "---", "†": r"\dag{}", "Δ": r"$\Delta$", "³": r"\textsuperscript{3}"}
+          "—": "---", "†": r"\dag{}", "Δ": r"$\Delta$", "³": r"\textsuperscript{3}",
+          "<": r"$<$", ">": r"$>$", "−": "-"}
 
 
 def latex_escape(text: str) -> str:
@@ -137,52 +188,68 @@ def _latex_cell(text: str) -> str:
     return r"\textbf{" + latex_escape(text[2:-2]) + "}" if bold else latex_escape(text)
 
 
-def latex_table(table: TableSpec, wide: pd.DataFrame) -> str:
-    """A booktabs table (needs only \\usepackage{booktabs}); each column ours | paper.
+def latex_table(table: TableSpec, wide: pd.DataFrame, notes: Iterable[str] = ()) -> str:
+    """A booktabs table (needs only \\usepackage{booktabs}); each column ours | paper [| Δ],
+    `notes` printed under it.
 
-    `wide` is wide_frame's output: Method, then (ours, paper) per column of the table.
+    `wide` is wide_frame's output: Method, then the sub-columns of each column of the table.
     """
-    groups = [latex_escape(c.label) for c in table.columns]
-    rules = "".join(rf"\cmidrule(lr){{{2 * i + 2}-{2 * i + 3}}}" for i in range(len(groups)))
+    groups = [(latex_escape(label), sub) for label, sub in wide.attrs["groups"]]
+    starts = [2 + sum(len(sub) for _, sub in groups[:i]) for i in range(len(groups))]
+    rules = "".join(rf"\cmidrule(lr){{{start}-{start + len(sub) - 1}}}"
+                    for start, (_, sub) in zip(starts, groups, strict=True))
     lines = [r"\begin{table}[htbp]", r"\centering", r"\footnotesize",
              # Seven metric pairs (Table 2) overflow a text column at the default separation.
              r"\setlength{\tabcolsep}{3pt}",
              rf"\caption{{{latex_escape(table.title)}}}", rf"\label{{tab:{table.name}}}",
-             r"\begin{tabular}{l" + "rr" * len(groups) + "}", r"\toprule",
-             " & ".join(["", *(rf"\multicolumn{{2}}{{c}}{{{g}}}" for g in groups)]) + r" \\",
-             rules, " & ".join(["Method", *(["ours", "paper"] * len(groups))]) + r" \\",
+             r"\begin{tabular}{l" + "r" * (len(wide.columns) - 1) + "}", r"\toprule",
+             " & ".join(["", *(rf"\multicolumn{{{len(sub)}}}{{c}}{{{g}}}" for g, sub in groups)])
+             + r" \\",
+             rules, " & ".join(["Method", *(latex_escape(h) for _, sub in groups for h in sub)])
+             + r" \\",
              r"\midrule",
              *(" & ".join(_latex_cell(str(t)) for t in row) + r" \\"
                for row in wide.itertuples(index=False)),
-             r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+             r"\bottomrule", r"\end{tabular}",
+             *([r"\par\smallskip{\scriptsize " + r" \par ".join(map(latex_escape, notes)) + "}"]
+               if notes else []),
+             r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
 def write_table_files(table: TableSpec, tidy: pd.DataFrame, profile: str,
-                      seeds: tuple[int, ...], out_dir: Path) -> list[Path]:
+                      seeds: tuple[int, ...], out_dir: Path,
+                      reference: str | None = None) -> list[Path]:
     """reports/<table>.md (header + wide table), .csv (tidy) and .tex (booktabs)."""
-    wide = wide_frame(table, tidy, len(seeds))
+    wide = wide_frame(table, tidy, len(seeds), reference)
     paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
-    write_text(paths[0], "\n".join(header_lines(table, profile, seeds, tidy)) + "\n"
+    write_text(paths[0], "\n".join(header_lines(table, profile, seeds, tidy, reference)) + "\n"
                + wide.to_markdown(index=False, disable_numparse=True) + "\n")
     write_text(paths[1], tidy.to_csv(index=False))
-    write_text(paths[2], latex_table(table, wide))
+    stand_in = (tidy["stand_in"] == True).any()  # noqa: E712
+    notes = [*([STAND_IN_NOTE[0].upper() + STAND_IN_NOTE[1:] + "."] if stand_in else []),
+             BOLD_RULE[0].upper() + BOLD_RULE[1:] + "."]
+    write_text(paths[2], latex_table(table, wide, notes))
     return paths
 
 
 def write_table_report(table: TableSpec, profile: str = "tiny", seeds: tuple[int, ...] = (0,),
-                       store: RunStore | None = None, out_dir: Path | None = None) -> list[Path]:
-    """A table's report from the records in `store` (default: results/) into `out_dir`."""
-    tidy = tidy_frame(collect_cells(table, profile, seeds, store or RunStore()))
-    return write_table_files(table, tidy, profile, seeds, out_dir or reports_root())
+                       store: RunStore | None = None, out_dir: Path | None = None,
+                       reference: str | None = None) -> list[Path]:
+    """A table's report from the records in `store` (default: results/) into `out_dir`, with a
+    "Δ vs `reference` [95% CI]" column per score column when a row label is given."""
+    tidy = tidy_frame(collect_cells(table, profile, seeds, store or RunStore(), reference))
+    return write_table_files(table, tidy, profile, seeds, out_dir or reports_root(), reference)
 
 
 def write_report(name: str, profile: str = "tiny", seeds: tuple[int, ...] = (0,),
-                 store: RunStore | None = None, out_dir: Path | None = None) -> list[Path]:
+                 store: RunStore | None = None, out_dir: Path | None = None,
+                 reference: str | None = None) -> list[Path]:
     """The report of one spec in tasks/tables: a table, or a figure for the figure specs."""
     # Imported here: figures builds on this module (and alone needs matplotlib).
     from hydrabench.figures import FIGURES
 
     table = load_table(name)
-    writer = FIGURES.get(name, write_table_report)
-    return writer(table, profile, seeds, store or RunStore(), out_dir or reports_root())
+    if name in FIGURES:
+        return FIGURES[name](table, profile, seeds, store or RunStore(), out_dir or reports_root())
+    return write_table_report(table, profile, seeds, store, out_dir, reference)

@@ -39,6 +39,7 @@ from hydrabench.models import BaseModel, load_base_model
 from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.tables import record_labels
 from hydrabench.train import mean_loss, train
 
 ARTIFACT_MARKER = "artifact.json"
@@ -293,6 +294,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
                 "task": spec.task, "seed": spec.seed,
                 "metrics": {name: s.to_dict() for name, s in scores.items()},
                 "column_tasks": list(spec.eval_tasks),
+                **record_labels(spec),  # stand-in tasks or not, data source: what reports say
                 "backend": spec.eval.backend, **backend_entries, "merge_gap": gaps,
                 "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
                 "metering": {**train_info.get("metering", {}), **metering},

@@ -9,7 +9,9 @@ empty ("—"), never invented. Figures are specs too: their runs are listed the 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydrabench.evaluate import TASKS_DIR
@@ -100,6 +102,10 @@ def find_records(table: TableSpec, profile: str, seeds: tuple[int, ...],
     return found
 
 
+# Every score column is a percentage: intervals are shown within it.
+SCORE_RANGE = (0.0, 100.0)
+
+
 @dataclass
 class Cell:
     row: str
@@ -111,10 +117,62 @@ class Cell:
     run_ids: list[str]
     ci95: float | None = None  # half-width of the 95% t-interval over seeds (two or more)
     n_seeds: int = 0  # seeds whose records gave the value
+    # What the records say they scored (record_labels); None: no record, or one that predates it.
+    stand_in: bool | None = None
+    data_source: str | None = None
+    # Paired tests on the per-item outputs (judge_columns).
+    bold: bool = False  # beats the column's runner-up with McNemar p < 0.05
+    p_vs_runner_up: float | None = None
+    delta_vs_ref: float | None = None  # minus the reference row, with its 95% paired interval
+    delta_vs_ref_low: float | None = None
+    delta_vs_ref_high: float | None = None
 
     @property
     def delta(self) -> float | None:
         return None if self.value is None or self.paper is None else self.value - self.paper
+
+    @property
+    def interval(self) -> tuple[float | None, float | None]:
+        """The 95% CI over seeds, clipped to the score range (None without one)."""
+        if self.value is None or self.ci95 is None:
+            return None, None
+        low, high = SCORE_RANGE
+        return max(low, self.value - self.ci95), min(high, self.value + self.ci95)
+
+
+def record_labels(spec: RunSpec) -> dict[str, Any]:
+    """What a run's record says about its own data, decided when it runs from the resolved spec:
+    whether the tasks it scored are stand-ins (the synthetic suite's, tasks/tiny) and where its
+    training and evaluation data came from. Reports read only this."""
+    from hydrabench.evaluate import offline_mode
+
+    stand_in_tasks = {p.stem for p in (TASKS_DIR / "tiny").glob("*.yaml")}
+    synthetic = "synthetic suite (generated)"
+    data_dir = os.environ.get("HYDRABENCH_DATA_DIR")
+    sources = []
+    for part in spec.corpus.split("+"):
+        if part == "synthetic":
+            sources.append(synthetic)
+        elif part.startswith("data:") and data_dir:
+            sources.append(f"local copy {Path(data_dir) / part[5:]}")
+        elif part.startswith("hub:"):
+            sources.append(f"Hugging Face hub {part[4:]}")
+        elif part != "none":
+            sources.append(f"local file {part}")
+    stand_in = any(t in stand_in_tasks for t in spec.eval_tasks)
+    scored = (synthetic if stand_in else f"local copies in {data_dir}" if offline_mode()
+              and data_dir else "Hugging Face hub")
+    training = f"train: {', '.join(sources)}; " if sources else ""
+    return {"stand_in": stand_in,
+            "data_source": f"{training}eval: {scored}"}
+
+
+def _cell_labels(records: list[dict[str, Any]]) -> tuple[bool | None, str | None]:
+    labelled = [rec for rec in records if "stand_in" in rec]
+    if not labelled:
+        return None, None
+    return (any(rec["stand_in"] for rec in labelled),
+            " | ".join(sorted({rec["data_source"] for rec in labelled})))
 
 
 def metric_key(task_metrics: dict[str, Any], metric: str | None) -> str | None:
@@ -170,21 +228,61 @@ def _score_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell
         if len(scores) == 1:
             stderr = scores[0][1]
     return Cell(row.label, column.label, value, stderr, n, row.paper.get(column.key),
-                [rec["run_id"] for rec in records], ci95, len(scores))
+                [rec["run_id"] for rec in records], ci95, len(scores), *_cell_labels(records))
 
 
 def _param_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell:
     # An untrained model (the base row) has no adapter: its %Param is not applicable, not 100.
     trained = [rec for rec in records if rec["training"].get("trained", True)]
     value = trained[0]["training"]["parameters"]["percent_param"] if trained else None
+    stand_in, data_source = _cell_labels(records)
     return Cell(row.label, column.label, value, None, None, row.paper.get(column.key),
-                [rec["run_id"] for rec in records], n_seeds=len(trained))
+                [rec["run_id"] for rec in records], n_seeds=len(trained), stand_in=stand_in,
+                data_source=data_source)
 
 
-def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...],
-                  store: RunStore) -> list[Cell]:
-    """Every cell of the table, row by row, from the records the store holds."""
+def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...], store: RunStore,
+                  reference: str | None = None) -> list[Cell]:
+    """Every cell of the table, row by row, from the records the store holds, judged by paired
+    tests (bold; Δ against the `reference` row's cell when one is named)."""
+    labels = [row.label for row in table.rows]
+    if reference is not None and reference not in labels:
+        raise did_you_mean(f"reference row of {table.name}", reference, labels)
     found = find_records(table, profile, seeds, store)
     make = {"score": _score_cell, "param": _param_cell}
-    return [make[column.kind](row, column, found[(row.label, table.task_of(column))])
-            for row in table.rows for column in table.columns]
+    cells = [make[column.kind](row, column, found[(row.label, table.task_of(column))])
+             for row in table.rows for column in table.columns]
+    judge_columns(table, cells, found, store, reference)
+    return cells
+
+
+def judge_columns(table: TableSpec, cells: list[Cell],
+                  found: dict[tuple[str, str], list[dict[str, Any]]], store: RunStore,
+                  reference: str | None) -> None:
+    """Per score column: bold the best cell only when it beats the runner-up with McNemar's
+    p < 0.05 on the items both scored (a tie is never bold); Δ and its paired 95% interval
+    against the reference row. Cells without per-sample outputs are not judged."""
+    from hydrabench.significance import compare_records
+
+    for column in table.columns:
+        if column.kind != "score":
+            continue
+        task = table.task_of(column)
+        filled = sorted((c for c in cells if c.column == column.label and c.value is not None),
+                        key=lambda c: -c.value)  # type: ignore[operator]
+        if len(filled) >= 2 and filled[0].value > filled[1].value:  # type: ignore[operator]
+            best = compare_records(found[(filled[0].row, task)], found[(filled[1].row, task)],
+                                   store, column.metric)
+            if best is not None:
+                filled[0].p_vs_runner_up = best.p_value
+                filled[0].bold = best.significant and best.delta > 0
+        if reference is None:
+            continue
+        for cell in filled:
+            if cell.row == reference:
+                continue
+            result = compare_records(found[(cell.row, task)], found[(reference, task)], store,
+                                     column.metric)
+            if result is not None:
+                cell.delta_vs_ref = result.delta
+                cell.delta_vs_ref_low, cell.delta_vs_ref_high = result.ci_low, result.ci_high

@@ -7,6 +7,7 @@ every expected number here is known by construction; nothing is trained or evalu
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import shutil
@@ -150,7 +151,7 @@ def test_table2_every_cell_value_delta_and_dash(store: RunStore, table2: TableSp
             else:
                 assert cell["delta"] == pytest.approx(expected - paper, abs=1e-9)
     assert shown.loc["Base", "%Param (paper)"] == "—"
-    assert shown.loc["HydraLoRA (r=8)", "HumanEval P@1 (paper)"] == "18.31"
+    assert shown.loc["HydraLoRA (r=8, N=auto)", "HumanEval P@1 (paper)"] == "18.31"
 
 
 def test_one_seed_shows_lm_eval_stderr_and_sample_count(store: RunStore,
@@ -167,24 +168,19 @@ def test_one_seed_shows_lm_eval_stderr_and_sample_count(store: RunStore,
                                     if r.label == "LoRA (r=8)" and t == "general")]
 
 
-def test_best_per_column_is_bold_and_nothing_else(store: RunStore, table2: TableSpec,
+def test_nothing_is_bold_without_per_item_outputs(store: RunStore, table2: TableSpec,
                                                   tmp_path: Path) -> None:
+    # These records have no lm-eval per-sample outputs: no paired test, so no bold (the rule
+    # is tested with planted outcomes in test_bold_only_for_a_paired_win).
     fill(store, table2)
-    md, _, _ = write_table_report(table2, PROFILE, (0,), store, tmp_path)
+    md, _, tex = write_table_report(table2, PROFILE, (0,), store, tmp_path)
     shown = markdown_table(md.read_text()).set_index("Method")
-    filled = [r.label for r in table2.rows if r.method in FILLED]
     for column in table2.columns:
-        texts = shown[f"{column.label} (ours)"]
-        bold = [label for label, text in texts.items() if text.startswith("**")]
-        if column.kind == "param":
-            assert bold == []
-            continue
-        rows = [r for r in filled if not (column.metric and r == "Full FT")]
-        metric = pass_at_10 if column.metric else task_score
-        scores = {r: expected_score(table2, r, table2.task_of(column), 0, metric) for r in rows}
-        best = max(scores, key=scores.get)
-        assert bold == [best], column.label
-        assert texts[best] == f"**{scores[best]:.2f} ± {_stderr_for(table2, column):.2f}**"
+        assert not shown[f"{column.label} (ours)"].str.startswith("**").any(), column.label
+    one = expected_score(table2, "LoRA (r=8)", "general", 0)
+    spread = _stderr_for(table2, table2.columns[0])
+    assert shown.loc["LoRA (r=8)", "MMLU (ours)"] == f"{one:.2f} ± {spread:.2f}"
+    assert "McNemar's exact test" in md.read_text() and "McNemar" in tex.read_text()
 
 
 def _stderr_for(table: TableSpec, column: Column) -> float:
@@ -203,8 +199,11 @@ def test_csv_round_trip_equals_cells(store: RunStore, table2: TableSpec, tmp_pat
                        na_values=[""])
     direct = tidy_frame(collect_cells(table2, PROFILE, (0,), store))
     assert list(back.columns) == ["row", "column", "value", "stderr", "ci95", "n", "n_seeds",
-                                  "paper_value", "delta", "run_id"]
-    numeric = ["value", "stderr", "ci95", "n", "n_seeds", "paper_value", "delta"]
+                                  "paper_value", "delta", "run_id", "ci_low", "ci_high",
+                                  "stand_in", "data_source", "bold", "p_vs_runner_up",
+                                  "delta_vs_ref", "delta_vs_ref_low", "delta_vs_ref_high"]
+    numeric = ["value", "stderr", "ci95", "n", "n_seeds", "paper_value", "delta", "ci_low",
+               "ci_high", "p_vs_runner_up", "delta_vs_ref"]
     pd.testing.assert_frame_equal(back[numeric].astype(float), direct[numeric].astype(float))
     assert back["row"].tolist() == direct["row"].tolist()
     assert back["run_id"].fillna("").tolist() == direct["run_id"].tolist()
@@ -284,7 +283,6 @@ def test_latex_is_booktabs_rectangular_and_escaped(store: RunStore, table2: Tabl
     assert re.search(r"\\begin\{tabular\}\{l(rr){7}\}", tex)
     assert r"\%Param" in tex and r"LoRA-Split (4$\times$8)" in tex
     assert r"(IA)\textsuperscript{3}" in tex and r"$\pm$" in tex and "---" in tex
-    assert re.search(r"\\textbf\{[\d.]+ \$\\pm\$ [\d.]+\}", tex)
     assert not re.search(r"(?<!\\)[%#_]", tex.replace(r"\label{tab:table2}", ""))
     assert not re.search(r"[^\x00-\x7f]", tex)  # pdflatex needs no Unicode set-up
 
@@ -320,7 +318,8 @@ def _nonempty(path: Path, magic: bytes) -> None:
 def test_figure5_numbers_sources_and_missing_bars(store: RunStore, tmp_path: Path) -> None:
     table = load_table("figure5")
     cost = {"LoRA (r=8)": (2e-4, 30.0, True), "LoRA (r=16)": (3e-4, 40.0, False),
-            "LoRA-Split (4×8)": (None, 80.0, False), "HydraLoRA (r=8)": (2.5e-4, 35.0, True)}
+            "LoRA-Split (4×8)": (None, 80.0, False),
+            "HydraLoRA (r=8, N=auto)": (2.5e-4, 35.0, True)}
     for row, _, spec in table.run_specs(PROFILE):
         if row.label in cost:  # LoRA (r=32) gets no record
             kwh, wall_s, measured = cost[row.label]
@@ -438,3 +437,160 @@ def test_cli_report_unknown_table_is_a_one_line_error(store_env: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "tabel2"]) == 2
     assert "did you mean 'table2'" in capsys.readouterr().err
+
+
+# -- paired significance, intervals, labels ----------------------------------------------------
+
+
+N_ITEMS = 60
+
+
+def write_scored(store: RunStore, spec: RunSpec, right: dict[str, int],
+                 labels: dict[str, Any] | None = None) -> None:
+    """A record and lm-eval per-sample outputs in which the first right[task] items of each
+    task are answered correctly (so runs nest: a better one is right wherever a worse one is)."""
+    metrics = {}
+    lm_eval = store.runs / spec.run_id / "lm_eval"
+    lm_eval.mkdir(parents=True, exist_ok=True)
+    for task in spec.eval_tasks:
+        outcomes = [1.0 if i < right[task] else 0.0 for i in range(N_ITEMS)]
+        acc = sum(outcomes) / N_ITEMS
+        metrics[task] = {"metrics": {"acc,none": acc}, "stderr": {"acc,none": 0.05},
+                         "primary": "acc,none", "value": acc, "n": N_ITEMS}
+        (lm_eval / f"samples_{task}.jsonl").write_text("".join(
+            json.dumps({"doc_id": i, "doc_hash": f"doc{i}", "filter": "none", "acc": o}) + "\n"
+            for i, o in enumerate(outcomes)))
+    write_json_atomic(store.record_path(spec.run_id), {
+        "run_id": spec.run_id, "method": spec.method, "task": spec.task, "seed": spec.seed,
+        "metrics": metrics, "column_tasks": list(spec.eval_tasks),
+        "training": {"trained": True, "parameters": {"percent_param": 0.1}}, **(labels or {})})
+
+
+def fill_scored(store: RunStore, table: TableSpec, right_by_row: dict[str, int],
+                seeds: tuple[int, ...] = (0,), per_seed: int = 0,
+                labels: dict[str, Any] | None = None) -> None:
+    """Records for the rows named: right_by_row[label] (+ per_seed × seed) right per task."""
+    for row, _, spec in table.run_specs(PROFILE, seeds):
+        if row.label in right_by_row:
+            right = right_by_row[row.label] + per_seed * spec.seed
+            write_scored(store, spec, dict.fromkeys(spec.eval_tasks, right), labels)
+
+
+def _bold_rows(md: Path, column: str = "MMLU (ours)") -> list[str]:
+    shown = markdown_table(md.read_text()).set_index("Method")
+    return [label for label, text in shown[column].items() if text.startswith("**")]
+
+
+def test_bold_only_for_a_paired_win(store: RunStore, tmp_path: Path) -> None:
+    table = load_table("table1")
+    k = len(eval_tasks("general"))
+    # HydraLoRA right on 10 more items per task than LoRA r=32: a significant paired win.
+    fill_scored(store, table, {"LoRA (r=8)": 20, "LoRA (r=32)": 30, "HydraLoRA (r=8, N=4)": 40})
+    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path / "win")
+    assert _bold_rows(md) == ["HydraLoRA (r=8, N=4)"]
+    tidy = pd.read_csv(csv).set_index(["row", "column"])
+    p = tidy.loc[("HydraLoRA (r=8, N=4)", "MMLU"), "p_vs_runner_up"]
+    assert p == pytest.approx(stats.binomtest(10 * k, 10 * k).pvalue)
+    assert "McNemar" in md.read_text() and "McNemar" in tex.read_text()
+    assert re.search(r"\\textbf\{", tex.read_text())
+
+    # One more item per task than the runner-up: within noise, so nothing is bold.
+    fill_scored(store, table, {"LoRA (r=32)": 39})
+    md, csv, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "close")
+    assert _bold_rows(md) == []
+    assert pd.read_csv(csv).set_index(["row", "column"]).loc[
+        ("HydraLoRA (r=8, N=4)", "MMLU"), "p_vs_runner_up"] == pytest.approx(
+            stats.binomtest(k, k).pvalue)
+
+    # A tie at the top (here at 0.00): never bold, let alone twice.
+    fill_scored(store, table, {"LoRA (r=8)": 0, "LoRA (r=32)": 0, "HydraLoRA (r=8, N=4)": 0})
+    md, _, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "tie")
+    assert _bold_rows(md) == []
+
+
+def test_two_seeds_pool_pairs_clip_intervals_and_delta_vs_reference(store: RunStore,
+                                                                    tmp_path: Path) -> None:
+    table = load_table("table1")
+    seeds = (0, 1)
+    k = len(eval_tasks("general"))
+    # Per seed: LoRA r=8 right on 0 then 50 items per task (a huge seed spread around 41.67);
+    # HydraLoRA on 10 then 60, so +10 items per task and seed over LoRA r=8.
+    fill_scored(store, table, {"LoRA (r=8)": 0, "HydraLoRA (r=8, N=4)": 10}, seeds,
+                per_seed=50)
+    md, csv, tex = write_table_report(table, PROFILE, seeds, store, tmp_path,
+                                      reference="LoRA (r=8)")
+    tidy = pd.read_csv(csv).set_index(["row", "column"])
+    lora, hydra = tidy.loc[("LoRA (r=8)", "MMLU")], tidy.loc[("HydraLoRA (r=8, N=4)", "MMLU")]
+    values = [0.0, 100 * 50 / N_ITEMS]
+    low, high = stats.t.interval(0.95, 1, loc=sum(values) / 2, scale=stats.sem(values))
+    assert low < 0 < 100 < high and (lora["ci_low"], lora["ci_high"]) == (0.0, 100.0)
+    shown = markdown_table(md.read_text()).set_index("Method")
+    assert shown.loc["LoRA (r=8)", "MMLU (ours)"] == f"{sum(values) / 2:.2f} [0.00, 100.00]"
+    # The discordant pairs of both seeds pooled: 2 seeds × 10 items × k tasks, all HydraLoRA's.
+    assert hydra["p_vs_runner_up"] == pytest.approx(stats.binomtest(20 * k, 20 * k).pvalue)
+    assert _bold_rows(md) == ["HydraLoRA (r=8, N=4)"]
+    delta_column = "MMLU Δ vs LoRA (r=8) [95% CI]"
+    assert hydra["delta_vs_ref"] == pytest.approx(100 * 10 / N_ITEMS)
+    low, high = hydra["delta_vs_ref_low"], hydra["delta_vs_ref_high"]
+    assert 0 < low < hydra["delta_vs_ref"] < high
+    assert shown.loc["HydraLoRA (r=8, N=4)", delta_column] == f"+16.67 [{low:+.2f}, {high:+.2f}]"
+    assert shown.loc["LoRA (r=16)", delta_column] == "—"
+    assert "Δ vs LoRA (r=8)" in md.read_text().split("|")[0]  # the legend says what Δ is
+    rows = tabular_rows(tex.read_text())
+    assert {_columns_spanned(r) for r in rows} == {1 + 3 + 2}
+
+
+def test_labels_come_from_the_records(store: RunStore, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    table = load_table("table1")
+    synthetic = {"stand_in": True, "data_source": "train: synthetic suite (generated); "
+                                                  "eval: synthetic suite (generated)"}
+    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=synthetic)
+    # What the environment says at report time changes nothing.
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(tmp_path / "elsewhere"))
+    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path)
+    text = md.read_text()
+    assert "stand-in tasks (their records say so)" in text
+    assert synthetic["data_source"] in text and "elsewhere" not in text
+    assert "general (stand-in for MMLU) (ours)" in text
+    tidy = pd.read_csv(csv)
+    filled = tidy[tidy["run_id"].notna()]
+    assert filled["stand_in"].all() and (filled["data_source"] == synthetic["data_source"]).all()
+    assert "Stand-in tasks" in tex.read_text() and "general (stand-in for MMLU)" in tex.read_text()
+
+    real = {"stand_in": False, "data_source": "train: local copy d/x.json; eval: local copies in d"}
+    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=real)
+    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path / "real")
+    assert "their records say so" not in md.read_text() and "Stand-in" not in tex.read_text()
+    assert "(stand-in for" not in md.read_text() + tex.read_text()
+    assert not pd.read_csv(csv)["stand_in"].dropna().astype(bool).any()
+
+
+def test_rows_with_different_specs_never_share_a_label() -> None:
+    for profile in ("tiny", "paper"):
+        specs: dict[str, set[tuple[str, str]]] = {}
+        for name in ("table1", "table2", "table3", "figure5", "figure6"):
+            for row, _, spec in load_table(name).run_specs(profile):
+                specs.setdefault(row.label, set()).add((spec.method, repr(spec.adapter)))
+        shared = {label: ids for label, ids in specs.items() if len(ids) > 1}
+        assert not shared, (profile, shared)
+
+
+def test_a_profile_extending_tiny_is_labelled_a_stand_in(store_env: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    # A real run (the untrained base model: nothing to train) under a user's profile file.
+    profile = store_env / "mine.yaml"
+    profile.write_text("extends: tiny\ndescription: my own profile\n")
+    assert main(["run", "--profile", str(profile), "--method", "base", "--task", "medical"]) == 0
+    (record,) = RunStore().records()
+    assert record["stand_in"] is True and "synthetic suite" in record["data_source"]
+    assert main(["report", "table2", "--profile", str(profile)]) == 0
+    reports = store_env / "reports"
+    md = (reports / "table2.md").read_text()
+    assert "stand-in tasks (their records say so)" in md and "Hugging Face hub" not in md
+    assert "medical (stand-in for Medical) (ours)" in md
+    tidy = pd.read_csv(reports / "table2.csv").set_index(["row", "column"])
+    assert bool(tidy.loc[("Base", "Medical"), "stand_in"]) is True
+    tex = (reports / "table2.tex").read_text()
+    assert "Stand-in tasks" in tex and "medical (stand-in for Medical)" in tex
