@@ -61,6 +61,7 @@ import contextlib
 import functools
 import json
 import logging
+import marshal
 import math
 import os
 import select
@@ -304,17 +305,17 @@ def _run(found: Walls, program: str, tests: str, timeout_s: float,
 
 def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
     """Start one sandbox; `config`'s descriptors are passed to it (the caller closes its own)."""
-    source_fd = os.memfd_create(f"hydrabench-{config['role']}")
+    setup_fd = os.memfd_create(f"hydrabench-{config['role']}")  # config and source, read once
     ready_r, ready_w = os.pipe()
     info_r, info_w = os.pipe()
     try:
-        with open(source_fd, "wb", closefd=False) as f:
-            f.write(source.encode("utf-8"))
-        os.lseek(source_fd, 0, os.SEEK_SET)
-        config = {**config, "source_fd": source_fd, "ready_fd": ready_w}
-        passed = (source_fd, ready_w, info_w, *(v for k, v in config.items() if k.endswith("_fd")))
+        config = {**config, "ready_fd": ready_w}
+        with open(setup_fd, "wb", closefd=False) as f:
+            f.write(marshal.dumps((config, source)))
+        os.lseek(setup_fd, 0, os.SEEK_SET)
+        passed = (setup_fd, info_w, *(v for k, v in config.items() if k.endswith("_fd")))
         process = subprocess.Popen(
-            [*found.bwrap, "--info-fd", str(info_w), *found.command, json.dumps(config)],
+            [*found.bwrap, "--info-fd", str(info_w), *found.command, str(setup_fd)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             pass_fds=sorted(set(passed)), start_new_session=True,
         )
@@ -323,7 +324,7 @@ def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
         os.close(info_r)
         raise
     finally:
-        for fd in (source_fd, ready_w, info_w):
+        for fd in (setup_fd, ready_w, info_w):
             os.close(fd)
     return _Sandbox(process, info_r, ready_r)
 

