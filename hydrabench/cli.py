@@ -31,7 +31,7 @@ HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="tiny",
                    help="a shipped profile (default: tiny, offline CPU) or your own .yaml file")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default: the profile's, else 0")
     p.add_argument("--model", help="base model: a local directory or hub id (default: profile's)")
     p.add_argument("--force", action="store_true", help="rerun even if a finished record exists")
     p.add_argument("--trust-remote-code", action="store_true",

@@ -247,7 +247,7 @@ def _settings(cls: type, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
+def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None = None,
                  model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  valid_methods: list[str] | None = None, lm_eval_task_ok: bool = False,
                  trust_remote_code: bool = False) -> RunSpec:
@@ -257,6 +257,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int = 0,
     lm-eval task (checked against lm-eval's registry before the run starts).
     """
     prof = load_profile(profile)
+    seed = prof.get("seed", 0) if seed is None else seed  # a profile may name its recipe's seed
     if valid_methods is not None and method not in valid_methods:
         raise did_you_mean("method", method, valid_methods)
     tasks = dict(prof.get("tasks", {}))

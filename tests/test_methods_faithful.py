@@ -241,3 +241,75 @@ def test_loramoe_trains_and_records(store_env: Path, capsys: pytest.CaptureFixtu
     # Two rank-8 experts on gate/up (128 -> 344) and down (344 -> 128) of 2 layers.
     assert params["adapter"] == 2 * 2 * 3 * 8 * (128 + 344)
     assert params["router"] == 2 * 2 * (128 + 128 + 344)  # 2 experts × in_features, 2 layers
+
+
+# -- the reference code's own recipe as a profile -----------------------------------------------
+
+# Clin0212/HydraLoRA (commit afb693b): HydraLoRA/fine-tuning.sh and fine-tuning.py, as published.
+REFERENCE_RECIPE = [
+    ("adapter.target_modules", ("gate_proj", "up_proj", "down_proj")),  # lora_trainable
+    ("adapter.rank", 4),  # lora_rank=4
+    ("adapter.alpha", 32),  # lora_alpha=32
+    ("adapter.dropout", 0.05),  # lora_dropout=0.05
+    ("adapter.num_heads", 4),  # lora_b_nums=4
+    ("train.lr", 2e-4),  # lr=0.0002
+    ("train.scheduler", "cosine"),  # --lr_scheduler_type cosine
+    ("train.warmup_ratio", 0.03),  # --warmup_ratio 0.03
+    ("train.epochs", 1),  # --num_train_epochs 1
+    ("train.max_steps", 0),
+    ("train.batch_size", 1),  # per_device_train_batch_size=1
+    ("train.grad_accum", 8),  # gradient_accumulation_steps=8
+    ("train.seq_len", 1024),  # max_seq_length=1024
+    ("train.weight_decay", 0.0),  # --weight_decay 0
+    ("seed", 41),  # --seed 41
+    ("dtype", "bfloat16"),  # --bf16 --torch_dtype bfloat16
+    ("prompt_template", "reference"),  # build_dataset.py: "{instruction}</s>"
+    ("model", "meta-llama/Llama-2-7b-hf"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), REFERENCE_RECIPE, ids=[f for f, _ in REFERENCE_RECIPE])
+def test_reference_profile_is_the_published_recipe(field: str, value) -> None:
+    spec = resolve_spec("hydralora", "general", "reference")
+    got = spec
+    for part in field.split("."):
+        got = getattr(got, part)
+    assert got == value
+    assert resolve_spec("hydralora", "general", "reference", seed=3).seed == 3
+
+
+def test_reference_template_is_the_reference_codes(tiny) -> None:
+    """build_dataset.py: source "{instruction}</s>" (input after a newline), target
+    "{output}</s>", loss on the target only."""
+    from hydrabench.data.records import InstructionRecord, render_prompt
+    from hydrabench.train import IGNORE_INDEX, encode_record
+
+    with_input = InstructionRecord("Add the numbers.", "5", input="2, 3")
+    assert render_prompt(with_input, "reference") == "Add the numbers.\n2, 3</s>"
+    assert render_prompt(InstructionRecord("Say hi.", "hi"), "reference") == "Say hi.</s>"
+    ids, labels = encode_record(tiny.tokenizer, with_input, "reference", 1024)
+    response = tiny.tokenizer("5", add_special_tokens=False)["input_ids"]
+    assert ids[-len(response) - 1:] == [*response, tiny.tokenizer.eos_token_id]
+    assert labels == [IGNORE_INDEX] * (len(ids) - len(response) - 1) + ids[-len(response) - 1:]
+    assert resolve_spec("lora", "general", "paper").prompt_template == "reference"
+
+
+def test_reference_pipeline_runs_on_cpu_with_local_data(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import SHARED
+
+    from hydrabench.runner import execute
+
+    model = SHARED / "models" / "stories260K"
+    if not model.is_dir():
+        pytest.skip("../shared/models not present")
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
+    spec = resolve_spec("hydralora", "math", "reference", model=str(model),
+                        overrides={"train": {"max_steps": 2},
+                                   "eval": {"limit": 3, "backend": "hf"}})
+    record = execute(spec, store=RunStore(tmp_path / "results"))
+    assert record["seed"] == 41 and record["spec"]["prompt_template"] == "reference"
+    assert tuple(record["spec"]["adapter"]["target_modules"]) == ("gate_proj", "up_proj",
+                                                                  "down_proj")
+    assert record["training"]["train"]["steps"] == 2
+    assert record["metrics"]["gsm8k_cot"]["n"] == 3

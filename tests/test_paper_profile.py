@@ -40,7 +40,7 @@ def test_paper_pipeline_runs_on_cpu_with_local_data(tmp_path, monkeypatch) -> No
     spec = resolve_spec("lora", "math", "paper", model=str(MODEL),
                         overrides={"train": {"max_steps": 2},
                                    "eval": {"limit": 3, "backend": "hf"}})
-    assert spec.corpus == "data:gsm8k/train.jsonl" and spec.prompt_template == "alpaca"
+    assert spec.corpus == "data:gsm8k/train.jsonl" and spec.prompt_template == "reference"
     assert spec.dtype == "bfloat16" and spec.train.lr == 2e-4 and spec.adapter.alpha == 32
     record = execute(spec, store=RunStore(tmp_path / "results"))
     assert record["training"]["train"]["steps"] == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-# The Alpaca template the HydraLoRA reference scripts train with.
+# Stanford Alpaca's template (not the HydraLoRA reference code's: that is REFERENCE below).
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -14,6 +14,12 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
+
+# The HydraLoRA reference code's template (build_dataset.py: PROMPT_TEMPLATE = "{instruction}</s>",
+# the input joined to the instruction by a newline when there is one). "</s>" is written as text,
+# as there: a LLaMA tokenizer reads it as its end-of-sequence token.
+REFERENCE = "{instruction}</s>"
+TEMPLATES = ("plain", "alpaca", "reference")
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,16 @@ def render_prompt(record: InstructionRecord, template: str) -> str:
     """The text the model sees before the response; the loss is on the response only.
 
     `plain` concatenates instruction and input (the synthetic suite's records already carry the
-    exact evaluation format); `alpaca` is the reference code's template.
+    exact evaluation format); `reference` is the HydraLoRA reference code's template (the
+    response is followed by the end-of-sequence token, as training always does); `alpaca` is
+    Stanford Alpaca's.
     """
     if template == "plain":
         return record.instruction + record.input
+    if template == "reference":
+        joined = "\n".join(part for part in (record.instruction, record.input) if part)
+        return REFERENCE.format(instruction=joined)
     if template == "alpaca":
         pattern = ALPACA_WITH_INPUT if record.input else ALPACA_NO_INPUT
         return pattern.format(instruction=record.instruction, input=record.input)
-    raise ValueError(f"unknown prompt template {template!r} (valid: plain, alpaca)")
+    raise ValueError(f"unknown prompt template {template!r} (valid: {', '.join(TEMPLATES)})")
