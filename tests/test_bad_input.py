@@ -71,8 +71,6 @@ CASES = [
     ("more splits than training records", ["run", "--method", "lora-split-sum", "--task",
                                            "general", "--num-splits", "3", "--profile",
                                            two_record_corpus], "need at least 3 training records"),
-    ("vllm for router-mixed lora-split", ["run", "--method", "lora-split", "--task", "medical",
-                                          "--backend", "vllm"], "cannot be merged"),
     ("vllm for lora-split-routed", ["run", "--method", "lora-split-routed", "--task", "medical",
                                     "--backend", "vllm"], "cannot be merged"),
     ("no GPU for a GPU-only profile", ["run", "--profile", "paper", "--method", "lora",
