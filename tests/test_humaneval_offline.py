@@ -4,6 +4,9 @@ HumanEval runs end to end through lm-eval's HF backend on the real stories260K m
 configs are checked against lm-eval's built-in humaneval YAMLs; and the canonical solutions of
 all HumanEval problems and all tiny_code problems score pass@1 = 1 through the tasks' own prompt,
 target and metric, which shows the three fit together and the sandbox does not break real code.
+The tiny model scores as it did before the sandbox's judge, and each of its verdicts is the one
+the whole program's own run would give (how samples were scored before). Tests that run code
+skip where the sandbox cannot start, with its reason.
 """
 
 import os
@@ -37,6 +40,12 @@ needs_data = pytest.mark.skipif(
     not (DATA_DIR / "humaneval" / "HumanEval.jsonl.gz").is_file(),
     reason=f"needs the benchmark files in {DATA_DIR}",
 )
+needs_model = pytest.mark.skipif(not MODEL_DIR.is_dir(), reason=f"needs the model in {MODEL_DIR}")
+needs_sandbox = pytest.mark.skipif(sandbox.unavailable_reason() is not None,
+                                   reason=str(sandbox.unavailable_reason()))
+# pass@1 of the tiny model (greedy, 128 new tokens, every doc) with the sandbox before the judge,
+# measured 2026-12-01: its completions are stories, not code. So on any subset of the docs too.
+SCORES_BEFORE = {"humaneval": 0.0, "tiny_code": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +73,16 @@ def canonical_pass_at_1(task) -> float:
     return task._metric_fn_list["pass_at_k"](references, predictions, k=[1])["pass@1"]
 
 
-@needs_data
-@pytest.mark.skipif(not MODEL_DIR.is_dir(), reason=f"needs the model in {MODEL_DIR}")
-def test_humaneval_through_lm_eval(offline_tm, data_dir, opted_in):
+def tiny_lm() -> HFLM:
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR), batch_size=4)
+    return HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(MODEL_DIR), batch_size=4)
+
+
+@needs_data
+@needs_model
+@needs_sandbox
+def test_humaneval_through_lm_eval(offline_tm, data_dir, opted_in):
+    lm = tiny_lm()
     kwargs = dict(model=lm, tasks=["humaneval"], task_manager=offline_tm, limit=3,
                   gen_kwargs="max_gen_toks=16", log_samples=True, bootstrap_iters=0)
     # lm-eval's own gate: a task marked unsafe_code is refused without the confirmation.
@@ -86,12 +100,14 @@ def test_humaneval_through_lm_eval(offline_tm, data_dir, opted_in):
 
 
 @needs_data
+@needs_sandbox
 def test_all_humaneval_canonical_solutions_pass(offline_tm, data_dir, opted_in):
     task = offline_tm.load(["humaneval"])["tasks"]["humaneval"]
     assert len(task.test_docs()) == 164
     assert canonical_pass_at_1(task) == 1.0
 
 
+@needs_sandbox
 def test_tiny_code_canonical_solutions_pass_and_wrong_ones_fail(opted_in):
     tm = TaskManager(include_path=[str(REPO / "tasks" / "tiny")], include_defaults=False)
     task = tm.load(["tiny_code"])["tasks"]["tiny_code"]
@@ -101,6 +117,31 @@ def test_tiny_code_canonical_solutions_pass_and_wrong_ones_fail(opted_in):
     predictions = code_eval.build_predictions([["    return x\n"]] * len(docs), docs)
     references = [task.doc_to_target(doc) for doc in docs]
     assert code_eval.pass_at_k(references, predictions, k=[1]) == {"pass@1": 0.0}
+
+
+@needs_data
+@needs_model
+@needs_sandbox
+def test_tiny_model_scores_as_before(data_dir, opted_in):
+    tm = TaskManager(include_path=[str(OFFLINE_TASKS), str(REPO / "tasks" / "tiny")],
+                     include_defaults=False)
+    out = lm_eval.simple_evaluate(
+        model=tiny_lm(), tasks=list(SCORES_BEFORE), task_manager=tm, limit=20,
+        gen_kwargs="max_gen_toks=128", log_samples=True, bootstrap_iters=0,
+        confirm_run_unsafe_code=True)
+    for task, before in SCORES_BEFORE.items():
+        assert out["results"][task]["pass@1,create_test"] == before
+        # Each verdict, and the canonical solution's, as the whole program's own run gives it.
+        passes = 0
+        for sample in out["samples"][task]:
+            doc, target = sample["doc"], sample["target"]
+            for program in (sample["filtered_resps"][0][0],
+                            doc["prompt"] + doc["canonical_solution"]):
+                judged = sandbox.run_program(program, target, timeout_s=code_eval.TIMEOUT_S)
+                alone = sandbox.run_program(f"{program}\n{target}\n", timeout_s=code_eval.TIMEOUT_S)
+                assert judged.passed == alone.passed, (program, judged.detail, alone.detail)
+                passes += judged.passed
+        assert passes == len(out["samples"][task]) == 20  # the canonical ones, not the model's
 
 
 def _comparable(cfg: dict) -> dict:
