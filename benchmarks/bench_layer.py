@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from _common import finish, parse_args, peak_memory_mib, print_table, ratio, time_interleaved
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -71,6 +72,22 @@ class ReferenceHydraLoraLinear(nn.Module):
         return result
 
 
+class PerHeadDropoutHydraLoraLinear(HydraLoraLinear):
+    """``HydraLoraLinear`` drawing a separate dropout mask per head, as the reference code does
+    (it calls ``lora_dropout(x)`` once per head): A·dropout_i(x) for every head i, one GEMM over
+    the N independently masked copies of x. Measures what matching the reference's masks costs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        x = x.to(self.lora_A.weight.dtype)
+        copies = x.unsqueeze(-2).expand(*x.shape[:-1], self.num_heads, x.shape[-1])
+        low_rank = self.lora_A(self.dropout(copies))  # [..., N, r]: one mask per head
+        weights = (self.compute_gate(x) * self.scaling).to(low_rank.dtype)
+        mixed = (weights.unsqueeze(-1) * low_rank).flatten(-2)
+        b_cat = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
+        return result + F.linear(mixed, b_cat).to(result.dtype)
+
+
 class _Holder(nn.Module):
     """A one-layer module for peft to find its target ``proj`` in."""
 
@@ -104,6 +121,10 @@ VARIANTS = [
     Variant("loramoe r=8 N=4",
             lambda base: HydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT, shared_a=False),
             lambda i, o: [(i, NUM_HEADS * R), (i, NUM_HEADS), (NUM_HEADS * R, o)]),
+    # HydraLoRA with the reference's per-head dropout masks (N masked copies of x through A).
+    Variant("hydralora per-head dropout",
+            lambda base: PerHeadDropoutHydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT),
+            lambda i, o: [(i, R)] * NUM_HEADS + [(i, NUM_HEADS), (NUM_HEADS * R, o)]),
     Variant("reference r=8 N=4",
             lambda base: ReferenceHydraLoraLinear(base, R, NUM_HEADS, ALPHA, DROPOUT),
             lambda i, o: [(i, NUM_HEADS)] + [(i, R), (R, o)] * NUM_HEADS),
@@ -173,7 +194,7 @@ def bench_shape(label: str, fan_in: int, fan_out: int, tokens: int, args: argpar
     times = {name: t.seconds for name, t in timings.items()}
     flops = {v.name: gemm_flops(v, fan_in, fan_out, tokens) for v in VARIANTS}
     lora8, hydra, ref = "lora r=8", "hydralora r=8 N=4", "reference r=8 N=4"
-    moe = "loramoe r=8 N=4"
+    moe, per_head = "loramoe r=8 N=4", "hydralora per-head dropout"
     row: dict[str, Any] = {"shape": label, "tokens": tokens}
     row |= {f"{name} ms": seconds * 1e3 for name, seconds in times.items()}
     row |= {f"{name} MiB": peak_memory_mib(step) for name, step in steps.items()}
@@ -181,6 +202,8 @@ def bench_shape(label: str, fan_in: int, fan_out: int, tokens: int, args: argpar
         "hydra/lora8": ratio(times[hydra], times[lora8]),
         "ref/hydra": ratio(times[ref], times[hydra]),
         "moe/hydra": ratio(times[moe], times[hydra]),
+        "per-head-dropout/hydra": ratio(times[per_head], times[hydra]),
+        "per-head-dropout/hydra adapter-only": overhead_ratio(times, per_head, hydra),
         "hydra/lora8 adapter-only": overhead_ratio(times, hydra, lora8),
         "ref/hydra adapter-only": overhead_ratio(times, ref, hydra),
         "hydra/lora8 GEMM FLOPs": ratio(flops[hydra], flops[lora8]),
@@ -217,6 +240,7 @@ def main() -> None:
     print_table(f"forward+backward of one projection, ms per call ({args.device}, {dtype})",
                 [{k: r[k] for k in time_cols} for r in rows])
     ratio_cols = ["shape", "tokens", "hydra/lora8", "ref/hydra", "moe/hydra",
+                  "per-head-dropout/hydra", "per-head-dropout/hydra adapter-only",
                   "hydra/lora8 adapter-only", "ref/hydra adapter-only", "hydra/lora8 GEMM FLOPs",
                   "ref/hydra GEMM FLOPs", "moe/hydra GEMM FLOPs", "max spread"]
     print_table("ratios (time / time)", [{k: r[k] for k in ratio_cols} for r in rows])
@@ -246,6 +270,8 @@ def main() -> None:
         "hydra_over_lora_r8_adapter_only": head["hydra/lora8 adapter-only"],
         "reference_over_hydra_adapter_only": head["ref/hydra adapter-only"],
         "loramoe_over_hydra": head["moe/hydra"],  # the price of N A's instead of one shared
+        # the price of the reference's separate dropout mask per head (hydralora docstring)
+        "per_head_dropout_over_hydra": head["per-head-dropout/hydra"],
         "at": f"{head['shape']}, {head['tokens']} tokens",
         "tiny_hydra_over_lora_r8": tiny["hydra/lora8"],
         "tiny_reference_over_hydra": tiny["ref/hydra"],

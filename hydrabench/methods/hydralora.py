@@ -12,6 +12,15 @@ logits and softmax in float32. As in the reference code, ``A`` and ``R`` use the
 default Kaiming-uniform init and every ``B_i`` starts at zero, so the adapted model is exactly
 the base model at initialisation.
 
+Dropout differs from the reference code on purpose: here one mask on ``x`` serves every head
+(``A x`` is computed once); the reference calls ``lora_dropout(x)`` once per head, a separate
+mask per head, which needs N masked copies of ``x`` through ``A``. benchmarks/bench_layer.py
+(variant ``hydralora per-head dropout``; --quick, 1 thread, busy 2-core CPU) measured that at
+2.1x this layer's forward+backward at the tiny model's 128->128 shape (1024 tokens; 2.7x of what
+the adapter adds) and 1.05x, within noise, at LLaMA-2-7B's 4096->4096 (256 tokens): a measurable
+cost, so one mask stays. Both have the same expectation and differ only in training noise;
+evaluation has no dropout.
+
 Serving: because ``g`` depends on each token, HydraLoRA cannot be merged exactly into ``W``.
 :func:`merge_hydralora` offers two approximations, a uniform gate (``1/N``) and the mean router
 gate over a calibration set (:func:`mean_router_gates`).

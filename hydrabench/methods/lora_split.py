@@ -11,7 +11,7 @@ smaller LoRAs (nAnB) with the same total number of parameters ... used for fine-
 shared A" — router-mixed heads, each with its own A — with exactly the LoRA-Split 4×8 numbers of
 Table 2 (46.94 / 45.28 / 41.35): the paper treats the two as one model. %Param counts the experts
 (n·r·(in + out) per layer, LoRA r = n·r's count); the router is reported apart. The gate depends
-on every token, so there is no exact merge (hf backend only).
+on every token, so no merge into W is exact.
 
 `lora-split-sum`: adapter k (a peft LoRA) trained alone on component k of the corpus, the n
 adapters summed with weight 1 by peft's `cat` merge into one rank n·r LoRA (mergeable). Nothing in
