@@ -63,7 +63,7 @@ lint: install
 
 # Speed benchmarks, quick sizes (~5 min on 2 cores); tables and JSON go to reports/bench/.
 bench: install
-	$(BIN)/python benchmarks/bench_layer.py --quick && $(BIN)/python benchmarks/bench_train.py --quick && $(BIN)/python benchmarks/bench_eval.py --quick
+	$(BIN)/python benchmarks/bench_layer.py --quick && $(BIN)/python benchmarks/bench_train.py --quick && $(BIN)/python benchmarks/bench_eval.py --quick && $(BIN)/python benchmarks/bench_sandbox.py --quick
 
 clean:
 	rm -rf results/runs results/artifacts results/exports results/.locks
