@@ -33,7 +33,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="a shipped profile (default: tiny, offline CPU) or your own .yaml file")
     p.add_argument("--seed", type=int, default=None, help="default: the profile's, else 0")
     p.add_argument("--model", help="base model: a local directory or hub id (default: profile's)")
-    p.add_argument("--force", action="store_true", help="rerun even if a finished record exists")
+    p.add_argument("--force", action="store_true",
+                   help="score again even if a finished record exists (reuses the artifact)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train and score again even if a trained artifact and record exist")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model repository's own code (off by default)")
     hp = p.add_argument_group("hyper-parameters (override the profile, validated the same way)")
@@ -168,7 +171,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
                         _overrides(args), valid_methods=list(METHODS),
                         trust_remote_code=args.trust_remote_code)
-    record = execute(spec, force=args.force)
+    record = execute(spec, force=args.force, retrain=args.retrain)
     if record:  # empty on the worker processes of a torchrun launch
         _print_metrics(record)
 

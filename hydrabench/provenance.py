@@ -1,9 +1,14 @@
-"""Where a result came from: git commit, package versions, model and data fingerprints."""
+"""Where a result came from: git commit, package versions, and the content fingerprints of every
+input a run consumes (base model, training corpus, lm-eval task configs and their data)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import subprocess
+from collections.abc import Callable
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -38,23 +43,131 @@ def git_commit() -> dict[str, str | bool | None]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def fingerprint_path(path: Path) -> str:
-    """sha256 over a file or a directory's files (names and contents).
-
-    Files over 64 MiB contribute their size and first and last MiB: hashing a 13 GB checkpoint
-    in full would cost minutes on every run.
-    """
+def _file_digest(file: Path) -> str:
+    """sha256 of one file; files over 64 MiB contribute their size and first and last MiB:
+    hashing a 13 GB checkpoint in full would cost minutes on every run."""
     digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        if size <= _WHOLE_FILE_LIMIT:
+            digest.update(fh.read())
+        else:
+            digest.update(str(size).encode())
+            digest.update(fh.read(2**20))
+            fh.seek(-(2**20), 2)
+            digest.update(fh.read())
+    return digest.hexdigest()
+
+
+# Run ids hash the content of every input, and reports resolve hundreds of specs: each file is
+# read once per process, again only when its size or modification time changes.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(file: Path) -> str:
+    stat = file.stat()
+    key = (os.path.abspath(file), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        _FILE_DIGESTS[key] = _file_digest(file)
+    return _FILE_DIGESTS[key]
+
+
+def fingerprint_path(path: Path, keep: Callable[[Path], bool] = lambda _: True) -> str:
+    """sha256 over a file or a directory's files (names relative to `path`, and contents);
+    `keep` picks a directory's files. A missing path is named as such."""
+    if not path.exists():
+        return f"missing:{path}"
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and keep(p) and "__pycache__" not in p.parts)
     for file in files:
         digest.update(str(file.relative_to(path) if file != path else file.name).encode())
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
-            if size <= _WHOLE_FILE_LIMIT:
-                digest.update(fh.read())
-            else:
-                digest.update(str(size).encode())
-                digest.update(fh.read(2**20))
-                fh.seek(-(2**20), 2)
-                digest.update(fh.read())
+        digest.update(file_digest(file).encode())
     return digest.hexdigest()
+
+
+def model_fingerprint(name: str) -> str:
+    """The base model's files (the tiny default is built first: its weights depend on the
+    build's thread count, not only on its recipe); a hub id only by name, its files unknown
+    until downloaded."""
+    from hydrabench.models import resolve_model_dir
+
+    directory = resolve_model_dir(name)
+    return fingerprint_path(directory) if directory else f"hub:{name}"
+
+
+@cache  # the suite is generated deterministically, once per process; hashing it costs ~0.1 s
+def synthetic_suite_fingerprint() -> str:
+    from hydrabench.data import synthetic
+
+    return synthetic.suite_fingerprint()
+
+
+def corpus_fingerprints(corpus: str) -> dict[str, str]:
+    """Each part of a training corpus: the synthetic suite's generated content, a local file's
+    bytes, or a hub dataset by name."""
+    fingerprints = {}
+    for part in corpus.split("+"):
+        if part == "none":  # evaluation only
+            continue
+        if part == "synthetic":
+            fingerprints[part] = synthetic_suite_fingerprint()
+        elif part.startswith("hub:"):
+            fingerprints[part] = part
+        elif part.startswith("data:"):
+            root = os.environ.get("HYDRABENCH_DATA_DIR")
+            fingerprints[part] = (fingerprint_path(Path(root) / part[5:]) if root
+                                  else "missing:HYDRABENCH_DATA_DIR unset")
+        else:
+            fingerprints[part] = fingerprint_path(Path(part))
+    return fingerprints
+
+
+def _is_task_file(path: Path) -> bool:
+    """What lm-eval reads from a task folder: YAML (`*_yaml` includes too) and Python."""
+    return path.suffix in (".yaml", ".yml", ".py") or path.name.endswith("_yaml")
+
+
+_TASK_NAME = re.compile(r"^(?:task|group|tag):[ \t]*([\w.-]+)[ \t]*$", re.MULTILINE)
+
+
+@cache
+def _task_folders(root: Path) -> dict[str, Path]:
+    """Task, group or tag name → the top-level folder of `root` (a task family) defining it."""
+    folders = {}
+    for file in sorted(root.rglob("*")):
+        if file.is_file() and _is_task_file(file) and file.suffix != ".py":
+            family = root / file.relative_to(root).parts[0]
+            for name in _TASK_NAME.findall(file.read_text(errors="replace")):
+                folders.setdefault(name, family if family.is_dir() else root)
+    return folders
+
+
+def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Per lm-eval task: its config (its family's YAML and Python, plus the shared includes and
+    loaders beside them) and its data. Offline tasks read HYDRABENCH_DATA_DIR/<family>/; the tiny
+    tasks generate theirs from the synthetic suite; built-in tasks are fixed by lm-eval's version
+    and read the hub."""
+    from hydrabench.evaluate import TASKS_DIR, offline_mode
+
+    roots = [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline_mode() else [])]
+    fingerprints = {}
+    for task in tasks:
+        root = next((r for r in roots if task in _task_folders(r)), None)
+        if root is None:
+            fingerprints[task] = {"config": f"lm_eval {package_versions()['lm_eval']} built-in",
+                                  "data": "hub"}
+            continue
+        family = _task_folders(root)[task]
+        shared = "".join(file_digest(f) for f in sorted(root.iterdir())
+                         if f.is_file() and _is_task_file(f))
+        config = hashlib.sha256(
+            (fingerprint_path(family, _is_task_file) + shared).encode()).hexdigest()
+        if root.name == "tiny":
+            data = f"synthetic:{synthetic_suite_fingerprint()}"
+        elif os.environ.get("HYDRABENCH_DATA_DIR"):
+            data = fingerprint_path(Path(os.environ["HYDRABENCH_DATA_DIR"]) / family.name)
+        else:
+            data = "missing:HYDRABENCH_DATA_DIR unset"
+        fingerprints[task] = {"config": config, "data": data}
+    return fingerprints

@@ -9,8 +9,8 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from hydrabench import distributed, provenance
-from hydrabench.data import synthetic
 from hydrabench.data.corpora import load_corpus
 from hydrabench.evaluate import (
     TaskScore,
@@ -104,18 +103,31 @@ class RunTraining:
                          seq_len=self.spec.train.seq_len, device=str(self.base.model.device))
 
 
+def check_inputs_unchanged(spec: RunSpec, *, training: bool) -> None:
+    """The files a run read still have the content its id names (an edit while it ran would
+    make its artifact or record lie about what it consumed)."""
+    now = (provenance.corpus_fingerprints(spec.corpus) if training
+           else provenance.task_fingerprints(spec.eval_tasks))
+    if now != (spec.inputs.corpus if training else spec.inputs.tasks):
+        what = f"corpus {spec.corpus}" if training else f"tasks {', '.join(spec.eval_tasks)}"
+        raise SpecError(f"the {what} changed while this run read it; run it again")
+
+
 def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseModel,
-                   records: list) -> tuple[Path, dict]:
-    """The trained artifact for the spec's train id, training it if no finished one exists.
+                   records: list, *, retrain: bool = False) -> tuple[Path, dict]:
+    """The trained artifact for the spec's train id, training it if no finished one exists
+    (or `retrain`). It stores the fingerprints of the model and corpus it was trained from.
 
     `base` is adapted in place; `records` may be empty when the artifact was already finished.
     """
     final = store.artifacts / spec.train_id
     with store.lock(f"train-{spec.train_id}"):
-        if (final / ARTIFACT_MARKER).exists():
+        if (final / ARTIFACT_MARKER).exists() and not retrain:
             return final, json.loads((final / ARTIFACT_MARKER).read_text())
         base_total = sum(p.numel() for p in base.model.parameters())
         checkpoint_dir = store.artifacts / f".checkpoints-{spec.train_id}"
+        if retrain:  # start afresh, not from a killed training's checkpoints
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with store.staging(final) as scratch:
             if method.adapt is None:
@@ -133,35 +145,16 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                 info = {"trained": True, "train": summary, "train_records": len(records),
                         "metering": {"train": meter.result.to_dict()}}
                 method.save(model, scratch)
+                check_inputs_unchanged(spec, training=True)
             info["parameters"] = parameter_counts(model, base_total)
             info["train_id"] = spec.train_id
+            info["inputs"] = {"model": spec.inputs.model, "corpus": spec.inputs.corpus}
             write_json_atomic(scratch / ARTIFACT_MARKER, info)
         # The checkpoints only serve to resume this training, which has now finished.
         for ckpt in checkpoint_dir.glob("*.pt"):
             ckpt.unlink()
         checkpoint_dir.rmdir()
         return final, info
-
-
-def model_fingerprint(spec: RunSpec, base: BaseModel) -> str:
-    return provenance.fingerprint_path(base.directory) if base.directory else f"hub:{spec.model}"
-
-
-def data_fingerprint(spec: RunSpec) -> dict[str, str]:
-    fingerprints = {}
-    for part in spec.corpus.split("+"):
-        if part == "none":  # evaluation only
-            continue
-        if part == "synthetic":
-            fingerprints[part] = synthetic.suite_fingerprint()
-        elif part.startswith("data:") and os.environ.get("HYDRABENCH_DATA_DIR"):
-            fingerprints[part] = provenance.fingerprint_path(
-                Path(os.environ["HYDRABENCH_DATA_DIR"]) / part[5:])
-        elif Path(part).exists():
-            fingerprints[part] = provenance.fingerprint_path(Path(part))
-        else:
-            fingerprints[part] = f"hub:{part}"
-    return fingerprints
 
 
 def _eval_settings(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
@@ -247,9 +240,12 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
         "export": export_meter.result.to_dict(), "eval": meter.result.to_dict()}
 
 
-def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None) -> dict[str, Any]:
-    """Run `spec` unless a finished record exists (or `force`); return the record."""
+def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
+            store: RunStore | None = None) -> dict[str, Any]:
+    """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
+    score again); return the record."""
     store = store or RunStore()
+    force = force or retrain
     method = get_method(spec.method)
     if spec.eval.backend != "hf" and not method.mergeable:
         raise SpecError(f"method {spec.method} cannot be merged, so it cannot be served by "
@@ -263,8 +259,8 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
     base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
-    needs_training = method.adapt is not None and not (
-        store.artifacts / spec.train_id / ARTIFACT_MARKER).exists()
+    needs_training = method.adapt is not None and (retrain or not (
+        store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())
     records = load_corpus(spec.corpus) if needs_training else []
     if needs_training and method.check is not None:
         method.check(spec, records)
@@ -279,7 +275,8 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
         started = time.time()
-        artifact, train_info = ensure_trained(spec, method, store, base, records)
+        artifact, train_info = ensure_trained(spec, method, store, base, records,
+                                              retrain=retrain)
         if needs_training:  # training adapted the first base model in place: load a fresh one
             offload(base.model)
             base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
@@ -298,9 +295,11 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
                 "backend": spec.eval.backend, **backend_entries, "merge_gap": gaps,
                 "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
                 "metering": {**train_info.get("metering", {}), **metering},
+                # What trained the artifact (as it recorded) and what scored it.
                 "provenance": {
-                    "model_source": spec.model, "model_fingerprint": model_fingerprint(spec, base),
-                    "data_fingerprints": data_fingerprint(spec),
+                    "model_source": spec.model, "model_fingerprint": train_info["inputs"]["model"],
+                    "data_fingerprints": train_info["inputs"]["corpus"],
+                    "task_fingerprints": spec.inputs.tasks,
                     "data_source": "local" if offline_mode() else "hub",
                     "packages": provenance.package_versions(), "git": provenance.git_commit(),
                     "python": platform.python_version(), "hardware": hardware_summary(),
@@ -308,6 +307,7 @@ def execute(spec: RunSpec, *, force: bool = False, store: RunStore | None = None
                 "wall_s": {"total": time.time() - started},
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
+            check_inputs_unchanged(spec, training=False)
             write_json_atomic(scratch / "record.json", record)
         log(f"{spec.run_id}: done")
         return record

@@ -1,7 +1,9 @@
 """RunSpec: everything that decides a run's result, resolved from a profile plus overrides.
 
 The run id is a hash of the resolved spec, so identical requests find each other's records
-(resume) and any change of a hyper-parameter gives a new run.
+(resume) and any change of a hyper-parameter gives a new run. The spec holds the content
+fingerprints of what the run consumes (base model, corpus, task configs and data), so editing any
+of them gives a new run too.
 """
 
 from __future__ import annotations
@@ -130,6 +132,16 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class InputFingerprints:
+    """Content fingerprints (hydrabench.provenance) of the base model, of each corpus part, and of
+    each lm-eval task's config and data: part of the run id, and of the train id but the tasks."""
+
+    model: str
+    corpus: dict[str, str]
+    tasks: dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True)
 class RunSpec:
     method: str
     task: str
@@ -138,6 +150,7 @@ class RunSpec:
     seed: int
     corpus: str
     eval_tasks: tuple[str, ...]
+    inputs: InputFingerprints
     device: str = "cpu"
     dtype: str = "float32"
     prompt_template: str = "plain"
@@ -164,6 +177,7 @@ class RunSpec:
         payload = self.to_dict()
         for key in ("task", "eval_tasks", "eval"):
             payload.pop(key)
+        payload["inputs"].pop("tasks")
         return f"{self.method}-s{self.seed}-{self._digest(payload)}"
 
 
@@ -285,9 +299,12 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
 
         mergeable = method in METHODS and METHODS[method].mergeable
         eval_settings = replace(eval_settings, backend="vllm" if mergeable else "hf")
+    model = model or prof["model"]
+    corpus = corpus or tasks[task]["corpus"]
+    eval_tasks = tuple(tasks[task]["eval"])
     return RunSpec(
-        method=method, task=task, profile=profile, model=model or prof["model"], seed=seed,
-        corpus=corpus or tasks[task]["corpus"], eval_tasks=tuple(tasks[task]["eval"]),
+        method=method, task=task, profile=profile, model=model, seed=seed, corpus=corpus,
+        eval_tasks=eval_tasks, inputs=fingerprint_inputs(model, corpus, eval_tasks),
         device=prof.get("device", "cpu"), dtype=prof.get("dtype", "float32"),
         prompt_template=prof.get("prompt_template", "plain"),
         country_iso_code=prof.get("country_iso_code", "USA"),
@@ -298,9 +315,18 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     )
 
 
+def fingerprint_inputs(model: str, corpus: str, eval_tasks: tuple[str, ...]) -> InputFingerprints:
+    from hydrabench import provenance
+
+    return InputFingerprints(model=provenance.model_fingerprint(model),
+                             corpus=provenance.corpus_fingerprints(corpus),
+                             tasks=provenance.task_fingerprints(eval_tasks))
+
+
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:
     """Rebuild a RunSpec from a record's `spec` (the inverse of RunSpec.to_dict)."""
-    nested = {"train": TrainSettings, "adapter": AdapterSettings, "eval": EvalSettings}
+    nested = {"train": TrainSettings, "adapter": AdapterSettings, "eval": EvalSettings,
+              "inputs": InputFingerprints}
     values = {k: (_settings(nested[k], v, k) if k in nested else v) for k, v in data.items()}
     values["eval_tasks"] = tuple(values["eval_tasks"])
     return RunSpec(**values)
@@ -311,6 +337,7 @@ def retarget(trained: RunSpec, task: str, eval_overrides: dict[str, Any]) -> Run
     column = resolve_spec(trained.method, task, trained.profile, trained.seed,
                           lm_eval_task_ok=True)
     return replace(trained, task=column.task, eval_tasks=column.eval_tasks,
+                   inputs=replace(trained.inputs, tasks=column.inputs.tasks),
                    eval=replace(trained.eval, **eval_overrides))
 
 
