@@ -321,6 +321,17 @@ def test_an_answer_equal_to_everything_fails():
 
 
 @needs_walls
+def test_stop_iteration_does_not_end_the_tests_early():
+    # In one process, a StopIteration from the candidate ends map() and all() holds vacuously.
+    program = "def one():\n    raise StopIteration\n"
+    tests = "assert all(map(lambda _: one() == 1, range(3)))\n"
+    assert sandbox.run_program(program + tests).passed  # the program's own word, as before
+    result = sandbox.run_program(program, tests)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "RuntimeError: StopIteration" in result.detail
+
+
+@needs_walls
 def test_plain_data_and_exceptions_cross_to_the_judge():
     value = "(1, [2.5, None, True], {'a': {3}, (4,): frozenset({5})}, b'x', 1j, 'é', -0.0)"
     program = f"def f():\n    return {value}\ndef g(x):\n    raise ValueError(x)\n"
