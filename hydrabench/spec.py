@@ -286,7 +286,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     # A method's own defaults (LoRAMoE's FFN experts) beat the profile's, never the user's flags.
     from hydrabench.methods import METHODS
 
-    method_defaults = {"adapter": METHODS[method].adapter_defaults if method in METHODS else {}}
+    method_defaults = {"adapter": getattr(METHODS.get(method), "adapter_defaults", {})}
     section = {key: {**prof.get(key, {}), **method_defaults.get(key, {}), **overrides.get(key, {})}
                for key in ("train", "adapter", "eval")}
     # The profile names, per method, the FSDP config its multi-process training shards with.

@@ -91,8 +91,9 @@ def adapt_experts(model: torch.nn.Module, spec: RunSpec,
 
 
 METHOD = make_method(
-    "lora-split", "LoRA-Split n×r (default reading): n LoRA experts (own A and B), per-token "
-    "softmax router, trained jointly; = Fig. 6's HydraLoRA without shared A",
+    "lora-split", "LoRA-Split n×r, the default reading (the paper states none; the authors' "
+    "'nAnB' in HydraLoRA issue #14, and Fig. 6 gives HydraLoRA without shared A its numbers): "
+    "n experts of rank r, own A and B, per-token softmax router, trained jointly",
     adapt_experts, fit_recording_heads, balanced_loss)
 
 
@@ -159,8 +160,8 @@ def load_combined(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
 
 SUM_METHOD = Method(
     name="lora-split-sum",
-    description="LoRA-Split, summed reading: n LoRAs of rank r, each trained on one data "
-                "component, summed by peft's cat merge",
+    description="LoRA-Split n×r, summed reading (not the default): n LoRAs of rank r, each "
+                "trained on one data component, summed by peft's cat merge",
     adapt=adapt_splits, save=save_combined, load=load_combined, merge=merge_peft, fit=_fit_sum,
     check=check_splits)
 
@@ -258,6 +259,6 @@ def load_routed(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
 
 ROUTED_METHOD = Method(
     name="lora-split-routed",
-    description="LoRA-Split, routed reading: n LoRAs of rank r, each trained on one data "
-                "component; each prompt goes to its nearest component centroid's LoRA (TF-IDF)",
+    description="LoRA-Split n×r, routed reading (not the default): n LoRAs of rank r, each "
+                "trained on one data component; each prompt to its nearest TF-IDF centroid's LoRA",
     adapt=adapt_splits, save=save_routed, load=load_routed, fit=_fit_routed, check=check_splits)
