@@ -56,12 +56,13 @@ def old_sandbox() -> tuple[ModuleType | None, str]:
         source = git("show", f"{added}^:hydrabench/sandbox.py")
     except (OSError, subprocess.CalledProcessError, IndexError) as e:
         return None, f"old sandbox unavailable (needs git history): {e}"
-    path = Path(tempfile.mkdtemp(prefix="hydrabench-bench-")) / "old_sandbox.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("old_sandbox", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="hydrabench-bench-") as folder:
+        path = Path(folder, "old_sandbox.py")
+        path.write_text(source, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location("old_sandbox", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
     return module, f"old sandbox: {added[:10]}^"
 
 
