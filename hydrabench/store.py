@@ -2,7 +2,8 @@
 
 A run's files are assembled in a staging directory and renamed into place in one step, so a
 killed run leaves no partial record, and a finished run is found (and skipped) on rerun.
-A file lock per run id keeps two processes from running the same run at once.
+Replacing a finished run (`--force`) keeps a whole old or new run at every instant: see
+`RunStore.staging`. A file lock per run id keeps two processes from running the same run at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +40,13 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def fault_point(step: str) -> None:
+    """Tests kill a replacement at each of its steps: HYDRABENCH_KILL_AT=<step> SIGKILLs this
+    process there (a real signal, as a crash or an OOM kill would send)."""
+    if os.environ.get("HYDRABENCH_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def checked_run_id(run_id: str) -> str:
     """A run id names one directory under results/: no separators, no '..', nothing hidden."""
     if not RUN_ID.fullmatch(run_id) or run_id.startswith("."):
@@ -45,11 +54,16 @@ def checked_run_id(run_id: str) -> str:
     return run_id
 
 
+# A replacement's directories beside the target: the finished new copy, and the old one set aside.
+COMPLETE, ASIDE = ".complete-", ".old-"
+
+
 class RunStore:
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or results_root()
         self.runs = self.root / "runs"
         self.artifacts = self.root / "artifacts"
+        self.recover()
 
     def record_path(self, run_id: str) -> Path:
         return self.runs / checked_run_id(run_id) / "record.json"
@@ -61,7 +75,7 @@ class RunStore:
         return json.loads(self.record_path(run_id).read_text())
 
     def records(self) -> Iterator[dict[str, Any]]:
-        for path in sorted(self.runs.glob("*/record.json")):
+        for path in sorted(self.runs.glob("[!.]*/record.json")):  # not a staging directory
             yield json.loads(path.read_text())
 
     @contextmanager
@@ -87,6 +101,44 @@ class RunStore:
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
-        if final_dir.exists():  # --force: replace the previous result
-            shutil.rmtree(final_dir)
-        os.replace(scratch, final_dir)
+        self._replace(scratch, final_dir)
+
+    def _replace(self, scratch: Path, final_dir: Path) -> None:
+        """Put the finished `scratch` in place of `final_dir`: the new copy is marked whole, the
+        old one renamed aside, the new one renamed in, then the old one deleted. A kill at any
+        step leaves a whole old or new copy, which `recover` puts back in place."""
+        parent, name, tag = final_dir.parent, final_dir.name, scratch.name.rpartition("-")[2]
+        complete, aside = parent / f"{COMPLETE}{name}-{tag}", parent / f"{ASIDE}{name}-{tag}"
+        with self._replacing(final_dir):
+            fault_point("staged")
+            os.replace(scratch, complete)
+            fault_point("complete")
+            if final_dir.exists():  # --force: replace the previous result
+                os.replace(final_dir, aside)
+                fault_point("aside")
+            os.replace(complete, final_dir)
+            fault_point("placed")
+            shutil.rmtree(aside, ignore_errors=True)
+
+    @contextmanager
+    def _replacing(self, final_dir: Path) -> Iterator[None]:
+        """Held while `final_dir` is swapped, so that `recover` never sees a swap midway."""
+        with self.lock(f"replace-{final_dir.parent.name}-{final_dir.name}"):
+            yield
+
+    def recover(self) -> None:
+        """After a kill during a replacement: put a whole copy back where one is missing (the
+        finished new one, else the old one), then drop the leftovers."""
+        for parent in (self.runs, self.artifacts, self.root / "exports"):
+            leftovers = sorted(parent.glob(f"{COMPLETE}*")) + sorted(parent.glob(f"{ASIDE}*")) \
+                if parent.is_dir() else []
+            for name in dict.fromkeys(p.name.split("-", 1)[1].rpartition("-")[0]
+                                      for p in leftovers):
+                final_dir = parent / name
+                with self._replacing(final_dir):
+                    copies = [*parent.glob(f"{COMPLETE}{name}-*"), *parent.glob(f"{ASIDE}{name}-*")]
+                    for copy in copies:
+                        if final_dir.exists():
+                            shutil.rmtree(copy, ignore_errors=True)
+                        else:
+                            os.replace(copy, final_dir)

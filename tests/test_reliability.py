@@ -5,11 +5,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import artifact_info, finish, kill_when, start
+from conftest import SHARED, artifact_info, finish, kill_when, start
 
 # Enough steps that a kill lands mid-training, checkpoints every 5 steps, a cheap evaluation.
 RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
        "--checkpoint-every", "5", "--limit", "2"]
+STORIES = str(SHARED / "models" / "stories260K")
 
 
 def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path) -> None:
@@ -72,3 +73,45 @@ def test_report_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypat
         report.write_text(target, "new report")
     assert target.read_text() == "previous report"
     assert [p.name for p in tmp_path.iterdir()] == ["table1.md"]  # no temp file left behind
+
+
+def whole_runs(results: Path) -> list[Path]:
+    """Run directories with a readable record and lm-eval's results beside it."""
+    whole = []
+    for directory in results.glob("runs/*"):
+        try:
+            json.loads((directory / "record.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (directory / "lm_eval" / "lm_eval_results.json").is_file():
+            whole.append(directory)
+    return whole
+
+
+def test_force_killed_at_each_step_of_the_replacement_keeps_a_whole_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydrabench.store import RunStore
+
+    results = tmp_path / "results"
+    run = [*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]
+    finish(start(run, results))
+    (run_dir,) = results.glob("runs/[!.]*")
+    for step in ("staged", "complete", "aside", "placed"):
+        old = json.loads((run_dir / "record.json").read_text())
+        monkeypatch.setenv("HYDRABENCH_KILL_AT", step)  # SIGKILL at that step of the swap
+        killed = start([*run, "--force"], results)
+        killed.communicate(timeout=600)
+        monkeypatch.delenv("HYDRABENCH_KILL_AT")
+        assert killed.returncode == -9, step
+        assert whole_runs(results), step  # in place, or beside it ready to be put back
+        assert not run_dir.exists() or run_dir in whole_runs(results), step  # never half
+
+        RunStore(results)  # start-up: a whole copy goes back in place, the other one goes
+        assert run_dir in whole_runs(results), step
+        assert not list(results.glob("runs/.complete-*")) + list(results.glob("runs/.old-*"))
+        new = json.loads((run_dir / "record.json").read_text())
+        assert (new == old) == (step in ("staged", "complete")), step  # new once set aside
+    assert "finished record found, skipping" in finish(start(run, results))
+    # A scratch directory left by the kill at "staged" goes with the next run of the same id.
+    finish(start([*run, "--force"], results))
+    assert [p.name for p in (results / "runs").iterdir()] == [run_dir.name]
