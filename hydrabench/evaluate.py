@@ -58,9 +58,15 @@ def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
             raise did_you_mean("lm-eval task", task, list(manager.all_tasks))
         entry = manager.task_index[task]
         config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
-        if config.get("unsafe_code") and not allow_code_execution:
+        if not config.get("unsafe_code"):
+            continue
+        if not allow_code_execution:
             raise SpecError(f"task {task} executes model-written code; opt in with "
                             f"--allow-code-execution (it runs in hydrabench's sandbox)")
+        from hydrabench.sandbox import unavailable_reason
+
+        if reason := unavailable_reason():  # found now, not after the generations
+            raise SpecError(f"task {task}: {reason}")
 
 
 @dataclass

@@ -117,3 +117,22 @@ def test_out_of_memory_names_the_batch_that_failed() -> None:
     with pytest.raises(TrainingOutOfMemory, match=r"batch size 4 × \d+ tokens; lower --batch-size"):
         train(Exploding(), tokenizer, records, TrainSettings(batch_size=4, seq_len=64), seed=0,
               template="plain")
+
+
+def test_code_execution_without_its_sandbox_is_refused_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A machine without bubblewrap (a PATH without `bwrap` stands in for one): the run stops
+    before training, not after the model wrote its programs."""
+    from hydrabench import sandbox
+
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    sandbox._probe_walls.cache_clear()
+    try:
+        assert main(["run", "--method", "lora", "--task", "code", "--allow-code-execution"]) == 2
+    finally:
+        sandbox._probe_walls.cache_clear()
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and "needs bubblewrap, which is not installed" in errors[0], errors
+    assert not (tmp_path / "results").exists()
