@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from tqdm.auto import tqdm
 
 from hydrabench import distributed
 from hydrabench.data.records import InstructionRecord, render_prompt
+from hydrabench.progress import log, report_progress
 from hydrabench.spec import SpecError, TrainSettings
 
 IGNORE_INDEX = -100
@@ -161,7 +161,7 @@ def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> in
     """Restore a checkpoint in every process; the step to go on from (0: none usable)."""
     state = torch.load(path, weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
-        tqdm.write(f"{path}: checkpoint from an older hydrabench, starting over")
+        log(f"{path}: checkpoint from an older hydrabench, starting over")
         return 0
     set_state_dict(owner, optim, model_state_dict=state["params"],
                    optim_state_dict=state["optim"],
@@ -201,9 +201,8 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
     start = 0
     if checkpoint_path is not None and checkpoint_path.exists():
         start = _load_checkpoint(checkpoint_path, owner, optim, sched, result)
-    progress = tqdm(range(start, total_steps), desc=desc, initial=start, total=total_steps,
-                    leave=False, disable=None)  # None: no bar when not a TTY (CI logs)
-    for step in progress:
+    steps = report_progress(range(start, total_steps), desc, total=total_steps, initial=start)
+    for step in steps:
         micro = batches[step * settings.grad_accum: (step + 1) * settings.grad_accum]
         n_tokens = sum(sum(1 for t in encoded[i][1] if t != IGNORE_INDEX) for b in micro for i in b)
         step_loss = 0.0
@@ -233,7 +232,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         optim.zero_grad(set_to_none=True)
         result.losses.append(step_loss)
         result.trained_tokens += n_tokens
-        progress.set_postfix(loss=f"{step_loss:.3f}")
+        steps.set_postfix(loss=f"{step_loss:.3f}")
         if on_step is not None:
             on_step(n_tokens, sum(len(b) for b in micro))
         if checkpoint_path is not None and (step + 1) % settings.checkpoint_every == 0:

@@ -8,6 +8,7 @@ vLLM's CPU attention (which rejects head size 8 or 16).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -19,9 +20,9 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from hydrabench.data import synthetic
+from hydrabench.progress import log, report_progress
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ def _pretrain(model, tokenizer, recipe: TinyModelRecipe) -> list[float]:
         optim, lambda s: 0.5 * (1 + math.cos(math.pi * s / recipe.pretrain_steps)))
     losses = []
     model.train()
-    for _ in tqdm(range(recipe.pretrain_steps), desc="pre-training tiny base", leave=False,
-                  disable=None):  # None: no bar when not a TTY (CI logs)
+    for _ in report_progress(range(recipe.pretrain_steps), "pre-training the tiny base model",
+                             total=recipe.pretrain_steps):
         rows = torch.randint(0, n_windows, (batch,), generator=gen)
         input_ids = torch.cat(
             [torch.full((batch, 1), tokenizer.bos_token_id), windows[rows]], dim=1)
@@ -110,11 +111,26 @@ def _pretrain(model, tokenizer, recipe: TinyModelRecipe) -> list[float]:
 
 def build_tiny_model(recipe: TinyModelRecipe = TinyModelRecipe(), root: Path | None = None) -> Path:
     """Return the directory of the cached tiny base model, building it on first use."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    target = (root or cache_root()) / "models" / f"tiny-llama-{recipe.fingerprint()}"
+    models = (root or cache_root()) / "models"
+    target = models / f"tiny-llama-{recipe.fingerprint()}"
     if (target / "hydrabench_tiny.json").exists():
         return target
+    models.mkdir(parents=True, exist_ok=True)
+    # One build at a time: processes that start together wait for the first build and reuse it.
+    with (models / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "hydrabench_tiny.json").exists():
+            for stale in models.glob(".building-*"):  # left by a killed build (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+            log(f"building the tiny base model once: {recipe.pretrain_steps} pre-training steps "
+                f"(a few minutes on 2 cores), cached in {target}")
+            _build(recipe, target)
+    return target
+
+
+def _build(recipe: TinyModelRecipe, target: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(recipe.seed)
     tokenizer = _train_tokenizer(recipe)
     config = LlamaConfig(
@@ -126,7 +142,6 @@ def build_tiny_model(recipe: TinyModelRecipe = TinyModelRecipe(), root: Path | N
         pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(config)
     losses = _pretrain(model, tokenizer, recipe)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temp dir beside the target and rename, so a killed build leaves no half model.
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     try:
@@ -136,8 +151,5 @@ def build_tiny_model(recipe: TinyModelRecipe = TinyModelRecipe(), root: Path | N
                 "pretrain_loss_first": losses[0], "pretrain_loss_last": losses[-1]}
         (staging / "hydrabench_tiny.json").write_text(json.dumps(meta, indent=2))
         os.replace(staging, target)
-    except OSError:
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (target / "hydrabench_tiny.json").exists():  # lost a race with a concurrent build
-            raise
-    return target
