@@ -177,7 +177,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _eval_spec(args: argparse.Namespace):
-    from hydrabench.spec import resolve_spec, retarget, spec_from_dict
+    from hydrabench.spec import resolve_spec, retarget
 
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
                           "allow_code_execution": args.allow_code_execution}}
@@ -186,11 +186,7 @@ def _eval_spec(args: argparse.Namespace):
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
     from hydrabench.store import RunStore
 
-    store = RunStore()
-    if not store.has(args.run_id):
-        raise SpecError(f"no finished run {args.run_id!r} in {store.runs}")
-    return retarget(spec_from_dict(store.load(args.run_id)["spec"]), args.task,
-                    overrides["eval"])
+    return retarget(RunStore().load_spec(args.run_id), args.task, overrides["eval"])
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from hydrabench.spec import SpecError
+from hydrabench.spec import RunSpec, SpecError, spec_from_dict
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -54,6 +55,45 @@ def checked_run_id(run_id: str) -> str:
     return run_id
 
 
+class CorruptRecord(SpecError):
+    """A record.json that is not a whole record (truncated, empty, binary, wrong types)."""
+
+
+def _record_problem(record: Any) -> str | None:
+    """What makes `record` not a run record of the shape reports and commands read."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    for key, kind in (("run_id", str), ("method", str), ("task", str), ("seed", int),
+                      ("metrics", dict), ("column_tasks", list), ("training", dict)):
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key} is missing or not of type {kind.__name__}"
+    for task in record["column_tasks"]:
+        entry = record["metrics"].get(task) if isinstance(task, str) else None
+        if not isinstance(entry, dict):
+            return f"no metrics for its task {task!r}"
+        value, n = entry.get("value"), entry.get("n")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not isinstance(
+                n, int) or not isinstance(entry.get("stderr"), dict) or not isinstance(
+                entry.get("metrics"), dict):
+            return f"metrics of {task} lack a numeric value, n, stderr or metrics"
+    return None
+
+
+def read_record(path: Path, run_id: str, runs: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SpecError(f"no finished run {run_id!r} in {runs}")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # truncated, empty or binary (UnicodeDecodeError)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CorruptRecord(f"corrupt record {path}: {reason}") from None
+    problem = _record_problem(record)
+    if problem:
+        raise CorruptRecord(f"corrupt record {path}: {problem}")
+    return record
+
+
 # A replacement's directories beside the target: the finished new copy, and the old one set aside.
 COMPLETE, ASIDE = ".complete-", ".old-"
 
@@ -63,20 +103,54 @@ class RunStore:
         self.root = root or results_root()
         self.runs = self.root / "runs"
         self.artifacts = self.root / "artifacts"
+        self._said: set[str] = set()  # corrupt records this store has reported on stderr
         self.recover()
 
     def record_path(self, run_id: str) -> Path:
         return self.runs / checked_run_id(run_id) / "record.json"
 
     def has(self, run_id: str) -> bool:
-        return self.record_path(run_id).exists()
+        """A finished run's record exists and is whole (a corrupt one is said once on stderr and
+        counts as unfinished: `run` runs it again, reports leave its cell empty)."""
+        problem = self.problem(run_id)
+        if problem and problem not in self._said:
+            self._said.add(problem)
+            print(f"[hydrabench] {problem}: taken as unfinished", file=sys.stderr, flush=True)
+        return self.record_path(run_id).exists() and problem is None
+
+    def problem(self, run_id: str) -> str | None:
+        """Why the run's record.json is not a readable record, naming the file; None when it is
+        one or there is none."""
+        try:
+            self.load(run_id)
+        except CorruptRecord as err:
+            return str(err)
+        except SpecError:  # no record
+            return None
+        return None
 
     def load(self, run_id: str) -> dict[str, Any]:
-        return json.loads(self.record_path(run_id).read_text())
+        """The finished run's record; one-line errors when there is none or it is corrupt."""
+        return read_record(self.record_path(run_id), run_id, self.runs)
+
+    def load_spec(self, run_id: str) -> RunSpec:
+        """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""
+        record = self.load(run_id)
+        try:
+            return spec_from_dict(record["spec"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # SpecError included
+            raise CorruptRecord(f"corrupt record {self.record_path(run_id)}: its spec cannot "
+                                f"be read ({type(err).__name__}: {err})") from None
 
     def records(self) -> Iterator[dict[str, Any]]:
-        for path in sorted(self.runs.glob("[!.]*/record.json")):  # not a staging directory
-            yield json.loads(path.read_text())
+        """Every finished run's record (corrupt ones said on stderr and left out)."""
+        for directory in sorted(self.runs.glob("[!.]*")):  # not a staging directory
+            if directory.is_dir() and self.has(directory.name):
+                yield self.load(directory.name)
+
+    def corrupt_records(self) -> list[str]:
+        """One line per corrupt record.json under runs/ (for reports to say what they skipped)."""
+        return [p for d in sorted(self.runs.glob("[!.]*")) if (p := self.problem(d.name))]
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:

@@ -134,6 +134,8 @@ class Sweep:
             return RunStatus(run, "skipped", None, run.skip)
         if self.store.has(run.spec.run_id):
             return RunStatus(run, "done", job)
+        if problem := self.store.problem(run.spec.run_id):  # runs again when resubmitted
+            return RunStatus(run, "failed", job, problem)
         if pointer is None:
             return RunStatus(run, "pending", None, "not submitted")
         if job in queue:

@@ -115,3 +115,50 @@ def test_force_killed_at_each_step_of_the_replacement_keeps_a_whole_run(
     # A scratch directory left by the kill at "staged" goes with the next run of the same id.
     finish(start([*run, "--force"], results))
     assert [p.name for p in (results / "runs").iterdir()] == [run_dir.name]
+
+
+CORRUPTIONS = {"truncated": lambda text: text[: len(text) // 2].encode(), "empty": lambda _: b"",
+               "binary": lambda _: b"\x00\xff\xfe\x80 binary",
+               "wrong types": lambda text: json.dumps({**json.loads(text), "seed": "0"}).encode()}
+
+
+def error_lines(capsys: pytest.CaptureFixture) -> tuple[list[str], str]:
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("hydrabench: error:")], err
+
+
+def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
+        store_env: Path, capsys: pytest.CaptureFixture) -> None:
+    """A real finished run, its record.json then broken in each way; the CLI in-process."""
+    from hydrabench.cli import main
+    from hydrabench.store import RunStore
+    from hydrabench.tables import load_table
+
+    run = [*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]
+    assert main(run) == 0
+    (path,) = (store_env / "results").glob("runs/*/record.json")
+    good = path.read_text()
+    # A table's cell with a corrupt record: not done for the sweep, skipped by the report.
+    cell = next(spec for row, _, spec in load_table("table1").run_specs("tiny")
+                if row.method == "lora")
+    planted = RunStore().record_path(cell.run_id)
+    planted.parent.mkdir(parents=True)
+    capsys.readouterr()
+    for kind, corrupt in CORRUPTIONS.items():
+        path.write_bytes(corrupt(good))
+        planted.write_bytes(corrupt(good))
+        for argv in (["eval", "--run", path.parent.name, "--task", "law"],
+                     ["export", path.parent.name]):
+            assert main(argv) == 2, (kind, argv)
+            errors, err = error_lines(capsys)
+            assert len(errors) == 1 and str(path) in err, (kind, argv, err)
+        assert main(["report", "table1"]) == 0, kind
+        errors, err = error_lines(capsys)
+        assert not errors and [line for line in err.splitlines() if str(planted) in line], kind
+        assert main(["sweep", "table1", "--status"]) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if cell.run_id in line]
+        assert " failed " in line and " done " not in line, (kind, line)
+    assert main(run) == 0  # the corrupt record is run again
+    errors, err = error_lines(capsys)
+    assert [line for line in err.splitlines() if "corrupt record" in line and str(path) in line]
+    assert json.loads(path.read_text())["metrics"]
