@@ -65,12 +65,21 @@ def parameter_counts(model: torch.nn.Module, base_total: int) -> dict[str, Any]:
 
 
 def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
-    names = {n.rpartition(".")[2] for n, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(spec.adapter.target_modules) - names)
-    if missing and spec.method not in ("base", "full"):
+    """The adapted modules exist, and the rank fits them (a rank above a layer's smaller side
+    adds nothing, and an absurd one would fail in the allocator)."""
+    linears = {n.rpartition(".")[2]: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    if spec.method in ("base", "full"):
+        return
+    missing = sorted(set(spec.adapter.target_modules) - set(linears))
+    if missing:
         raise SpecError(f"target module(s) {', '.join(missing)} not in model {spec.model}; "
-                        f"its linear layers: {', '.join(sorted(names))}")
+                        f"its linear layers: {', '.join(sorted(linears))}")
+    width = min(min(linears[n].in_features, linears[n].out_features)
+                for n in spec.adapter.target_modules)
+    if spec.adapter.rank > width:
+        raise SpecError(f"rank {spec.adapter.rank} exceeds the width of the target modules of "
+                        f"{spec.model} ({width})")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
@@ -191,11 +192,15 @@ def profile_names() -> list[str]:
 def load_yaml(path: Path) -> dict[str, Any]:
     """Parse a YAML mapping; a syntax error becomes one line naming file:line."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SpecError(f"{path} is not a YAML text file (not UTF-8: binary?)") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise SpecError(f"malformed YAML at {where}: {err.problem}") from None
+    except yaml.YAMLError as err:  # e.g. control characters the reader refuses
+        raise SpecError(f"malformed YAML in {path}: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise SpecError(f"malformed YAML in {path}: expected a mapping at the top level")
     return data
@@ -217,6 +222,24 @@ def load_profile(name: str) -> dict[str, Any]:
 
 @cache  # reports resolve hundreds of specs; parse each profile once
 def _load_profile(name: str) -> dict[str, Any]:
+    profile = _extended_profile(name, ())
+    _check_profile(name, profile)
+    return profile
+
+
+# Every top-level key a profile may hold (the shipped ones use all of them but trust_remote_code).
+PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "extends": str, "name": str, "description": str, "model": str, "device": str, "dtype": str,
+    "prompt_template": str, "country_iso_code": str, "estimate": str, "requires_gpu": bool,
+    "trust_remote_code": bool, "seed": int, "train": dict, "adapter": dict, "eval": dict,
+    "sharding": dict, "slurm": dict, "tasks": dict}
+TASK_KEYS = {"corpus": str, "local_corpus": str, "eval": list}
+
+
+def _extended_profile(name: Any, chain: tuple[str, ...]) -> dict[str, Any]:
+    """The profile `name` with what it `extends:`, its own keys checked; `chain` finds loops."""
+    _require(isinstance(name, str), f"extends must name a profile, got {name!r}")
+    _require(name not in chain, f"profile extends loop: {' → '.join([*chain, name])}")
     if name.endswith((".yaml", ".yml")):
         _require(Path(name).is_file(), f"profile file {name} not found")
         profile = load_yaml(Path(name))
@@ -224,8 +247,35 @@ def _load_profile(name: str) -> dict[str, Any]:
         profile = load_yaml(PROFILE_DIR / f"{name}.yaml")
     else:
         raise did_you_mean("profile", name, profile_names())
+    for key, value in profile.items():
+        if key not in PROFILE_KEYS:
+            raise did_you_mean(f"key in profile {name}:", key, list(PROFILE_KEYS))
+        kind = PROFILE_KEYS[key]
+        _require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+                 f"profile {name}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
     parent = profile.pop("extends", None)
-    return _deep_merge(_load_profile(parent), profile) if parent else profile
+    return _deep_merge(_extended_profile(parent, (*chain, name)), profile) if parent else profile
+
+
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", dict: "a mapping"}
+
+
+def _check_profile(name: str, profile: dict[str, Any]) -> None:
+    """What the resolved profile needs: a model, and tasks that each name a corpus and a list of
+    lm-eval tasks."""
+    _require("model" in profile, f"profile {name} names no model")
+    for task, entry in profile.get("tasks", {}).items():
+        _require(isinstance(entry, dict), f"profile {name}: task {task} must be a mapping with "
+                                          f"corpus and eval, got {entry!r}")
+        for key, value in entry.items():
+            _require(key in TASK_KEYS, f"profile {name}: task {task} has unknown key {key!r}; "
+                                       f"valid: {', '.join(TASK_KEYS)}")
+            _require(isinstance(value, TASK_KEYS[key]) and (key != "eval" or (value and all(
+                isinstance(t, str) for t in value))), f"profile {name}: task {task}: {key} must "
+                f"be {'a list of lm-eval task names' if key == 'eval' else 'a string'}, "
+                f"got {value!r}")
+        for key in ("corpus", "eval"):
+            _require(key in entry, f"profile {name}: task {task} has no {key}")
 
 
 SHARDING_DIR = Path(str(resources.files("hydrabench") / "sharding"))
@@ -252,13 +302,53 @@ def _load_sharding(name: str) -> dict[str, Any]:
     return {"name": name, **options}
 
 
+def _typed(name: str, value: Any, annotation: str, where: str) -> Any:
+    """`value` as the settings field's declared type, or one line saying what it must be.
+
+    YAML reads `1e-3` (no dot) as a string: a string that is a number is taken as one. Floats
+    must be finite; a bool is not a number; a single string is one target module.
+    """
+    kinds = annotation.replace(" ", "").split("|")
+    if value is None and "None" in kinds:
+        return None
+    if "float" in kinds and not isinstance(value, bool):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+        if isinstance(number, (int, float)):
+            _require(math.isfinite(number), f"{where} setting {name} must be a finite number, "
+                                            f"got {value!r}")
+            return float(number)
+    if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "str" in kinds and isinstance(value, str):
+        return value
+    if annotation.startswith("tuple[str"):
+        modules = (value,) if isinstance(value, str) else value
+        if isinstance(modules, (list, tuple)) and all(isinstance(m, str) for m in modules):
+            return tuple(modules)
+    if annotation.startswith("dict") and isinstance(value, dict):
+        return value
+    wanted = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+              "None": "null"}
+    described = " or ".join(wanted.get(k, "a list of names" if k.startswith("tuple") else
+                                       "a mapping") for k in kinds)
+    raise SpecError(f"{where} setting {name} must be {described}, got {value!r}")
+
+
 def _settings(cls: type, values: dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    _require(not unknown, f"unknown {where} setting(s) {sorted(unknown)}; valid: {sorted(known)}")
-    values = {**values, **{key: tuple(values[key]) for key in ("target_modules", "blc_knowledge")
-                           if key in values}}
-    return cls(**values)
+    _require(isinstance(values, dict), f"{where} settings must be a mapping, got {values!r}")
+    declared = {f.name: str(f.type) for f in fields(cls)}
+    unknown = set(values) - set(declared)
+    _require(not unknown,
+             f"unknown {where} setting(s) {sorted(unknown)}; valid: {sorted(declared)}")
+    return cls(**{name: _typed(name, value, declared[name], where)
+                  for name, value in values.items()})
 
 
 def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None = None,
@@ -272,6 +362,8 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     """
     prof = load_profile(profile)
     seed = prof.get("seed", 0) if seed is None else seed  # a profile may name its recipe's seed
+    _require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
+             f"seed must be an integer in [0, 2**32), got {seed!r}")
     if valid_methods is not None and method not in valid_methods:
         raise did_you_mean("method", method, valid_methods)
     tasks = dict(prof.get("tasks", {}))

@@ -30,6 +30,10 @@ StepCallback = Callable[[torch.nn.Module, int], None]
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+class TrainingDiverged(SpecError):
+    """The loss became NaN or infinite: nothing trained is kept, no record is written."""
+
+
 class TrainingOutOfMemory(SpecError):
     """Reported like bad input: one line naming the batch shape that did not fit."""
 
@@ -224,6 +228,9 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
                     f"{batch['input_ids'].shape[1]} tokens; lower --batch-size (raising "
                     f"grad_accum keeps the effective batch) or --seq-len") from None
             step_loss += distributed.all_sum(raw.item() * local_tokens) / micro_tokens / len(micro)
+        if not math.isfinite(step_loss):
+            raise TrainingDiverged(f"training loss became {step_loss} at step {step + 1} "
+                                   f"(lr {settings.lr}); lower --lr or --alpha")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         sched.step()

@@ -38,6 +38,11 @@ def two_record_corpus(tmp_path: Path) -> str:
                         f"eval: [tiny_facts]}}}}\n")(tmp_path)
 
 
+def binary_profile(tmp_path: Path) -> str:
+    (tmp_path / "mine.yaml").write_bytes(b"\x00\xff\xfe\x80 not YAML")
+    return str(tmp_path / "mine.yaml")
+
+
 CASES = [
     ("unknown method", ["run", "--method", "lorra", "--task", "general"], "did you mean 'lora'"),
     ("unknown task", ["run", "--method", "lora", "--task", "maths"], "did you mean 'math'"),
@@ -78,7 +83,36 @@ CASES = [
     ("code without opt-in", ["run", "--method", "lora", "--task", "code"],
      "--allow-code-execution"),
     ("run id escaping results/", ["export", "../../etc"], "invalid run id"),
+    ("profile: rank not a number", [*RUN, "--profile", profile_file(
+        "extends: tiny\nadapter: {rank: eight}\n")], "rank must be an integer, got 'eight'"),
+    ("profile: lr a list", [*RUN, "--profile", profile_file("extends: tiny\ntrain: {lr: [1]}\n")],
+     "lr must be a number, got [1]"),
+    ("profile: train not a mapping", [*RUN, "--profile", profile_file("extends: tiny\ntrain: 5\n")],
+     "train must be a mapping, got 5"),
+    ("profile: tasks not a mapping", [*RUN, "--profile", profile_file("extends: tiny\ntasks: 7\n")],
+     "tasks must be a mapping, got 7"),
+    ("profile: model not a string", [*RUN, "--profile", profile_file("extends: tiny\nmodel: 5\n")],
+     "model must be a string, got 5"),
+    ("profile: task without eval", [*RUN, "--profile", profile_file(
+        "extends: tiny\ntasks: {mine: {corpus: synthetic}}\n")], "task mine has no eval"),
+    ("profile: task without corpus", [*RUN, "--profile", profile_file(
+        "extends: tiny\ntasks: {mine: {eval: [tiny_medical]}}\n")], "task mine has no corpus"),
+    ("profile: extends loop", [*RUN, "--profile", lambda tmp_path: profile_file(
+        f"extends: {tmp_path / 'mine.yaml'}\n")(tmp_path)], "profile extends loop"),
+    ("profile: binary file", [*RUN, "--profile", binary_profile], "is not a YAML text file"),
+    ("profile: unknown key", [*RUN, "--profile", profile_file("extends: tiny\ntrian: {lr: 1}\n")],
+     "did you mean 'train'"),
+    ("profile: batch_size 2.5", [*RUN, "--profile", profile_file(
+        "extends: tiny\ntrain: {batch_size: 2.5}\n")], "batch_size must be an integer, got 2.5"),
+    ("profile: max_steps true", [*RUN, "--profile", profile_file(
+        "extends: tiny\ntrain: {max_steps: true}\n")], "max_steps must be an integer, got True"),
+    ("lr inf", [*RUN, "--lr", "inf"], "lr must be a finite number"),
+    ("alpha inf", [*RUN, "--alpha", "inf"], "alpha must be a finite number"),
+    ("seed < 0", [*RUN, "--seed=-1"], "seed must be an integer in [0, 2**32)"),
+    ("seed >= 2**32", [*RUN, "--seed", str(2**32)], "seed must be an integer in [0, 2**32)"),
+    ("absurd rank", [*RUN, "--rank", "100000000"], "rank 100000000 exceeds the width"),
 ]
+
 
 
 @pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -136,3 +170,16 @@ def test_code_execution_without_its_sandbox_is_refused_before_any_work(
               if line.startswith("hydrabench: error:")]
     assert len(errors) == 1 and "needs bubblewrap, which is not installed" in errors[0], errors
     assert not (tmp_path / "results").exists()
+
+
+def test_a_loss_that_turns_nan_stops_in_one_line_with_no_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """An lr of 1e30 is valid input; the weights it gives overflow, and the loss turns NaN."""
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert main(["run", "--method", "lora", "--task", "medical", "--model", STORIES,
+                 "--lr", "1e30", "--max-steps", "4"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and "training loss became nan" in errors[0], errors
+    assert not list((tmp_path / "results").glob("runs/*/record.json"))
+    assert not list((tmp_path / "results").glob("artifacts/*/artifact.json"))

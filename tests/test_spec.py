@@ -64,3 +64,12 @@ def test_the_profile_picks_fsdp_for_full_finetuning_only() -> None:
                                    "reduce_dtype": "float32", "cpu_offload": False}
     assert resolve_spec("lora", "medical", "paper").train.sharding is None
     assert spec_from_dict(full.to_dict()).train_id == full.train_id  # survives the record
+
+
+def test_profile_numbers_written_without_a_dot_and_a_single_target_module(tmp_path: Path) -> None:
+    """YAML reads `1e-3` as a string: taken as the number; `target_modules: q_proj` is one
+    module, not five letters."""
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("extends: tiny\ntrain: {lr: 1e-3}\nadapter: {target_modules: q_proj}\n")
+    spec = resolve_spec("lora", "medical", str(mine))
+    assert spec.train.lr == 1e-3 and spec.adapter.target_modules == ("q_proj",)
