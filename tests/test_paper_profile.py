@@ -2,9 +2,12 @@
 benchmarks, run end to end on the real tiny stories260K model with local data (a GPU runs it for
 real; nothing here needs one)."""
 
+import json
+import re
+
 import pytest
 import torch
-from conftest import SHARED
+from conftest import REPO, SHARED, finish, start
 
 from hydrabench.runner import execute
 from hydrabench.spec import SpecError, load_profile, resolve_spec
@@ -31,19 +34,29 @@ def test_default_7b_needs_a_gpu(tmp_path) -> None:
         assert not (tmp_path / "results").exists()
 
 
+def readme_paper_cpu_check() -> list[str]:
+    """The arguments of the README's CPU check of the paper profile, as the README gives them."""
+    command = re.search(r"`HYDRABENCH_DATA_DIR=\.\./shared/data hydrabench (run --profile paper "
+                        r"[^`]+)`", (REPO / "README.md").read_text()).group(1)
+    return [str(SHARED / arg[10:]) if arg.startswith("../shared/") else arg
+            for arg in command.split()]
+
+
 def test_paper_pipeline_runs_on_cpu_with_local_data(tmp_path, monkeypatch) -> None:
+    """The README's command, as a process: backend auto serves mergeable methods with vLLM, and
+    takes hf where vLLM cannot serve the model (stories260K's head size 8, on vLLM's CPU build)."""
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
-    # The profile serves mergeable methods with vLLM (backend auto); stories260K's head size 8 is
-    # not servable by vLLM's CPU attention, so this wiring check scores with hf.
-    assert resolve_spec("lora", "math", "paper", model=str(MODEL)).eval.backend == "vllm"
-    assert resolve_spec("hydralora", "math", "paper", model=str(MODEL)).eval.backend == "hf"
-    spec = resolve_spec("lora", "math", "paper", model=str(MODEL),
-                        overrides={"train": {"max_steps": 2},
-                                   "eval": {"limit": 3, "backend": "hf"}})
+    if not torch.cuda.is_available():
+        for method in ("lora", "hydralora"):
+            assert resolve_spec(method, "math", "paper", model=str(MODEL)).eval.backend == "hf"
+    args = readme_paper_cpu_check()
+    spec = resolve_spec("lora", "math", "paper", model=str(MODEL))
     assert spec.corpus == "data:gsm8k/train.jsonl" and spec.prompt_template == "reference"
     assert spec.dtype == "bfloat16" and spec.train.lr == 2e-4 and spec.adapter.alpha == 32
-    record = execute(spec, store=RunStore(tmp_path / "results"))
+    finish(start(args, tmp_path / "results"))
+    (path,) = (tmp_path / "results").glob("runs/*/record.json")
+    record = json.loads(path.read_text())
     assert record["training"]["train"]["steps"] == 2
-    assert record["metrics"]["gsm8k_cot"]["n"] == 3
+    assert record["metrics"]["gsm8k_cot"]["n"] == 5
     assert record["provenance"]["data_source"] == "local"
     assert "data:gsm8k/train.jsonl" in record["provenance"]["data_fingerprints"]
