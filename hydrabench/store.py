@@ -31,6 +31,14 @@ def results_root() -> Path:
     return Path(os.environ.get("HYDRABENCH_RESULTS", "results"))
 
 
+def as_umask_allows(path: Path) -> None:
+    """The mode a plain open() or mkdir() would give (0666 or 0777 less the umask): mkstemp and
+    mkdtemp make 0600 and 0700, which colleagues on a shared cluster could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON via a temp file in the same directory and rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +46,7 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     with os.fdopen(fd, "w") as fh:
         json.dump(payload, fh, indent=2, sort_keys=True)
         fh.write("\n")
+    as_umask_allows(Path(tmp))
     os.replace(tmp, path)
 
 
@@ -170,6 +179,7 @@ class RunStore:
         for stale in final_dir.parent.glob(f".staging-{final_dir.name}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         scratch = Path(tempfile.mkdtemp(dir=final_dir.parent, prefix=f".staging-{final_dir.name}-"))
+        as_umask_allows(scratch)
         try:
             yield scratch
         except BaseException:

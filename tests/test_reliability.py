@@ -162,3 +162,22 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
     errors, err = error_lines(capsys)
     assert [line for line in err.splitlines() if "corrupt record" in line and str(path) in line]
     assert json.loads(path.read_text())["metrics"]
+
+
+def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path) -> None:
+    """0644 files and 0755 directories under umask 022, as reports are (not mkstemp's 0600)."""
+    import os
+
+    from hydrabench.cli import main
+
+    umask = os.umask(0o022)
+    try:
+        assert main([*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]) == 0
+    finally:
+        os.umask(umask)
+    results = store_env / "results"
+    (record,) = results.glob("runs/*/record.json")
+    (artifact,) = results.glob("artifacts/*/artifact.json")
+    for path in (record, artifact):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+        assert path.parent.stat().st_mode & 0o777 == 0o755, path.parent
