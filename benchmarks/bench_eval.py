@@ -133,7 +133,7 @@ def vllm_rows(model_dir: Path, tokenizer: Any, manager: TaskManager,
                 {"batch_size": args.batch_size})
             return run_backend("vllm", lm, tokenizer, manager, args), "measured", server.startup_s
     except Exception as err:
-        print(f"vllm failed: {err}", file=sys.stderr)  # ServerError carries the server log tail
+        print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
         return [], f"failed: {type(err).__name__}: {first_line}", None
 

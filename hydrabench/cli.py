@@ -129,11 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--allow-code-execution", action="store_true")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--backend", choices=["hf", "vllm"], default=None,
+                    help="hf (default) or vllm (a real server; HydraLoRA-family runs through "
+                         "hydrabench's vLLM plugin)")
 
     export = sub.add_parser("export", help="write a merged standalone checkpoint of a run")
     export.add_argument("run_id")
     export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
-                        help="HydraLoRA only: uniform (g = 1/N) or router-mean (mean gate)")
+                        help="exact (default): merged weights, or for HydraLoRA-family methods "
+                             "the base checkpoint + adapter served by hydrabench's vLLM plugin; "
+                             "HydraLoRA's approximate merges: uniform (g = 1/N), router-mean "
+                             "(mean gate)")
 
     compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
                              "scored: bootstrap 95%% CI and McNemar's exact p per task")
@@ -181,6 +187,8 @@ def _eval_spec(args: argparse.Namespace):
 
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
                           "allow_code_execution": args.allow_code_execution}}
+    if args.backend is not None:
+        overrides["eval"]["backend"] = args.backend
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
@@ -289,10 +297,13 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     if args.what == "methods":
+        from hydrabench.export import served_by_plugin
         from hydrabench.methods import METHODS
 
         for m in METHODS.values():
-            print(f"{m.name:20s} {m.description}{'' if m.mergeable else '  [hf backend only]'}")
+            serving = ("" if m.mergeable else "  [vllm: unmerged, by the plugin]"
+                       if served_by_plugin(m) else "  [hf backend only]")
+            print(f"{m.name:20s} {m.description}{serving}")
     elif args.what == "tasks":
         from hydrabench.spec import load_profile
 

@@ -130,9 +130,13 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, ba
     backend's on the same checkpoint (see `serving.local_completions_args`).
     """
     model_args = local_completions_args(server, model_dir, server.max_model_len)
-    return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
-                        limit=limit, seed=seed, allow_code_execution=allow_code_execution,
-                        num_fewshot=num_fewshot, output_dir=output_dir)
+    try:
+        return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
+                            limit=limit, seed=seed, allow_code_execution=allow_code_execution,
+                            num_fewshot=num_fewshot, output_dir=output_dir)
+    except Exception:
+        server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
+        raise
 
 
 def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_size: int,

@@ -30,7 +30,7 @@ from hydrabench.evaluate import (
     offline_mode,
     request_counts,
 )
-from hydrabench.export import HYDRALORA_MERGES, merge_loaded, save_checkpoint
+from hydrabench.export import HYDRALORA_MERGES, check_servable, merge_loaded, write_servable
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -228,17 +228,17 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
             scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
         return scores, {"merge": None, "serving": None}, {"eval": meter.result.to_dict()}
-    # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one).
+    # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one):
+    # merged weights, or for HydraLoRA-family methods the adapter for hydrabench's vLLM plugin.
     with tempfile.TemporaryDirectory(dir=out, prefix="merged-") as directory:
         with Meter(phase="export", country_iso_code=country) as export_meter:
-            merged, label = merge_loaded(spec, model, tokenizer, merge=None)
-            save_checkpoint(merged, tokenizer, Path(directory), spec.run_id, label)
-        offload(model, merged)  # the served copy is on disk now
+            label = write_servable(spec, model, tokenizer, Path(directory), spec.run_id)
+        offload(model)  # the served copy is on disk now
         # Server start-up counts as evaluation: it is what serving costs on each run.
         with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
                 directory, dtype=spec.dtype, log_dir=out,
                 # The context hf would score with: HFLM reads the same config field.
-                max_model_len=spec.eval.max_model_len or merged.config.max_position_embeddings,
+                max_model_len=spec.eval.max_model_len or model.config.max_position_embeddings,
                 tensor_parallel_size=spec.eval.tensor_parallel_size,
                 data_parallel_size=spec.eval.data_parallel_size,
                 gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
@@ -256,9 +256,6 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     store = store or RunStore()
     force = force or retrain
     method = get_method(spec.method)
-    if spec.eval.backend != "hf" and not method.mergeable:
-        raise SpecError(f"method {spec.method} cannot be merged, so it cannot be served by "
-                        f"{spec.eval.backend}; use --backend hf")
     if not force and store.has(spec.run_id):
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
         return store.load(spec.run_id)
@@ -267,6 +264,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     device = runtime_device(spec)
     base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec)
+    check_servable(spec, method, base.model)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     needs_training = method.adapt is not None and (retrain or not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,11 +25,33 @@ from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
+from hydrabench.spec import SpecError
+
 LOG_NAME = "vllm_server.log"
+# vLLM's log prefix, "(Worker pid=12) ERROR 12-01 21:42:41 [file.py:953] ", and an exception line.
+LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:(\w+) [\d-]+ [\d:]+ \[[^\]]*\] ?)?")
+EXCEPTION = re.compile(r"^[\w.]*(?:Error|Exception)\b(?::.*)?$")
 
 
-class ServerError(RuntimeError):
-    """The server did not come up: the message carries the tail of its log."""
+class ServerError(SpecError):
+    """The server did not come up: one line naming its log (kept) and the log's last error."""
+
+
+def last_error_line(log: str) -> str:
+    """The last exception a server log raised, passing over vLLM's wrappers that only point at
+    the root cause above them; else the log's last line. An exception whose message goes on
+    on an indented line (pydantic's validation errors) gets that line too."""
+    lines = [line.rstrip() for line in log.splitlines() if line.strip()]
+    errors = []
+    for k, line in enumerate(lines):
+        prefix = LOG_PREFIX.match(line)
+        level, message = (prefix.group(1), line[prefix.end():].strip()) if prefix else (None, line)
+        if level in (None, "ERROR") and EXCEPTION.match(message) and "root cause" not in message:
+            following = lines[k + 1] if k + 1 < len(lines) else ""
+            if following[:1].isspace() and not following.lstrip().startswith("File "):
+                message = f"{message}: {following.strip()}"
+            errors.append(message)
+    return (errors or [line.strip() for line in lines] or ["(empty log)"])[-1]
 
 
 def free_port() -> int:
@@ -46,15 +69,19 @@ def _cpu_build() -> bool:
     return True
 
 
-def _cpu_env() -> dict[str, str]:
-    """Settings vLLM's CPU platform needs here (measured, see shared/notes/vllm-cpu.md)."""
+def _cpu_env(ranks: int) -> dict[str, str]:
+    """Settings vLLM's CPU platform needs here (measured, see shared/notes/vllm-cpu.md) for
+    `ranks` worker processes (tensor x data parallel)."""
     cores = sorted(os.sched_getaffinity(0))
+    # Bind OpenMP to every core this process may use, none reserved (~15% faster on 2 cores):
+    # one core list per rank, "|" between ranks, as vLLM's CPU workers read it.
+    share = max(1, len(cores) // ranks)
+    bind = "|".join(",".join(map(str, cores[k * share:(k + 1) * share])) for k in range(ranks))
     return {
         "VLLM_TARGET_DEVICE": "cpu",
         # The default KV-cache check fails: the VM's memory node reports less than it has.
         "VLLM_CPU_KVCACHE_SPACE": "1",
-        # Bind OpenMP to every core this process may use, none reserved (~15% faster on 2 cores).
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+        "VLLM_CPU_OMP_THREADS_BIND": bind if len(cores) >= ranks else "nobind",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     }
 
@@ -114,7 +141,8 @@ class VllmServer:
 
     def _env(self, scratch: Path) -> dict[str, str]:
         """Precedence: CPU defaults < the caller's environment < extra_env."""
-        env = _cpu_env() if _cpu_build() else {}
+        ranks = self.tensor_parallel_size * self.data_parallel_size
+        env = _cpu_env(ranks) if _cpu_build() else {}
         env.update(os.environ)
         # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
         env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(scratch / "vllm"),
@@ -146,14 +174,25 @@ class VllmServer:
         assert self.process is not None
         while True:
             if self.process.poll() is not None:
-                raise ServerError(f"vLLM server exited with code {self.process.returncode} "
-                                  f"before it was ready; {self._log_tail()}")
+                self._fail(f"exited with code {self.process.returncode} before it was ready")
             if self.healthy():
                 return
             if time.monotonic() > deadline:
-                raise ServerError(f"vLLM server not ready after {self.startup_timeout_s:.0f} s; "
-                                  f"{self._log_tail()}")
+                self._fail(f"not ready after {self.startup_timeout_s:.0f} s")
             time.sleep(1.0)
+
+    def raise_if_dead(self) -> None:
+        """Raise ServerError (its log's last error) if the server has stopped serving."""
+        if self.process is not None and (self.process.poll() is not None or not self.healthy()):
+            self._fail("stopped while serving")
+
+    def _fail(self, what: str) -> None:
+        """Raise ServerError naming a copy of the log that outlives the caller's directory (a
+        run's staging directory is removed when the run fails)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        kept = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-failed-")) / LOG_NAME
+        kept.write_text(text)
+        raise ServerError(f"vLLM server {what}: {last_error_line(text)} (server log: {kept})")
 
     def healthy(self) -> bool:
         try:
@@ -161,11 +200,6 @@ class VllmServer:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
-
-    def _log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"last lines of {self.log_path}:\n{tail}"
 
     def _group_alive(self, pgid: int) -> bool:
         try:

@@ -99,8 +99,9 @@ class AdapterSettings:
         _require(0 <= self.blc_alpha <= 1, f"blc_alpha must be in [0, 1], got {self.blc_alpha}")
 
 
-# hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM;
-# auto (profiles only): vllm for methods that merge exactly, hf for the others.
+# hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM (for
+# HydraLoRA-family methods the adapter, by hydrabench's plugin); auto (profiles only): vllm for
+# the methods vLLM serves exactly on the model, hf for the others.
 BACKENDS = ("hf", "vllm", "auto")
 
 
@@ -386,12 +387,13 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if sharding is not None:
         section["train"]["sharding"] = load_sharding(sharding)
     eval_settings = _settings(EvalSettings, section["eval"], "eval")
-    if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
-        from hydrabench.methods import METHODS
-
-        mergeable = method in METHODS and METHODS[method].mergeable
-        eval_settings = replace(eval_settings, backend="vllm" if mergeable else "hf")
     model = model or prof["model"]
+    if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
+        from hydrabench.export import auto_backend
+
+        targets = _settings(AdapterSettings, section["adapter"], "adapter").target_modules
+        eval_settings = replace(eval_settings, backend=auto_backend(
+            method, model, targets, eval_settings.tensor_parallel_size))
     if section["eval"].get("backend") == "auto" and eval_settings.backend == "vllm" and (
             not _vllm_serves_here(model)):
         eval_settings = replace(eval_settings, backend="hf")

@@ -1,0 +1,223 @@
+"""hydrabench's vLLM plugin against the real vLLM CPU build: HydraLoRA-family runs served exactly.
+
+No mocks. Tiny HydraLoRA, LoRAMoE and LoRA-Split runs are trained for a few steps and scored on
+hf (the exact in-memory model); then the same trained adapters are served by a real vLLM server
+through the plugin (`hydrabench run|eval --backend vllm`, the command line a user runs) and scored
+through lm-eval's local-completions. Per answer the loglikelihoods must agree to 1e-4 and greedy
+generations must match but for near ties. A server start costs one to three minutes on this
+machine: each slow test starts exactly one (the command's own). vLLM missing is a failure unless
+HYDRABENCH_SKIP_VLLM=1 says so explicitly (the vllm_available fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
+
+from hydrabench.cli import main
+from hydrabench.export import export_run, save_plugin_checkpoint
+from hydrabench.methods.hydralora import (
+    HydraLoraConfig,
+    apply_hydralora,
+    hydralora_layers,
+    load_hydralora,
+)
+from hydrabench.models import load_base_model
+from hydrabench.runner import execute
+from hydrabench.serving import LOG_NAME
+from hydrabench.serving_plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
+from hydrabench.spec import resolve_spec
+from hydrabench.store import RunStore
+
+__all__ = ["vllm_available"]  # a fixture the slow tests use
+
+PLUGIN_TOL = 1e-4  # nats per answer; measured differences are ~3e-6 in float32
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# "general" scores multiple choice (loglikelihoods) and generation tasks: both paths are checked.
+TASK, LIMIT, STEPS = "general", 6, 6
+
+
+def flags(method: str, targets: list[str] | None = None) -> list[str]:
+    """The CLI flags that give the same spec as overrides(method, targets)."""
+    extra = ["--target-modules", ",".join(targets)] if targets else []
+    return ["--method", method, "--task", TASK, "--max-steps", str(STEPS), "--limit", str(LIMIT),
+            *extra]
+
+
+def overrides(targets: list[str] | None = None) -> dict:
+    adapter = {"target_modules": targets} if targets else {}
+    return {"train": {"max_steps": STEPS}, "eval": {"limit": LIMIT}, "adapter": adapter}
+
+
+def assert_served_exactly(hf_record: dict, hf_dir: Path, vllm_dir: Path) -> None:
+    for task, score in hf_record["metrics"].items():
+        metric = score["primary"].split(",")[0]
+        print(assert_same_scores(hf_dir, vllm_dir, task, metric, tolerance=PLUGIN_TOL))
+
+
+def served_record(result, store: RunStore) -> tuple[dict, Path]:
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
+    record = store.load(run_id)
+    assert record["backend"] == "vllm" and record["merge"] == "exact"
+    log = store.runs / run_id / record["serving"]["server_log"]
+    # The server ran the plugin's class: the export's config named it.
+    assert log.name == LOG_NAME and "HydraLoraLlamaForCausalLM" in log.read_text()
+    return record, store.runs / run_id
+
+
+@pytest.mark.slow
+def test_hydralora_run_with_vllm_backend_is_exact(vllm_available: None, tmp_path: Path) -> None:
+    """Every target module the plugin covers (fused q/k/v and gate/up slices, row-parallel
+    o/down), a trained router: `run --backend vllm` records merge exact and matches hf."""
+    store = RunStore(tmp_path / "results")
+    hf_record = execute(resolve_spec("hydralora", TASK, overrides=overrides(ALL_TARGETS)),
+                        store=store)
+    # The exact export: the base checkpoint, the adapter, the plugin class; hf loads it as is.
+    export = export_run(hf_record["run_id"], "exact", store=store)
+    assert json.loads((export / "config.json").read_text())["architectures"] == [
+        PLUGIN_ARCHITECTURES["LlamaForCausalLM"]]
+    exported = load_base_model(str(export))
+    assert set(hydralora_layers(exported.model)) and (export / ADAPTER_DIR).is_dir()
+    ids = exported.tokenizer("Question: what is the capital?", return_tensors="pt")["input_ids"]
+    run_model = load_hydralora(load_base_model("builtin:tiny").model, Path(hf_record["artifact"]))
+    with torch.no_grad():
+        assert torch.equal(exported.model(ids).logits, run_model(ids).logits)
+
+    result = hydrabench("run", *flags("hydralora", ALL_TARGETS), "--backend", "vllm",
+                        results=store.root)
+    record, run_dir = served_record(result, store)
+    assert record["train_id"] == hf_record["train_id"]  # the same trained adapter, scored twice
+    assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
+    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+                          run_dir / "lm_eval")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["loramoe", "lora-split"])
+def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
+        vllm_available: None, method: str, tmp_path: Path) -> None:
+    """One A per expert (LoRAMoE in the FFN, LoRA-Split at the profile's q/v): `eval --run RUN
+    --backend vllm` scores the finished hf run's adapter through the plugin, as hf does."""
+    store = RunStore(tmp_path / "results")
+    hf_record = execute(resolve_spec(method, TASK, overrides=overrides()), store=store)
+    result = hydrabench("eval", "--run", hf_record["run_id"], "--task", TASK, "--limit",
+                        str(LIMIT), "--backend", "vllm", results=store.root)
+    record, run_dir = served_record(result, store)
+    assert record["artifact"] == hf_record["artifact"]
+    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+                          run_dir / "lm_eval")
+
+
+@pytest.mark.slow
+def test_server_that_does_not_come_up_is_one_line_naming_its_log(
+        vllm_available: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """A context longer than the model's (512) makes vLLM refuse to start: the error names the
+    server's last error and its log, kept outside results/."""
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    argv = ["eval", "--model", "builtin:tiny", "--task", "tiny_medical", "--limit", "2",
+            "--backend", "vllm", "--profile", profile_with("eval: {max_model_len: 4096}\n")(
+                tmp_path)]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and "vLLM server exited" in errors[0], errors
+    assert "max_model_len" in errors[0]  # vLLM's own reason, from its log
+    log = Path(re.search(r"server log: (\S+)\)$", errors[0]).group(1))
+    error = errors[0].split(" before it was ready: ", 1)[1].rsplit(" (server log:", 1)[0]
+    assert error[:60] in log.read_text()  # the kept log holds the error the line quotes
+    shutil.rmtree(log.parent)
+    assert_no_run(tmp_path / "results")
+
+
+def assert_no_run(results: Path) -> None:
+    """No run: no record, no run or staging directory. (The runner's lock files and the base
+    method's artifact marker, which records that nothing was trained, come before serving.)"""
+    runs = results / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+
+
+# -- bad input, before any work: one line, exit 2, nothing under results/ ---------------------
+
+
+def tiny_export(tmp_path: Path) -> Path:
+    """A plugin export written by the real exporter (an untrained adapter: enough to load)."""
+    base = load_base_model("builtin:tiny")
+    model = apply_hydralora(base.model, HydraLoraConfig(target_modules=("q_proj", "v_proj")))
+    save_plugin_checkpoint(model, base.tokenizer, tmp_path / "export", "hand-made")
+    return tmp_path / "export"
+
+
+def corrupt_adapter(tmp_path: Path) -> str:
+    export = tiny_export(tmp_path)
+    weights = export / ADAPTER_DIR / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    return str(export)
+
+
+def mistral_model(tmp_path: Path) -> str:
+    """A causal LM whose architecture the plugin does not cover (same module names as Llama)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = load_base_model("builtin:tiny").tokenizer
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    return str(tmp_path / "mistral")
+
+
+def profile_with(text: str):
+    def write(tmp_path: Path) -> str:
+        (tmp_path / "mine.yaml").write_text(f"extends: tiny\n{text}")
+        return str(tmp_path / "mine.yaml")
+    return write
+
+
+HYDRALORA_VLLM = ["run", "--method", "hydralora", "--task", "medical", "--backend", "vllm"]
+CASES = [
+    ("corrupt adapter, hf", ["eval", "--model", corrupt_adapter, "--task", "tiny_medical"],
+     "cannot load the HydraLoRA adapter in"),
+    ("corrupt adapter, vllm", ["eval", "--model", corrupt_adapter, "--task", "tiny_medical",
+                               "--backend", "vllm"], "cannot load the HydraLoRA adapter in"),
+    ("architecture the plugin does not cover", [*HYDRALORA_VLLM, "--model", mistral_model],
+     "architecture MistralForCausalLM is not covered by hydrabench's vLLM plugin"),
+    ("target module the plugin does not cover",
+     [*HYDRALORA_VLLM, "--target-modules", "q_proj,lm_head"],
+     "target module(s) lm_head are not covered by hydrabench's vLLM plugin"),
+    ("unverified tensor parallelism",
+     [*HYDRALORA_VLLM, "--profile", profile_with("eval: {tensor_parallel_size: 2}\n")],
+     "tensor_parallel_size 2 is not verified"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plugin_bad_input_is_one_line_exit_2_nothing_written(
+        argv: list, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    argv = [a(tmp_path) if callable(a) else a for a in argv]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "results").exists()
+
+
+def test_backend_auto_picks_vllm_where_the_plugin_serves_the_method(tmp_path: Path) -> None:
+    auto = profile_with("eval: {backend: auto}\n")(tmp_path)
+    assert resolve_spec("hydralora", "medical", auto).eval.backend == "vllm"
+    assert resolve_spec("loramoe", "medical", auto).eval.backend == "vllm"
+    assert resolve_spec("lora", "medical", auto).eval.backend == "vllm"  # merges exactly
+    assert resolve_spec("prompt-tuning", "medical", auto).eval.backend == "hf"
+    lm_head = {"adapter": {"target_modules": ["q_proj", "lm_head"]}}
+    assert resolve_spec("hydralora", "medical", auto, overrides=lm_head).eval.backend == "hf"
+    assert resolve_spec("hydralora", "medical", auto,
+                        model=mistral_model(tmp_path)).eval.backend == "hf"
