@@ -295,6 +295,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
                     if spec.eval.merge_gap and not method.mergeable else None)
             record = {
                 "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
+                "profile": load_profile(spec.profile),
                 "task": spec.task, "seed": spec.seed,
                 "metrics": {name: s.to_dict() for name, s in scores.items()},
                 "column_tasks": list(spec.eval_tasks),

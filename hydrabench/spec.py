@@ -217,8 +217,21 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
 
 def load_profile(name: str) -> dict[str, Any]:
     """A profile's YAML: a shipped one by name, or the user's own file (a path ending in .yaml);
-    `extends: other` starts from another profile and overrides its keys."""
+    `extends: other` starts from another profile and overrides its keys. A file not found here
+    that a loaded record was made with is the resolved profile that record carries."""
+    if name in _RECORDED_PROFILES and not Path(name).is_file():
+        return copy.deepcopy(_RECORDED_PROFILES[name])
     return copy.deepcopy(_load_profile(name))  # a copy: callers may change what they get
+
+
+# Profile file → the resolved profile a record made with it carries (RunStore.load fills it), so
+# that a run can be evaluated again or exported from another directory.
+_RECORDED_PROFILES: dict[str, dict[str, Any]] = {}
+
+
+def remember_profile(name: str, profile: dict[str, Any]) -> None:
+    if name.endswith((".yaml", ".yml")):
+        _RECORDED_PROFILES[name] = profile
 
 
 @cache  # reports resolve hundreds of specs; parse each profile once

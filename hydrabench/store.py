@@ -22,7 +22,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from hydrabench.spec import RunSpec, SpecError, spec_from_dict
+from hydrabench.spec import RunSpec, SpecError, remember_profile, spec_from_dict
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -139,8 +139,14 @@ class RunStore:
         return None
 
     def load(self, run_id: str) -> dict[str, Any]:
-        """The finished run's record; one-line errors when there is none or it is corrupt."""
-        return read_record(self.record_path(run_id), run_id, self.runs)
+        """The finished run's record; one-line errors when there is none or it is corrupt. The
+        profile it carries stands in for its profile file where that is not found here."""
+        record = read_record(self.record_path(run_id), run_id, self.runs)
+        spec = record.get("spec")
+        if isinstance(record.get("profile"), dict) and isinstance(spec, dict) and isinstance(
+                spec.get("profile"), str):
+            remember_profile(spec["profile"], record["profile"])
+        return record
 
     def load_spec(self, run_id: str) -> RunSpec:
         """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""

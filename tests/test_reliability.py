@@ -181,3 +181,36 @@ def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path)
     for path in (record, artifact):
         assert path.stat().st_mode & 0o777 == 0o644, path
         assert path.parent.stat().st_mode & 0o777 == 0o755, path.parent
+
+
+def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from hydrabench import spec
+    from hydrabench.cli import main
+
+    results, made, elsewhere = tmp_path / "results", tmp_path / "made", tmp_path / "elsewhere"
+    made.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(results))
+    (made / "base2.yaml").write_text("extends: tiny\ntrain: {lr: 1.0e-3}\n")
+    monkeypatch.chdir(made)
+    assert main(["run", "--profile", "base2.yaml", "--method", "lora", "--task", "medical",
+                 "--model", STORIES, "--max-steps", "2", "--limit", "2"]) == 0
+    (path,) = results.glob("runs/*/record.json")
+    record, run_id = json.loads(path.read_text()), path.parent.name
+    assert record["profile"]["train"]["lr"] == 1e-3 and "extends" not in record["profile"]
+
+    monkeypatch.chdir(elsewhere)  # base2.yaml is not here; a new process has not parsed it
+    spec._load_profile.cache_clear()
+    assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2"]) == 0
+    assert main(["export", run_id]) == 0
+
+    record["spec"]["trust_remote_code"] = True  # planted: it must not run the model's code
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and "--trust-remote-code" in errors[0], errors
+    assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2",
+                 "--trust-remote-code"]) == 0
