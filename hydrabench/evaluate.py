@@ -141,8 +141,10 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, ba
 
 def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_size: int,
                  limit: int | None, seed: int, allow_code_execution: bool,
-                 num_fewshot: int | None, output_dir: Path | None) -> dict[str, TaskScore]:
-    """`simple_evaluate` on an lm-eval model (an instance, or a registered name + model_args)."""
+                 num_fewshot: int | None, output_dir: Path | None,
+                 manager: Any = None) -> dict[str, TaskScore]:
+    """`simple_evaluate` on an lm-eval model (an instance, or a registered name + model_args),
+    with hydrabench's task manager unless another (e.g. one with task metadata) is given."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -151,7 +153,8 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
     results = lm_eval.simple_evaluate(
         model=model, model_args=model_args, batch_size=batch_size, tasks=tasks,
         num_fewshot=num_fewshot, limit=limit, log_samples=True,
-        task_manager=task_manager(offline_mode()), confirm_run_unsafe_code=allow_code_execution,
+        task_manager=manager or task_manager(offline_mode()),
+        confirm_run_unsafe_code=allow_code_execution,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
         fewshot_random_seed=seed, bootstrap_iters=1000)
     if output_dir is not None:

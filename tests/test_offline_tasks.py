@@ -32,7 +32,9 @@ BUILTIN_TASKS = Path(lm_eval.__file__).parent / "tasks"
 # The built-in folders the offline tasks mirror, and the offline names with no built-in twin.
 BUILTIN_FOLDERS = ["mmlu/default", "gsm8k", "bbh/cot_fewshot", "bbh/fewshot", "medqa"]
 # humaneval uses hydrabench's sandboxed metric; its parity is checked in test_humaneval_offline.
-OFFLINE_ONLY = ("legalbench_early", "hydrabench_", "humaneval")
+# The MMLU protocol groups (mmlu_protocols/) are hydrabench's own, not mirrors of built-ins.
+OFFLINE_ONLY = ("legalbench_early", "hydrabench_", "humaneval", "mmlu_lm_eval_",
+                "mmlu_opencompass_ppl_")
 # Config keys that say where the data comes from; every other key must equal the built-in's.
 # MedQA leaves out training/validation_split because only its test split exists offline.
 DATA_SOURCE_KEYS = {
