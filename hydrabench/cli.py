@@ -78,6 +78,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hydrabench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="train (or load) a method on a task column and evaluate it")
@@ -163,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("doctor", help="print the environment and what will fail for which profile")
 
-    lister = sub.add_parser("list", help="list methods, tasks, profiles or tables")
-    lister.add_argument("what", choices=["methods", "tasks", "profiles", "tables"])
+    show = sub.add_parser("show", help="a finished run: its scores, training and files")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true", help="print the whole record as JSON")
+
+    lister = sub.add_parser("list", help="list methods, tasks, profiles, tables or finished runs")
+    lister.add_argument("what", choices=["methods", "tasks", "profiles", "tables", "runs"])
     lister.add_argument("--profile", default="tiny")
     return parser
 
@@ -334,6 +339,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
 
         for name in profile_names():
             print(f"{name:10s} {load_profile(name).get('description', '')}")
+    elif args.what == "runs":
+        from hydrabench.store import RunStore, run_line
+
+        for record in RunStore().records():
+            print(run_line(record))
     else:
         from hydrabench.tables import load_table, table_names
 
@@ -341,9 +351,26 @@ def _cmd_list(args: argparse.Namespace) -> None:
             print(f"{name:10s} {load_table(name).title}")
 
 
+def _cmd_show(args: argparse.Namespace) -> None:
+    import json
+
+    from hydrabench.store import RunStore, describe_run
+
+    store = RunStore()
+    record = store.load(args.run_id)
+    print(json.dumps(record, indent=2) if args.json
+          else "\n".join(describe_run(record, store.record_path(args.run_id))))
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    return metadata.version("hydrabench")
+
+
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "sweep": _cmd_sweep, "report": _cmd_report, "export": _cmd_export,
-            "doctor": _cmd_doctor, "profile": _cmd_profile,
+            "doctor": _cmd_doctor, "profile": _cmd_profile, "show": _cmd_show,
             "compare": _cmd_compare, "protocols": _cmd_protocols,
             "list": _cmd_list}
 

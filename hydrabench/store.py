@@ -232,3 +232,37 @@ class RunStore:
                             shutil.rmtree(copy, ignore_errors=True)
                         else:
                             os.replace(copy, final_dir)
+
+
+def column_score(record: dict[str, Any]) -> float:
+    """The run's score on its column: the mean of its lm-eval tasks' headline values."""
+    values = [record["metrics"][task]["value"] for task in record["column_tasks"]]
+    return sum(values) / len(values)
+
+
+def run_line(record: dict[str, Any]) -> str:
+    """One line per finished run, for `hydrabench list runs`."""
+    return (f"{record['run_id']:44s} {record['method']:18s} {record['task']:9s} "
+            f"s{record['seed']:<3d} {column_score(record):.4f}  {record.get('finished_at', '')}")
+
+
+def describe_run(record: dict[str, Any], path: Path) -> list[str]:
+    """What `hydrabench show RUN` prints: what ran, its scores (value ± stderr, n), its training
+    and where its files are."""
+    spec = record.get("spec", {})
+    lines = [f"run       {record['run_id']}", f"record    {path}",
+             f"what      {record['method']} on {record['task']}, seed {record['seed']}, profile "
+             f"{spec.get('profile', '?')}, model {spec.get('model', '?')}, "
+             f"backend {record.get('backend', '?')}"]
+    for task, metrics in record["metrics"].items():
+        stderr = metrics["stderr"].get(metrics.get("primary"))
+        spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+        lines.append(f"score     {task:24s} {metrics.get('primary', ''):24s} "
+                     f"{metrics['value']:.4f}{spread}  (n={metrics['n']})")
+    train = record["training"].get("train") or {}
+    lines.append(f"training  {train.get('steps')} steps, loss {train.get('first_loss')} → "
+                 f"{train.get('final_loss')}" if record["training"].get("trained")
+                 else "training  none (the base model)")
+    lines += [f"artifact  {record.get('artifact', '?')}",
+              f"finished  {record.get('finished_at', '?')}"]
+    return lines

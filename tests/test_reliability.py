@@ -214,3 +214,24 @@ def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
     assert len(errors) == 1 and "--trust-remote-code" in errors[0], errors
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2",
                  "--trust-remote-code"]) == 0
+
+
+def test_version_list_runs_and_show_a_run(store_env: Path, capsys: pytest.CaptureFixture) -> None:
+    from hydrabench.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("hydrabench ")
+    assert main([*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]) == 0
+    (path,) = (store_env / "results").glob("runs/*/record.json")
+    run_id = path.parent.name
+    capsys.readouterr()
+    assert main(["list", "runs"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(run_id) and " lora " in line and " medical " in line
+    assert main(["show", run_id]) == 0
+    shown = capsys.readouterr().out
+    assert str(path) in shown and "tiny_medical" in shown and "(n=2)" in shown
+    assert main(["show", run_id, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run_id"] == run_id
+    assert main(["show", "no-such-run"]) == 2

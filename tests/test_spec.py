@@ -73,3 +73,13 @@ def test_profile_numbers_written_without_a_dot_and_a_single_target_module(tmp_pa
     mine.write_text("extends: tiny\ntrain: {lr: 1e-3}\nadapter: {target_modules: q_proj}\n")
     spec = resolve_spec("lora", "medical", str(mine))
     assert spec.train.lr == 1e-3 and spec.adapter.target_modules == ("q_proj",)
+
+
+def test_an_unknown_name_among_many_gives_the_three_nearest() -> None:
+    from hydrabench.spec import did_you_mean
+
+    valid = [f"mmlu_{subject}" for subject in ("anatomy", "astronomy", "virology")] + [
+        f"bbh_task_{i}" for i in range(200)]
+    message = str(did_you_mean("lm-eval task", "mmlu_anatomyy", valid))
+    assert message.startswith("unknown lm-eval task 'mmlu_anatomyy' (did you mean 'mmlu_anatomy', ")
+    assert message.count("'") == 8 and "203 known" in message and "bbh_task_1" not in message
