@@ -122,6 +122,19 @@ def check_inputs_unchanged(spec: RunSpec, *, training: bool) -> None:
         raise SpecError(f"the {what} changed while this run read it; run it again")
 
 
+def check_benchmark_data(spec: RunSpec) -> None:
+    """Each offline task's data folder exists (its fingerprint says so), before any work."""
+    missing = {task: fp["data"].removeprefix("missing:") for task, fp in spec.inputs.tasks.items()
+               if fp["data"].startswith("missing:")}
+    if missing:
+        task, where = next(iter(missing.items()))
+        cause = ("it is unset" if where.startswith("HYDRABENCH_DATA_DIR")
+                 else f"{where} does not exist")
+        raise SpecError(f"lm-eval task {task} reads its benchmark data from HYDRABENCH_DATA_DIR, "
+                        f"but {cause}: point it at a copy of the benchmark files (layout: "
+                        f"../shared/data/MANIFEST.md)")
+
+
 def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseModel,
                    records: list, *, retrain: bool = False) -> tuple[Path, dict]:
     """The trained artifact for the spec's train id, training it if no finished one exists
@@ -269,6 +282,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     needs_training = method.adapt is not None and (retrain or not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())
     records = load_corpus(spec.corpus) if needs_training else []
+    check_benchmark_data(spec)
     if needs_training and method.check is not None:
         method.check(spec, records)
     if not distributed.is_main():

@@ -183,3 +183,17 @@ def test_a_loss_that_turns_nan_stops_in_one_line_with_no_record(
     assert len(errors) == 1 and "training loss became nan" in errors[0], errors
     assert not list((tmp_path / "results").glob("runs/*/record.json"))
     assert not list((tmp_path / "results").glob("artifacts/*/artifact.json"))
+
+
+@pytest.mark.parametrize("data_dir", ["missing", "empty"])
+def test_a_missing_or_empty_data_dir_is_one_line(data_dir: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(tmp_path / data_dir))
+    assert main(["eval", "--model", STORIES, "--task", "mmlu_anatomy", "--limit", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and f"{tmp_path / data_dir}/mmlu does not exist" in errors[0]
+    assert not (tmp_path / "results").exists()
