@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from hydrabench.spec import SpecError
 
@@ -76,8 +76,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (a flag's type, a missing argument) as one line, like every other
+    bad input; the usage block is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SpecError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hydrabench", description=__doc__)
+    parser = _Parser(prog="hydrabench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -220,14 +228,22 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     record = execute(_eval_spec(args), force=args.force)
     if args.json:
-        print(json.dumps({task: m["metrics"] for task, m in record["metrics"].items()}))
+        from hydrabench.store import RunStore
+
+        print(json.dumps({
+            "run_id": record["run_id"], "record": str(RunStore().record_path(record["run_id"])),
+            "tasks": {task: {key: m[key] for key in ("primary", "value", "stderr", "n", "metrics")}
+                      for task, m in record["metrics"].items()}}))
     else:
         _print_metrics(record)
 
 
 def _print_metrics(record: dict) -> None:
     for task, metrics in record["metrics"].items():
-        print(f"{task:24s} {metrics['primary']:28s} {metrics['value']:.4f}  (n={metrics['n']})")
+        stderr = metrics["stderr"].get(metrics["primary"])
+        spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+        print(f"{task:24s} {metrics['primary']:28s} {metrics['value']:.4f}{spread}  "
+              f"(n={metrics['n']})")
     from hydrabench.store import RunStore
 
     print(f"record: {RunStore().record_path(record['run_id'])}")
@@ -375,8 +391,8 @@ COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "list": _cmd_list}
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except SpecError as err:
         print(f"hydrabench: error: {err}", file=sys.stderr)

@@ -111,6 +111,8 @@ CASES = [
     ("seed < 0", [*RUN, "--seed=-1"], "seed must be an integer in [0, 2**32)"),
     ("seed >= 2**32", [*RUN, "--seed", str(2**32)], "seed must be an integer in [0, 2**32)"),
     ("absurd rank", [*RUN, "--rank", "100000000"], "rank 100000000 exceeds the width"),
+    ("flag of the wrong type", [*RUN, "--rank", "eight"], "argument --rank: invalid int value"),
+    ("missing argument", ["run", "--method", "lora"], "arguments are required: --task"),
 ]
 
 

@@ -225,10 +225,14 @@ def test_version_list_runs_and_show_a_run(store_env: Path, capsys: pytest.Captur
     assert main([*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]) == 0
     (path,) = (store_env / "results").glob("runs/*/record.json")
     run_id = path.parent.name
-    capsys.readouterr()
+    assert " ± " in capsys.readouterr().out  # value ± stderr (n)
+    assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert set(scored["tasks"]["tiny_legal"]) >= {"value", "stderr", "n"}
+    assert Path(scored["record"]).is_file() and scored["run_id"] in scored["record"]
     assert main(["list", "runs"]) == 0
-    (line,) = capsys.readouterr().out.splitlines()
-    assert line.startswith(run_id) and " lora " in line and " medical " in line
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(run_id))
+    assert " lora " in line and " medical " in line
     assert main(["show", run_id]) == 0
     shown = capsys.readouterr().out
     assert str(path) in shown and "tiny_medical" in shown and "(n=2)" in shown
