@@ -2,11 +2,11 @@
 
 No mocks. Tiny HydraLoRA, LoRAMoE and LoRA-Split runs are trained for a few steps and scored on
 hf (the exact in-memory model); then the same trained adapters are served by a real vLLM server
-through the plugin (`hydrabench run|eval --backend vllm`, the command line a user runs) and scored
-through lm-eval's local-completions. Per answer the loglikelihoods must agree to 1e-4 and greedy
-generations must match but for near ties. A server start costs one to three minutes on this
-machine: each slow test starts exactly one (the command's own). vLLM missing is a failure unless
-HYDRABENCH_SKIP_VLLM=1 says so explicitly (the vllm_available fixture).
+through the plugin (a run with backend vllm; `hydrabench eval --run RUN --backend vllm`, the
+command line a user runs) and scored through lm-eval's local-completions. Per answer the
+loglikelihoods must agree to 1e-4 and greedy generations must match but for near ties. A server
+start costs one to three minutes on this machine: each slow test starts exactly one (the run's
+own). vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so explicitly.
 """
 
 from __future__ import annotations
@@ -73,9 +73,11 @@ def served_record(result, store: RunStore) -> tuple[dict, Path]:
 
 
 @pytest.mark.slow
-def test_hydralora_run_with_vllm_backend_is_exact(vllm_available: None, tmp_path: Path) -> None:
+def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
+        vllm_available: None, tmp_path: Path) -> None:
     """Every target module the plugin covers (fused q/k/v and gate/up slices, row-parallel
-    o/down), a trained router: `run --backend vllm` records merge exact and matches hf."""
+    o/down), a trained router, two tensor-parallel ranks (B sharded, A·x and router logits of
+    o/down all-reduced): a run with backend vllm records merge exact and matches hf."""
     store = RunStore(tmp_path / "results")
     hf_record = execute(resolve_spec("hydralora", TASK, overrides=overrides(ALL_TARGETS)),
                         store=store)
@@ -90,10 +92,15 @@ def test_hydralora_run_with_vllm_backend_is_exact(vllm_available: None, tmp_path
     with torch.no_grad():
         assert torch.equal(exported.model(ids).logits, run_model(ids).logits)
 
-    result = hydrabench("run", *flags("hydralora", ALL_TARGETS), "--backend", "vllm",
-                        results=store.root)
-    record, run_dir = served_record(result, store)
-    assert record["train_id"] == hf_record["train_id"]  # the same trained adapter, scored twice
+    # The evaluation settings are not part of the train id: the same trained adapter is served.
+    served = {**overrides(ALL_TARGETS),
+              "eval": {"limit": LIMIT, "backend": "vllm", "tensor_parallel_size": 2}}
+    record = execute(resolve_spec("hydralora", TASK, overrides=served), store=store)
+    assert record["train_id"] == hf_record["train_id"]
+    assert record["backend"] == "vllm" and record["merge"] == "exact"
+    run_dir = store.runs / record["run_id"]
+    log = (run_dir / record["serving"]["server_log"]).read_text()
+    assert "HydraLoraLlamaForCausalLM" in log and "world_size=2 rank=1" in log
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
     assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
                           run_dir / "lm_eval")
@@ -193,8 +200,8 @@ CASES = [
      [*HYDRALORA_VLLM, "--target-modules", "q_proj,lm_head"],
      "target module(s) lm_head are not covered by hydrabench's vLLM plugin"),
     ("unverified tensor parallelism",
-     [*HYDRALORA_VLLM, "--profile", profile_with("eval: {tensor_parallel_size: 2}\n")],
-     "tensor_parallel_size 2 is not verified"),
+     [*HYDRALORA_VLLM, "--profile", profile_with("eval: {tensor_parallel_size: 4}\n")],
+     "tensor_parallel_size 4 is not verified"),
 ]
 
 

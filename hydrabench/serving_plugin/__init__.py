@@ -34,8 +34,9 @@ TARGETS: dict[str, tuple[str, int | None]] = {
     "down_proj": ("down_proj", None),
 }
 # Tensor-parallel sizes whose sharding has been checked against the hf exact model (the CPU
-# build here); the plugin refuses others rather than risk a silently wrong answer.
-VERIFIED_TENSOR_PARALLEL = (1,)
+# build here: 2 worker processes, every target module, k/v heads split rather than replicated);
+# the plugin refuses others rather than risk a silently wrong answer.
+VERIFIED_TENSOR_PARALLEL = (1, 2)
 
 
 class PluginError(ValueError):

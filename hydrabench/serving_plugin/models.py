@@ -89,27 +89,26 @@ class HydraLoraParallelLinear(nn.Module):
         self.base = base
         self.row_parallel = isinstance(base, RowParallelLinear)
         tp_size, tp_rank = base.tp_size, base.tp_rank
+        # shards: (local offset, local size, first row in the target's full output) per output
+        # shard of this rank; input_columns: (first, count) of x's features this rank sees.
         if self.row_parallel:
             if tp_size > 1 and not (base.input_is_parallel and base.reduce_results):
                 raise PluginError(f"{type(base).__name__} without input_is_parallel and "
                                   f"reduce_results is not served by hydrabench's plugin")
             in_features = base.input_size_per_partition
-            # (local offset, local size, first row in the target's full output) per shard
             shards = [(0, base.output_size_per_partition, 0)]
             self.input_columns = (tp_rank * in_features, in_features)
         elif isinstance(base, QKVParallelLinear | MergedColumnParallelLinear):
+            if getattr(base, "num_kv_head_replicas", 1) > 1 and {"k_proj", "v_proj"} & set(targets):
+                raise PluginError("adapting k_proj or v_proj with fewer key/value heads than "
+                                  "tensor-parallel ranks (replicated heads) is not verified")
             in_features = base.input_size_per_partition
             sizes = base.output_partition_sizes
             offsets = [sum(sizes[:k]) for k in range(len(sizes))]
-            # k and v heads are replicated, not split, when there are fewer of them than ranks.
-            replicas = [1, base.num_kv_head_replicas, base.num_kv_head_replicas] \
-                if isinstance(base, QKVParallelLinear) else [1] * len(sizes)
-            shards = [(offsets[k], sizes[k], tp_rank // replicas[k] * sizes[k])
-                      for k in range(len(sizes))]
+            shards = [(offsets[k], sizes[k], tp_rank * sizes[k]) for k in range(len(sizes))]
             self.input_columns = (0, in_features)
         else:
             raise PluginError(f"hydrabench's plugin does not adapt {type(base).__name__}")
-        self.shards = shards
         # Every shard of the output in order: (target or None, local offset, local size).
         self.layout: list[tuple[str | None, int, int]] = []
         self.target_rows: dict[str, tuple[int, int]] = {}
