@@ -91,6 +91,8 @@ class RunTraining:
     checkpoint_dir: Path
     meter: Meter | None
     method: Method
+    steps: int = 0  # of every training this run's fit ran
+    resumed_steps: int = 0  # of those, done by an earlier (killed) process: not in `meter`
 
     def __call__(self, model: torch.nn.Module, records, *, tag: str = "",
                  max_steps: int | None = None) -> dict:
@@ -105,11 +107,20 @@ class RunTraining:
                        step_callback=method.step_callback,
                        loss_fn=method.loss_fn(self.spec) if method.loss_fn else None,
                        desc=f"train {self.spec.method} {tag}".strip())
+        self.steps += result.steps
+        self.resumed_steps += result.resumed_from_step
         return result.summary()
 
     def loss(self, model: torch.nn.Module, records) -> float:
         return mean_loss(model, self.base.tokenizer, records, template=self.spec.prompt_template,
                          seq_len=self.spec.train.seq_len, device=str(self.base.model.device))
+
+
+def metered_steps(training: RunTraining) -> dict[str, Any]:
+    """What the training phase's metering covers: a resumed training's steps before the resume
+    ran in a killed process, whose energy was never recorded."""
+    return {"steps": training.steps - training.resumed_steps, "of_steps": training.steps,
+            "complete": training.resumed_steps == 0}
 
 
 def check_inputs_unchanged(spec: RunSpec, *, training: bool) -> None:
@@ -165,7 +176,8 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                     train_fn = RunTraining(spec, base, checkpoint_dir, meter, method)
                     summary = fit(model, spec, records, train_fn)
                 info = {"trained": True, "train": summary, "train_records": len(records),
-                        "metering": {"train": meter.result.to_dict()}}
+                        "metering": {"train": {**meter.result.to_dict(),
+                                               "covers": metered_steps(train_fn)}}}
                 method.save(model, scratch)
                 check_inputs_unchanged(spec, training=True)
             info["parameters"] = parameter_counts(model, base_total)

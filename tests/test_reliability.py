@@ -27,6 +27,10 @@ def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path
     assert resumed["resumed_from_step"] > 0, err
     assert resumed["final_loss"] == expected["final_loss"]  # exact, not approximate
     assert resumed["trained_tokens"] == expected["trained_tokens"]
+    covers = artifact_info(killed)["metering"]["train"]["covers"]  # says what it metered
+    assert covers == {"steps": 60 - resumed["resumed_from_step"], "of_steps": 60,
+                      "complete": False}
+    assert artifact_info(reference)["metering"]["train"]["covers"]["complete"]
     assert not list(killed.glob("artifacts/.staging-*")) and not list(killed.glob("runs/.st*"))
 
 
