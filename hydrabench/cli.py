@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -390,12 +391,20 @@ COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "compare": _cmd_compare, "protocols": _cmd_protocols,
             "list": _cmd_list}
 
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         COMMANDS[args.command](args)
     except SpecError as err:
         print(f"hydrabench: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a folder hydrabench must write to refuses it (read-only, full)
+        if err.errno not in UNWRITABLE or err.filename is None:
+            raise
+        print(f"hydrabench: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     finally:
         from hydrabench import distributed

@@ -199,3 +199,14 @@ def test_a_missing_or_empty_data_dir_is_one_line(data_dir: str, tmp_path: Path,
               if line.startswith("hydrabench: error:")]
     assert len(errors) == 1 and f"{tmp_path / data_dir}/mmlu does not exist" in errors[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_a_results_folder_that_refuses_writes_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """/sys refuses new folders even to root (a chmod'ed folder would not stop root)."""
+    monkeypatch.setenv("HYDRABENCH_RESULTS", "/sys/hydrabench-results")
+    assert main(["run", "--method", "lora", "--task", "medical", "--model", STORIES,
+                 "--max-steps", "2", "--limit", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1 and "cannot write /sys/hydrabench-results" in errors[0], errors
