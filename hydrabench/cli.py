@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a local model directory or a hub id")
     source.add_argument("--run", dest="run_id", help="a finished run whose artifact to score")
     ev.add_argument("--task", required=True,
-                    help="a column (general, medical, ...) or any single lm-eval task name")
+                    help="a column (general, medical, ...) or any single lm-eval task name; "
+                         "lm-eval:NAME for lm-eval's task where a column has that name")
     ev.add_argument("--profile", default="tiny")
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--num-fewshot", type=int, default=None)

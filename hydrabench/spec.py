@@ -371,6 +371,10 @@ def _settings(cls: type, values: dict[str, Any], where: str):
                   for name, value in values.items()})
 
 
+# `eval --task lm-eval:bbh` names lm-eval's task where a profile column has the same name.
+LM_EVAL_PREFIX = "lm-eval:"
+
+
 def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None = None,
                  model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  valid_methods: list[str] | None = None, lm_eval_task_ok: bool = False,
@@ -387,6 +391,9 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if valid_methods is not None and method not in valid_methods:
         raise did_you_mean("method", method, valid_methods)
     tasks = dict(prof.get("tasks", {}))
+    if lm_eval_task_ok and task.startswith(LM_EVAL_PREFIX):  # the lm-eval task, not a column
+        task = task.removeprefix(LM_EVAL_PREFIX)
+        tasks[task] = {"corpus": "none", "eval": [task]}
     if task not in tasks and lm_eval_task_ok:
         tasks[task] = {"corpus": "none", "eval": [task]}
     if task not in tasks:

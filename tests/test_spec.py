@@ -83,3 +83,10 @@ def test_an_unknown_name_among_many_gives_the_three_nearest() -> None:
     message = str(did_you_mean("lm-eval task", "mmlu_anatomyy", valid))
     assert message.startswith("unknown lm-eval task 'mmlu_anatomyy' (did you mean 'mmlu_anatomy', ")
     assert message.count("'") == 8 and "203 known" in message and "bbh_task_1" not in message
+
+
+def test_an_lm_eval_task_named_like_a_column_is_reachable() -> None:
+    column = resolve_spec("base", "bbh", lm_eval_task_ok=True)
+    real = resolve_spec("base", "lm-eval:bbh", lm_eval_task_ok=True)
+    assert column.eval_tasks == ("tiny_bbh",) and real.eval_tasks == ("bbh",)
+    assert real.task == "bbh" and real.corpus == "none" and real.run_id != column.run_id
