@@ -143,6 +143,12 @@ def _task_folders(root: Path) -> dict[str, Path]:
     return folders
 
 
+# Folders of tasks/offline whose tasks read HYDRABENCH_DATA_DIR/<the same name>/ (the loaders of
+# hydrabench_offline_data.py). Tasks in other folders (mmlu_protocols: groups over the mmlu
+# tasks) are fingerprinted over all offline configs and all the data.
+OFFLINE_DATA_FAMILIES = ("mmlu", "gsm8k", "bbh", "medqa", "legalbench_early", "humaneval")
+
+
 def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """Per lm-eval task: its config (its family's YAML and Python, plus the shared includes and
     loaders beside them) and its data. Offline tasks read HYDRABENCH_DATA_DIR/<family>/; the tiny
@@ -159,6 +165,8 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
                                   "data": "hub"}
             continue
         family = _task_folders(root)[task]
+        if root.name == "offline" and family.name not in OFFLINE_DATA_FAMILIES:
+            family = root
         shared = "".join(file_digest(f) for f in sorted(root.iterdir())
                          if f.is_file() and _is_task_file(f))
         config = hashlib.sha256(
@@ -166,7 +174,8 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
         if root.name == "tiny":
             data = f"synthetic:{synthetic_suite_fingerprint()}"
         elif os.environ.get("HYDRABENCH_DATA_DIR"):
-            data = fingerprint_path(Path(os.environ["HYDRABENCH_DATA_DIR"]) / family.name)
+            data_dir = Path(os.environ["HYDRABENCH_DATA_DIR"])
+            data = fingerprint_path(data_dir if family == root else data_dir / family.name)
         else:
             data = "missing:HYDRABENCH_DATA_DIR unset"
         fingerprints[task] = {"config": config, "data": data}

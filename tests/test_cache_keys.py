@@ -115,3 +115,14 @@ def test_columns_sharing_a_corpus_share_the_training_but_not_the_task_fingerprin
     medical, law = (resolve_spec("lora", task, model=str(STORIES)) for task in ("medical", "law"))
     assert medical.train_id == law.train_id
     assert set(medical.inputs.tasks) == {"tiny_medical"} and set(law.inputs.tasks) == {"tiny_legal"}
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "mmlu").is_dir(), reason="needs ../shared/data")
+def test_offline_tasks_fingerprint_the_data_folder_they_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmlu_anatomy reads data/mmlu/; a group in a folder of groups over other folders' tasks
+    (mmlu_protocols) is fingerprinted over all the data."""
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
+    tasks = provenance.task_fingerprints(("mmlu_anatomy", "mmlu_lm_eval_5shot"))
+    assert tasks["mmlu_anatomy"]["data"] == provenance.fingerprint_path(SHARED / "data" / "mmlu")
+    assert tasks["mmlu_lm_eval_5shot"]["data"] == provenance.fingerprint_path(SHARED / "data")
