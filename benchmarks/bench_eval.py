@@ -12,13 +12,20 @@ The hf backend always runs. When vllm is installed, the same checkpoint is also 
 the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, scored through
 lm-eval's ``local-completions``); the server's start-up (about a minute on 2 cores) is reported
 apart, not counted in the rates. Otherwise the reason is printed and the run goes on.
+
+HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the same two ways:
+``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
+hydrabench's vLLM plugin. Its B heads are random (seeded), not trained: the arithmetic, hence
+the speed, is a trained adapter's.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval
+import torch
 from _common import REPORT_DIR, finish, other_cores_busy, parse_args, print_table, ratio
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
@@ -34,6 +42,8 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from hydrabench.evaluate import TASKS_DIR
+from hydrabench.export import save_plugin_checkpoint
+from hydrabench.methods.hydralora import HydraLoraConfig, apply_hydralora, hydralora_layers
 from hydrabench.models import BUILTIN_TINY, load_base_model
 
 TASKS = ("tiny_medical", "tiny_arithmetic")
@@ -112,9 +122,9 @@ def run_backend(name: str, inner: LM, tokenizer: Any, manager: TaskManager,
     return rows
 
 
-def vllm_rows(model_dir: Path, tokenizer: Any, manager: TaskManager,
+def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
               args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float | None]:
-    """vLLM rows, a status line and the server start-up seconds.
+    """vLLM rows (backend `name`), a status line and the server start-up seconds.
 
     Never raises: a missing or broken optional backend must not lose the hf figures.
     """
@@ -127,15 +137,29 @@ def vllm_rows(model_dir: Path, tokenizer: Any, manager: TaskManager,
     try:
         # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
         with VllmServer(model_dir, max_model_len=args.max_length,
-                        log_dir=REPORT_DIR / "vllm_server") as server:
+                        log_dir=REPORT_DIR / f"{name}_server") as server:
             lm = get_model("local-completions").create_from_arg_string(
                 local_completions_args(server, model_dir, args.max_length),
                 {"batch_size": args.batch_size})
-            return run_backend("vllm", lm, tokenizer, manager, args), "measured", server.startup_s
+            return run_backend(name, lm, tokenizer, manager, args), "measured", server.startup_s
     except Exception as err:
         print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
         return [], f"failed: {type(err).__name__}: {first_line}", None
+
+
+def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
+    """The tiny base model with a HydraLoRA adapter (random B heads), its exact plugin export
+    written to `export_dir`."""
+    torch.manual_seed(0)
+    base = load_base_model(BUILTIN_TINY, "float32", device)
+    model = apply_hydralora(base.model, HydraLoraConfig(r=8, num_heads=4, alpha=16.0,
+                                                        target_modules=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for layer in hydralora_layers(model).values():
+            layer.lora_B.normal_(std=0.02)
+    save_plugin_checkpoint(model, base.tokenizer, export_dir, "bench-eval")
+    return model.eval()
 
 
 def over(rows: Sequence[dict[str, Any]], backend: str, reference: str,
@@ -164,9 +188,20 @@ def main() -> None:
     rows = run_backend("hf", hf, base.tokenizer, manager, args)
     # Taken before vLLM starts: its engine processes are not children this process reaps, so
     # their CPU time would otherwise count as other processes' load.
+    export_dir = Path(tempfile.mkdtemp(prefix="bench-eval-hydralora-"))
+    hydralora = hydralora_model(args.device, export_dir)
+    rows += run_backend("hf-hydralora", HFLM(pretrained=hydralora, tokenizer=base.tokenizer,
+                                             batch_size=args.batch_size,
+                                             max_length=args.max_length),
+                        base.tokenizer, manager, args)
     others = other_cores_busy()
-    extra, vllm_status, vllm_startup_s = vllm_rows(base.directory, base.tokenizer, manager, args)
+    extra, vllm_status, vllm_startup_s = vllm_rows("vllm", base.directory, base.tokenizer,
+                                                   manager, args)
     rows += extra
+    extra, plugin_status, plugin_startup_s = vllm_rows("vllm-plugin", export_dir,
+                                                       base.tokenizer, manager, args)
+    rows += extra
+    shutil.rmtree(export_dir)
 
     columns = ["backend", "task", "requests", "prompt_tokens", "generated_tokens", "model_s",
                "wall_s", "requests/s", "tokens/s", "generated tokens/s"]
@@ -181,8 +216,15 @@ def main() -> None:
     for task, row in hf_rows.items():
         headline[f"hf_{task}_requests_per_s"] = round(row["requests/s"], 1)
         headline[f"hf_{task}_tokens_per_s"] = round(row["tokens/s"])
+    plugin_over_hf = over(rows, "vllm-plugin", "hf-hydralora", "tokens/s") or None
+    print(f"vllm-plugin (HydraLoRA, exact): {plugin_status}" + (
+        f"; plugin/hf-hydralora tokens/s: {plugin_over_hf}" if plugin_over_hf else ""))
     headline |= {"vllm_over_hf_tokens_per_s": vllm_over_hf, "vllm": vllm_status,
                  "vllm_startup_s": None if vllm_startup_s is None else round(vllm_startup_s, 1),
+                 "plugin_over_hf_hydralora_tokens_per_s": plugin_over_hf,
+                 "vllm_plugin": plugin_status,
+                 "vllm_plugin_startup_s": None if plugin_startup_s is None
+                 else round(plugin_startup_s, 1),
                  "device": args.device}
     finish("bench_eval", headline, {"quick": args.quick, "limit": args.limit,
                                     "batch_size": args.batch_size, "rows": rows}, others)
