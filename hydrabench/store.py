@@ -151,6 +151,9 @@ class RunStore:
     def load_spec(self, run_id: str) -> RunSpec:
         """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""
         record = self.load(run_id)
+        if isinstance(record.get("spec"), dict) and "inputs" not in record["spec"]:
+            raise SpecError(f"record {self.record_path(run_id)} predates the content fingerprints "
+                            "in run ids: run it again (hydrabench run with its settings)")
         try:
             return spec_from_dict(record["spec"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # SpecError included

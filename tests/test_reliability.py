@@ -162,6 +162,13 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
         assert main(["sweep", "table1", "--status"]) == 0
         (line,) = [line for line in capsys.readouterr().out.splitlines() if cell.run_id in line]
         assert " failed " in line and " done " not in line, (kind, line)
+    old_format = json.loads(good)
+    del old_format["spec"]["inputs"]  # a record from before run ids held content fingerprints
+    path.write_text(json.dumps(old_format))
+    assert main(["eval", "--run", path.parent.name, "--task", "law"]) == 2
+    errors, _ = error_lines(capsys)
+    assert len(errors) == 1 and "predates the content fingerprints" in errors[0], errors
+    path.write_bytes(CORRUPTIONS["truncated"](good))
     assert main(run) == 0  # the corrupt record is run again
     errors, err = error_lines(capsys)
     assert [line for line in err.splitlines() if "corrupt record" in line and str(path) in line]
