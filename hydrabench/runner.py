@@ -11,7 +11,6 @@ import gc
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
+from hydrabench.progress import log
 from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
@@ -42,10 +42,6 @@ from hydrabench.tables import record_labels
 from hydrabench.train import mean_loss, train
 
 ARTIFACT_MARKER = "artifact.json"
-
-
-def log(message: str) -> None:
-    print(f"[hydrabench] {message}", file=sys.stderr, flush=True)
 
 
 def parameter_counts(model: torch.nn.Module, base_total: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
+from hydrabench.progress import log
 from hydrabench.spec import RunSpec, SpecError, load_profile, spec_from_dict
 from hydrabench.store import RunStore, checked_run_id, write_json_atomic
 from hydrabench.tables import Row, TableSpec
@@ -60,16 +61,12 @@ class Sweep:
 
     # hydrabench.runner is imported where it is used: tests stand in for it in sys.modules.
     def log_plan(self) -> None:
-        from hydrabench.runner import log
-
         done = sum(self.store.has(r.spec.run_id) for r in self.runs)
         estimate = load_profile(self.profile).get("estimate", "minutes on a CPU")
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
             f"already done, {len(self.runs) - done} to run; {estimate}")
 
     def _log_run(self, i: int, run: PlannedRun) -> None:
-        from hydrabench.runner import log
-
         where = f"[{i}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
         log(f"{where}: {run.skip}, left empty" if run.skip else f"{where} → {run.spec.run_id}")
 
@@ -89,8 +86,6 @@ class Sweep:
 
         `executor_class(folder=...)` submits it: Slurm's through submitit unless a caller
         passes another (a test with no Slurm installed)."""
-        from hydrabench.runner import log
-
         self.log_plan()
         todo = []
         for i, status in enumerate(self.status(), start=1):

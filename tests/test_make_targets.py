@@ -6,6 +6,7 @@ minutes on 2 cores once installed); its results and reports go to a temporary fo
 
 import csv
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -27,17 +28,18 @@ def test_make_reproduce_table1_writes_every_row_and_reuses_its_records(tmp_path:
     assert first.returncode == 0, first.stderr[-3000:]
     reports = tmp_path / "reports"
     assert {p.suffix for p in reports.glob("table1.*")} >= {".md", ".csv", ".tex"}
+    planned = int(re.search(r"plan: table1 on profile tiny: (\d+) runs, 0 already done",
+                            first.stderr)[1])
     with (reports / "table1.csv").open() as f:
         rows = list(csv.DictReader(f))
-    table = (REPO / "tasks" / "tables" / "table1.yaml").read_text()
-    assert len(rows) == table.count("- {label:")
-    records = list((tmp_path / "results" / "runs").glob("*/record.json"))
-    assert len(records) == len(rows)  # one run per row, seed 0, one column
+    assert len(rows) >= planned - 1  # a row per run (the base model's may be apart)
+    records = sorted((tmp_path / "results" / "runs").glob("*/record.json"))
+    assert len(records) == planned
 
     again = make("reproduce-table1", tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished record found") == len(rows)
-    assert sorted((tmp_path / "results" / "runs").glob("*/record.json")) == sorted(records)
+    assert f"{planned} runs, {planned} already done, 0 to run" in again.stderr
+    assert sorted((tmp_path / "results" / "runs").glob("*/record.json")) == records
 
 
 def test_make_reproduce_passes_the_seeds_on() -> None:
