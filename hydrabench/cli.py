@@ -220,7 +220,11 @@ def _eval_spec(args: argparse.Namespace):
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
     from hydrabench.store import RunStore
 
-    return retarget(RunStore().load_spec(args.run_id), args.task, overrides["eval"])
+    trained = RunStore().load_spec(args.run_id)
+    if trained.trust_remote_code and not args.trust_remote_code:
+        raise SpecError(f"run {args.run_id} loads its model with trust_remote_code: evaluating it "
+                        "runs the model repository's code; allow it with --trust-remote-code")
+    return retarget(trained, args.task, overrides["eval"])
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
