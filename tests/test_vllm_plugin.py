@@ -107,11 +107,12 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["loramoe", "lora-split"])
+@pytest.mark.parametrize("method", ["loramoe", "lora-split", "hydralora-uniform"])
 def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
         vllm_available: None, method: str, tmp_path: Path) -> None:
-    """One A per expert (LoRAMoE in the FFN, LoRA-Split at the profile's q/v): `eval --run RUN
-    --backend vllm` scores the finished hf run's adapter through the plugin, as hf does."""
+    """One A per expert (LoRAMoE in the FFN, LoRA-Split at the profile's q/v), the uniform gate
+    (no router): `eval --run RUN --backend vllm` scores the finished hf run's adapter through the
+    plugin, as hf does."""
     store = RunStore(tmp_path / "results")
     hf_record = execute(resolve_spec(method, TASK, overrides=overrides()), store=store)
     result = hydrabench("eval", "--run", hf_record["run_id"], "--task", TASK, "--limit",
