@@ -157,7 +157,8 @@ def test_doctor_reports_environment_and_profiles(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("method", "adapter"), [
-    ("full", {}), ("lora-split", {"num_splits": 2, "rank": 4}), ("hydralora-uniform", {}),
+    ("full", {}), ("lora-split", {"num_splits": 2, "rank": 4}),
+    ("hydralora-uniform", {"num_heads": "auto"}),
     ("hydralora", {"num_heads": "auto"}), ("loramoe", {"num_heads": 3}),
     ("lorahub", {"num_splits": 2, "rank": 4})])
 def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: Path) -> None:
@@ -172,8 +173,10 @@ def test_every_method_trains_and_records(method: str, adapter: dict, tmp_path: P
     if method == "lora-split":  # two router-mixed rank-4 experts: LoRA r=8's count (router apart)
         assert params["adapter"] == 2 * 2 * (128 * 8 + 8 * 128)
         assert params["router"] == 2 * 2 * 2 * 128
-    if method == "hydralora":
+    if method.startswith("hydralora"):  # N chosen by the elbow rule, the same way for both
         assert record["training"]["train"]["head_choice"]["num_heads"] >= 1
+    if method == "hydralora-uniform":  # no gate, so no router
+        assert params["router"] == 0
     if method == "lorahub":  # two upstream rank-4 LoRAs composed into one rank-4 LoRA
         train = record["training"]["train"]
         assert len(train["weights"]) == 2 and max(map(abs, train["weights"])) <= 1.5

@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -537,5 +538,4 @@ METHOD = make_method("hydralora", "HydraLoRA: shared A, N B heads, per-token sof
                      adapt, fit_recording_heads, balanced_loss)
 UNIFORM_GATE_METHOD = make_method(
     "hydralora-uniform", "HydraLoRA without gate (g = 1/N), the paper's Fig. 6 ablation",
-    lambda model, spec, records: apply_hydralora(
-        model, adapter_config(spec, spec.adapter.num_heads, gate="uniform")))
+    partial(adapt, gate="uniform"), fit_recording_heads)
