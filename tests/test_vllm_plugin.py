@@ -123,6 +123,38 @@ def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
                           run_dir / "lm_eval")
 
 
+def qwen2_model(tmp_path: Path) -> str:
+    """A small random Qwen2 (bias on q/k/v, 2 key/value heads for 4 query heads, head size 32)
+    with the tiny model's tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = load_base_model("builtin:tiny").tokenizer
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    return str(tmp_path / "qwen2")
+
+
+@pytest.mark.slow
+def test_qwen2_hydralora_served_exactly(vllm_available: None, tmp_path: Path) -> None:
+    """The plugin's Qwen2 class: fused q/k/v with biases and grouped key/value heads."""
+    store = RunStore(tmp_path / "results")
+    model, targets = qwen2_model(tmp_path), ["q_proj", "k_proj", "v_proj", "down_proj"]
+    hf_record = execute(resolve_spec("hydralora", TASK, model=model,
+                                     overrides=overrides(targets)), store=store)
+    served = {**overrides(targets), "eval": {"limit": LIMIT, "backend": "vllm"}}
+    record = execute(resolve_spec("hydralora", TASK, model=model, overrides=served), store=store)
+    assert record["merge"] == "exact" and record["train_id"] == hf_record["train_id"]
+    run_dir = store.runs / record["run_id"]
+    assert "HydraLoraQwen2ForCausalLM" in (run_dir / record["serving"]["server_log"]).read_text()
+    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+                          run_dir / "lm_eval")
+
+
 @pytest.mark.slow
 def test_server_that_does_not_come_up_is_one_line_naming_its_log(
         vllm_available: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
