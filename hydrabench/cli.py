@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hf (default) or vllm (a real server; HydraLoRA-family runs through "
                          "hydrabench's vLLM plugin)")
 
-    export = sub.add_parser("export", help="write a merged standalone checkpoint of a run")
+    export = sub.add_parser("export", help="write a standalone checkpoint of a run for vLLM "
+                            "(merged, or base + adapter for hydrabench's plugin)")
     export.add_argument("run_id")
     export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
                         help="exact (default): merged weights, or for HydraLoRA-family methods "

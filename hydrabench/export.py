@@ -36,6 +36,7 @@ from hydrabench.serving_plugin import (
     ADAPTER_DIR,
     PluginError,
     check_adapter_config,
+    check_covered,
     plugin_architecture,
     read_adapter_config,
 )
@@ -43,6 +44,7 @@ from hydrabench.spec import RunSpec, SpecError, runtime_device, spec_from_dict
 from hydrabench.store import RunStore, write_json_atomic
 
 HYDRALORA_MERGES = ("uniform", "router-mean")
+EXPORT_INFO = "hydrabench_export.json"
 
 
 def task_prompts(run_dir: Path) -> list[str]:
@@ -92,12 +94,9 @@ def check_servable(spec: RunSpec, method: Method, model: torch.nn.Module) -> Non
                         f"{spec.eval.backend}; use --backend hf")
     if not (served_by_plugin(method) or from_export):
         return
+    targets = model.hydralora_config.target_modules if from_export else spec.adapter.target_modules
     try:
-        plugin_architecture([type(model).__name__])
-        targets = (model.hydralora_config.target_modules if from_export
-                   else spec.adapter.target_modules)
-        check_adapter_config({"method": "hydralora", "target_modules": list(targets)},
-                             spec.eval.tensor_parallel_size)
+        check_covered([type(model).__name__], targets, spec.eval.tensor_parallel_size)
     except PluginError as err:
         raise SpecError(str(err)) from None
 
@@ -114,9 +113,7 @@ def auto_backend(method_name: str, model: str, target_modules: tuple[str, ...],
     if method.mergeable:
         return "vllm"
     try:
-        plugin_architecture(_architectures(model))
-        check_adapter_config({"method": "hydralora", "target_modules": list(target_modules)},
-                             tensor_parallel_size)
+        check_covered(_architectures(model), target_modules, tensor_parallel_size)
     except PluginError:
         return "hf"
     return "vllm"
@@ -207,8 +204,6 @@ def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, 
                            spec.trust_remote_code)
     return spec, get_method(spec.method).load(base.model, Path(record["artifact"])), base.tokenizer
 
-
-EXPORT_INFO = "hydrabench_export.json"
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: str,

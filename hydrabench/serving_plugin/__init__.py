@@ -78,6 +78,15 @@ def check_adapter_config(config: dict, tensor_parallel_size: int = 1) -> None:
                           f"tensor_parallel_size 1 or --backend hf")
 
 
+def check_covered(base_architectures: list[str], target_modules: list[str] | tuple[str, ...],
+                  tensor_parallel_size: int) -> None:
+    """Raise PluginError unless the plugin serves adapters on these targets of this base
+    architecture exactly at this parallelism."""
+    plugin_architecture(base_architectures)
+    check_adapter_config({"method": "hydralora", "target_modules": list(target_modules)},
+                         tensor_parallel_size)
+
+
 def read_adapter_config(model_dir: Path) -> dict:
     return json.loads((Path(model_dir) / ADAPTER_DIR / "adapter_config.json").read_text())
 
