@@ -206,7 +206,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
                         trust_remote_code=args.trust_remote_code)
     record = execute(spec, force=args.force, retrain=args.retrain)
     if record:  # empty on the worker processes of a torchrun launch
-        _print_metrics(record)
+        from hydrabench.store import RunStore, base_record
+
+        base = base_record(RunStore(), record) if spec.method != "base" else None
+        _print_metrics(record, base)
 
 
 def _eval_spec(args: argparse.Namespace):
@@ -245,12 +248,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         _print_metrics(record)
 
 
-def _print_metrics(record: dict) -> None:
+def _print_metrics(record: dict, base: dict | None = None) -> None:
+    """Value ± stderr (n) per task, and the base model's value beside it from its record."""
     for task, metrics in record["metrics"].items():
         stderr = metrics["stderr"].get(metrics["primary"])
         spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+        baseline = f"  base {base['metrics'][task]['value']:.4f}" if base else ""
         print(f"{task:24s} {metrics['primary']:28s} {metrics['value']:.4f}{spread}  "
-              f"(n={metrics['n']})")
+              f"(n={metrics['n']}){baseline}")
     from hydrabench.store import RunStore
 
     print(f"record: {RunStore().record_path(record['run_id'])}")

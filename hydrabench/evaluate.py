@@ -6,6 +6,7 @@ hydrabench never scores anything itself: metrics, filters and stderr all come fr
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,6 +108,39 @@ def _scores(results: dict[str, Any]) -> dict[str, TaskScore]:
     return scores
 
 
+# lm-eval's warnings that say nothing to a hydrabench user, by the logger that gives them:
+# hydrabench hands HFLM a model object on purpose, and its tasks take no custom --metadata.
+KNOWN_NOISE = {
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
+    "lm_eval.api.task": ("Custom kwargs can be passed to `--metadata`",),
+}
+
+
+class _DropKnownNoise(logging.Filter):
+    def __init__(self, messages: tuple[str, ...]) -> None:
+        super().__init__()
+        self.messages = messages
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in self.messages)
+
+
+@cache
+def quiet_lm_eval() -> None:
+    """Filter lm-eval's known noise (once per process, before lm-eval is called)."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    for name, messages in KNOWN_NOISE.items():
+        logging.getLogger(name).addFilter(_DropKnownNoise(messages))
+    # lm-eval records the commit of the working directory by running `git describe`, whose
+    # "fatal: not a git repository" reaches the terminal outside a repository; its own fallback
+    # reads .git without git and says nothing (hydrabench's records carry their own commit).
+    lm_eval.evaluator.get_git_commit_hash = lambda: get_commit_from_path(os.getcwd())
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch_size: int,
                    limit: int | None, seed: int, allow_code_execution: bool = False,
                    num_fewshot: int | None = None, max_length: int | None = None,
@@ -114,6 +148,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
     """Score an in-memory model with lm-eval's HF backend; raw output saved under output_dir."""
     from lm_eval.models.huggingface import HFLM
 
+    quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     return _run_lm_eval(lm, None, tasks, batch_size=batch_size, limit=limit, seed=seed,
                         allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
@@ -148,6 +183,7 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
+    quiet_lm_eval()
     if allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks require
     results = lm_eval.simple_evaluate(

@@ -249,6 +249,20 @@ def run_line(record: dict[str, Any]) -> str:
             f"s{record['seed']:<3d} {column_score(record):.4f}  {record.get('finished_at', '')}")
 
 
+def base_record(store: RunStore, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The untrained base model's finished record on the same column, profile, model (same
+    content) and evaluation settings as `record`, if there is one: its score is the baseline."""
+    spec = json.loads(json.dumps(record["spec"]))  # as read back from JSON (tuples as lists)
+    same = ("task", "profile", "model", "eval_tasks", "eval")
+    for other in store.records():
+        theirs = other["spec"]
+        if (other["method"] == "base" and all(theirs.get(k) == spec.get(k) for k in same)
+                and theirs["inputs"]["model"] == spec["inputs"]["model"]
+                and theirs["inputs"]["tasks"] == spec["inputs"]["tasks"]):
+            return other
+    return None
+
+
 def describe_run(record: dict[str, Any], path: Path) -> list[str]:
     """What `hydrabench show RUN` prints: what ran, its scores (value ± stderr, n), its training
     and where its files are."""

@@ -43,6 +43,7 @@ class TrainResult:
     steps: int = 0
     trained_tokens: int = 0
     losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)  # the learning rate each step took
     resumed_from_step: int = 0
     processes: int = 1  # data-parallel training processes (torchrun)
     strategy: str = "single"  # single, ddp or fsdp:<sharding config>
@@ -52,7 +53,9 @@ class TrainResult:
                 "first_loss": self.losses[0] if self.losses else None,
                 "final_loss": self.losses[-1] if self.losses else None,
                 "resumed_from_step": self.resumed_from_step, "processes": self.processes,
-                "strategy": self.strategy}
+                "strategy": self.strategy,
+                "curve": [{"step": step, "loss": loss, "lr": lr} for step, (loss, lr)
+                          in enumerate(zip(self.losses, self.lrs, strict=True), start=1)]}
 
 
 def encode_record(tokenizer, record: InstructionRecord, template: str,
@@ -136,7 +139,8 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-CHECKPOINT_FORMAT = 2  # whole (unsharded) state, loadable whatever the number of processes
+CHECKPOINT_FORMAT = 3  # whole (unsharded) state, loadable whatever the number of processes;
+# 3: with the learning rate of each step (the loss curve)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -155,7 +159,7 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
         return
     state = {"format": CHECKPOINT_FORMAT, "step": step, "params": params, "optim": optim_state,
              "sched": sched.state_dict(), "rng": rng, "losses": result.losses,
-             "tokens": result.trained_tokens}
+             "lrs": result.lrs, "tokens": result.trained_tokens}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
@@ -177,7 +181,8 @@ def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> in
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    result.losses, result.trained_tokens = state["losses"], state["tokens"]
+    result.losses, result.lrs = state["losses"], state["lrs"]
+    result.trained_tokens = state["tokens"]
     result.resumed_from_step = state["step"]
     return state["step"]
 
@@ -232,12 +237,14 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
             raise TrainingDiverged(f"training loss became {step_loss} at step {step + 1} "
                                    f"(lr {settings.lr}); lower --lr or --alpha")
         torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = sched.get_last_lr()[0]  # the one this step takes
         optim.step()
         sched.step()
         if step_callback is not None:
             step_callback(owner, step)
         optim.zero_grad(set_to_none=True)
         result.losses.append(step_loss)
+        result.lrs.append(lr)
         result.trained_tokens += n_tokens
         steps.set_postfix(loss=f"{step_loss:.3f}")
         if on_step is not None:

@@ -1,0 +1,42 @@
+"""What `hydrabench run` tells its user, through the real command line run as a process from a
+folder that is not a git repository (as a user's would be)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+RUN = ["--task", "medical", "--max-steps", "3", "--limit", "2"]
+# lm-eval's known noise, filtered where hydrabench calls lm-eval.
+NOISE = ("`pretrained` model kwarg is not of type `str`", "Custom kwargs can be passed",
+         "fatal: not a git repository")
+
+
+def hydrabench(args: list[str], folder: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRABENCH_RESULTS": str(folder / "results"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_run_prints_the_base_score_keeps_the_loss_curve_and_no_lm_eval_noise(
+        tmp_path: Path) -> None:
+    base = hydrabench(["run", "--method", "base", *RUN], tmp_path)
+    assert " base " not in base.stdout  # the base model is not its own baseline
+    trained = hydrabench(["run", "--method", "lora", *RUN], tmp_path)
+    for noise in NOISE:
+        assert noise not in base.stderr + trained.stderr, noise
+    (base_path,) = (tmp_path / "results").glob("runs/base-*/record.json")
+    base_value = json.loads(base_path.read_text())["metrics"]["tiny_medical"]["value"]
+    line = next(x for x in trained.stdout.splitlines() if x.startswith("tiny_medical"))
+    assert " ± " in line and "(n=2)" in line and line.endswith(f"base {base_value:.4f}"), line
+
+    (path,) = (tmp_path / "results").glob("runs/lora-*/record.json")
+    train = json.loads(path.read_text())["training"]["train"]
+    curve = train["curve"]
+    assert [point["step"] for point in curve] == [1, 2, 3]
+    assert curve[0]["loss"] == train["first_loss"] and curve[-1]["loss"] == train["final_loss"]
+    assert all(math.isfinite(p["loss"]) and p["lr"] > 0 for p in curve)
