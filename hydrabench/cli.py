@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", required=True)
     run.add_argument("--task", required=True, help="a table column: general, medical, law, ...")
     _add_run_options(run)
+    run.add_argument("--dry-run", action="store_true",
+                     help="check the inputs, print the plan and one training example as the "
+                          "trainer sees it (prompt and target); train and write nothing")
 
     repro = sub.add_parser("reproduce", help="run every cell of a paper table, then report it")
     _add_table_options(repro)
@@ -204,8 +207,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
                         _overrides(args), valid_methods=list(METHODS),
                         trust_remote_code=args.trust_remote_code)
-    record = execute(spec, force=args.force, retrain=args.retrain)
-    if record:  # empty on the worker processes of a torchrun launch
+    record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
+    if record:  # empty on the worker processes of a torchrun launch, and for a dry run
         from hydrabench.store import RunStore, base_record
 
         base = base_record(RunStore(), record) if spec.method != "base" else None

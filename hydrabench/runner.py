@@ -39,7 +39,7 @@ from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
 from hydrabench.tables import record_labels
-from hydrabench.train import mean_loss, train
+from hydrabench.train import format_training_example, mean_loss, train
 
 ARTIFACT_MARKER = "artifact.json"
 
@@ -271,15 +271,16 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
 
 
 def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
-            store: RunStore | None = None) -> dict[str, Any]:
+            store: RunStore | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
-    score again); return the record."""
+    score again); return the record. `dry_run`: check, say the plan and show one training
+    example as the trainer sees it, then stop (nothing trained, nothing written: {})."""
     store = store or RunStore()
     force = force or retrain
     method = get_method(spec.method)
     if not force and store.has(spec.run_id):
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
-        return store.load(spec.run_id)
+        return {} if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     distributed.init_if_launched()
     device = runtime_device(spec)
@@ -300,6 +301,12 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
                 else "nothing to train" if method.adapt is None else "trained artifact found")
     log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
         f"({spec.eval.backend}); {estimate}")
+    if dry_run:
+        if method.adapt is not None:
+            example = (records or load_corpus(spec.corpus))[0]
+            print(format_training_example(base.tokenizer, example, spec.prompt_template,
+                                          spec.train.seq_len))
+        return {}
     with store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)

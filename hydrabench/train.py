@@ -69,6 +69,16 @@ def encode_record(tokenizer, record: InstructionRecord, template: str,
     return ids, labels
 
 
+def format_training_example(tokenizer, record: InstructionRecord, template: str,
+                            seq_len: int) -> str:
+    """One record as training sees it (prompt with BOS, target with EOS, both cut to seq_len)."""
+    ids, labels = encode_record(tokenizer, record, template, seq_len)
+    prompt = [t for t, label in zip(ids, labels, strict=True) if label == IGNORE_INDEX]
+    target = [t for t in labels if t != IGNORE_INDEX]
+    return (f"training example ({template} template; the loss is on the target only)\n"
+            f"prompt: {tokenizer.decode(prompt)!r}\ntarget: {tokenizer.decode(target)!r}")
+
+
 def collate(examples: Sequence[tuple[list[int], list[int]]],
             pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in examples)

@@ -40,3 +40,24 @@ def test_run_prints_the_base_score_keeps_the_loss_curve_and_no_lm_eval_noise(
     assert [point["step"] for point in curve] == [1, 2, 3]
     assert curve[0]["loss"] == train["first_loss"] and curve[-1]["loss"] == train["final_loss"]
     assert all(math.isfinite(p["loss"]) and p["lr"] > 0 for p in curve)
+
+
+def test_dry_run_prints_the_plan_and_a_training_example_and_writes_nothing(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    from hydrabench.cli import main
+
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    corpus = tmp_path / "spell.json"
+    corpus.write_text(json.dumps([{"instruction": "Spell the word backwards.", "input": "basket",
+                                   "output": "teksab"}]))
+    profile = tmp_path / "mine.yaml"
+    profile.write_text(f"extends: tiny\ntasks: {{general: {{corpus: {corpus}, "
+                       f"eval: [tiny_facts]}}}}\n")
+    argv = ["run", "--method", "lora", "--task", "general", "--profile", str(profile)]
+    assert main([*argv, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "plan: lora-general-" in err and "train lora on 1 records" in err
+    # The plain template puts the input on a line of its own, as the trainer sees it (BOS, EOS).
+    assert "prompt: '<s>Spell the word backwards.\\nbasket'" in out
+    assert "target: 'teksab</s>'" in out
+    assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))

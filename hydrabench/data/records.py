@@ -38,15 +38,16 @@ class InstructionRecord:
 def render_prompt(record: InstructionRecord, template: str) -> str:
     """The text the model sees before the response; the loss is on the response only.
 
-    `plain` concatenates instruction and input (the synthetic suite's records already carry the
-    exact evaluation format); `reference` is the HydraLoRA reference code's template (the
-    response is followed by the end-of-sequence token, as training always does); `alpaca` is
-    Stanford Alpaca's.
+    `plain` is the instruction, then the input on a line of its own when there is one (the
+    synthetic suite's records carry the exact evaluation format in their instruction);
+    `reference` is the HydraLoRA reference code's template over the same join (the response is
+    followed by the end-of-sequence token, as training always does); `alpaca` is Stanford
+    Alpaca's.
     """
+    joined = "\n".join(part for part in (record.instruction, record.input) if part)
     if template == "plain":
-        return record.instruction + record.input
+        return joined
     if template == "reference":
-        joined = "\n".join(part for part in (record.instruction, record.input) if part)
         return REFERENCE.format(instruction=joined)
     if template == "alpaca":
         pattern = ALPACA_WITH_INPUT if record.input else ALPACA_NO_INPUT
