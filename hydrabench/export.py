@@ -40,7 +40,7 @@ from hydrabench.serving_plugin import (
     plugin_architecture,
     read_adapter_config,
 )
-from hydrabench.spec import RunSpec, SpecError, runtime_device, spec_from_dict
+from hydrabench.spec import RunSpec, SpecError, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
 
 HYDRALORA_MERGES = ("uniform", "router-mean")
@@ -195,11 +195,9 @@ def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: 
 
 
 def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, object]:
-    """(spec, model with the run's adapter loaded, tokenizer) of a finished run."""
-    if not store.has(run_id):
-        raise SpecError(f"no finished run {run_id!r} in {store.runs}")
-    record = store.load(run_id)
-    spec = spec_from_dict(record["spec"])
+    """(spec, model with the run's adapter loaded, tokenizer) of a finished run (none, or a
+    corrupt record: one line naming it)."""
+    spec, record = store.load_spec(run_id), store.load(run_id)
     base = load_base_model(spec.model, spec.dtype, runtime_device(spec),
                            spec.trust_remote_code)
     return spec, get_method(spec.method).load(base.model, Path(record["artifact"])), base.tokenizer
@@ -219,8 +217,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: 
 def export_run(run_id: str, merge: str | None = None, store: RunStore | None = None) -> Path:
     """Write results/exports/<run_id>[-<merge>]/ atomically and return it."""
     store = store or RunStore()
-    if not store.has(run_id):  # checks the run id too, before the lock file is made
-        raise SpecError(f"no finished run {run_id!r} in {store.runs}")
+    store.load_spec(run_id)  # a run id, a record, a whole one: checked before the lock is made
     label = merge if merge in HYDRALORA_MERGES else "exact"
     with store.lock(f"export-{run_id}-{merge}"), Meter(phase="export") as meter:
         spec, model, tokenizer = loaded_run(run_id, store)

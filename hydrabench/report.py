@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -137,8 +137,15 @@ def runs_lines(run_ids: Iterable[str]) -> list[str]:
     return ["", "Runs: " + (", ".join(f"`{r}`" for r in ids) if ids else "none"), ""]
 
 
+def skipped_lines(skipped: Sequence[str]) -> list[str]:
+    """What a report says of the corrupt records it left out (each line names the file)."""
+    return [f"{len(skipped)} corrupt record(s) skipped, as if unfinished: {'; '.join(skipped)}"
+            ] if skipped else []
+
+
 def header_lines(table: TableSpec, profile: str, seeds: tuple[int, ...],
-                 tidy: pd.DataFrame, reference: str | None = None) -> list[str]:
+                 tidy: pd.DataFrame, reference: str | None = None,
+                 skipped: Sequence[str] = ()) -> list[str]:
     return [f"# {table.title}", "", *provenance_lines(profile, seeds, tidy),
             "- scores in percent (lm-eval, mean of the column's tasks); "
             "± is the stderr (one seed) or the 95% CI over seeds; an interval reaching past "
@@ -150,7 +157,8 @@ def header_lines(table: TableSpec, profile: str, seeds: tuple[int, ...],
             "- `—`: no finished run record (the method or run does not exist yet), or the record "
             "lacks the column's metric",
             f"- {PARTIAL}: fewer seeds than requested had a record (n_seeds in the CSV)",
-            *(f"- {note}" for note in table.notes), *runs_lines(tidy["run_id"])]
+            *(f"- {note}" for note in table.notes), *runs_lines(tidy["run_id"]),
+            *(f"- {line}" for line in skipped_lines(skipped))]
 
 
 def write_text(path: Path, text: str) -> None:
@@ -219,16 +227,20 @@ def latex_table(table: TableSpec, wide: pd.DataFrame, notes: Iterable[str] = ())
 
 def write_table_files(table: TableSpec, tidy: pd.DataFrame, profile: str,
                       seeds: tuple[int, ...], out_dir: Path,
-                      reference: str | None = None) -> list[Path]:
-    """reports/<table>.md (header + wide table), .csv (tidy) and .tex (booktabs)."""
+                      reference: str | None = None, skipped: Sequence[str] = ()) -> list[Path]:
+    """reports/<table>.md (header + wide table), .csv (tidy) and .tex (booktabs); each says how
+    many `skipped` (corrupt) records it left out (the CSV in a column, there only then)."""
     wide = wide_frame(table, tidy, len(seeds), reference)
     paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
-    write_text(paths[0], "\n".join(header_lines(table, profile, seeds, tidy, reference)) + "\n"
+    write_text(paths[0], "\n".join(header_lines(table, profile, seeds, tidy, reference,
+                                                skipped)) + "\n"
                + wide.to_markdown(index=False, disable_numparse=True) + "\n")
-    write_text(paths[1], tidy.to_csv(index=False))
+    # The CSV's columns stay as they are unless records were skipped.
+    csv = tidy.assign(skipped_corrupt_records=len(skipped)) if skipped else tidy
+    write_text(paths[1], csv.to_csv(index=False))
     stand_in = (tidy["stand_in"] == True).any()  # noqa: E712
     notes = [*([STAND_IN_NOTE[0].upper() + STAND_IN_NOTE[1:] + "."] if stand_in else []),
-             BOLD_RULE[0].upper() + BOLD_RULE[1:] + "."]
+             BOLD_RULE[0].upper() + BOLD_RULE[1:] + ".", *skipped_lines(skipped)]
     write_text(paths[2], latex_table(table, wide, notes))
     return paths
 
@@ -238,8 +250,10 @@ def write_table_report(table: TableSpec, profile: str = "tiny", seeds: tuple[int
                        reference: str | None = None) -> list[Path]:
     """A table's report from the records in `store` (default: results/) into `out_dir`, with a
     "Δ vs `reference` [95% CI]" column per score column when a row label is given."""
-    tidy = tidy_frame(collect_cells(table, profile, seeds, store or RunStore(), reference))
-    return write_table_files(table, tidy, profile, seeds, out_dir or reports_root(), reference)
+    store = store or RunStore()
+    tidy = tidy_frame(collect_cells(table, profile, seeds, store, reference))
+    return write_table_files(table, tidy, profile, seeds, out_dir or reports_root(), reference,
+                             store.corrupt_records())
 
 
 def write_report(name: str, profile: str = "tiny", seeds: tuple[int, ...] = (0,),

@@ -155,10 +155,15 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
                      ["export", path.parent.name]):
             assert main(argv) == 2, (kind, argv)
             errors, err = error_lines(capsys)
-            assert len(errors) == 1 and str(path) in err, (kind, argv, err)
+            assert len(errors) == 1 and str(path) in errors[0], (kind, argv, err)
+            assert err.strip() == errors[0], (kind, argv, err)  # that line alone
         assert main(["report", "table1"]) == 0, kind
         errors, err = error_lines(capsys)
         assert not errors and [line for line in err.splitlines() if str(planted) in line], kind
+        reports = store_env / "reports"  # each report file says what it skipped
+        assert str(planted) in (reports / "table1.md").read_text(), kind
+        assert "corrupt record(s) skipped" in (reports / "table1.tex").read_text(), kind
+        assert "skipped_corrupt_records" in (reports / "table1.csv").read_text().splitlines()[0]
         assert main(["sweep", "table1", "--status"]) == 0
         (line,) = [line for line in capsys.readouterr().out.splitlines() if cell.run_id in line]
         assert " failed " in line and " done " not in line, (kind, line)
