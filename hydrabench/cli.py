@@ -26,7 +26,7 @@ HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "blc_alpha": ("adapter", float), "lr": ("train", float),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int),
     "seq_len": ("train", int), "checkpoint_every": ("train", int), "limit": ("eval", int),
-    "backend": ("eval", str)}
+    "backend": ("eval", str), "gen_kwargs": ("eval", str)}
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--trust-remote-code", action="store_true")
     ev.add_argument("--allow-code-execution", action="store_true")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--gen-kwargs", default=None,
+                    help="lm-eval's --gen_kwargs over each generation task's own, e.g. "
+                         "max_gen_toks=128 where a task's budget exceeds the model's context")
     ev.add_argument("--backend", choices=["hf", "vllm"], default=None,
                     help="hf (default) or vllm (a real server; HydraLoRA-family runs through "
                          "hydrabench's vLLM plugin)")
@@ -220,8 +223,9 @@ def _eval_spec(args: argparse.Namespace):
 
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
                           "allow_code_execution": args.allow_code_execution}}
-    if args.backend is not None:
-        overrides["eval"]["backend"] = args.backend
+    for flag in ("backend", "gen_kwargs"):
+        if getattr(args, flag) is not None:
+            overrides["eval"][flag] = getattr(args, flag)
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)

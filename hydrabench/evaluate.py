@@ -70,6 +70,56 @@ def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
             raise SpecError(f"task {task}: {reason}")
 
 
+# lm-eval's names for the generation budget, in the order it reads them, and its models' default.
+MAX_GEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def _leaf_configs(manager: Any, name: str) -> Iterator[dict[str, Any]]:
+    """The configs of the tasks `name` runs (itself, or a group's or tag's tasks), as lm-eval
+    reads them from their YAML (includes merged), without loading any data."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index[name]
+    if entry.kind == Kind.TAG:
+        for other in list(manager.task_index.values()):
+            if name in other.tags:
+                yield from _leaf_configs(manager, other.name)
+        return
+    config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else (
+        entry.cfg or {})
+    if entry.kind != Kind.GROUP:
+        yield config
+        return
+    for item in config.get("task", []):
+        child = item.get("task") if isinstance(item, dict) else item
+        if isinstance(child, str) and child in manager.task_index:
+            yield from _leaf_configs(manager, child)
+
+
+def check_generation_lengths(tasks: list[str], context: int, gen_kwargs: str | None) -> None:
+    """Each generation task's token budget (its generation_kwargs under `gen_kwargs`) leaves room
+    for a prompt in the model's `context`; lm-eval would stop on it only after the other tasks."""
+    from lm_eval.utils import simple_parse_args_string
+
+    from hydrabench.spec import SpecError
+
+    overrides = simple_parse_args_string(gen_kwargs)
+    manager = task_manager(offline_mode())
+    for task in tasks:
+        for config in _leaf_configs(manager, task):
+            if config.get("output_type") != "generate_until":
+                continue
+            merged = {**(config.get("generation_kwargs") or {}), **overrides}
+            budget = next((merged[k] for k in MAX_GEN_KEYS if k in merged), DEFAULT_MAX_GEN_TOKS)
+            if isinstance(budget, int) and budget >= context:
+                raise SpecError(
+                    f"task {config.get('task', task)} generates up to {budget} tokens, but the "
+                    f"model's context is {context} tokens; lower it with --gen-kwargs "
+                    f"max_gen_toks=N (N < {context})")
+
+
 @dataclass
 class TaskScore:
     task: str
@@ -144,7 +194,8 @@ def quiet_lm_eval() -> None:
 def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch_size: int,
                    limit: int | None, seed: int, allow_code_execution: bool = False,
                    num_fewshot: int | None = None, max_length: int | None = None,
-                   output_dir: Path | None = None) -> dict[str, TaskScore]:
+                   output_dir: Path | None = None,
+                   gen_kwargs: str | None = None) -> dict[str, TaskScore]:
     """Score an in-memory model with lm-eval's HF backend; raw output saved under output_dir."""
     from lm_eval.models.huggingface import HFLM
 
@@ -152,13 +203,13 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     return _run_lm_eval(lm, None, tasks, batch_size=batch_size, limit=limit, seed=seed,
                         allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
-                        output_dir=output_dir)
+                        output_dir=output_dir, gen_kwargs=gen_kwargs)
 
 
 def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, batch_size: int,
                     limit: int | None, seed: int, allow_code_execution: bool = False,
-                    num_fewshot: int | None = None,
-                    output_dir: Path | None = None) -> dict[str, TaskScore]:
+                    num_fewshot: int | None = None, output_dir: Path | None = None,
+                    gen_kwargs: str | None = None) -> dict[str, TaskScore]:
     """Score the checkpoint in `model_dir`, served by `server`, with lm-eval's local-completions.
 
     The model_args make its per-answer loglikelihoods and greedy generations match the hf
@@ -168,7 +219,8 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, ba
     try:
         return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
                             limit=limit, seed=seed, allow_code_execution=allow_code_execution,
-                            num_fewshot=num_fewshot, output_dir=output_dir)
+                            num_fewshot=num_fewshot, output_dir=output_dir,
+                            gen_kwargs=gen_kwargs)
     except Exception:
         server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
         raise
@@ -177,7 +229,7 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, ba
 def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_size: int,
                  limit: int | None, seed: int, allow_code_execution: bool,
                  num_fewshot: int | None, output_dir: Path | None,
-                 manager: Any = None) -> dict[str, TaskScore]:
+                 manager: Any = None, gen_kwargs: str | None = None) -> dict[str, TaskScore]:
     """`simple_evaluate` on an lm-eval model (an instance, or a registered name + model_args),
     with hydrabench's task manager unless another (e.g. one with task metadata) is given."""
     import lm_eval
@@ -192,7 +244,7 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
         task_manager=manager or task_manager(offline_mode()),
         confirm_run_unsafe_code=allow_code_execution,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-        fewshot_random_seed=seed, bootstrap_iters=1000)
+        fewshot_random_seed=seed, bootstrap_iters=1000, gen_kwargs=gen_kwargs)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", {})

@@ -23,11 +23,13 @@ from hydrabench import distributed, provenance
 from hydrabench.data.corpora import load_corpus
 from hydrabench.evaluate import (
     TaskScore,
+    check_generation_lengths,
     check_tasks,
     evaluate_model,
     evaluate_served,
     offline_mode,
     request_counts,
+    task_manager,
 )
 from hydrabench.export import HYDRALORA_MERGES, check_servable, merge_loaded, write_servable
 from hydrabench.metering import Meter, hardware_summary
@@ -36,7 +38,7 @@ from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
 from hydrabench.progress import log
 from hydrabench.serving import LOG_NAME, VllmServer
-from hydrabench.spec import RunSpec, SpecError, load_profile, runtime_device
+from hydrabench.spec import LM_EVAL_PREFIX, RunSpec, SpecError, load_profile, runtime_device
 from hydrabench.store import RunStore, write_json_atomic
 from hydrabench.tables import record_labels
 from hydrabench.train import format_training_example, mean_loss, train
@@ -189,8 +191,29 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
 
 def _eval_settings(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
     return {"batch_size": spec.eval.batch_size, "limit": spec.eval.limit, "seed": spec.seed,
-            "num_fewshot": spec.eval.num_fewshot,
+            "num_fewshot": spec.eval.num_fewshot, "gen_kwargs": spec.eval.gen_kwargs,
             "allow_code_execution": spec.eval.allow_code_execution, "output_dir": output_dir}
+
+
+def eval_context(spec: RunSpec, model: torch.nn.Module, tokenizer) -> int:
+    """The context lm-eval scores within: vLLM's max_model_len, else the model's own as HFLM
+    reads it (the server is given the config field HFLM reads first for these models)."""
+    if spec.eval.backend == "vllm":
+        return spec.eval.max_model_len or model.config.max_position_embeddings
+    from lm_eval.models.utils import resolve_max_length
+
+    return resolve_max_length(model.config, tokenizer)
+
+
+def scored_as(spec: RunSpec) -> str:
+    """What the plan scores: lm-eval's task by that name, or the profile's column (where lm-eval
+    has a task of the same name too, how to reach it)."""
+    if spec.corpus == "none" and spec.eval_tasks == (spec.task,):
+        return f"lm-eval's task {spec.task}"
+    kind = "stand-in column" if record_labels(spec)["stand_in"] else "column"
+    same_name = (f" (lm-eval's own {spec.task}: eval --task {LM_EVAL_PREFIX}{spec.task})"
+                 if spec.task in task_manager(offline_mode()).all_tasks else "")
+    return f"the {spec.profile} profile's {kind} {spec.task}{same_name}"
 
 
 def train_as_worker(spec: RunSpec, method: Method, base: BaseModel, records: list,
@@ -259,7 +282,7 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
         with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
                 directory, dtype=spec.dtype, log_dir=out,
                 # The context hf would score with: HFLM reads the same config field.
-                max_model_len=spec.eval.max_model_len or model.config.max_position_embeddings,
+                max_model_len=eval_context(spec, model, tokenizer),
                 tensor_parallel_size=spec.eval.tensor_parallel_size,
                 data_parallel_size=spec.eval.data_parallel_size,
                 gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
@@ -288,6 +311,8 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     check_target_modules(base.model, spec)
     check_servable(spec, method, base.model)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
+    check_generation_lengths(list(spec.eval_tasks), eval_context(spec, base.model, base.tokenizer),
+                             spec.eval.gen_kwargs)
     needs_training = method.adapt is not None and (retrain or not (
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())
     records = load_corpus(spec.corpus) if needs_training else []
@@ -300,7 +325,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     training = (f"train {spec.method} on {len(records)} records" if needs_training
                 else "nothing to train" if method.adapt is None else "trained artifact found")
     log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
-        f"({spec.eval.backend}); {estimate}")
+        f"({spec.eval.backend}), {scored_as(spec)}; {estimate}")
     if dry_run:
         if method.adapt is not None:
             example = (records or load_corpus(spec.corpus))[0]

@@ -125,6 +125,8 @@ class EvalSettings:
     data_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None  # None: the model's own context length
+    # lm-eval's --gen_kwargs ("max_gen_toks=128,temperature=0"), over each generation task's own
+    gen_kwargs: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.backend in BACKENDS,
@@ -133,6 +135,10 @@ class EvalSettings:
         _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         _require(self.num_fewshot is None or self.num_fewshot >= 0,
                  f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        _require(self.gen_kwargs is None or all(
+            "=" in pair for pair in self.gen_kwargs.split(",") if pair),
+                 f"gen_kwargs must be key=value pairs joined by commas (lm-eval's --gen_kwargs), "
+                 f"got {self.gen_kwargs!r}")
         _require(self.tensor_parallel_size >= 1 and self.data_parallel_size >= 1,
                  "tensor_parallel_size and data_parallel_size must be >= 1")
         _require(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,

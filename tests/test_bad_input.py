@@ -113,6 +113,11 @@ CASES = [
     ("absurd rank", [*RUN, "--rank", "100000000"], "rank 100000000 exceeds the width"),
     ("flag of the wrong type", [*RUN, "--rank", "eight"], "argument --rank: invalid int value"),
     ("missing argument", ["run", "--method", "lora"], "arguments are required: --task"),
+    ("generation budget beyond the context", ["eval", "--model", "builtin:tiny", "--task", "math",
+                                              "--gen-kwargs", "max_gen_toks=100000"],
+     "generates up to 100000 tokens, but the model's context is"),
+    ("gen-kwargs not key=value", [*RUN, "--gen-kwargs", "max_gen_toks"],
+     "gen_kwargs must be key=value pairs"),
 ]
 
 

@@ -61,3 +61,34 @@ def test_dry_run_prints_the_plan_and_a_training_example_and_writes_nothing(
     assert "prompt: '<s>Spell the word backwards.\\nbasket'" in out
     assert "target: 'teksab</s>'" in out
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))
+
+
+def test_eval_says_which_bbh_it_took_and_gen_kwargs_fit_a_generation_task_to_the_context(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """stories260K (512 tokens of context) on lm-eval's BBH, whose chain-of-thought tasks generate
+    up to 1024 tokens: refused in one line before any work, scored with --gen-kwargs."""
+    from conftest import SHARED
+
+    from hydrabench.cli import main
+
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
+    model = str(SHARED / "models" / "stories260K")
+    real = ["eval", "--model", model, "--task", "lm-eval:bbh", "--limit", "1"]
+    assert main(real) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("hydrabench: error:")] == [
+        "hydrabench: error: task bbh_cot_fewshot_boolean_expressions generates up to 1024 "
+        "tokens, but the model's context is 512 tokens; lower it with --gen-kwargs "
+        "max_gen_toks=N (N < 512)"]
+    assert not (tmp_path / "results").exists()
+
+    assert main([*real, "--gen-kwargs", "max_gen_toks=8"]) == 0
+    assert "nothing to train; evaluate bbh (hf), lm-eval's task bbh;" in capsys.readouterr().err
+    (results,) = (tmp_path / "results").glob("runs/*/lm_eval/lm_eval_results.json")
+    configs = json.loads(results.read_text())["configs"]
+    assert {c["generation_kwargs"]["max_gen_toks"] for c in configs.values()} == {8}
+
+    assert main(["eval", "--model", model, "--task", "bbh", "--limit", "1"]) == 0
+    assert ("evaluate tiny_bbh (hf), the tiny profile's stand-in column bbh (lm-eval's own bbh: "
+            "eval --task lm-eval:bbh)") in capsys.readouterr().err
