@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -41,10 +42,14 @@ def task_manager(offline: bool):
     """
     from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR / "tiny")]
-    if offline:
-        paths.append(str(TASKS_DIR / "offline"))
-    return TaskManager(include_path=paths, include_defaults=not offline)
+    return TaskManager(include_path=[str(p) for p in task_manager_paths(offline)],
+                       include_defaults=not offline)
+
+
+def task_manager_paths(offline: bool) -> list[Path]:
+    """hydrabench's task folders lm-eval indexes: the synthetic suite's, and offline the local
+    copies' configs."""
+    return [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline else [])]
 
 
 def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
@@ -56,6 +61,8 @@ def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
     manager = task_manager(offline_mode())
     for task in tasks:
         if task not in manager.all_tasks:
+            if problem := unreadable_task_file(task):
+                raise SpecError(problem)
             raise did_you_mean("lm-eval task", task, list(manager.all_tasks))
         entry = manager.task_index[task]
         config = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
@@ -68,6 +75,49 @@ def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
 
         if reason := unavailable_reason():  # found now, not after the generations
             raise SpecError(f"task {task}: {reason}")
+
+
+def unreadable_task_file(task: str) -> str | None:
+    """A task file of hydrabench's task folders defining `task` that lm-eval could not read (its
+    index skips such a file silently, so the task looks unknown): what is wrong, naming it."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    defines = re.compile(rf"^task:\s*{re.escape(task)}\s*$", re.MULTILINE)
+    for root in task_manager_paths(offline_mode()):
+        for path in sorted(root.rglob("*.yaml")):
+            if not defines.search(path.read_text(errors="replace")):
+                continue
+            try:
+                load_yaml(path, resolve_func=False)
+            except yaml.MarkedYAMLError as err:
+                where = f"{path}:{err.problem_mark.line + 1}" if err.problem_mark else path
+                return f"lm-eval task {task}: malformed YAML at {where}: {err.problem}"
+            except Exception as err:  # an include that is missing or malformed, a bad tag
+                return f"lm-eval task {task}: {path} cannot be read: {err}"
+    return None
+
+
+def check_task_configs(tasks: list[str]) -> None:
+    """Build each task as lm-eval will and format its first document: a task YAML that names a
+    missing function or holds a broken template is one line now, not after training."""
+    from hydrabench.spec import SpecError
+
+    quiet_lm_eval()
+    manager = task_manager(offline_mode())
+    for name in tasks:
+        try:
+            for task in manager.load([name])["tasks"].values():
+                doc = next(iter(task.eval_docs))
+                task.doc_to_text(doc)
+                task.doc_to_target(doc)
+                if task.OUTPUT_TYPE == "multiple_choice":
+                    task.doc_to_choice(doc)
+        except Exception as err:  # whatever lm-eval raises on a config it cannot use
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise SpecError(f"lm-eval task {name} cannot be built from its YAML "
+                            f"({manager.task_index[name].yaml_path}): {type(err).__name__}: "
+                            f"{first}") from None
 
 
 # lm-eval's names for the generation budget, in the order it reads them, and its models' default.

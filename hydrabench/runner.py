@@ -24,6 +24,7 @@ from hydrabench.data.corpora import load_corpus
 from hydrabench.evaluate import (
     TaskScore,
     check_generation_lengths,
+    check_task_configs,
     check_tasks,
     evaluate_model,
     evaluate_served,
@@ -317,6 +318,8 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())
     records = load_corpus(spec.corpus) if needs_training else []
     check_benchmark_data(spec)
+    if needs_training:  # found now, not after the training (an evaluation alone fails at once)
+        check_task_configs(list(spec.eval_tasks))
     if needs_training and method.check is not None:
         method.check(spec, records)
     if not distributed.is_main():

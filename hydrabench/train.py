@@ -171,7 +171,17 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
              "sched": sched.state_dict(), "rng": rng, "losses": result.losses,
              "lrs": result.lrs, "tokens": result.trained_tokens}
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    try:
+        with open(tmp, "wb") as fh:  # written through Python: a full disk is an OSError then
+            torch.save(state, fh)
+    except (OSError, RuntimeError) as err:
+        # torch's writer may fail closing the file after the OSError (then its context); the
+        # OSError names no file: name the checkpoint.
+        failed = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(failed, OSError):
+            raise
+        tmp.unlink(missing_ok=True)
+        raise OSError(failed.errno, failed.strerror, str(path)) from None
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 

@@ -1,11 +1,15 @@
 """Every kind of bad input: one line on stderr naming the problem, exit code 2, nothing written
 under results/. Runs the real command line in-process (the code path of the `hydrabench` script)."""
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED
+from conftest import REPO, SHARED
 
 from hydrabench.cli import main
 from hydrabench.train import TrainingOutOfMemory, train
@@ -215,3 +219,60 @@ def test_a_results_folder_that_refuses_writes_is_one_line(monkeypatch: pytest.Mo
     errors = [line for line in capsys.readouterr().err.splitlines()
               if line.startswith("hydrabench: error:")]
     assert len(errors) == 1 and "cannot write /sys/hydrabench-results" in errors[0], errors
+
+
+BROKEN_TASK_FILES = {  # tasks/tiny file → (its broken text from the good one, the error's words)
+    "syntax": ("tiny_medical.yaml", lambda text: text + "dataset_kwargs: [component\n",
+               "malformed YAML at"),
+    "missing function": ("_tiny_mc_template_yaml",
+                         lambda text: text.replace("load_component", "load_componnt"),
+                         "has no function 'load_componnt'"),
+    "broken template": ("_tiny_mc_template_yaml",
+                        lambda text: text.replace("{{question}}", "{{question"),
+                        "TemplateSyntaxError"),
+    "unknown key": ("_tiny_mc_template_yaml",
+                    lambda text: text.replace("metric_list", "metrc_list"), "metrc_list"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN_TASK_FILES))
+def test_a_broken_task_yaml_is_found_before_training(kind: str, tmp_path: Path) -> None:
+    """A copy of the task folders (HYDRABENCH_TASKS_DIR, read when hydrabench starts: a process)
+    with one file broken; `run` stops before training, naming the task and the file."""
+    name, breaking, words = BROKEN_TASK_FILES[kind]
+    shutil.copytree(REPO / "tasks", tmp_path / "tasks")
+    broken = tmp_path / "tasks" / "tiny" / name
+    broken.write_text(breaking(broken.read_text()))
+    env = {**os.environ, "HYDRABENCH_TASKS_DIR": str(tmp_path / "tasks"),
+           "HYDRABENCH_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "hydrabench.cli", *RUN[:3], "--task", "medical"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("hydrabench: error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
+    assert "tiny_medical" in errors[0] and words in errors[0] and str(tmp_path) in errors[0]
+    assert "training" not in done.stderr and not (tmp_path / "results").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real full disk: a 64 KiB tmpfs, big enough for the run's folders and locks, too small for
+    a training checkpoint. Mounting needs root; elsewhere the test is skipped (said so)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
+        small_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(small_disk / "results"))
+    assert main(["run", "--method", "lora", "--task", "medical", "--max-steps", "2",
+                 "--checkpoint-every", "1", "--limit", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("hydrabench: error:")]
+    assert len(errors) == 1, errors
+    assert "ckpt.pt: No space left on device" in errors[0] and str(small_disk) in errors[0]
