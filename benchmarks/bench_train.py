@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hydrabench.methods import get_method
 from hydrabench.models import load_base_model
-from hydrabench.spec import RunSpec, resolve_spec
+from hydrabench.resolve import resolve_spec
+from hydrabench.spec import RunSpec
 
 # (row label, registry name, adapter overrides on top of the tiny profile)
 METHODS: list[tuple[str, str, dict[str, Any]]] = [

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from hydrabench.spec import SpecError
+from hydrabench.errors import SpecError
 
 if TYPE_CHECKING:  # the CLI imports its commands' modules lazily, to start fast
     from hydrabench.sweep import Sweep
@@ -203,12 +203,11 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from hydrabench.methods import METHODS
+    from hydrabench.resolve import resolve_spec
     from hydrabench.runner import execute
-    from hydrabench.spec import resolve_spec
 
     spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
-                        _overrides(args), valid_methods=list(METHODS),
+                        _overrides(args),
                         trust_remote_code=args.trust_remote_code)
     record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
     if record:  # empty on the worker processes of a torchrun launch, and for a dry run
@@ -219,7 +218,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _eval_spec(args: argparse.Namespace):
-    from hydrabench.spec import resolve_spec, retarget
+    from hydrabench.resolve import resolve_spec, retarget
 
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
                           "allow_code_execution": args.allow_code_execution}}
@@ -344,7 +343,7 @@ def _cmd_protocols(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     import yaml
 
-    from hydrabench.spec import load_profile
+    from hydrabench.profiles import load_profile
 
     print(yaml.safe_dump(load_profile(args.name), sort_keys=False, allow_unicode=True), end="")
 
@@ -365,12 +364,12 @@ def _cmd_list(args: argparse.Namespace) -> None:
                        if served_by_plugin(m) else "  [hf backend only]")
             print(f"{m.name:20s} {m.description}{serving}")
     elif args.what == "tasks":
-        from hydrabench.spec import load_profile
+        from hydrabench.profiles import load_profile
 
         for name, task in load_profile(args.profile)["tasks"].items():
             print(f"{name:10s} corpus={task['corpus']:40s} eval={','.join(task['eval'])}")
     elif args.what == "profiles":
-        from hydrabench.spec import load_profile, profile_names
+        from hydrabench.profiles import load_profile, profile_names
 
         for name in profile_names():
             print(f"{name:10s} {load_profile(name).get('description', '')}")

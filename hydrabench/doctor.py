@@ -10,7 +10,7 @@ from pathlib import Path
 from hydrabench import provenance
 from hydrabench.metering import gpu_inventory, hardware_summary
 from hydrabench.models.tiny import cache_root
-from hydrabench.spec import load_profile, profile_names
+from hydrabench.profiles import load_profile, profile_names
 from hydrabench.store import results_root
 
 

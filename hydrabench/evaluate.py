@@ -56,7 +56,7 @@ def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:
     """Fail before any work when lm-eval does not know a task, or it runs code without opt-in."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    from hydrabench.spec import SpecError, did_you_mean
+    from hydrabench.errors import SpecError, did_you_mean
 
     manager = task_manager(offline_mode())
     for task in tasks:
@@ -101,7 +101,7 @@ def unreadable_task_file(task: str) -> str | None:
 def check_task_configs(tasks: list[str]) -> None:
     """Build each task as lm-eval will and format its first document: a task YAML that names a
     missing function or holds a broken template is one line now, not after training."""
-    from hydrabench.spec import SpecError
+    from hydrabench.errors import SpecError
 
     quiet_lm_eval()
     manager = task_manager(offline_mode())
@@ -153,7 +153,7 @@ def check_generation_lengths(tasks: list[str], context: int, gen_kwargs: str | N
     for a prompt in the model's `context`; lm-eval would stop on it only after the other tasks."""
     from lm_eval.utils import simple_parse_args_string
 
-    from hydrabench.spec import SpecError
+    from hydrabench.errors import SpecError
 
     overrides = simple_parse_args_string(gen_kwargs)
     manager = task_manager(offline_mode())

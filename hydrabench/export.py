@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from hydrabench.errors import SpecError
 from hydrabench.evaluate import read_samples
 from hydrabench.metering import Meter
 from hydrabench.methods import get_method
@@ -32,6 +33,7 @@ from hydrabench.methods.hydralora import (
     save_hydralora,
 )
 from hydrabench.models import load_base_model
+from hydrabench.profiles import runtime_device
 from hydrabench.serving_plugin import (
     ADAPTER_DIR,
     PluginError,
@@ -40,7 +42,7 @@ from hydrabench.serving_plugin import (
     plugin_architecture,
     read_adapter_config,
 )
-from hydrabench.spec import RunSpec, SpecError, runtime_device
+from hydrabench.spec import RunSpec
 from hydrabench.store import RunStore, write_json_atomic
 
 HYDRALORA_MERGES = ("uniform", "router-mean")

@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from hydrabench.profiles import load_profile
 from hydrabench.report import (
     STAND_IN_NOTE,
     fmt,
@@ -32,7 +33,6 @@ from hydrabench.report import (
     write_table_files,
     write_text,
 )
-from hydrabench.spec import load_profile
 from hydrabench.store import RunStore
 from hydrabench.tables import TableSpec, collect_cells, find_records, mean_ci
 

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.evaluate import TASKS_DIR, read_samples
 from hydrabench.significance import PairedComparison, format_p, paired_comparison
-from hydrabench.spec import SpecError, did_you_mean
 from hydrabench.store import RunStore, checked_run_id
 
 PROTOCOL_TASKS = TASKS_DIR / "offline" / "mmlu_protocols"
@@ -113,7 +113,8 @@ def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, 
         base = load_base_model(model)
         return base.model, base.tokenizer, str(base.directory or model), model
     from hydrabench.methods import get_method
-    from hydrabench.spec import runtime_device, spec_from_dict
+    from hydrabench.profiles import runtime_device
+    from hydrabench.spec import spec_from_dict
 
     if not store.has(checked_run_id(run_id or "")):
         raise SpecError(f"no finished run {run_id!r} in {store.runs}")

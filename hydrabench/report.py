@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hydrabench.spec import load_profile
+from hydrabench.profiles import load_profile
 from hydrabench.store import RunStore
 from hydrabench.tables import SCORE_RANGE, Cell, TableSpec, collect_cells, load_table
 

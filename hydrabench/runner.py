@@ -21,6 +21,7 @@ import torch
 
 from hydrabench import distributed, provenance
 from hydrabench.data.corpora import load_corpus
+from hydrabench.errors import SpecError
 from hydrabench.evaluate import (
     TaskScore,
     check_generation_lengths,
@@ -37,9 +38,11 @@ from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
+from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
+from hydrabench.resolve import LM_EVAL_PREFIX
 from hydrabench.serving import LOG_NAME, VllmServer
-from hydrabench.spec import LM_EVAL_PREFIX, RunSpec, SpecError, load_profile, runtime_device
+from hydrabench.spec import RunSpec
 from hydrabench.store import RunStore, write_json_atomic
 from hydrabench.tables import record_labels
 from hydrabench.train import format_training_example, mean_loss, train

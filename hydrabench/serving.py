@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 
-from hydrabench.spec import SpecError
+from hydrabench.errors import SpecError
 
 LOG_NAME = "vllm_server.log"
 # vLLM's log prefix, "(Worker pid=12) ERROR 12-01 21:42:41 [file.py:953] ", and an exception line.

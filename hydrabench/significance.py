@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from hydrabench.errors import SpecError
 from hydrabench.evaluate import read_samples
-from hydrabench.spec import SpecError
-from hydrabench.store import RunStore
+from hydrabench.store import RunStore, metric_key
 
 # A document within one lm-eval task: its index and lm-eval's hash of its content.
 ItemKey = tuple[int, str]
@@ -118,8 +118,6 @@ def record_outcomes(record: dict[str, Any], store: RunStore,
                     metric: str | None = None) -> dict[str, dict[ItemKey, float]] | None:
     """Per-item outcomes of every column task of a record, by the metric a table column reads
     (default: each task's primary); None when its per-sample outputs are not there."""
-    from hydrabench.tables import metric_key
-
     keys = {task: metric_key(record["metrics"][task], metric) for task in record["column_tasks"]}
     if any(key is None for key in keys.values()):
         return None

@@ -22,7 +22,9 @@ from typing import Any
 
 from filelock import FileLock
 
-from hydrabench.spec import RunSpec, SpecError, remember_profile, spec_from_dict
+from hydrabench.errors import SpecError
+from hydrabench.profiles import remember_profile
+from hydrabench.spec import RunSpec, spec_from_dict
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
@@ -241,6 +243,14 @@ def column_score(record: dict[str, Any]) -> float:
     """The run's score on its column: the mean of its lm-eval tasks' headline values."""
     values = [record["metrics"][task]["value"] for task in record["column_tasks"]]
     return sum(values) / len(values)
+
+
+def metric_key(task_metrics: dict[str, Any], metric: str | None) -> str | None:
+    """The "metric,filter" key a column reads from one task's metrics (None: not reported)."""
+    if metric is None:
+        return task_metrics["primary"]
+    keys = task_metrics["metrics"]
+    return next((k for k in keys if metric in (k, k.split(",")[0])), None)
 
 
 def run_line(record: dict[str, Any]) -> str:

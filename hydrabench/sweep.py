@@ -21,8 +21,10 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
+from hydrabench.errors import SpecError
+from hydrabench.profiles import load_profile
 from hydrabench.progress import log
-from hydrabench.spec import RunSpec, SpecError, load_profile, spec_from_dict
+from hydrabench.spec import RunSpec, spec_from_dict
 from hydrabench.store import RunStore, checked_run_id, write_json_atomic
 from hydrabench.tables import Row, TableSpec
 

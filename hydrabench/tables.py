@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.evaluate import TASKS_DIR
-from hydrabench.spec import RunSpec, SpecError, did_you_mean, load_yaml, resolve_spec
-from hydrabench.store import RunStore
+from hydrabench.profiles import load_yaml
+from hydrabench.resolve import resolve_spec
+from hydrabench.spec import RunSpec
+from hydrabench.store import RunStore, metric_key
 
 TABLES_DIR = TASKS_DIR / "tables"
 
@@ -63,13 +66,12 @@ class TableSpec:
         """The tasks the table's runs cover, in column order, each once."""
         return list(dict.fromkeys(self.task_of(c) for c in self.columns))
 
-    def run_specs(self, profile: str, seeds: tuple[int, ...] = (0,),
-                  valid_methods: list[str] | None = None) -> list[tuple[Row, str, RunSpec]]:
+    def run_specs(self, profile: str,
+                  seeds: tuple[int, ...] = (0,)) -> list[tuple[Row, str, RunSpec]]:
         """(row, task, spec) for every run the table needs: rows × tasks × seeds."""
         return [(row, task, resolve_spec(row.method, task, profile, seed,
                                          overrides={"adapter": row.adapter,
-                                                    "eval": self.eval_overrides.get(task, {})},
-                                         valid_methods=valid_methods))
+                                                    "eval": self.eval_overrides.get(task, {})}))
                 for row in self.rows for task in self.tasks() for seed in seeds]
 
 
@@ -173,14 +175,6 @@ def _cell_labels(records: list[dict[str, Any]]) -> tuple[bool | None, str | None
         return None, None
     return (any(rec["stand_in"] for rec in labelled),
             " | ".join(sorted({rec["data_source"] for rec in labelled})))
-
-
-def metric_key(task_metrics: dict[str, Any], metric: str | None) -> str | None:
-    """The "metric,filter" key a column reads from one task's metrics (None: not reported)."""
-    if metric is None:
-        return task_metrics["primary"]
-    keys = task_metrics["metrics"]
-    return next((k for k in keys if metric in (k, k.split(",")[0])), None)
 
 
 def score_of(record: dict[str, Any],

@@ -18,8 +18,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from hydrabench import distributed
 from hydrabench.data.records import InstructionRecord, render_prompt
+from hydrabench.errors import SpecError
 from hydrabench.progress import log, report_progress
-from hydrabench.spec import SpecError, TrainSettings
+from hydrabench.spec import TrainSettings
 
 IGNORE_INDEX = -100
 StepHook = Callable[[int, int], None]  # (trained tokens, samples) after each optimizer step

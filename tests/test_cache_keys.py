@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, SHARED, finish, start
 
 from hydrabench import provenance
-from hydrabench.spec import resolve_spec
+from hydrabench.resolve import resolve_spec
 
 STORIES = SHARED / "models" / "stories260K"
 

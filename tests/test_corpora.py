@@ -8,7 +8,7 @@ from conftest import SHARED
 from hydrabench.data import synthetic
 from hydrabench.data.corpora import load_corpus
 from hydrabench.data.records import InstructionRecord, render_prompt
-from hydrabench.spec import SpecError
+from hydrabench.errors import SpecError
 
 DATA = SHARED / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from hydrabench.report import write_table_report
+from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
-from hydrabench.spec import resolve_spec
 from hydrabench.store import RunStore
 from hydrabench.tables import load_table
 

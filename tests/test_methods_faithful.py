@@ -23,7 +23,7 @@ from hydrabench.methods.lora_split import (
     split_text,
 )
 from hydrabench.models import load_base_model
-from hydrabench.spec import resolve_spec
+from hydrabench.resolve import resolve_spec
 from hydrabench.store import RunStore
 
 HIDDEN = 128  # the tiny Llama: 2 layers, hidden 128

@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import REPO, SHARED, finish, start
 
+from hydrabench.errors import SpecError
+from hydrabench.profiles import load_profile
+from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
-from hydrabench.spec import SpecError, load_profile, resolve_spec
 from hydrabench.store import RunStore
 
 MODEL = SHARED / "models" / "stories260K"

@@ -14,11 +14,12 @@ import torch
 
 from hydrabench import runner
 from hydrabench.cli import main
+from hydrabench.errors import SpecError
 from hydrabench.methods import METHODS, get_method
 from hydrabench.methods.adalora import adalora_config
 from hydrabench.methods.api import Method
 from hydrabench.models import load_base_model
-from hydrabench.spec import SpecError, resolve_spec
+from hydrabench.resolve import resolve_spec
 from hydrabench.store import RunStore
 
 QUICK = {"train": {"max_steps": 3}, "eval": {"limit": 4}}

@@ -201,7 +201,7 @@ def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path)
 
 def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from hydrabench import spec
+    from hydrabench import profiles
     from hydrabench.cli import main
 
     results, made, elsewhere = tmp_path / "results", tmp_path / "made", tmp_path / "elsewhere"
@@ -217,7 +217,7 @@ def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
     assert record["profile"]["train"]["lr"] == 1e-3 and "extends" not in record["profile"]
 
     monkeypatch.chdir(elsewhere)  # base2.yaml is not here; a new process has not parsed it
-    spec._load_profile.cache_clear()
+    profiles._load_profile.cache_clear()
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2"]) == 0
     assert main(["export", run_id]) == 0
 

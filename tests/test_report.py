@@ -24,10 +24,12 @@ from scipy import stats
 
 from hydrabench.cli import main
 from hydrabench.figures import write_figure5, write_figure6
+from hydrabench.methods import get_method
 from hydrabench.report import latex_escape, write_table_report
-from hydrabench.spec import RunSpec, resolve_spec
-from hydrabench.store import RunStore, write_json_atomic
-from hydrabench.tables import Column, TableSpec, load_table, mean_ci, metric_key
+from hydrabench.resolve import resolve_spec
+from hydrabench.spec import RunSpec
+from hydrabench.store import RunStore, metric_key, write_json_atomic
+from hydrabench.tables import Column, TableSpec, load_table, mean_ci
 
 PROFILE = "tiny"
 # Rows of these methods get records; every other row must come out as "—".
@@ -399,7 +401,8 @@ def test_cli_report_all_writes_every_report(store_env: Path,
 
 def test_cli_reproduce_skips_unimplemented_methods_and_unapproved_code(
         store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stand-ins for the registry and the runner: this checks what reproduce asks to run, fast.
+    # Stand-ins for the registry and the runner: this checks what reproduce asks to run, fast
+    # (resolution still checks method names with the real get_method).
     implemented = {"base", "lora", "hydralora"}
     executed: list[RunSpec] = []
 
@@ -412,7 +415,7 @@ def test_cli_reproduce_skips_unimplemented_methods_and_unapproved_code(
         return store.load(spec.run_id)
 
     monkeypatch.setitem(sys.modules, "hydrabench.methods",
-                        SimpleNamespace(METHODS=dict.fromkeys(implemented)))
+                        SimpleNamespace(METHODS=dict.fromkeys(implemented), get_method=get_method))
     monkeypatch.setitem(sys.modules, "hydrabench.runner",
                         SimpleNamespace(execute=execute, log=lambda message: None))
     table = load_table("table2")

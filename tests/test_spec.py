@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from hydrabench.methods import METHODS
-from hydrabench.spec import SpecError, load_yaml, resolve_spec, spec_from_dict
+from hydrabench.errors import SpecError
+from hydrabench.profiles import load_yaml
+from hydrabench.resolve import resolve_spec
+from hydrabench.spec import spec_from_dict
 
 
 def test_profile_values_and_overrides_are_resolved() -> None:
@@ -46,7 +48,7 @@ def test_columns_sharing_a_corpus_share_the_training() -> None:
 def test_bad_input_is_one_clear_error(kwargs: dict, message: str) -> None:
     args = {"method": "lora", "task": "general", "profile": "tiny", **kwargs}
     with pytest.raises(SpecError) as err:
-        resolve_spec(args.pop("method"), args.pop("task"), valid_methods=list(METHODS), **args)
+        resolve_spec(args.pop("method"), args.pop("task"), **args)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -76,7 +78,7 @@ def test_profile_numbers_written_without_a_dot_and_a_single_target_module(tmp_pa
 
 
 def test_an_unknown_name_among_many_gives_the_three_nearest() -> None:
-    from hydrabench.spec import did_you_mean
+    from hydrabench.errors import did_you_mean
 
     valid = [f"mmlu_{subject}" for subject in ("anatomy", "astronomy", "virology")] + [
         f"bbh_task_{i}" for i in range(200)]

@@ -22,9 +22,9 @@ import pytest
 
 from hydrabench.evaluate import evaluate_model, evaluate_served
 from hydrabench.export import export_run
+from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
 from hydrabench.serving import LOG_NAME, VllmServer
-from hydrabench.spec import resolve_spec
 from hydrabench.store import RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).

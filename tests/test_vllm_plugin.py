@@ -29,10 +29,10 @@ from hydrabench.methods.hydralora import (
     load_hydralora,
 )
 from hydrabench.models import load_base_model
+from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
 from hydrabench.serving import LOG_NAME
 from hydrabench.serving_plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
-from hydrabench.spec import resolve_spec
 from hydrabench.store import RunStore
 
 __all__ = ["vllm_available"]  # a fixture the slow tests use

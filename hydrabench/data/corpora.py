@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydrabench.data import synthetic
 from hydrabench.data.records import InstructionRecord
-from hydrabench.spec import SpecError
+from hydrabench.errors import SpecError
 
 # Field names used by the paper's corpora (Alpaca-style, Dolly, GSM8K, Flan) for the same roles.
 FIELD_ALIASES = {

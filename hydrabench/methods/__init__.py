@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hydrabench.errors import did_you_mean
 from hydrabench.methods import (
     adalora,
     base,
@@ -15,7 +16,6 @@ from hydrabench.methods import (
     prompt_learning,
 )
 from hydrabench.methods.api import Method
-from hydrabench.spec import did_you_mean
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     base.METHOD,

@@ -45,10 +45,11 @@ from sklearn.metrics import pairwise_distances_argmin
 
 from hydrabench.data.clustering import cluster_labels
 from hydrabench.data.records import InstructionRecord
+from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method, TrainFn
 from hydrabench.methods.hydralora import adapt, balanced_loss, fit_recording_heads, make_method
 from hydrabench.methods.lora import lora_config, merge_peft
-from hydrabench.spec import RunSpec, SpecError
+from hydrabench.spec import RunSpec
 
 COMBINED = "combined"
 ROUTER_CONFIG = "prompt_router.json"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from hydrabench.spec import SpecError
+from hydrabench.errors import SpecError
 
 BUILTIN_TINY = "builtin:tiny"
 
