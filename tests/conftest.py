@@ -70,3 +70,20 @@ def kill_when(proc: subprocess.Popen, results: Path, pattern: str) -> None:
 def artifact_info(results: Path) -> dict:
     (marker,) = results.glob("artifacts/*/artifact.json")
     return json.loads(marker.read_text())
+
+
+def error_lines(stderr: str) -> list[str]:
+    """hydrabench's own error lines in `stderr`."""
+    return [line for line in stderr.splitlines() if line.startswith("hydrabench: error:")]
+
+
+def assert_refused_in_one_line(argv: list[str], message: str, results: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    """`hydrabench ARGV`, in-process: exit 2, one error line saying `message`, and nothing
+    written under `results`."""
+    from hydrabench.cli import main
+
+    assert main(argv) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not results.exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED
+from conftest import REPO, SHARED, assert_refused_in_one_line, error_lines
 
 from hydrabench.cli import main
 from hydrabench.train import TrainingOutOfMemory, train
@@ -135,11 +135,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv: list, message: str, 
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.delenv("HYDRABENCH_DATA_DIR", raising=False)
     argv = [a(tmp_path) if callable(a) else a for a in argv]
-    assert main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
-    assert len(errors) == 1 and message in errors[0], errors
-    assert not (tmp_path / "results").exists()
+    assert_refused_in_one_line(argv, message, tmp_path / "results", capsys)
 
 
 def test_out_of_memory_names_the_batch_that_failed() -> None:
@@ -174,13 +170,11 @@ def test_code_execution_without_its_sandbox_is_refused_before_any_work(
     monkeypatch.setenv("PATH", str(tmp_path))
     sandbox._probe_walls.cache_clear()
     try:
-        assert main(["run", "--method", "lora", "--task", "code", "--allow-code-execution"]) == 2
+        assert_refused_in_one_line(
+            ["run", "--method", "lora", "--task", "code", "--allow-code-execution"],
+            "needs bubblewrap, which is not installed", tmp_path / "results", capsys)
     finally:
         sandbox._probe_walls.cache_clear()
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
-    assert len(errors) == 1 and "needs bubblewrap, which is not installed" in errors[0], errors
-    assert not (tmp_path / "results").exists()
 
 
 def test_a_loss_that_turns_nan_stops_in_one_line_with_no_record(
@@ -189,8 +183,7 @@ def test_a_loss_that_turns_nan_stops_in_one_line_with_no_record(
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     assert main(["run", "--method", "lora", "--task", "medical", "--model", STORIES,
                  "--lr", "1e30", "--max-steps", "4"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "training loss became nan" in errors[0], errors
     assert not list((tmp_path / "results").glob("runs/*/record.json"))
     assert not list((tmp_path / "results").glob("artifacts/*/artifact.json"))
@@ -203,11 +196,9 @@ def test_a_missing_or_empty_data_dir_is_one_line(data_dir: str, tmp_path: Path,
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(tmp_path / data_dir))
-    assert main(["eval", "--model", STORIES, "--task", "mmlu_anatomy", "--limit", "2"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
-    assert len(errors) == 1 and f"{tmp_path / data_dir}/mmlu does not exist" in errors[0]
-    assert not (tmp_path / "results").exists()
+    assert_refused_in_one_line(
+        ["eval", "--model", STORIES, "--task", "mmlu_anatomy", "--limit", "2"],
+        f"{tmp_path / data_dir}/mmlu does not exist", tmp_path / "results", capsys)
 
 
 def test_a_results_folder_that_refuses_writes_is_one_line(monkeypatch: pytest.MonkeyPatch,
@@ -216,8 +207,7 @@ def test_a_results_folder_that_refuses_writes_is_one_line(monkeypatch: pytest.Mo
     monkeypatch.setenv("HYDRABENCH_RESULTS", "/sys/hydrabench-results")
     assert main(["run", "--method", "lora", "--task", "medical", "--model", STORIES,
                  "--max-steps", "2", "--limit", "2"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "cannot write /sys/hydrabench-results" in errors[0], errors
 
 
@@ -247,7 +237,7 @@ def test_a_broken_task_yaml_is_found_before_training(kind: str, tmp_path: Path) 
            "HYDRABENCH_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "hydrabench.cli", *RUN[:3], "--task", "medical"],
                           env=env, capture_output=True, text=True, timeout=600)
-    errors = [line for line in done.stderr.splitlines() if line.startswith("hydrabench: error:")]
+    errors = error_lines(done.stderr)
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
     assert "tiny_medical" in errors[0] and words in errors[0] and str(tmp_path) in errors[0]
     assert "training" not in done.stderr and not (tmp_path / "results").exists()
@@ -272,7 +262,6 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(small_disk / "results"))
     assert main(["run", "--method", "lora", "--task", "medical", "--max-steps", "2",
                  "--checkpoint-every", "1", "--limit", "2"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     assert "ckpt.pt: No space left on device" in errors[0] and str(small_disk) in errors[0]

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED, artifact_info, finish, kill_when, start
+from conftest import SHARED, artifact_info, error_lines, finish, kill_when, start
 
 # Enough steps that a kill lands mid-training, checkpoints every 5 steps, a cheap evaluation.
 RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
@@ -126,9 +126,9 @@ CORRUPTIONS = {"truncated": lambda text: text[: len(text) // 2].encode(), "empty
                "wrong types": lambda text: json.dumps({**json.loads(text), "seed": "0"}).encode()}
 
 
-def error_lines(capsys: pytest.CaptureFixture) -> tuple[list[str], str]:
+def read_errors(capsys: pytest.CaptureFixture) -> tuple[list[str], str]:
     err = capsys.readouterr().err
-    return [line for line in err.splitlines() if line.startswith("hydrabench: error:")], err
+    return error_lines(err), err
 
 
 def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
@@ -154,11 +154,11 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
         for argv in (["eval", "--run", path.parent.name, "--task", "law"],
                      ["export", path.parent.name]):
             assert main(argv) == 2, (kind, argv)
-            errors, err = error_lines(capsys)
+            errors, err = read_errors(capsys)
             assert len(errors) == 1 and str(path) in errors[0], (kind, argv, err)
             assert err.strip() == errors[0], (kind, argv, err)  # that line alone
         assert main(["report", "table1"]) == 0, kind
-        errors, err = error_lines(capsys)
+        errors, err = read_errors(capsys)
         assert not errors and [line for line in err.splitlines() if str(planted) in line], kind
         reports = store_env / "reports"  # each report file says what it skipped
         assert str(planted) in (reports / "table1.md").read_text(), kind
@@ -171,11 +171,11 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
     del old_format["spec"]["inputs"]  # a record from before run ids held content fingerprints
     path.write_text(json.dumps(old_format))
     assert main(["eval", "--run", path.parent.name, "--task", "law"]) == 2
-    errors, _ = error_lines(capsys)
+    errors, _ = read_errors(capsys)
     assert len(errors) == 1 and "predates the content fingerprints" in errors[0], errors
     path.write_bytes(CORRUPTIONS["truncated"](good))
     assert main(run) == 0  # the corrupt record is run again
-    errors, err = error_lines(capsys)
+    errors, err = read_errors(capsys)
     assert [line for line in err.splitlines() if "corrupt record" in line and str(path) in line]
     assert json.loads(path.read_text())["metrics"]
 
@@ -225,8 +225,7 @@ def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
     path.write_text(json.dumps(record))
     capsys.readouterr()
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "--trust-remote-code" in errors[0], errors
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2",
                  "--trust-remote-code"]) == 0

@@ -67,7 +67,7 @@ def test_eval_says_which_bbh_it_took_and_gen_kwargs_fit_a_generation_task_to_the
         tmp_path: Path, capsys, monkeypatch) -> None:
     """stories260K (512 tokens of context) on lm-eval's BBH, whose chain-of-thought tasks generate
     up to 1024 tokens: refused in one line before any work, scored with --gen-kwargs."""
-    from conftest import SHARED
+    from conftest import SHARED, error_lines
 
     from hydrabench.cli import main
 
@@ -77,7 +77,7 @@ def test_eval_says_which_bbh_it_took_and_gen_kwargs_fit_a_generation_task_to_the
     real = ["eval", "--model", model, "--task", "lm-eval:bbh", "--limit", "1"]
     assert main(real) == 2
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("hydrabench: error:")] == [
+    assert error_lines(err) == [
         "hydrabench: error: task bbh_cot_fewshot_boolean_expressions generates up to 1024 "
         "tokens, but the model's context is 512 tokens; lower it with --gen-kwargs "
         "max_gen_toks=N (N < 512)"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused_in_one_line, error_lines
 from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
@@ -166,8 +167,7 @@ def test_server_that_does_not_come_up_is_one_line_naming_its_log(
             "--backend", "vllm", "--profile", profile_with("eval: {max_model_len: 4096}\n")(
                 tmp_path)]
     assert main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
+    errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "vLLM server exited" in errors[0], errors
     assert "max_model_len" in errors[0]  # vLLM's own reason, from its log
     log = Path(re.search(r"server log: (\S+)\)$", errors[0]).group(1))
@@ -244,11 +244,7 @@ def test_plugin_bad_input_is_one_line_exit_2_nothing_written(
         capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     argv = [a(tmp_path) if callable(a) else a for a in argv]
-    assert main(argv) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if line.startswith("hydrabench: error:")]
-    assert len(errors) == 1 and message in errors[0], errors
-    assert not (tmp_path / "results").exists()
+    assert_refused_in_one_line(argv, message, tmp_path / "results", capsys)
 
 
 def test_backend_auto_picks_vllm_where_the_plugin_serves_the_method(tmp_path: Path) -> None:
