@@ -41,10 +41,10 @@ from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from hydrabench.evaluate import TASKS_DIR
 from hydrabench.export import save_plugin_checkpoint
 from hydrabench.methods.hydralora import HydraLoraConfig, apply_hydralora, hydralora_layers
 from hydrabench.models import BUILTIN_TINY, load_base_model
+from hydrabench.paths import TASKS_DIR
 
 TASKS = ("tiny_medical", "tiny_arithmetic")
 

@@ -278,7 +278,7 @@ def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] |
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from hydrabench.report import write_report
+    from hydrabench.reporting import write_report
 
     _plan_sweep(args).run_local()
     for path in write_report(args.table, args.profile, _seeds(args.seeds)):
@@ -308,7 +308,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from hydrabench.report import write_report
+    from hydrabench.reporting import write_report
     from hydrabench.tables import table_names
 
     if args.reference is not None and args.table == "all":

@@ -17,20 +17,13 @@ from typing import Any
 
 import torch
 
+from hydrabench.paths import TASKS_DIR, offline_mode
 from hydrabench.serving import VllmServer, local_completions_args
-
-TASKS_DIR = Path(os.environ.get("HYDRABENCH_TASKS_DIR",
-                                Path(__file__).resolve().parents[1] / "tasks"))
 
 # The headline metric of a task, in order of preference ("metric,filter" as lm-eval keys them).
 PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip",
                    "pass@1,create_test", "exact_match,get-answer", "exact_match,none",
                    "exact_match,flexible-extract")
-
-
-def offline_mode() -> bool:
-    """Offline when local benchmark copies are configured or the hub is switched off."""
-    return bool(os.environ.get("HYDRABENCH_DATA_DIR")) or os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 @cache

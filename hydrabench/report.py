@@ -10,16 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from hydrabench.paths import reports_root
 from hydrabench.profiles import load_profile
 from hydrabench.store import RunStore
-from hydrabench.tables import SCORE_RANGE, Cell, TableSpec, collect_cells, load_table
+from hydrabench.tables import SCORE_RANGE, Cell, TableSpec, collect_cells
 
 DASH = "—"
 PARTIAL = "†"
-
-
-def reports_root() -> Path:
-    return Path(os.environ.get("HYDRABENCH_REPORTS", "reports"))
 
 
 def tidy_frame(cells: list[Cell]) -> pd.DataFrame:
@@ -254,16 +251,3 @@ def write_table_report(table: TableSpec, profile: str = "tiny", seeds: tuple[int
     tidy = tidy_frame(collect_cells(table, profile, seeds, store, reference))
     return write_table_files(table, tidy, profile, seeds, out_dir or reports_root(), reference,
                              store.corrupt_records())
-
-
-def write_report(name: str, profile: str = "tiny", seeds: tuple[int, ...] = (0,),
-                 store: RunStore | None = None, out_dir: Path | None = None,
-                 reference: str | None = None) -> list[Path]:
-    """The report of one spec in tasks/tables: a table, or a figure for the figure specs."""
-    # Imported here: figures builds on this module (and alone needs matplotlib).
-    from hydrabench.figures import FIGURES
-
-    table = load_table(name)
-    if name in FIGURES:
-        return FIGURES[name](table, profile, seeds, store or RunStore(), out_dir or reports_root())
-    return write_table_report(table, profile, seeds, store, out_dir, reference)

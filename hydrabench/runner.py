@@ -29,7 +29,6 @@ from hydrabench.evaluate import (
     check_tasks,
     evaluate_model,
     evaluate_served,
-    offline_mode,
     request_counts,
     task_manager,
 )
@@ -38,6 +37,7 @@ from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, load_base_model
+from hydrabench.paths import offline_mode
 from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
 from hydrabench.resolve import LM_EVAL_PREFIX

@@ -9,13 +9,11 @@ empty ("—"), never invented. Figures are specs too: their runs are listed the 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydrabench.errors import SpecError, did_you_mean
-from hydrabench.evaluate import TASKS_DIR
+from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.profiles import load_yaml
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
@@ -146,24 +144,22 @@ def record_labels(spec: RunSpec) -> dict[str, Any]:
     """What a run's record says about its own data, decided when it runs from the resolved spec:
     whether the tasks it scored are stand-ins (the synthetic suite's, tasks/tiny) and where its
     training and evaluation data came from. Reports read only this."""
-    from hydrabench.evaluate import offline_mode
-
     stand_in_tasks = {p.stem for p in (TASKS_DIR / "tiny").glob("*.yaml")}
     synthetic = "synthetic suite (generated)"
-    data_dir = os.environ.get("HYDRABENCH_DATA_DIR")
+    local = data_dir()
     sources = []
     for part in spec.corpus.split("+"):
         if part == "synthetic":
             sources.append(synthetic)
-        elif part.startswith("data:") and data_dir:
-            sources.append(f"local copy {Path(data_dir) / part[5:]}")
+        elif part.startswith("data:") and local:
+            sources.append(f"local copy {local / part[5:]}")
         elif part.startswith("hub:"):
             sources.append(f"Hugging Face hub {part[4:]}")
         elif part != "none":
             sources.append(f"local file {part}")
     stand_in = any(t in stand_in_tasks for t in spec.eval_tasks)
-    scored = (synthetic if stand_in else f"local copies in {data_dir}" if offline_mode()
-              and data_dir else "Hugging Face hub")
+    scored = (synthetic if stand_in else f"local copies in {local}" if offline_mode()
+              and local else "Hugging Face hub")
     training = f"train: {', '.join(sources)}; " if sources else ""
     return {"stand_in": stand_in,
             "data_source": f"{training}eval: {scored}"}

@@ -1,0 +1,41 @@
+"""Where hydrabench reads and writes, and whether it works offline: the one module that reads
+the HYDRABENCH_* roots from the environment (each looked up when asked, so a test or a process
+that changes one sees it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def results_root() -> Path:
+    """Records, artifacts, exports and locks (HYDRABENCH_RESULTS, default ./results)."""
+    return Path(os.environ.get("HYDRABENCH_RESULTS", "results"))
+
+
+def reports_root() -> Path:
+    """Tables and figures (HYDRABENCH_REPORTS, default ./reports)."""
+    return Path(os.environ.get("HYDRABENCH_REPORTS", "reports"))
+
+
+def cache_root() -> Path:
+    """The built tiny model and other rebuildable files (HYDRABENCH_CACHE)."""
+    return Path(os.environ.get("HYDRABENCH_CACHE", Path.home() / ".cache" / "hydrabench"))
+
+
+# lm-eval task YAML (tiny/, offline/) and table specs (tables/); HYDRABENCH_TASKS_DIR replaces
+# the shipped tree.
+TASKS_DIR = Path(os.environ.get("HYDRABENCH_TASKS_DIR", PACKAGE_ROOT / "tasks"))
+
+
+def data_dir() -> Path | None:
+    """The local copies of the benchmarks' data (HYDRABENCH_DATA_DIR); None when not set."""
+    root = os.environ.get("HYDRABENCH_DATA_DIR")
+    return Path(root) if root else None
+
+
+def offline_mode() -> bool:
+    """Offline when local benchmark copies are configured or the hub is switched off."""
+    return data_dir() is not None or os.environ.get("HF_HUB_OFFLINE") == "1"
