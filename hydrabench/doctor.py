@@ -9,9 +9,14 @@ from pathlib import Path
 
 from hydrabench import provenance
 from hydrabench.metering import gpu_inventory, hardware_summary
-from hydrabench.models.tiny import cache_root
+from hydrabench.paths import (
+    cache_root,
+    data_dir,
+    hub_datasets_offline,
+    hub_offline,
+    results_root,
+)
 from hydrabench.profiles import load_profile, profile_names
-from hydrabench.store import results_root
 
 
 def vllm_flavour() -> str:
@@ -37,10 +42,10 @@ def profile_problems(name: str, has_gpu: bool) -> list[str]:
         problems.append("needs a GPU (none visible to NVML)")
     hub_model = not str(profile["model"]).startswith("builtin:") and not Path(
         str(profile["model"])).exists()
-    if hub_model and os.environ.get("HF_HUB_OFFLINE") == "1":
+    if hub_model and hub_offline():
         problems.append(f"model {profile['model']} comes from the hub, and HF_HUB_OFFLINE=1")
     hub_data = any(str(t["corpus"]).startswith("hub:") for t in profile["tasks"].values())
-    if hub_data and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    if hub_data and hub_datasets_offline():
         problems.append("training corpora come from the hub, and HF_DATASETS_OFFLINE=1")
     return problems
 
@@ -48,7 +53,7 @@ def profile_problems(name: str, has_gpu: bool) -> list[str]:
 def report() -> list[str]:
     hardware = hardware_summary()
     versions = provenance.package_versions()
-    data_dir = os.environ.get("HYDRABENCH_DATA_DIR")
+    local = data_dir()
     free = shutil.disk_usage(Path.cwd()).free / 2**30
     gpus = gpu_inventory()
     lines = [
@@ -58,8 +63,8 @@ def report() -> list[str]:
         "packages    " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"vllm        {vllm_flavour()}",
         f"lm-eval api {'yes' if find_spec('tenacity') else 'no (pip install lm-eval[api])'}",
-        f"data dir    {data_dir or 'unset (offline benchmark copies: set HYDRABENCH_DATA_DIR)'}"
-        + ("" if not data_dir or Path(data_dir).is_dir() else "  (MISSING)"),
+        f"data dir    {local or 'unset (offline benchmark copies: set HYDRABENCH_DATA_DIR)'}"
+        + ("" if not local or local.is_dir() else "  (MISSING)"),
         f"cache dir   {cache_root()}",
         f"results     {results_root().resolve()}",
         f"free disk   {free:.1f} GiB",

@@ -36,6 +36,16 @@ def data_dir() -> Path | None:
     return Path(root) if root else None
 
 
+def hub_offline() -> bool:
+    """The Hugging Face hub switched off for models (HF_HUB_OFFLINE=1)."""
+    return os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def hub_datasets_offline() -> bool:
+    """The Hugging Face hub switched off for datasets (HF_DATASETS_OFFLINE=1)."""
+    return os.environ.get("HF_DATASETS_OFFLINE") == "1"
+
+
 def offline_mode() -> bool:
     """Offline when local benchmark copies are configured or the hub is switched off."""
-    return data_dir() is not None or os.environ.get("HF_HUB_OFFLINE") == "1"
+    return data_dir() is not None or hub_offline()

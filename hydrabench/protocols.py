@@ -12,7 +12,6 @@ published LLaMA-2-7B figures beside them, marked as external.
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import pandas as pd
 
 from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.evaluate import read_samples
-from hydrabench.paths import TASKS_DIR, reports_root
+from hydrabench.paths import TASKS_DIR, data_dir, reports_root
 from hydrabench.significance import PairedComparison, format_p, paired_comparison
 from hydrabench.store import RunStore, checked_run_id
 
@@ -100,7 +99,7 @@ def check_request(benchmark: str, names: list[str], limit: int | None) -> list[P
             raise did_you_mean("protocol", name, list(PROTOCOLS))
     if limit is not None and limit < 1:
         raise SpecError(f"--limit must be >= 1, got {limit}")
-    if not os.environ.get("HYDRABENCH_DATA_DIR"):
+    if data_dir() is None:
         raise SpecError("the protocol tasks read local MMLU files: set HYDRABENCH_DATA_DIR "
                         "(e.g. ../shared/data)")
     return [PROTOCOLS[name] for name in names]
@@ -207,7 +206,7 @@ def report_lines(model_label: str, limit: int | None, n_items: int) -> list[str]
     which = "all test items" if limit is None else f"the first {limit} of each subject"
     return [
         f"# MMLU under several protocols: {model_label}", "",
-        f"- items: {n_items} ({which}), local copies in {os.environ.get('HYDRABENCH_DATA_DIR')}; "
+        f"- items: {n_items} ({which}), local copies in {data_dir()}; "
         "scored by lm-eval (tasks/offline/mmlu_protocols)",
         "- score: acc in percent over all items (lm-eval's mmlu group, subjects weighted by "
         "size); 95% CI: ± 1.96 standard errors over the items, clipped to 0-100",

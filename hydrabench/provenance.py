@@ -12,7 +12,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from hydrabench.paths import TASKS_DIR, offline_mode
+from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 
 PACKAGES = ("hydrabench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate",
             "tokenizers", "codecarbon", "nvidia-ml-py", "pandas", "scikit-learn", "vllm",
@@ -117,8 +117,8 @@ def corpus_fingerprints(corpus: str) -> dict[str, str]:
         elif part.startswith("hub:"):
             fingerprints[part] = part
         elif part.startswith("data:"):
-            root = os.environ.get("HYDRABENCH_DATA_DIR")
-            fingerprints[part] = (fingerprint_path(Path(root) / part[5:]) if root
+            root = data_dir()
+            fingerprints[part] = (fingerprint_path(root / part[5:]) if root
                                   else "missing:HYDRABENCH_DATA_DIR unset")
         else:
             fingerprints[part] = fingerprint_path(Path(part))
@@ -173,9 +173,8 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
             (fingerprint_path(family, _is_task_file) + shared).encode()).hexdigest()
         if root.name == "tiny":
             data = f"synthetic:{synthetic_suite_fingerprint()}"
-        elif os.environ.get("HYDRABENCH_DATA_DIR"):
-            data_dir = Path(os.environ["HYDRABENCH_DATA_DIR"])
-            data = fingerprint_path(data_dir if family == root else data_dir / family.name)
+        elif (local := data_dir()) is not None:
+            data = fingerprint_path(local if family == root else local / family.name)
         else:
             data = "missing:HYDRABENCH_DATA_DIR unset"
         fingerprints[task] = {"config": config, "data": data}

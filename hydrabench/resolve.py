@@ -5,11 +5,11 @@ modules that only resolve table specs (tables, reports) free of torch."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any
 
 from hydrabench.errors import did_you_mean, require
+from hydrabench.paths import data_dir
 from hydrabench.profiles import load_profile, load_sharding
 from hydrabench.spec import (
     AdapterSettings,
@@ -49,8 +49,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if task not in tasks:
         raise did_you_mean("task", task, list(tasks))
     # Offline (local benchmark copies configured), train on the local copy where there is one.
-    offline = bool(os.environ.get("HYDRABENCH_DATA_DIR"))
-    corpus = tasks[task].get("local_corpus") if offline else None
+    corpus = tasks[task].get("local_corpus") if data_dir() is not None else None
     overrides = overrides or {}
     # A method's own defaults (LoRAMoE's FFN experts) beat the profile's, never the user's flags.
     method_defaults = {"adapter": adapter_defaults}

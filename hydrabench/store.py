@@ -23,14 +23,11 @@ from typing import Any
 from filelock import FileLock
 
 from hydrabench.errors import SpecError
+from hydrabench.paths import results_root
 from hydrabench.profiles import remember_profile
 from hydrabench.spec import RunSpec, spec_from_dict
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def results_root() -> Path:
-    return Path(os.environ.get("HYDRABENCH_RESULTS", "results"))
 
 
 def as_umask_allows(path: Path) -> None:

@@ -7,13 +7,13 @@ JSONL, CSV or parquet); `hub:<dataset id>[:<config>]`; several joined by `+`.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from hydrabench.data import synthetic
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
+from hydrabench.paths import data_dir
 
 # Field names used by the paper's corpora (Alpaca-style, Dolly, GSM8K, Flan) for the same roles.
 FIELD_ALIASES = {
@@ -90,10 +90,10 @@ def _load_one(name: str) -> list[InstructionRecord]:
                             ) from None
         return _records((f"{dataset_id} row {i}", row) for i, row in enumerate(rows))
     if name.startswith("data:"):
-        root = os.environ.get("HYDRABENCH_DATA_DIR")
-        if not root:
+        root = data_dir()
+        if root is None:
             raise SpecError(f"corpus {name} needs HYDRABENCH_DATA_DIR (a copy of the data files)")
-        path = Path(root) / name[5:]
+        path = root / name[5:]
     else:
         path = Path(name)
     return _records(_read_rows(path))

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hydrabench.data import synthetic
+from hydrabench.paths import cache_root
 from hydrabench.progress import log, report_progress
 
 
@@ -50,10 +51,6 @@ class TinyModelRecipe:
 def _corpus_digest() -> str:
     text = json.dumps([synthetic.pretraining_text(), synthetic.suite_fingerprint()])
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HYDRABENCH_CACHE", Path.home() / ".cache" / "hydrabench"))
 
 
 def _train_tokenizer(recipe: TinyModelRecipe):
