@@ -29,8 +29,8 @@ import torch
 from tabulate import tabulate
 from torch.utils.benchmark import Timer
 
+from hydrabench.atomic import write_json_atomic
 from hydrabench.metering import hardware_summary
-from hydrabench.store import write_json_atomic
 
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "bench"
 

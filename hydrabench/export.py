@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from hydrabench.atomic import write_json_atomic
 from hydrabench.errors import SpecError
 from hydrabench.evaluate import read_samples
 from hydrabench.metering import Meter
@@ -43,7 +44,7 @@ from hydrabench.serving_plugin import (
     read_adapter_config,
 )
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.store import RunStore
 
 HYDRALORA_MERGES = ("uniform", "router-mean")
 EXPORT_INFO = "hydrabench_export.json"

@@ -8,8 +8,6 @@ component of it was measured.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -21,17 +19,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from hydrabench.atomic import atomic_path, write_text_atomic
 from hydrabench.profiles import load_profile
 from hydrabench.report import (
     STAND_IN_NOTE,
     fmt,
     provenance_lines,
-    publish,
     runs_lines,
     spread_of,
     tidy_frame,
     write_table_files,
-    write_text,
 )
 from hydrabench.store import RunStore
 from hydrabench.tables import TableSpec, collect_cells, find_records, mean_ci
@@ -140,12 +137,9 @@ def _bars(ax: Axes, positions: list[float], values: list[float | None],
 def _save(fig: Figure, path: Path) -> None:
     """Render with Agg (no display needed) to a temp file renamed into place."""
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    # "tight" grows the canvas to take in the caption placed below the axes.
-    fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
-    publish(Path(tmp), path)
+    with atomic_path(path) as tmp:
+        # "tight" grows the canvas to take in the caption placed below the axes.
+        fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
 
 
 # -- Fig. 5 ------------------------------------------------------------------------------------
@@ -188,7 +182,7 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
                        _caption(table, profile, seeds, "95% CI over seeds", cells))
     for path in paths[:2]:
         _save(fig, path)
-    write_text(paths[2], frame.to_csv(index=False))
+    write_text_atomic(paths[2], frame.to_csv(index=False))
     shown = pd.DataFrame({
         "method": frame["method"],
         # 3 significant digits: a small run's energy is 1e-5 kWh, which 2 decimals would zero.
@@ -201,7 +195,7 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
         "tokens/s": [fmt(v, None, ".3g") for v in frame["tokens_per_s"]],
         "seeds": frame["n_seeds"],
         "note": frame["note"]})
-    write_text(paths[3], "\n".join([
+    write_text_atomic(paths[3], "\n".join([
         f"# {table.title}", "", *provenance_lines(profile, seeds, cells),
         f"- training phase of the `{table.task}` runs; ± is the 95% CI over seeds",
         "- energy source: `measured` when every component came from hardware counters "

@@ -220,18 +220,19 @@ def report_lines(model_label: str, limit: int | None, n_items: int) -> list[str]
 def write_protocols_report(scores: list[ProtocolScore], model_label: str, limit: int | None,
                            out_dir: Path, name: str) -> list[Path]:
     """reports/<name>.md, .csv and .tex."""
-    from hydrabench.report import latex_escape, write_text
+    from hydrabench.atomic import write_text_atomic
+    from hydrabench.report import latex_escape
 
     frame = protocol_frame(model_label, scores)
     shown = shown_frame(frame)
     paths = [out_dir / f"{name}.{ext}" for ext in ("md", "csv", "tex")]
     lines = report_lines(model_label, limit, len(scores[0].outcomes))
-    write_text(paths[0], "\n".join(lines) + shown.to_markdown(index=False,
+    write_text_atomic(paths[0], "\n".join(lines) + shown.to_markdown(index=False,
                                                              disable_numparse=True) + "\n")
-    write_text(paths[1], frame.to_csv(index=False))
+    write_text_atomic(paths[1], frame.to_csv(index=False))
     body = [" & ".join(latex_escape(str(v)) for v in row) + r" \\"
             for row in shown.drop(columns="source").itertuples(index=False)]
-    write_text(paths[2], "\n".join([
+    write_text_atomic(paths[2], "\n".join([
         r"\begin{table}[htbp]", r"\centering", r"\footnotesize",
         rf"\caption{{{latex_escape(lines[0][2:])}}}", r"\begin{tabular}{lllrrrr}", r"\toprule",
         " & ".join(latex_escape(c) for c in shown.columns[:-1]) + r" \\", r"\midrule", *body,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from hydrabench.atomic import write_text_atomic
 from hydrabench.paths import reports_root
 from hydrabench.profiles import load_profile
 from hydrabench.store import RunStore
@@ -158,25 +157,6 @@ def header_lines(table: TableSpec, profile: str, seeds: tuple[int, ...],
             *(f"- {line}" for line in skipped_lines(skipped))]
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write via a temp file renamed into place: a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    publish(Path(tmp), path)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a finished temp file into place, readable by all like any report (mkstemp: 0600)."""
-    try:
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 _LATEX = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_",
           "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
           "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "→": r"$\rightarrow$",
@@ -229,16 +209,16 @@ def write_table_files(table: TableSpec, tidy: pd.DataFrame, profile: str,
     many `skipped` (corrupt) records it left out (the CSV in a column, there only then)."""
     wide = wide_frame(table, tidy, len(seeds), reference)
     paths = [out_dir / f"{table.name}.{ext}" for ext in ("md", "csv", "tex")]
-    write_text(paths[0], "\n".join(header_lines(table, profile, seeds, tidy, reference,
+    write_text_atomic(paths[0], "\n".join(header_lines(table, profile, seeds, tidy, reference,
                                                 skipped)) + "\n"
                + wide.to_markdown(index=False, disable_numparse=True) + "\n")
     # The CSV's columns stay as they are unless records were skipped.
     csv = tidy.assign(skipped_corrupt_records=len(skipped)) if skipped else tidy
-    write_text(paths[1], csv.to_csv(index=False))
+    write_text_atomic(paths[1], csv.to_csv(index=False))
     stand_in = (tidy["stand_in"] == True).any()  # noqa: E712
     notes = [*([STAND_IN_NOTE[0].upper() + STAND_IN_NOTE[1:] + "."] if stand_in else []),
              BOLD_RULE[0].upper() + BOLD_RULE[1:] + ".", *skipped_lines(skipped)]
-    write_text(paths[2], latex_table(table, wide, notes))
+    write_text_atomic(paths[2], latex_table(table, wide, notes))
     return paths
 
 

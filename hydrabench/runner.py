@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hydrabench import distributed, provenance
+from hydrabench.atomic import write_json_atomic
 from hydrabench.data.corpora import load_corpus
 from hydrabench.errors import SpecError
 from hydrabench.evaluate import (
@@ -43,7 +44,7 @@ from hydrabench.progress import log
 from hydrabench.resolve import LM_EVAL_PREFIX
 from hydrabench.serving import LOG_NAME, VllmServer
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.store import RunStore
 from hydrabench.tables import record_labels
 from hydrabench.train import format_training_example, mean_loss, train
 

@@ -22,31 +22,13 @@ from typing import Any
 
 from filelock import FileLock
 
+from hydrabench.atomic import as_umask_allows
 from hydrabench.errors import SpecError
 from hydrabench.paths import results_root
 from hydrabench.profiles import remember_profile
 from hydrabench.spec import RunSpec, spec_from_dict
 
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
-
-
-def as_umask_allows(path: Path) -> None:
-    """The mode a plain open() or mkdir() would give (0666 or 0777 less the umask): mkstemp and
-    mkdtemp make 0600 and 0700, which colleagues on a shared cluster could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temp file in the same directory and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    as_umask_allows(Path(tmp))
-    os.replace(tmp, path)
 
 
 def fault_point(step: str) -> None:

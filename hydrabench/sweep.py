@@ -21,11 +21,12 @@ from typing import Any
 import submitit
 from submitit.core.utils import JobPaths, pickle_load
 
+from hydrabench.atomic import write_json_atomic
 from hydrabench.errors import SpecError
 from hydrabench.profiles import load_profile
 from hydrabench.progress import log
 from hydrabench.spec import RunSpec, spec_from_dict
-from hydrabench.store import RunStore, checked_run_id, write_json_atomic
+from hydrabench.store import RunStore, checked_run_id
 from hydrabench.tables import Row, TableSpec
 
 # The profile's `slurm:` section; a profile without one asks for this (and the cluster's default

@@ -7,7 +7,6 @@ from a checkpoint sees exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hydrabench import distributed
+from hydrabench.atomic import atomic_path
 from hydrabench.data.records import InstructionRecord, render_prompt
 from hydrabench.errors import SpecError
 from hydrabench.progress import log, report_progress
@@ -171,9 +171,8 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
     state = {"format": CHECKPOINT_FORMAT, "step": step, "params": params, "optim": optim_state,
              "sched": sched.state_dict(), "rng": rng, "losses": result.losses,
              "lrs": result.lrs, "tokens": result.trained_tokens}
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as fh:  # written through Python: a full disk is an OSError then
+    try:  # written through Python: a full disk is an OSError then
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
             torch.save(state, fh)
     except (OSError, RuntimeError) as err:
         # torch's writer may fail closing the file after the OSError (then its context); the
@@ -181,9 +180,7 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
         failed = err if isinstance(err, OSError) else err.__context__
         if not isinstance(failed, OSError):
             raise
-        tmp.unlink(missing_ok=True)
         raise OSError(failed.errno, failed.strerror, str(path)) from None
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
 def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> int:

@@ -64,7 +64,7 @@ def test_sigkill_during_evaluation_leaves_no_record_and_rerun_finishes(tmp_path:
 
 def test_report_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
     """A crash while writing a report (here: the rename fails) leaves the old file intact."""
-    from hydrabench import report
+    from hydrabench import atomic
 
     target = tmp_path / "table1.md"
     target.write_text("previous report")
@@ -72,9 +72,9 @@ def test_report_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypat
     def crash(src: str, dst: str) -> None:
         raise OSError("killed")
 
-    monkeypatch.setattr(report.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
-        report.write_text(target, "new report")
+        atomic.write_text_atomic(target, "new report")
     assert target.read_text() == "previous report"
     assert [p.name for p in tmp_path.iterdir()] == ["table1.md"]  # no temp file left behind
 

@@ -22,13 +22,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
 from hydrabench.figures import write_figure5, write_figure6
 from hydrabench.methods import get_method
 from hydrabench.report import latex_escape, write_table_report
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore, metric_key, write_json_atomic
+from hydrabench.store import RunStore, metric_key
 from hydrabench.tables import Column, TableSpec, load_table, mean_ci
 
 PROFILE = "tiny"

@@ -18,8 +18,9 @@ import pytest
 from submitit.core.utils import JobPaths, cloudpickle_dump
 
 from hydrabench import sweep as sweeps
+from hydrabench.atomic import write_json_atomic
 from hydrabench.spec import spec_from_dict
-from hydrabench.store import RunStore, write_json_atomic
+from hydrabench.store import RunStore
 from hydrabench.sweep import Sweep, plan_sweep, read_pointer, slurm_parameters
 from hydrabench.tables import load_table
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
+
+from hydrabench.atomic import write_bytes_atomic
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -400,21 +401,6 @@ def merge_hydralora(model: nn.Module, gate: str | Mapping[str, torch.Tensor]) ->
 # --------------------------------------------------------------------------- save / load
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: readers never see a partial file."""
-    # The temp file must live in the same directory for os.replace to be an atomic rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter and router parameters keyed by full module path (base weights excluded)."""
     return {
@@ -433,10 +419,10 @@ def save_hydralora(model: nn.Module, directory: str | os.PathLike[str]) -> None:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model).items()}
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors))
+    write_bytes_atomic(out / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors))
     full = config.to_dict()
     meta = {"method": "hydralora", **{k: full[k] for k in _SAVED_FIELDS}}
-    _atomic_write(out / ADAPTER_CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes_atomic(out / ADAPTER_CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
 
 
 def load_hydralora(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
