@@ -99,7 +99,10 @@ def test_status_tells_queued_running_and_failed_jobs_apart(
     for job, run in enumerate([done, running, queued, crashed, killed]):
         write_json_atomic(sweeps.pointer_path(sweep.store, run.spec.run_id),
                           {"job_id": f"9_{job}", "folder": str(folder), "log": "9.err"})
-    write_json_atomic(sweep.store.record_path(done.spec.run_id), {})
+    # The smallest whole record (an empty one would count as corrupt, hence failed).
+    write_json_atomic(sweep.store.record_path(done.spec.run_id), {
+        "run_id": done.spec.run_id, "method": done.spec.method, "task": done.spec.task,
+        "seed": done.spec.seed, "metrics": {}, "column_tasks": [], "training": {}})
     cloudpickle_dump(("error", "Traceback (most recent call last):\nValueError: boom\n"),
                      JobPaths(folder, job_id="9_3", task_id=0).result_pickle)
     monkeypatch.setattr(sweeps, "queued_jobs",
