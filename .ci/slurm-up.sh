@@ -4,7 +4,8 @@
 # there is none, starts munged, slurmctld and slurmd, and waits until the node is idle.
 #
 # Clients find the cluster through SLURM_CONF=$HYDRABENCH_SLURM_DIR/slurm.conf (the system's
-# /etc/slurm is left alone). Idempotent: when that cluster already answers, it exits at once.
+# /etc/slurm is left alone). Idempotent: when that cluster already runs this configuration, it
+# exits at once.
 # `.ci/slurm-up.sh down` stops the daemons it started. Needs root (apt-get, daemons as root).
 set -euo pipefail
 
@@ -31,14 +32,10 @@ fi
 
 [[ $(id -u) == 0 ]] || fail "needs root: it installs packages and runs the daemons as root"
 mkdir -p "$DIR"
-# Two test sessions starting the cluster at once would race for the same ports.
+# Two test sessions starting the cluster at once would race for the same ports. The daemons
+# started below get `9>&-`: holding the lock's descriptor, they would hold the lock for ever.
 exec 9>"$DIR/.lock"
 flock 9
-
-if [[ -f $CONF ]] && node_idle; then
-    echo "slurm-up: already running (SLURM_CONF=$CONF)"
-    exit 0
-fi
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge \
@@ -54,7 +51,7 @@ fi
 mkdir -p /run/munge /var/log/munge /var/lib/munge
 chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    runuser -u munge -- /usr/sbin/munged || fail "munged did not start (see /var/log/munge)"
+    runuser -u munge -- /usr/sbin/munged 9>&- || fail "munged did not start (see /var/log/munge)"
     touch "$DIR/munged.started"
     for _ in $(seq 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
     munge -n | unmunge >/dev/null || fail "munge does not answer"
@@ -64,7 +61,10 @@ fi
 total_mb=$(free -m | awk '/^Mem:/ {print $2}')
 real_mb=$(( total_mb > 4096 ? total_mb - 2048 : total_mb / 2 ))
 mkdir -p "$DIR/state" "$DIR/spool"
-cat >"$CONF" <<EOF
+# The machine's own core count: `nproc` would follow OMP_NUM_THREADS (tests set it to 1), and a
+# node of 1 CPU leaves a 2-task job pending for ever.
+cores=$(getconf _NPROCESSORS_ONLN)
+cat >"$CONF.new" <<EOF
 ClusterName=hydrabench
 SlurmctldHost=$(hostname -s)(127.0.0.1)
 SlurmUser=root
@@ -87,16 +87,23 @@ SelectTypeParameters=CR_Core_Memory
 MpiDefault=none
 ReturnToService=2
 SlurmdTimeout=60
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$real_mb State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cores RealMemory=$real_mb State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 
-# A previous instance from an older conf (not answering): start afresh.
+# Reuse a running cluster only when it runs this very configuration (one left by an earlier
+# session may have another node size); otherwise start afresh.
+if cmp -s "$CONF.new" "$CONF" && node_idle; then
+    rm -f "$CONF.new"
+    echo "slurm-up: already running (SLURM_CONF=$CONF)"
+    exit 0
+fi
+mv "$CONF.new" "$CONF"
 stop "$DIR/slurmd.pid"
 stop "$DIR/slurmctld.pid"
 sleep 1
-slurmctld -i || { tail -n 5 "$DIR/slurmctld.log" >&2; fail "slurmctld did not start"; }
-slurmd -N localhost || { tail -n 5 "$DIR/slurmd.log" >&2; fail "slurmd did not start"; }
+slurmctld -i 9>&- || { tail -n 5 "$DIR/slurmctld.log" >&2; fail "slurmctld did not start"; }
+slurmd -N localhost 9>&- || { tail -n 5 "$DIR/slurmd.log" >&2; fail "slurmd did not start"; }
 
 for _ in $(seq 60); do
     if node_idle; then
