@@ -34,6 +34,15 @@ def profile_file(text: str):
     return write
 
 
+def two_gigabyte_corpus(tmp_path: Path) -> str:
+    """The user's own profile whose general column trains on a 2 GiB JSONL file (sparse: it
+    takes no disk)."""
+    with (tmp_path / "huge.jsonl").open("wb") as f:
+        f.truncate(2 << 30)
+    return profile_file(f"extends: tiny\ntasks: {{general: {{corpus: {tmp_path / 'huge.jsonl'}, "
+                        f"eval: [tiny_facts]}}}}\n")(tmp_path)
+
+
 def two_record_corpus(tmp_path: Path) -> str:
     """The user's own profile whose general column trains on a corpus of two records."""
     (tmp_path / "two.json").write_text('[{"instruction": "a", "output": "b"}, '
@@ -86,6 +95,8 @@ CASES = [
                                        "--task", "math"], "needs a GPU"),
     ("code without opt-in", ["run", "--method", "lora", "--task", "code"],
      "--allow-code-execution"),
+    ("2 GiB corpus file", [*RUN, "--profile", two_gigabyte_corpus],
+     "is 2.0 GiB; hydrabench holds a corpus in memory and reads files up to 1 GiB"),
     ("run id escaping results/", ["export", "../../etc"], "invalid run id"),
     ("profile: rank not a number", [*RUN, "--profile", profile_file(
         "extends: tiny\nadapter: {rank: eight}\n")], "rank must be an integer, got 'eight'"),

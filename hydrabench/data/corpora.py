@@ -23,6 +23,9 @@ FIELD_ALIASES = {
                "label"),
     "component": ("component", "category", "task_type", "task_name"),
 }
+# A corpus is held in memory as records (and its text while parsing): past this, refuse at once
+# rather than run the machine out of memory half-way.
+MAX_CORPUS_BYTES = 1 << 30
 
 
 def to_record(row: dict, where: str) -> InstructionRecord | None:
@@ -49,6 +52,10 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     """(location, row) pairs; malformed input names file and line/record."""
     if not path.exists():
         raise SpecError(f"corpus file {path} not found")
+    if (size := path.stat().st_size) > MAX_CORPUS_BYTES:
+        raise SpecError(f"corpus file {path} is {size / 2**30:.1f} GiB; hydrabench holds a corpus "
+                        f"in memory and reads files up to {MAX_CORPUS_BYTES / 2**30:.0f} GiB: "
+                        f"sample or split it")
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text().splitlines(), start=1):
