@@ -36,7 +36,8 @@ class Method:
                     torch.nn.Module] | None
     save: Callable[[torch.nn.Module, Path], None]
     load: Callable[[torch.nn.Module, Path], torch.nn.Module]
-    # merge(model) -> a plain transformers model for export; None: no exact merge (hf only)
+    # merge(model) -> a plain transformers model for export; None: no exact merge (served by hf,
+    # or by hydrabench's vLLM plugin where it covers the method)
     merge: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     # fit overrides the default "train everything trainable on all records" (LoRA-Split)
     fit: Callable[[torch.nn.Module, RunSpec, Sequence[InstructionRecord], TrainFn],

@@ -514,7 +514,8 @@ def make_method(name: str, description: str, adapt: Any, fit: Any = None,
     """A registry entry on this layer; `fields` are further `Method` fields."""
     from hydrabench.methods.api import Method
 
-    # The gate depends on every token, so there is no exact merge: hf backend only. Approximate
+    # The gate depends on every token, so there is no exact merge: served exactly by hf or by the
+    # vLLM plugin (hydrabench/serving_plugin). Approximate
     # merges (uniform, router-mean) are export options, measured against the exact model.
     return Method(name=name, description=description, adapt=adapt, save=save_hydralora,
                   load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn, **fields)
