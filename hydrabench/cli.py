@@ -269,10 +269,11 @@ def _print_metrics(record: dict, base: dict | None = None) -> None:
 
 def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
                 rows: list[int] | None = None) -> Sweep:
+    from hydrabench.runner import execute
     from hydrabench.sweep import plan_sweep
     from hydrabench.tables import load_table
 
-    return plan_sweep(load_table(args.table), args.profile, _seeds(args.seeds),
+    return plan_sweep(load_table(args.table), args.profile, _seeds(args.seeds), execute,
                       overrides=overrides, rows=rows,
                       allow_code_execution=args.allow_code_execution)
 
@@ -345,8 +346,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
 
     from hydrabench.profiles import load_profile
 
-    print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False, allow_unicode=True),
-          end="")
+    print(yaml.safe_dump(load_profile(args.name), sort_keys=False, allow_unicode=True), end="")
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -367,13 +367,13 @@ def _cmd_list(args: argparse.Namespace) -> None:
     elif args.what == "tasks":
         from hydrabench.profiles import load_profile
 
-        for name, task in load_profile(args.profile).tasks.items():
-            print(f"{name:10s} corpus={task.corpus:40s} eval={','.join(task.eval)}")
+        for name, task in load_profile(args.profile)["tasks"].items():
+            print(f"{name:10s} corpus={task['corpus']:40s} eval={','.join(task['eval'])}")
     elif args.what == "profiles":
         from hydrabench.profiles import load_profile, profile_names
 
         for name in profile_names():
-            print(f"{name:10s} {load_profile(name).description}")
+            print(f"{name:10s} {load_profile(name).get('description', '')}")
     elif args.what == "runs":
         from hydrabench.store import RunStore, run_line
 

@@ -2,7 +2,8 @@
 
 `local` runs one cell after another in this process and is resumable: finished runs are found by
 run id. `slurm` submits one submitit job array with a job per run that is neither finished nor
-queued; each job rebuilds its spec from a plain dict and calls `runner.execute`. Submitit's
+queued; each job rebuilds its spec from a plain dict and calls the sweep's execute function
+(`runner.execute`, which the caller passes: the sweep sits below the runner). Submitit's
 folder (scripts, pickles, logs) is results/slurm/<sweep id>/, and results/runs/<run id>.slurm.json
 points from a run to its job, so `--status` tells queued, running and failed runs apart from the
 records, squeue and submitit's result files alone, without Slurm's accounting database.
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,18 +56,22 @@ class RunStatus:
     detail: str = ""
 
 
+# Runs one spec and returns its record: hydrabench.runner.execute (store: where it writes).
+Execute = Callable[..., dict[str, Any]]
+
+
 @dataclass
 class Sweep:
     table: TableSpec
     profile: str
     runs: list[PlannedRun]
-    # Where runner.execute writes (results/ or $HYDRABENCH_RESULTS), hence where records are.
+    execute: Execute
+    # Where `execute` writes (results/ or $HYDRABENCH_RESULTS), hence where records are.
     store: RunStore = field(default_factory=RunStore)
 
-    # hydrabench.runner is imported where it is used: tests stand in for it in sys.modules.
     def log_plan(self) -> None:
         done = sum(self.store.has(r.spec.run_id) for r in self.runs)
-        estimate = load_profile(self.profile).estimate
+        estimate = load_profile(self.profile).get("estimate", "minutes on a CPU")
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
             f"already done, {len(self.runs) - done} to run; {estimate}")
 
@@ -75,13 +81,11 @@ class Sweep:
 
     def run_local(self) -> None:
         """Every runnable cell in turn, in this process; finished runs are skipped."""
-        from hydrabench.runner import execute
-
         self.log_plan()
         for i, run in enumerate(self.runs, start=1):
             self._log_run(i, run)
             if run.skip is None:
-                execute(run.spec)
+                self.execute(run.spec)
 
     def submit_slurm(self, executor_class: type[submitit.Executor] = submitit.SlurmExecutor,
                      ) -> None:
@@ -106,8 +110,9 @@ class Sweep:
         executor = executor_class(folder=folder)
         executor.update_parameters(job_name=f"hydrabench-{sweep_id}",
                                    **slurm_parameters(self.profile))
+        # submitit pickles `execute` by reference (module and name): the job imports it.
         jobs = executor.map_array(run_job, [r.spec.to_dict() for r in todo],
-                                  [str(root)] * len(todo))
+                                  [str(root)] * len(todo), [self.execute] * len(todo))
         for run, job in zip(todo, jobs, strict=True):
             write_json_atomic(pointer_path(self.store, run.spec.run_id), {
                 "job_id": job.job_id, "sweep_id": sweep_id, "folder": str(folder),
@@ -152,31 +157,27 @@ class Sweep:
             time.sleep(poll_s)
 
 
-def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], *,
+def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], execute: Execute, *,
                overrides: dict[str, dict[str, Any]] | None = None,
                rows: list[int] | None = None, allow_code_execution: bool = False) -> Sweep:
-    """The table's runs, each with `overrides` ({"train": {...}, "eval": {...}}) applied.
+    """The table's runs, each with `overrides` ({"train": {...}, "eval": {...}}) applied, to be
+    run by `execute` (hydrabench.runner.execute).
 
     `rows` keeps only those rows (1-based, in the table's order). Overrides change run ids:
-    --status finds a sweep's runs only when given the same ones.
+    --status finds a sweep's runs only when given the same ones. A row's unknown method is an
+    error here (resolving its specs checks the name).
     """
-    from hydrabench.methods import METHODS
-
     bad = [n for n in rows or () if not 1 <= n <= len(table.rows)]
     if bad:
         raise SpecError(f"--rows {bad}: table {table.name} has rows 1-{len(table.rows)}")
     numbers = {id(row): n for n, row in enumerate(table.rows, start=1) if not rows or n in rows}
     table = replace(table, rows=tuple(row for row in table.rows if id(row) in numbers))
-    runs = []
-    for row, _, spec in table.run_specs(profile, seeds):
-        skip = None
-        if row.method not in METHODS:
-            skip = f"method {row.method!r} not implemented"
-        elif spec.eval.allow_code_execution and not allow_code_execution:
-            skip = "runs model-written code (opt in with --allow-code-execution)"
-        runs.append(PlannedRun(numbers[id(row)], row, with_overrides(spec, overrides or {}),
-                               skip))
-    return Sweep(table, profile, runs)
+    unapproved = "runs model-written code (opt in with --allow-code-execution)"
+    runs = [PlannedRun(numbers[id(row)], row, with_overrides(spec, overrides or {}),
+                       unapproved if spec.eval.allow_code_execution and not allow_code_execution
+                       else None)
+            for row, _, spec in table.run_specs(profile, seeds)]
+    return Sweep(table, profile, runs, execute)
 
 
 def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSpec:
@@ -187,7 +188,7 @@ def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSp
 
 def slurm_parameters(profile: str) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters from the profile's `slurm:` section."""
-    section = load_profile(profile).slurm
+    section = load_profile(profile).get("slurm") or {}
     unknown = set(section) - set(SLURM_DEFAULTS)
     if unknown:
         raise SpecError(f"profile {profile}: unknown slurm setting(s) {sorted(unknown)}; "
@@ -203,16 +204,15 @@ def slurm_parameters(profile: str) -> dict[str, Any]:
     return params
 
 
-def run_job(spec: dict[str, Any], results_root: str) -> str:
-    """The body of one Slurm task: run the spec (skipped if it finished meanwhile); its run id.
+def run_job(spec: dict[str, Any], results_root: str, execute: Execute) -> str:
+    """The body of one Slurm task: `execute` the spec (skipped if it finished meanwhile); its
+    run id.
 
     A job of several tasks is one torch.distributed training, as under torchrun: submitit sets
     the same variables from Slurm's (every GPU stays visible: the processes pick theirs by
     LOCAL_RANK, and rank 0's vLLM may use them all).
     """
     import torch
-
-    from hydrabench.runner import execute
 
     # Without cgroups a job sees every core of the node: use those Slurm allotted to it.
     if os.environ.get("SLURM_CPUS_PER_TASK"):

@@ -12,10 +12,8 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Collection
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -25,11 +23,12 @@ from scipy import stats
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
 from hydrabench.figures import write_figure5, write_figure6
-from hydrabench.methods import get_method
 from hydrabench.report import latex_escape, write_table_report
+from hydrabench.reporting import write_report
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
 from hydrabench.store import RunStore, metric_key
+from hydrabench.sweep import plan_sweep
 from hydrabench.tables import Column, TableSpec, load_table, mean_ci
 
 PROFILE = "tiny"
@@ -400,11 +399,9 @@ def test_cli_report_all_writes_every_report(store_env: Path,
     assert "Runs: none" in (reports / "table2.md").read_text()
 
 
-def test_cli_reproduce_skips_unimplemented_methods_and_unapproved_code(
-        store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Stand-ins for the registry and the runner: this checks what reproduce asks to run, fast
-    # (resolution still checks method names with the real get_method).
-    implemented = {"base", "lora", "hydralora"}
+def test_reproduce_runs_every_row_and_code_only_when_approved(store_env: Path) -> None:
+    # A stand-in for runner.execute, passed to the sweep as `reproduce` passes the real one:
+    # this checks what reproduce asks to run, fast (resolution checks method names for real).
     executed: list[RunSpec] = []
 
     def execute(spec: RunSpec) -> dict[str, Any]:
@@ -415,26 +412,26 @@ def test_cli_reproduce_skips_unimplemented_methods_and_unapproved_code(
             write_json_atomic(store.record_path(spec.run_id), make_record(spec, 0))
         return store.load(spec.run_id)
 
-    monkeypatch.setitem(sys.modules, "hydrabench.methods",
-                        SimpleNamespace(METHODS=dict.fromkeys(implemented), get_method=get_method))
-    monkeypatch.setitem(sys.modules, "hydrabench.runner",
-                        SimpleNamespace(execute=execute, log=lambda message: None))
-    table = load_table("table2")
-    runs = [(row, spec) for row, _, spec in table.run_specs(PROFILE)]
-    code = {spec.run_id for _, spec in runs if spec.task in ("code", "code_p10")}
-    assert code and all(s.eval.allow_code_execution == (s.run_id in code) for _, s in runs)
+    def reproduce(allow_code_execution: bool) -> None:
+        """`hydrabench reproduce table2` with this execute."""
+        plan_sweep(load_table("table2"), PROFILE, (0,), execute,
+                   allow_code_execution=allow_code_execution).run_local()
+        write_report("table2", PROFILE)
 
-    assert main(["reproduce", "table2"]) == 0
-    assert [s.run_id for s in executed] == [s.run_id for row, s in runs
-                                            if row.method in implemented and s.run_id not in code]
+    table = load_table("table2")
+    runs = [spec for _, _, spec in table.run_specs(PROFILE)]
+    code = {spec.run_id for spec in runs if spec.task in ("code", "code_p10")}
+    assert code and all(s.eval.allow_code_execution == (s.run_id in code) for s in runs)
+
+    reproduce(allow_code_execution=False)
+    assert [s.run_id for s in executed] == [s.run_id for s in runs if s.run_id not in code]
     tidy = pd.read_csv(store_env / "reports" / "table2.csv")
-    # Base, three LoRAs and HydraLoRA: their 4 scores outside HumanEval and their %Param.
-    assert tidy["value"].notna().sum() == 5 * (4 + 1)
+    # Every row: its 4 scores outside HumanEval and its %Param (Base's too, in these records).
+    assert tidy["value"].notna().sum() == len(table.rows) * (4 + 1)
 
     executed.clear()
-    assert main(["reproduce", "table2", "--allow-code-execution"]) == 0
-    assert {s.run_id for s in executed} == {s.run_id for row, s in runs
-                                            if row.method in implemented and s.run_id in code}
+    reproduce(allow_code_execution=True)
+    assert {s.run_id for s in executed} == code
 
 
 def test_cli_report_unknown_table_is_a_one_line_error(store_env: Path,

@@ -19,6 +19,7 @@ from submitit.core.utils import JobPaths, cloudpickle_dump
 
 from hydrabench import sweep as sweeps
 from hydrabench.atomic import write_json_atomic
+from hydrabench.runner import execute
 from hydrabench.spec import spec_from_dict
 from hydrabench.store import RunStore
 from hydrabench.sweep import Sweep, plan_sweep, read_pointer, slurm_parameters
@@ -45,7 +46,8 @@ def states(status_output: str) -> dict[str, str]:
 
 
 def quick_sweep(rows: list[int] | None = None) -> Sweep:
-    return plan_sweep(load_table("table1"), "tiny", (0,), overrides=QUICK_OVERRIDES, rows=rows)
+    return plan_sweep(load_table("table1"), "tiny", (0,), execute, overrides=QUICK_OVERRIDES,
+                      rows=rows)
 
 
 def _sinfo_answers(env: dict[str, str]) -> bool:
@@ -127,7 +129,8 @@ def test_status_tells_queued_running_and_failed_jobs_apart(
         def update_parameters(self, **parameters: object) -> None:
             assert parameters["ntasks_per_node"] == 1
 
-        def map_array(self, fn, specs, roots):
+        def map_array(self, fn, specs, roots, executes):
+            assert set(executes) == {execute}
             submitted.extend(spec_from_dict(spec).run_id for spec in specs)
             return [SimpleNamespace(job_id=f"10_{i}", paths=SimpleNamespace(stderr=f"10_{i}.err"))
                     for i in range(len(specs))]
