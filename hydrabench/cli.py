@@ -346,7 +346,8 @@ def _cmd_profile(args: argparse.Namespace) -> None:
 
     from hydrabench.profiles import load_profile
 
-    print(yaml.safe_dump(load_profile(args.name), sort_keys=False, allow_unicode=True), end="")
+    print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False, allow_unicode=True),
+          end="")
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
@@ -367,13 +368,13 @@ def _cmd_list(args: argparse.Namespace) -> None:
     elif args.what == "tasks":
         from hydrabench.profiles import load_profile
 
-        for name, task in load_profile(args.profile)["tasks"].items():
-            print(f"{name:10s} corpus={task['corpus']:40s} eval={','.join(task['eval'])}")
+        for name, task in load_profile(args.profile).tasks.items():
+            print(f"{name:10s} corpus={task.corpus:40s} eval={','.join(task.eval)}")
     elif args.what == "profiles":
         from hydrabench.profiles import load_profile, profile_names
 
         for name in profile_names():
-            print(f"{name:10s} {load_profile(name).get('description', '')}")
+            print(f"{name:10s} {load_profile(name).description}")
     elif args.what == "runs":
         from hydrabench.store import RunStore, run_line
 

@@ -37,13 +37,12 @@ def profile_problems(name: str, has_gpu: bool) -> list[str]:
     """What stops a profile from running here, as sentences; empty when nothing does."""
     profile = load_profile(name)
     problems = []
-    if profile.get("requires_gpu") and not has_gpu:
+    if profile.requires_gpu and not has_gpu:
         problems.append("needs a GPU (none visible to NVML)")
-    hub_model = not str(profile["model"]).startswith("builtin:") and not Path(
-        str(profile["model"])).exists()
+    hub_model = not profile.model.startswith("builtin:") and not Path(profile.model).exists()
     if hub_model and hub_offline():
-        problems.append(f"model {profile['model']} comes from the hub, and HF_HUB_OFFLINE=1")
-    hub_data = any(str(t["corpus"]).startswith("hub:") for t in profile["tasks"].values())
+        problems.append(f"model {profile.model} comes from the hub, and HF_HUB_OFFLINE=1")
+    hub_data = any(t.corpus.startswith("hub:") for t in profile.tasks.values())
     if hub_data and hub_datasets_offline():
         problems.append("training corpora come from the hub, and HF_DATASETS_OFFLINE=1")
     return problems

@@ -109,7 +109,7 @@ def _caption(table: TableSpec, profile: str, seeds: tuple[int, ...], error_bars:
              cells: pd.DataFrame) -> str:
     """Footer text: what the bars come from (stand-in tasks as the records `cells` come from
     say), and the paper's statements about the figure."""
-    lines = [f"profile {profile} · model {load_profile(profile)['model']} · "
+    lines = [f"profile {profile} · model {load_profile(profile).model} · "
              f"seeds {','.join(map(str, seeds))} · error bars: {error_bars}"]
     if (cells["stand_in"] == True).any():  # noqa: E712
         lines.append(STAND_IN_NOTE)

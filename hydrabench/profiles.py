@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass, field, fields
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -13,7 +14,13 @@ from typing import Any
 import yaml
 
 from hydrabench.errors import SpecError, did_you_mean, require
-from hydrabench.spec import RunSpec
+from hydrabench.spec import (
+    AdapterSettings,
+    EvalSettings,
+    RunSpec,
+    TrainSettings,
+    parse_settings,
+)
 
 PROFILE_DIR = Path(str(resources.files("hydrabench") / "profiles"))
 
@@ -22,10 +29,10 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> dict[str, Any]:
     """Parse a YAML mapping; a syntax error becomes one line naming file:line."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # a SafeLoader
     except UnicodeDecodeError:
         raise SpecError(f"{path} is not a YAML text file (not UTF-8: binary?)") from None
     except yaml.MarkedYAMLError as err:
@@ -47,13 +54,54 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
-def load_profile(name: str) -> dict[str, Any]:
-    """A profile's YAML: a shipped one by name, or the user's own file (a path ending in .yaml);
+@dataclass(frozen=True)
+class TaskColumn:
+    """A column of the paper's tables: the corpus it trains on and the lm-eval tasks scoring it."""
+
+    corpus: str
+    eval: tuple[str, ...]
+    local_corpus: str | None = None  # the copy trained on offline (HYDRABENCH_DATA_DIR set)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A resolved profile (`extends:` applied), every key checked when it is loaded. train,
+    adapter and eval hold the settings the spec's sections start from (hydrabench.spec)."""
+
+    model: str
+    name: str = ""
+    description: str = ""
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt_template: str = "plain"
+    country_iso_code: str = "USA"
+    estimate: str = "minutes on a CPU"  # what a run of it takes, said in every plan line
+    requires_gpu: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+    train: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    sharding: dict[str, str] = field(default_factory=dict)  # method → hydrabench/sharding/NAME
+    slurm: dict[str, Any] = field(default_factory=dict)  # checked by hydrabench.sweep
+    tasks: dict[str, TaskColumn] = field(default_factory=dict)
+    # Folders of the user's own task YAML and table specs (hydrabench.includes), absolute: the
+    # file gives them relative to its own folder.
+    include_path: tuple[str, ...] = ()
+    # The resolved YAML mapping: what records carry and `hydrabench profile show` prints.
+    mapping: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self.mapping)
+
+
+def load_profile(name: str) -> Profile:
+    """A profile: a shipped one by name, or the user's own file (a path ending in .yaml);
     `extends: other` starts from another profile and overrides its keys. A file not found here
     that a loaded record was made with is the resolved profile that record carries."""
     if name in _RECORDED_PROFILES and not Path(name).is_file():
-        return copy.deepcopy(_RECORDED_PROFILES[name])
-    return copy.deepcopy(_load_profile(name))  # a copy: callers may change what they get
+        return _recorded_profile(name, _RECORDED_PROFILES[name])
+    return copy.deepcopy(_load_profile(name))  # a copy: callers may change its sections
 
 
 # Profile file → the resolved profile a record made with it carries (RunStore.load fills it), so
@@ -66,62 +114,91 @@ def remember_profile(name: str, profile: dict[str, Any]) -> None:
         _RECORDED_PROFILES[name] = profile
 
 
+def _recorded_profile(name: str, mapping: dict[str, Any]) -> Profile:
+    where = f"{name} (as its record carries it)"
+    _check_keys(where, mapping)
+    return _build_profile(where, copy.deepcopy(mapping))
+
+
 @cache  # reports resolve hundreds of specs; parse each profile once
-def _load_profile(name: str) -> dict[str, Any]:
-    profile = _extended_profile(name, ())
-    _check_profile(name, profile)
-    return profile
+def _load_profile(name: str) -> Profile:
+    return _build_profile(_profile_file(name), _extended_profile(name, ()))
 
 
-# Every top-level key a profile may hold (the shipped ones use all of them but trust_remote_code).
+# A profile's YAML kind per Profile field's declared type (and `extends`, read before the rest).
+_YAML_KINDS: dict[str, type | tuple[type, ...]] = {
+    "str": str, "bool": bool, "int": int, "dict": dict, "tuple": (list, str)}
 PROFILE_KEYS: dict[str, type | tuple[type, ...]] = {
-    "extends": str, "name": str, "description": str, "model": str, "device": str, "dtype": str,
-    "prompt_template": str, "country_iso_code": str, "estimate": str, "requires_gpu": bool,
-    "trust_remote_code": bool, "seed": int, "train": dict, "adapter": dict, "eval": dict,
-    "sharding": dict, "slurm": dict, "tasks": dict}
+    "extends": str, **{f.name: _YAML_KINDS[str(f.type).split("[")[0]]
+                       for f in fields(Profile) if f.name != "mapping"}}
 TASK_KEYS = {"corpus": str, "local_corpus": str, "eval": list}
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", dict: "a mapping",
+               (list, str): "a list of folders"}
+
+
+def _profile_file(name: str) -> Path:
+    return Path(name) if name.endswith((".yaml", ".yml")) else PROFILE_DIR / f"{name}.yaml"
 
 
 def _extended_profile(name: Any, chain: tuple[str, ...]) -> dict[str, Any]:
-    """The profile `name` with what it `extends:`, its own keys checked; `chain` finds loops."""
+    """The profile `name` with what it `extends:`, its own keys checked and its include_path
+    made absolute; `chain` finds loops."""
     require(isinstance(name, str), f"extends must name a profile, got {name!r}")
     require(name not in chain, f"profile extends loop: {' → '.join([*chain, name])}")
     if name.endswith((".yaml", ".yml")):
         require(Path(name).is_file(), f"profile file {name} not found")
-        profile = load_yaml(Path(name))
-    elif name in profile_names():
-        profile = load_yaml(PROFILE_DIR / f"{name}.yaml")
-    else:
+    elif name not in profile_names():
         raise did_you_mean("profile", name, profile_names())
-    for key, value in profile.items():
-        if key not in PROFILE_KEYS:
-            raise did_you_mean(f"key in profile {name}:", key, list(PROFILE_KEYS))
-        kind = PROFILE_KEYS[key]
-        require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
-                f"profile {name}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    path = _profile_file(name)
+    profile = load_yaml(path)
+    _check_keys(str(path), profile)
+    if "include_path" in profile:
+        folders = profile["include_path"]
+        profile["include_path"] = [str((path.parent / folder).resolve()) for folder in (
+            [folders] if isinstance(folders, str) else folders)]
     parent = profile.pop("extends", None)
     return _deep_merge(_extended_profile(parent, (*chain, name)), profile) if parent else profile
 
 
-_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer", dict: "a mapping"}
+def _check_keys(where: str, profile: dict[str, Any]) -> None:
+    for key, value in profile.items():
+        if key not in PROFILE_KEYS:
+            raise did_you_mean(f"key in profile {where}:", key, list(PROFILE_KEYS))
+        kind = PROFILE_KEYS[key]
+        require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)),
+                f"profile {where}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    require(all(isinstance(folder, str) for folder in profile.get("include_path", ())),
+            f"profile {where}: include_path must be a list of folders, got "
+            f"{profile.get('include_path')!r}")
 
 
-def _check_profile(name: str, profile: dict[str, Any]) -> None:
-    """What the resolved profile needs: a model, and tasks that each name a corpus and a list of
-    lm-eval tasks."""
-    require("model" in profile, f"profile {name} names no model")
-    for task, entry in profile.get("tasks", {}).items():
-        require(isinstance(entry, dict), f"profile {name}: task {task} must be a mapping with "
+def _build_profile(where: str | Path, mapping: dict[str, Any]) -> Profile:
+    """The Profile of a resolved mapping: it names a model; its tasks each name a corpus and a
+    list of lm-eval tasks; its train, adapter and eval settings are what the spec accepts."""
+    require("model" in mapping, f"profile {where} names no model")
+    tasks = {}
+    for task, entry in mapping.get("tasks", {}).items():
+        require(isinstance(entry, dict), f"profile {where}: task {task} must be a mapping with "
                                          f"corpus and eval, got {entry!r}")
         for key, value in entry.items():
-            require(key in TASK_KEYS, f"profile {name}: task {task} has unknown key {key!r}; "
+            require(key in TASK_KEYS, f"profile {where}: task {task} has unknown key {key!r}; "
                                       f"valid: {', '.join(TASK_KEYS)}")
             require(isinstance(value, TASK_KEYS[key]) and (key != "eval" or (value and all(
-                isinstance(t, str) for t in value))), f"profile {name}: task {task}: {key} must "
-                f"be {'a list of lm-eval task names' if key == 'eval' else 'a string'}, "
+                isinstance(t, str) for t in value))), f"profile {where}: task {task}: {key} "
+                f"must be {'a list of lm-eval task names' if key == 'eval' else 'a string'}, "
                 f"got {value!r}")
         for key in ("corpus", "eval"):
-            require(key in entry, f"profile {name}: task {task} has no {key}")
+            require(key in entry, f"profile {where}: task {task} has no {key}")
+        tasks[task] = TaskColumn(entry["corpus"], tuple(entry["eval"]), entry.get("local_corpus"))
+    for method, config in mapping.get("sharding", {}).items():
+        require(isinstance(config, str), f"profile {where}: sharding: {method} must name a "
+                                         f"sharding config, got {config!r}")
+    for section, settings in (("train", TrainSettings), ("adapter", AdapterSettings),
+                              ("eval", EvalSettings)):
+        parse_settings(settings, mapping.get(section, {}), f"profile {where}: {section}")
+    values = {key: mapping[key] for key in PROFILE_KEYS if key in mapping and key != "extends"}
+    return Profile(**{**values, "tasks": tasks,
+                      "include_path": tuple(mapping.get("include_path", ()))}, mapping=mapping)
 
 
 SHARDING_DIR = Path(str(resources.files("hydrabench") / "sharding"))
@@ -155,7 +232,7 @@ def runtime_device(spec: RunSpec) -> str:
 
     has_cuda = torch.cuda.is_available()
     profile = load_profile(spec.profile)
-    if profile.get("requires_gpu") and not has_cuda and spec.model == profile["model"]:
+    if profile.requires_gpu and not has_cuda and spec.model == profile.model:
         raise SpecError(f"profile {spec.profile} needs a GPU for {spec.model} and none is "
                         "visible; pass --model with a small local model to check its wiring on "
                         "CPU")

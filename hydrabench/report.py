@@ -108,8 +108,8 @@ def provenance_lines(profile: str, seeds: tuple[int, ...], cells: pd.DataFrame) 
     prof = load_profile(profile)
     ran = cells[cells["run_id"] != ""]
     sources = sorted(set(ran["data_source"].dropna()))
-    lines = [f"- profile: `{profile}` ({prof.get('description', '')})",
-             f"- model: `{prof['model']}`; seeds: {', '.join(map(str, seeds))}",
+    lines = [f"- profile: `{profile}` ({prof.description})",
+             f"- model: `{prof.model}`; seeds: {', '.join(map(str, seeds))}",
              "- data, as the records state it: " + ("; ".join(sources) if sources else
                                                      "no record states it")]
     if (ran["stand_in"] == True).any():  # noqa: E712

@@ -10,7 +10,7 @@ from typing import Any
 
 from hydrabench.errors import did_you_mean, require
 from hydrabench.paths import data_dir
-from hydrabench.profiles import load_profile, load_sharding
+from hydrabench.profiles import TaskColumn, load_profile, load_sharding
 from hydrabench.spec import (
     AdapterSettings,
     EvalSettings,
@@ -34,33 +34,33 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     lm-eval task (checked against lm-eval's registry before the run starts).
     """
     prof = load_profile(profile)
-    seed = prof.get("seed", 0) if seed is None else seed  # a profile may name its recipe's seed
+    seed = prof.seed if seed is None else seed  # a profile may name its recipe's seed
     require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
             f"seed must be an integer in [0, 2**32), got {seed!r}")
     from hydrabench.methods import get_method
 
     adapter_defaults = get_method(method).adapter_defaults  # the one check of a method's name
-    tasks = dict(prof.get("tasks", {}))
+    tasks = dict(prof.tasks)
     if lm_eval_task_ok and task.startswith(LM_EVAL_PREFIX):  # the lm-eval task, not a column
         task = task.removeprefix(LM_EVAL_PREFIX)
-        tasks[task] = {"corpus": "none", "eval": [task]}
+        tasks[task] = TaskColumn(corpus="none", eval=(task,))
     if task not in tasks and lm_eval_task_ok:
-        tasks[task] = {"corpus": "none", "eval": [task]}
+        tasks[task] = TaskColumn(corpus="none", eval=(task,))
     if task not in tasks:
         raise did_you_mean("task", task, list(tasks))
     # Offline (local benchmark copies configured), train on the local copy where there is one.
-    corpus = tasks[task].get("local_corpus") if data_dir() is not None else None
+    corpus = tasks[task].local_corpus if data_dir() is not None else None
     overrides = overrides or {}
     # A method's own defaults (LoRAMoE's FFN experts) beat the profile's, never the user's flags.
     method_defaults = {"adapter": adapter_defaults}
-    section = {key: {**prof.get(key, {}), **method_defaults.get(key, {}), **overrides.get(key, {})}
-               for key in ("train", "adapter", "eval")}
+    section = {key: {**getattr(prof, key), **method_defaults.get(key, {}),
+                     **overrides.get(key, {})} for key in ("train", "adapter", "eval")}
     # The profile names, per method, the FSDP config its multi-process training shards with.
-    sharding = prof.get("sharding", {}).get(method)
+    sharding = prof.sharding.get(method)
     if sharding is not None:
         section["train"]["sharding"] = load_sharding(sharding)
     eval_settings = parse_settings(EvalSettings, section["eval"], "eval")
-    model = model or prof["model"]
+    model = model or prof.model
     if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
         from hydrabench.export import auto_backend
 
@@ -70,15 +70,14 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if section["eval"].get("backend") == "auto" and eval_settings.backend == "vllm" and (
             not _vllm_serves_here(model)):
         eval_settings = replace(eval_settings, backend="hf")
-    corpus = corpus or tasks[task]["corpus"]
-    eval_tasks = tuple(tasks[task]["eval"])
+    corpus = corpus or tasks[task].corpus
+    eval_tasks = tasks[task].eval
     return RunSpec(
         method=method, task=task, profile=profile, model=model, seed=seed, corpus=corpus,
         eval_tasks=eval_tasks, inputs=fingerprint_inputs(model, corpus, eval_tasks),
-        device=prof.get("device", "cpu"), dtype=prof.get("dtype", "float32"),
-        prompt_template=prof.get("prompt_template", "plain"),
-        country_iso_code=prof.get("country_iso_code", "USA"),
-        trust_remote_code=trust_remote_code or bool(prof.get("trust_remote_code", False)),
+        device=prof.device, dtype=prof.dtype, prompt_template=prof.prompt_template,
+        country_iso_code=prof.country_iso_code,
+        trust_remote_code=trust_remote_code or prof.trust_remote_code,
         train=parse_settings(TrainSettings, section["train"], "train"),
         adapter=parse_settings(AdapterSettings, section["adapter"], "adapter"),
         eval=eval_settings,

@@ -328,7 +328,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         method.check(spec, records)
     if not distributed.is_main():
         return train_as_worker(spec, method, base, records, store) if needs_training else {}
-    estimate = load_profile(spec.profile).get("estimate", "minutes on a CPU")
+    estimate = load_profile(spec.profile).estimate
     training = (f"train {spec.method} on {len(records)} records" if needs_training
                 else "nothing to train" if method.adapt is None else "trained artifact found")
     log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
@@ -356,7 +356,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
                     if spec.eval.merge_gap and not method.mergeable else None)
             record = {
                 "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
-                "profile": load_profile(spec.profile),
+                "profile": load_profile(spec.profile).to_dict(),
                 "task": spec.task, "seed": spec.seed,
                 "metrics": {name: s.to_dict() for name, s in scores.items()},
                 "column_tasks": list(spec.eval_tasks),

@@ -71,7 +71,7 @@ class Sweep:
 
     def log_plan(self) -> None:
         done = sum(self.store.has(r.spec.run_id) for r in self.runs)
-        estimate = load_profile(self.profile).get("estimate", "minutes on a CPU")
+        estimate = load_profile(self.profile).estimate
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
             f"already done, {len(self.runs) - done} to run; {estimate}")
 
@@ -188,7 +188,7 @@ def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSp
 
 def slurm_parameters(profile: str) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters from the profile's `slurm:` section."""
-    section = load_profile(profile).get("slurm") or {}
+    section = load_profile(profile).slurm
     unknown = set(section) - set(SLURM_DEFAULTS)
     if unknown:
         raise SpecError(f"profile {profile}: unknown slurm setting(s) {sorted(unknown)}; "

@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models not
 
 def test_small_profile_extends_paper() -> None:
     paper, small = load_profile("paper"), load_profile("small")
-    assert small["model"] == "Qwen/Qwen2.5-0.5B"
-    assert small["train"]["batch_size"] * small["train"]["grad_accum"] == 8
-    assert small["train"]["lr"] == paper["train"]["lr"] == 2e-4
-    assert small["tasks"] == paper["tasks"]
+    assert small.model == "Qwen/Qwen2.5-0.5B"
+    assert small.train["batch_size"] * small.train["grad_accum"] == 8
+    assert small.train["lr"] == paper.train["lr"] == 2e-4
+    assert small.tasks == paper.tasks
 
 
 def test_default_7b_needs_a_gpu(tmp_path) -> None:
