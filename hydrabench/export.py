@@ -173,15 +173,38 @@ def save_plugin_checkpoint(model: torch.nn.Module, tokenizer, directory: Path,
                                                 "exact": True, "served_by": architecture})
 
 
+# What loading a damaged adapter raises: a truncated or missing file, a config that is not JSON
+# or lacks a key, tensors whose shapes differ from what the config builds (torch's RuntimeError).
+ADAPTER_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def with_exported_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
     """The exact hf model of a plugin export: its base model with the adapter in hydralora/."""
     adapter = directory / ADAPTER_DIR
     try:
         check_adapter_config(read_adapter_config(directory))
         return load_hydralora(model, adapter)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SpecError(f"cannot load the HydraLoRA adapter in {adapter}: {first_line}") from None
+    except torch.OutOfMemoryError:
+        raise
+    except ADAPTER_ERRORS as err:
+        raise SpecError(f"cannot load the HydraLoRA adapter in {adapter}: "
+                        f"{_first_line(err)}") from None
+
+
+def load_trained(method: Method, model: torch.nn.Module, artifact: Path) -> torch.nn.Module:
+    """`method.load` of a trained artifact; a damaged one (a file cut short, a config whose
+    shapes do not match its tensors) is one line naming it."""
+    try:
+        return method.load(model, artifact)
+    except torch.OutOfMemoryError:
+        raise
+    except ADAPTER_ERRORS as err:
+        raise SpecError(f"cannot load the trained artifact in {artifact}: "
+                        f"{type(err).__name__}: {_first_line(err)}") from None
 
 
 def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: Path,
@@ -203,7 +226,8 @@ def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, 
     spec, record = store.load_spec(run_id), store.load(run_id)
     base = load_base_model(spec.model, spec.dtype, runtime_device(spec),
                            spec.trust_remote_code)
-    return spec, get_method(spec.method).load(base.model, Path(record["artifact"])), base.tokenizer
+    model = load_trained(get_method(spec.method), base.model, Path(record["artifact"]))
+    return spec, model, base.tokenizer
 
 
 
@@ -222,10 +246,12 @@ def export_run(run_id: str, merge: str | None = None, store: RunStore | None = N
     store = store or RunStore()
     store.load_spec(run_id)  # a run id, a record, a whole one: checked before the lock is made
     label = merge if merge in HYDRALORA_MERGES else "exact"
-    with store.lock(f"export-{run_id}-{merge}"), Meter(phase="export") as meter:
-        spec, model, tokenizer = loaded_run(run_id, store)
-        final = store.root / "exports" / (run_id if label == "exact" else f"{run_id}-{label}")
-        with store.staging(final) as scratch:
-            write_servable(spec, model, tokenizer, scratch, run_id, merge, store.runs / run_id)
+    with Meter(phase="export") as meter:
+        spec, model, tokenizer = loaded_run(run_id, store)  # a damaged artifact: before any write
+        with store.lock(f"export-{run_id}-{merge}"):
+            final = store.root / "exports" / (run_id if label == "exact" else f"{run_id}-{label}")
+            with store.staging(final) as scratch:
+                write_servable(spec, model, tokenizer, scratch, run_id, merge,
+                               store.runs / run_id)
     write_json_atomic(final / "metering.json", meter.result.to_dict())
     return final

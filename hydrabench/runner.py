@@ -6,6 +6,7 @@ a corpus (every column on the tiny profile) train once and are evaluated many ti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -13,6 +14,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,13 @@ from hydrabench.evaluate import (
     request_counts,
     task_manager,
 )
-from hydrabench.export import HYDRALORA_MERGES, check_servable, merge_loaded, write_servable
+from hydrabench.export import (
+    HYDRALORA_MERGES,
+    check_servable,
+    load_trained,
+    merge_loaded,
+    write_servable,
+)
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -42,7 +51,7 @@ from hydrabench.paths import offline_mode
 from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
 from hydrabench.resolve import LM_EVAL_PREFIX
-from hydrabench.serving import LOG_NAME, VllmServer
+from hydrabench.serving import LOG_NAME, ServerError, VllmServer
 from hydrabench.spec import RunSpec
 from hydrabench.store import RunStore
 from hydrabench.tables import record_labels
@@ -298,6 +307,31 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
         "export": export_meter.result.to_dict(), "eval": meter.result.to_dict()}
 
 
+@contextmanager
+def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
+    """A vLLM server that does not come up, or dies, leaves nothing under results/ that this
+    call made: not the artifact it trained (that training is lost: a rerun trains again), nor
+    the lock files and folders it created. What was there before stays."""
+    artifact = store.artifacts / spec.train_id
+    folders = [store.root, store.root / ".locks", store.runs, store.artifacts]
+    existed = {path for path in [*folders, artifact] if path.exists()}
+    locks_before = len(store.made_locks)
+    try:
+        yield
+    except ServerError:
+        if artifact not in existed:
+            with store.lock(f"train-{spec.train_id}"):
+                shutil.rmtree(artifact, ignore_errors=True)
+        for lock in store.made_locks[locks_before:]:
+            lock.unlink(missing_ok=True)
+        del store.made_locks[locks_before:]
+        for folder in reversed(folders):
+            if folder not in existed:
+                with contextlib.suppress(OSError):  # not empty: another process wrote there
+                    folder.rmdir()
+        raise
+
+
 def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             store: RunStore | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
@@ -326,6 +360,9 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         check_task_configs(list(spec.eval_tasks))
     if needs_training and method.check is not None:
         method.check(spec, records)
+    # A trained artifact is loaded now: a damaged one is one line before anything is written.
+    model = None if needs_training else load_trained(method, base.model,
+                                                      store.artifacts / spec.train_id)
     if not distributed.is_main():
         return train_as_worker(spec, method, base, records, store) if needs_training else {}
     estimate = load_profile(spec.profile).estimate
@@ -339,7 +376,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             print(format_training_example(base.tokenizer, example, spec.prompt_template,
                                           spec.train.seq_len))
         return {}
-    with store.lock(spec.run_id):
+    with undone_if_serving_fails(spec, store), store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
         started = time.time()
@@ -348,7 +385,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         if needs_training:  # training adapted the first base model in place: load a fresh one
             offload(base.model)
             base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
-        model = method.load(base.model, artifact)
+            model = load_trained(method, base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
             scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch)

@@ -94,6 +94,7 @@ class RunStore:
         self.runs = self.root / "runs"
         self.artifacts = self.root / "artifacts"
         self._said: set[str] = set()  # corrupt records this store has reported on stderr
+        self.made_locks: list[Path] = []
         self.recover()
 
     def record_path(self, run_id: str) -> Path:
@@ -153,9 +154,13 @@ class RunStore:
 
     @contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        lock_dir = self.root / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(lock_dir / f"{key}.lock")):
+        """Held by one process at a time. The lock file stays when it is released; those this
+        store made are listed in `made_locks` (a failed run removes its own)."""
+        path = self.root / ".locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            self.made_locks.append(path)
+        with FileLock(str(path)):
             yield
 
     @contextmanager

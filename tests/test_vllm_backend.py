@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -179,3 +180,100 @@ def test_server_processes_are_gone_after_close(served: tuple[VllmServer, Path]) 
     assert len(pids) >= 2  # the API server and at least the engine core
     server.__exit__(None, None, None)  # what the fixture's `with` does at the end of the session
     assert not running(pids) and not server.healthy()
+
+
+# -- failures after the checks: one line, exit 2, nothing left under results/ -------------------
+
+
+def tree(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Every path under `root`, a file's with its size and modification time (what a failure
+    must keep; a folder's time changes when a staging folder comes and goes in it)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size,
+                                                                 p.stat().st_mtime_ns)
+            for p in root.rglob("*")} if root.exists() else {}
+
+
+def profile_file(tmp_path: Path, text: str) -> str:
+    (tmp_path / "mine.yaml").write_text(f"extends: tiny\n{text}")
+    return str(tmp_path / "mine.yaml")
+
+
+@pytest.mark.slow
+def test_server_failing_after_training_leaves_nothing_it_made(
+        vllm_available: None, tmp_path: Path) -> None:
+    """A real server that refuses to start (a context longer than the model's) after this call
+    trained an adapter: one line naming the server log, exit 2, and results/ as it was before
+    the call: the trained artifact, the lock files and the folders it made are gone; a file that
+    was there stays."""
+    results = tmp_path / "results"
+    (results / "runs").mkdir(parents=True)
+    (results / "runs" / "unrelated.txt").write_text("kept")
+    before = tree(results)
+    result = hydrabench("run", "--method", "lora", "--task", "medical", "--max-steps", "2",
+                        "--limit", "2", "--backend", "vllm", "--profile",
+                        profile_file(tmp_path, "eval: {max_model_len: 4096}\n"), results=results)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "training lora" in result.stderr  # it did train before the server failed
+    errors = [line for line in result.stderr.splitlines() if line.startswith("hydrabench:")]
+    assert len(errors) == 1 and "vLLM server exited" in errors[0], result.stderr[-3000:]
+    log = Path(re.search(r"server log: (\S+)\)$", errors[0]).group(1))
+    assert "max_model_len" in errors[0] and not log.is_relative_to(results)
+    shutil.rmtree(log.parent)
+    assert tree(results) == before
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict]]:
+    """(results folder, method → record): tiny LoRA and HydraLoRA runs scored by hf."""
+    store = RunStore(tmp_path_factory.mktemp("damaged") / "results")
+    quick = {"train": {"max_steps": 2}, "eval": {"limit": 2}}
+    specs = {method: resolve_spec(method, "medical", overrides=quick)
+             for method in ("lora", "hydralora")}
+    for spec in specs.values():
+        execute(spec, store=store)
+    return store.root, {method: json.loads(store.record_path(spec.run_id).read_text())
+                        for method, spec in specs.items()}
+
+
+def cut_short(artifact: Path) -> None:
+    weights = artifact / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+def double_rank(artifact: Path) -> None:
+    """The config builds layers of twice the rank its tensors have."""
+    config = json.loads((artifact / "adapter_config.json").read_text())
+    (artifact / "adapter_config.json").write_text(json.dumps({**config, "r": 2 * config["r"]}))
+
+
+@pytest.mark.parametrize("method", ["lora", "hydralora"])
+@pytest.mark.parametrize("damage", [cut_short, double_rank])
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_damaged_artifact_of_a_finished_run_is_one_line(
+        finished_runs: tuple[Path, dict[str, dict]], method: str, damage, command: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`eval --run RUN --backend vllm` and `export RUN` of a run whose adapter file was cut
+    short, or whose config no longer matches its tensors: one line naming the artifact, exit 2,
+    nothing new under results/ (found before any lock or server)."""
+    from conftest import error_lines
+
+    from hydrabench.cli import main
+
+    source, records = finished_runs
+    results = tmp_path / "results"
+    shutil.copytree(source, results)
+    record = records[method]
+    artifact = results / Path(record["artifact"]).relative_to(source)
+    damage(artifact)
+    # The record names its artifact by absolute path: point the copy's at the damaged copy.
+    record_path = results / "runs" / record["run_id"] / "record.json"
+    record_path.write_text(json.dumps({**record, "artifact": str(artifact)}))
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(results))
+    before = tree(results)
+    argv = (["eval", "--run", record["run_id"], "--task", "medical", "--limit", "2",
+             "--backend", "vllm"] if command == "eval" else ["export", record["run_id"]])
+    assert main(argv) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and f"cannot load the trained artifact in {artifact}" in errors[0], (
+        errors)
+    assert tree(results) == before
