@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from hydrabench.errors import SpecError
 
 if TYPE_CHECKING:  # the CLI imports its commands' modules lazily, to start fast
+    from hydrabench.store import RunRecord
     from hydrabench.sweep import Sweep
 
 
@@ -210,7 +211,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
                         _overrides(args),
                         trust_remote_code=args.trust_remote_code)
     record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
-    if record:  # empty on the worker processes of a torchrun launch, and for a dry run
+    if record:  # None on the worker processes of a torchrun launch, and for a dry run
         from hydrabench.store import RunStore, base_record
 
         base = base_record(RunStore(), record) if spec.method != "base" else None
@@ -243,28 +244,31 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from hydrabench.runner import execute
 
     record = execute(_eval_spec(args), force=args.force)
+    if record is None:  # a worker process of a torchrun launch: rank 0 reports
+        return
     if args.json:
         from hydrabench.store import RunStore
 
         print(json.dumps({
-            "run_id": record["run_id"], "record": str(RunStore().record_path(record["run_id"])),
-            "tasks": {task: {key: m[key] for key in ("primary", "value", "stderr", "n", "metrics")}
-                      for task, m in record["metrics"].items()}}))
+            "run_id": record.run_id, "record": str(RunStore().record_path(record.run_id)),
+            "tasks": {task: {"primary": m.primary, "value": m.value, "stderr": m.stderr,
+                             "n": m.n, "metrics": m.metrics}
+                      for task, m in record.metrics.items()}}))
     else:
         _print_metrics(record)
 
 
-def _print_metrics(record: dict, base: dict | None = None) -> None:
+def _print_metrics(record: RunRecord, base: RunRecord | None = None) -> None:
     """Value ± stderr (n) per task, and the base model's value beside it from its record."""
-    for task, metrics in record["metrics"].items():
-        stderr = metrics["stderr"].get(metrics["primary"])
+    for task, metrics in record.metrics.items():
+        stderr = metrics.stderr.get(metrics.primary)
         spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
-        baseline = f"  base {base['metrics'][task]['value']:.4f}" if base else ""
-        print(f"{task:24s} {metrics['primary']:28s} {metrics['value']:.4f}{spread}  "
-              f"(n={metrics['n']}){baseline}")
+        baseline = f"  base {base.metrics[task].value:.4f}" if base else ""
+        print(f"{task:24s} {metrics.primary:28s} {metrics.value:.4f}{spread}  "
+              f"(n={metrics.n}){baseline}")
     from hydrabench.store import RunStore
 
-    print(f"record: {RunStore().record_path(record['run_id'])}")
+    print(f"record: {RunStore().record_path(record.run_id)}")
 
 
 def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
@@ -394,7 +398,7 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
     store = RunStore()
     record = store.load(args.run_id)
-    print(json.dumps(record, indent=2) if args.json
+    print(json.dumps(record.to_dict(), indent=2) if args.json
           else "\n".join(describe_run(record, store.record_path(args.run_id))))
 
 

@@ -177,11 +177,6 @@ class TaskScore:
     def value(self) -> float:
         return self.metrics[self.primary]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "stderr": self.stderr, "primary": self.primary,
-                "value": self.value, "n": self.n_samples, "n_shot": self.n_shot,
-                "version": self.version}
-
 
 def _scores(results: dict[str, Any]) -> dict[str, TaskScore]:
     scores = {}

@@ -226,7 +226,7 @@ def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, 
     spec, record = store.load_spec(run_id), store.load(run_id)
     base = load_base_model(spec.model, spec.dtype, runtime_device(spec),
                            spec.trust_remote_code)
-    model = load_trained(get_method(spec.method), base.model, Path(record["artifact"]))
+    model = load_trained(get_method(spec.method), base.model, record.artifact)
     return spec, model, base.tokenizer
 
 

@@ -30,7 +30,7 @@ from hydrabench.report import (
     tidy_frame,
     write_table_files,
 )
-from hydrabench.store import RunStore
+from hydrabench.store import RunRecord, RunStore
 from hydrabench.tables import TableSpec, collect_cells, find_records, mean_ci
 
 COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3")
@@ -67,9 +67,9 @@ def _mean_and_ci(values: list[float]) -> tuple[float | None, float | None]:
     return mean, ci95
 
 
-def training_cost(label: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+def training_cost(label: str, records: list[RunRecord]) -> dict[str, Any]:
     """One bar pair of Fig. 5: training energy and wall time, mean and 95% CI over seeds."""
-    phases = [rec["training"].get("metering", {}).get("train") for rec in records]
+    phases = [rec.metering.train for rec in records]
     trained = [p for p in phases if p]
     energies = [p["energy"] for p in trained if p["energy"].get("total_kwh") is not None]
     sources = {energy_source(e) for e in energies}
@@ -85,7 +85,7 @@ def training_cost(label: str, records: list[dict[str, Any]]) -> dict[str, Any]:
                           else "estimated" if "estimated" in sources else "measured"),
         "energy_components": _component_sources([p["energy"] for p in trained]) if trained else "",
         "train_wall_s": wall, "train_wall_ci95": wall_ci, "tokens_per_s": tokens_per_s,
-        "n_seeds": len(trained), "run_id": ";".join(rec["run_id"] for rec in records),
+        "n_seeds": len(trained), "run_id": ";".join(rec.run_id for rec in records),
         "note": note}
 
 

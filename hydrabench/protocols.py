@@ -114,14 +114,12 @@ def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, 
         return base.model, base.tokenizer, str(base.directory or model), model
     from hydrabench.methods import get_method
     from hydrabench.profiles import runtime_device
-    from hydrabench.spec import spec_from_dict
 
     if not store.has(checked_run_id(run_id or "")):
         raise SpecError(f"no finished run {run_id!r} in {store.runs}")
-    record = store.load(run_id)  # type: ignore[arg-type]
-    spec = spec_from_dict(record["spec"])
+    spec, record = store.load_spec(run_id), store.load(run_id)  # type: ignore[arg-type]
     base = load_base_model(spec.model, spec.dtype, runtime_device(spec), spec.trust_remote_code)
-    adapted = get_method(spec.method).load(base.model, Path(record["artifact"]))
+    adapted = get_method(spec.method).load(base.model, record.artifact)
     return adapted, base.tokenizer, str(base.directory or spec.model), f"run {run_id}"
 
 

@@ -53,8 +53,8 @@ from hydrabench.progress import log
 from hydrabench.resolve import LM_EVAL_PREFIX
 from hydrabench.serving import LOG_NAME, ServerError, VllmServer
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore
-from hydrabench.tables import record_labels
+from hydrabench.store import Metering, Provenance, RunRecord, RunStore, TaskMetrics, Training
+from hydrabench.tables import data_source, scores_stand_ins
 from hydrabench.train import format_training_example, mean_loss, train
 
 ARTIFACT_MARKER = "artifact.json"
@@ -224,7 +224,7 @@ def scored_as(spec: RunSpec) -> str:
     has a task of the same name too, how to reach it)."""
     if spec.corpus == "none" and spec.eval_tasks == (spec.task,):
         return f"lm-eval's task {spec.task}"
-    kind = "stand-in column" if record_labels(spec)["stand_in"] else "column"
+    kind = "stand-in column" if scores_stand_ins(spec) else "column"
     same_name = (f" (lm-eval's own {spec.task}: eval --task {LM_EVAL_PREFIX}{spec.task})"
                  if spec.task in task_manager(offline_mode()).all_tasks else "")
     return f"the {spec.profile} profile's {kind} {spec.task}{same_name}"
@@ -333,16 +333,16 @@ def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
 
 
 def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
-            store: RunStore | None = None, dry_run: bool = False) -> dict[str, Any]:
+            store: RunStore | None = None, dry_run: bool = False) -> RunRecord | None:
     """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
     score again); return the record. `dry_run`: check, say the plan and show one training
-    example as the trainer sees it, then stop (nothing trained, nothing written: {})."""
+    example as the trainer sees it, then stop (nothing trained, nothing written: None)."""
     store = store or RunStore()
     force = force or retrain
     method = get_method(spec.method)
     if not force and store.has(spec.run_id):
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
-        return {} if dry_run else store.load(spec.run_id)
+        return None if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     distributed.init_if_launched()
     device = runtime_device(spec)
@@ -363,8 +363,10 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     # A trained artifact is loaded now: a damaged one is one line before anything is written.
     model = None if needs_training else load_trained(method, base.model,
                                                       store.artifacts / spec.train_id)
-    if not distributed.is_main():
-        return train_as_worker(spec, method, base, records, store) if needs_training else {}
+    if not distributed.is_main():  # the record is rank 0's
+        if needs_training:
+            train_as_worker(spec, method, base, records, store)
+        return None
     estimate = load_profile(spec.profile).estimate
     training = (f"train {spec.method} on {len(records)} records" if needs_training
                 else "nothing to train" if method.adapt is None else "trained artifact found")
@@ -375,7 +377,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             example = (records or load_corpus(spec.corpus))[0]
             print(format_training_example(base.tokenizer, example, spec.prompt_template,
                                           spec.train.seq_len))
-        return {}
+        return None
     with undone_if_serving_fails(spec, store), store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
@@ -391,29 +393,30 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch)
             gaps = (merge_gaps(spec, model, base.tokenizer, scores, scratch)
                     if spec.eval.merge_gap and not method.mergeable else None)
-            record = {
-                "run_id": spec.run_id, "spec": spec.to_dict(), "method": spec.method,
-                "profile": load_profile(spec.profile).to_dict(),
-                "task": spec.task, "seed": spec.seed,
-                "metrics": {name: s.to_dict() for name, s in scores.items()},
-                "column_tasks": list(spec.eval_tasks),
-                **record_labels(spec),  # stand-in tasks or not, data source: what reports say
-                "backend": spec.eval.backend, **backend_entries, "merge_gap": gaps,
-                "artifact": str(artifact), "train_id": spec.train_id, "training": train_info,
-                "metering": {**train_info.get("metering", {}), **metering},
+            training, train_metering = Training.from_artifact(train_info)
+            record = RunRecord(
+                run_id=spec.run_id, spec=spec.to_dict(), method=spec.method,
+                profile=load_profile(spec.profile).to_dict(), task=spec.task, seed=spec.seed,
+                metrics={name: TaskMetrics(value=s.value, primary=s.primary, metrics=s.metrics,
+                                           stderr=s.stderr, n=s.n_samples, n_shot=s.n_shot,
+                                           version=s.version) for name, s in scores.items()},
+                column_tasks=spec.eval_tasks,
+                # Stand-in tasks or not, data source: what reports say.
+                stand_in=scores_stand_ins(spec), data_source=data_source(spec),
+                backend=spec.eval.backend, **backend_entries, merge_gap=gaps,
+                artifact=artifact, train_id=spec.train_id, training=training,
+                metering=Metering(train=train_metering, **metering),
                 # What trained the artifact (as it recorded) and what scored it.
-                "provenance": {
-                    "model_source": spec.model, "model_fingerprint": train_info["inputs"]["model"],
-                    "data_fingerprints": train_info["inputs"]["corpus"],
-                    "task_fingerprints": spec.inputs.tasks,
-                    "data_source": "local" if offline_mode() else "hub",
-                    "packages": provenance.package_versions(), "git": provenance.git_commit(),
-                    "python": platform.python_version(), "hardware": hardware_summary(),
-                },
-                "wall_s": {"total": time.time() - started},
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+                provenance=Provenance(
+                    model_source=spec.model, model_fingerprint=training.inputs["model"],
+                    data_fingerprints=training.inputs["corpus"],
+                    task_fingerprints=spec.inputs.tasks,
+                    data_source="local" if offline_mode() else "hub",
+                    packages=provenance.package_versions(), git=provenance.git_commit(),
+                    python=platform.python_version(), hardware=hardware_summary()),
+                wall_s={"total": time.time() - started},
+                finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             check_inputs_unchanged(spec, training=False)
-            write_json_atomic(scratch / "record.json", record)
+            write_json_atomic(scratch / "record.json", record.to_dict())
         log(f"{spec.run_id}: done")
-        return record
+        return store.load(spec.run_id)  # as every later reader reads it

@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from hydrabench.errors import SpecError
 from hydrabench.evaluate import read_samples
-from hydrabench.store import RunStore, metric_key
+from hydrabench.store import RunRecord, RunStore
 
 # A document within one lm-eval task: its index and lm-eval's hash of its content.
 ItemKey = tuple[int, str]
@@ -114,14 +113,14 @@ def item_outcomes(output_dir: Path, metrics: dict[str, str]) -> dict[str, dict[I
     return found
 
 
-def record_outcomes(record: dict[str, Any], store: RunStore,
+def record_outcomes(record: RunRecord, store: RunStore,
                     metric: str | None = None) -> dict[str, dict[ItemKey, float]] | None:
     """Per-item outcomes of every column task of a record, by the metric a table column reads
     (default: each task's primary); None when its per-sample outputs are not there."""
-    keys = {task: metric_key(record["metrics"][task], metric) for task in record["column_tasks"]}
+    keys = {task: record.metrics[task].key(metric) for task in record.column_tasks}
     if any(key is None for key in keys.values()):
         return None
-    found = item_outcomes(samples_dir(store, record["run_id"]), keys)  # type: ignore[arg-type]
+    found = item_outcomes(samples_dir(store, record.run_id), keys)  # type: ignore[arg-type]
     return found if set(found) == set(keys) else None
 
 
@@ -147,19 +146,19 @@ def compare_seeds(side_a: Sequence[dict[str, dict[ItemKey, float]]],
     return paired_comparison(a_arrays, b_arrays)
 
 
-def compare_records(records_a: list[dict[str, Any]], records_b: list[dict[str, Any]],
+def compare_records(records_a: list[RunRecord], records_b: list[RunRecord],
                     store: RunStore, metric: str | None = None) -> PairedComparison | None:
     """Two table cells (their records, one per seed) on their shared seeds; None when a side
     lacks per-sample outputs, they share no seed, or they scored different items."""
-    by_seed_b = {rec["seed"]: rec for rec in records_b}
-    pairs = [(rec, by_seed_b[rec["seed"]]) for rec in records_a if rec["seed"] in by_seed_b]
+    by_seed_b = {rec.seed: rec for rec in records_b}
+    pairs = [(rec, by_seed_b[rec.seed]) for rec in records_a if rec.seed in by_seed_b]
     outcomes = [(record_outcomes(x, store, metric), record_outcomes(y, store, metric))
                 for x, y in pairs]
     if not outcomes or any(x is None or y is None for x, y in outcomes):
         return None
     try:
         return compare_seeds([x for x, _ in outcomes], [y for _, y in outcomes],  # type: ignore[misc]
-                             pairs[0][0]["column_tasks"], "cells")
+                             pairs[0][0].column_tasks, "cells")
     except SpecError:
         return None
 
@@ -181,29 +180,29 @@ def compare_runs(run_a: str, run_b: str, store: RunStore | None = None) -> list[
             raise SpecError(f"no finished run {run_id!r} in {store.runs}")
         records.append(store.load(run_id))
     rec_a, rec_b = records
-    tasks = [t for t in rec_a["column_tasks"] if t in rec_b["column_tasks"]]
+    tasks = [t for t in rec_a.column_tasks if t in rec_b.column_tasks]
     if not tasks:
         raise SpecError(f"runs {run_a} and {run_b} scored no lm-eval task in common")
     metrics = {}
     for task in tasks:
-        primary_a, primary_b = (rec["metrics"][task]["primary"] for rec in records)
+        primary_a, primary_b = (rec.metrics[task].primary for rec in records)
         if primary_a != primary_b:
             raise SpecError(f"{task}: the runs report different metrics ({primary_a}, "
                             f"{primary_b})")
         metrics[task] = primary_a
     outcomes = []
     for rec in records:
-        found = item_outcomes(samples_dir(store, rec["run_id"]), metrics)
+        found = item_outcomes(samples_dir(store, rec.run_id), metrics)
         missing = sorted(set(tasks) - set(found))
         if missing:
-            raise SpecError(f"run {rec['run_id']} has no per-sample outputs for "
-                            f"{', '.join(missing)} in {samples_dir(store, rec['run_id'])}")
+            raise SpecError(f"run {rec.run_id} has no per-sample outputs for "
+                            f"{', '.join(missing)} in {samples_dir(store, rec.run_id)}")
         outcomes.append(found)
     what = f"{run_a} vs {run_b}"
     results = [TaskComparison(t, metrics[t], compare_seeds([outcomes[0]], [outcomes[1]], [t], what))
                for t in tasks]
-    if len(tasks) > 1 and rec_a["column_tasks"] == rec_b["column_tasks"]:
-        results.append(TaskComparison(f"column {rec_a['task']}", "mean of the tasks",
+    if len(tasks) > 1 and rec_a.column_tasks == rec_b.column_tasks:
+        results.append(TaskComparison(f"column {rec_a.task}", "mean of the tasks",
                                       compare_seeds([outcomes[0]], [outcomes[1]], tasks, what)))
     return results
 

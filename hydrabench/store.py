@@ -15,8 +15,9 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,28 +50,236 @@ class CorruptRecord(SpecError):
     """A record.json that is not a whole record (truncated, empty, binary, wrong types)."""
 
 
-def _record_problem(record: Any) -> str | None:
-    """What makes `record` not a run record of the shape reports and commands read."""
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    for key, kind in (("run_id", str), ("method", str), ("task", str), ("seed", int),
-                      ("metrics", dict), ("column_tasks", list), ("training", dict)):
-        value = record.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            return f"{key} is missing or not of type {kind.__name__}"
-    for task in record["column_tasks"]:
-        entry = record["metrics"].get(task) if isinstance(task, str) else None
-        if not isinstance(entry, dict):
-            return f"no metrics for its task {task!r}"
-        value, n = entry.get("value"), entry.get("n")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not isinstance(
-                n, int) or not isinstance(entry.get("stderr"), dict) or not isinstance(
-                entry.get("metrics"), dict):
-            return f"metrics of {task} lack a numeric value, n, stderr or metrics"
-    return None
+class _Invalid(ValueError):
+    """What makes a JSON value not a run record (CorruptRecord adds the file it came from)."""
 
 
-def read_record(path: Path, run_id: str, runs: Path) -> dict[str, Any]:
+def _take(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "",
+          required: bool = False) -> Any:
+    """d[key] when it is of `kind` (a bool is not a number); None when absent or null and not
+    `required`."""
+    value = d.get(key)
+    if value is None and not required:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise _Invalid(f"{where}{key} is missing or not of type {names}")
+    return value
+
+
+def _only(d: dict[str, Any], known: Iterable[str], where: str = "") -> None:
+    """No key the record's schema does not name (a typo or another program's file)."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise _Invalid(f"{where}unknown field(s) {', '.join(map(repr, unknown))}")
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+NUMBER = (int, float)
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    """One lm-eval task's scores in a record (evaluate.TaskScore, as the runner writes it)."""
+
+    value: float  # the primary metric's value
+    primary: str  # its "metric,filter" key
+    metrics: dict[str, float]  # every "metric,filter" key lm-eval reported
+    stderr: dict[str, float | None]  # lm-eval's stderr of each (None where it gave none)
+    n: int  # documents scored
+    n_shot: int | None = None
+    version: Any = None  # the task's version as lm-eval gives it (a number or a string)
+
+    @classmethod
+    def from_dict(cls, d: Any, task: str) -> TaskMetrics:
+        where = f"metrics of {task}: "
+        if not isinstance(d, dict):
+            raise _Invalid(f"no metrics for its task {task!r}")
+        _only(d, _names(cls), where)
+        return cls(value=_take(d, "value", NUMBER, where, required=True),
+                   primary=_take(d, "primary", str, where, required=True),
+                   metrics=_take(d, "metrics", dict, where, required=True),
+                   stderr=_take(d, "stderr", dict, where, required=True),
+                   n=_take(d, "n", int, where, required=True),
+                   n_shot=_take(d, "n_shot", int, where), version=d.get("version"))
+
+    def key(self, metric: str | None) -> str | None:
+        """The "metric,filter" key a column reads (None: not reported): the primary one, or
+        the one `metric` names ("pass@10", or a whole key)."""
+        if metric is None:
+            return self.primary
+        return next((k for k in self.metrics if metric in (k, k.split(",")[0])), None)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What trained the run's artifact, as the artifact says (its artifact.json)."""
+
+    trained: bool | None = None  # False: nothing trains (base); None: not recorded (old records)
+    train: dict[str, Any] | None = None  # the method's training summary: steps, losses, ...
+    train_records: int | None = None  # corpus records it trained on
+    parameters: dict[str, float] = field(default_factory=dict)  # runner.parameter_counts
+    train_id: str | None = None
+    inputs: dict[str, Any] | None = None  # fingerprints of the model and corpus it read
+
+    @classmethod
+    def from_artifact(cls, info: Any, where: str = "training: "
+                      ) -> tuple[Training, dict[str, Any] | None]:
+        """(training, its training phase's metering) from an artifact's info, where the two are
+        kept together; a record keeps the metering under metering.train (records written before
+        that kept it in both places)."""
+        if not isinstance(info, dict):
+            raise _Invalid(f"{where.rstrip(': ')} is missing or not of type dict")
+        _only(info, [*_names(cls), "metering"], where)
+        metering = _take(info, "metering", dict, where) or {}
+        return cls(trained=_take(info, "trained", bool, where),
+                   train=_take(info, "train", dict, where),
+                   train_records=_take(info, "train_records", int, where),
+                   parameters=_take(info, "parameters", dict, where) or {},
+                   train_id=_take(info, "train_id", str, where),
+                   inputs=_take(info, "inputs", dict, where)), _take(metering, "train", dict, where)
+
+    @property
+    def percent_param(self) -> float | None:
+        """The paper's %Param: adapter parameters over the base model's."""
+        return self.parameters.get("percent_param")
+
+
+@dataclass(frozen=True)
+class Metering:
+    """Each phase's Meter result (metering.MeterResult.to_dict); None: the phase did not run
+    for this run (nothing trained, or hf evaluation without an export)."""
+
+    train: dict[str, Any] | None = None  # the artifact's training, in whichever run trained it
+    eval: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Metering:
+        _only(d, _names(cls), "metering: ")
+        return cls(**{name: _take(d, name, dict, "metering: ") for name in _names(cls)})
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What trained the artifact (as it recorded) and what scored it."""
+
+    model_source: str  # the model as the spec names it (a directory or a hub id)
+    model_fingerprint: str | None
+    data_fingerprints: dict[str, str]  # corpus part → content digest
+    data_source: str  # "local" or "hub": where lm-eval read the benchmarks
+    packages: dict[str, str | None]
+    git: dict[str, Any] | None  # commit and whether the tree was dirty
+    python: str
+    hardware: dict[str, Any]
+    task_fingerprints: dict[str, Any] | None = None  # lm-eval task → config and data digests
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Provenance:
+        where = "provenance: "
+        if not isinstance(d, dict):
+            raise _Invalid("provenance is missing or not of type dict")
+        _only(d, _names(cls), where)
+        return cls(model_source=_take(d, "model_source", str, where, required=True),
+                   model_fingerprint=_take(d, "model_fingerprint", str, where),
+                   data_fingerprints=_take(d, "data_fingerprints", dict, where, required=True),
+                   data_source=_take(d, "data_source", str, where, required=True),
+                   packages=_take(d, "packages", dict, where, required=True),
+                   git=_take(d, "git", dict, where), python=_take(d, "python", str, where,
+                                                                  required=True),
+                   hardware=_take(d, "hardware", dict, where, required=True),
+                   task_fingerprints=_take(d, "task_fingerprints", dict, where))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A finished run's record.json: the one place its fields are named (as lm-eval's results
+    file has a declared shape). Reports, figures, compare, show, list and export read records
+    only through it. Fields after `training` are absent from records written by hand (tests)
+    or before they existed, and None there."""
+
+    run_id: str
+    method: str
+    task: str  # the table column scored
+    seed: int
+    metrics: dict[str, TaskMetrics]  # lm-eval task → its scores
+    column_tasks: tuple[str, ...]  # the lm-eval tasks whose mean is the column's score
+    training: Training
+    spec: dict[str, Any] | None = None  # the resolved RunSpec (RunStore.load_spec reads it)
+    profile: dict[str, Any] | None = None  # the resolved profile, for where its file is not
+    stand_in: bool | None = None  # scored on stand-in tasks (tables.record_labels)
+    data_source: str | None = None  # where its training and evaluation data came from
+    backend: str | None = None  # hf or vllm
+    merge: str | None = None  # vllm: the merge served ("exact", or an approximate one)
+    serving: dict[str, Any] | None = None  # vllm: the server's log and start-up time
+    merge_gap: dict[str, dict[str, dict[str, float]]] | None = None  # merge → task → scores
+    artifact: Path | None = None  # the trained artifact it loaded
+    train_id: str | None = None
+    metering: Metering = field(default_factory=Metering)
+    provenance: Provenance | None = None
+    wall_s: dict[str, float] | None = None  # {"total": seconds}
+    finished_at: str | None = None  # UTC, ISO 8601
+
+    @classmethod
+    def from_dict(cls, d: Any, path: Path | str = "record") -> RunRecord:
+        """A record read back from JSON; CorruptRecord (one line naming `path`) when a field is
+        missing, of the wrong type, or not one a record has."""
+        try:
+            return cls._parse(d)
+        except _Invalid as err:
+            raise CorruptRecord(f"corrupt record {path}: {err}") from None
+
+    @classmethod
+    def _parse(cls, d: Any) -> RunRecord:
+        if not isinstance(d, dict):
+            raise _Invalid(f"expected a JSON object, got {type(d).__name__}")
+        _only(d, _names(cls))
+        run_id, method, task = (_take(d, key, str, required=True)
+                                for key in ("run_id", "method", "task"))
+        seed = _take(d, "seed", int, required=True)
+        metrics = {name: TaskMetrics.from_dict(entry, name)
+                   for name, entry in _take(d, "metrics", dict, required=True).items()}
+        column_tasks = tuple(_take(d, "column_tasks", list, required=True))
+        for name in column_tasks:
+            if not isinstance(name, str) or name not in metrics:
+                raise _Invalid(f"no metrics for its task {name!r}")
+        training, train_metering = Training.from_artifact(
+            _take(d, "training", dict, required=True))
+        metering = Metering.from_dict(_take(d, "metering", dict) or {})
+        if metering.train is None:
+            metering = replace(metering, train=train_metering)
+        artifact = _take(d, "artifact", str)
+        provenance = d.get("provenance")
+        return cls(
+            run_id=run_id, method=method, task=task, seed=seed, metrics=metrics,
+            column_tasks=column_tasks, training=training, spec=_take(d, "spec", dict),
+            profile=_take(d, "profile", dict), stand_in=_take(d, "stand_in", bool),
+            data_source=_take(d, "data_source", str), backend=_take(d, "backend", str),
+            merge=_take(d, "merge", str), serving=_take(d, "serving", dict),
+            merge_gap=_take(d, "merge_gap", dict),
+            artifact=Path(artifact) if artifact else None, train_id=_take(d, "train_id", str),
+            metering=metering,
+            provenance=None if provenance is None else Provenance.from_dict(provenance),
+            wall_s=_take(d, "wall_s", dict), finished_at=_take(d, "finished_at", str))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as record.json holds it (every field; null where it does not apply)."""
+        out = asdict(self)
+        out["column_tasks"] = list(self.column_tasks)
+        out["artifact"] = None if self.artifact is None else str(self.artifact)
+        return out
+
+    @property
+    def score(self) -> float:
+        """The run's score on its column: the mean of its lm-eval tasks' headline values."""
+        return sum(self.metrics[t].value for t in self.column_tasks) / len(self.column_tasks)
+
+
+def read_record(path: Path, run_id: str, runs: Path) -> RunRecord:
     if not path.exists():
         raise SpecError(f"no finished run {run_id!r} in {runs}")
     try:
@@ -78,10 +287,7 @@ def read_record(path: Path, run_id: str, runs: Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:  # truncated, empty or binary (UnicodeDecodeError)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CorruptRecord(f"corrupt record {path}: {reason}") from None
-    problem = _record_problem(record)
-    if problem:
-        raise CorruptRecord(f"corrupt record {path}: {problem}")
-    return record
+    return RunRecord.from_dict(record, path)
 
 
 # A replacement's directories beside the target: the finished new copy, and the old one set aside.
@@ -120,29 +326,28 @@ class RunStore:
             return None
         return None
 
-    def load(self, run_id: str) -> dict[str, Any]:
+    def load(self, run_id: str) -> RunRecord:
         """The finished run's record; one-line errors when there is none or it is corrupt. The
         profile it carries stands in for its profile file where that is not found here."""
         record = read_record(self.record_path(run_id), run_id, self.runs)
-        spec = record.get("spec")
-        if isinstance(record.get("profile"), dict) and isinstance(spec, dict) and isinstance(
-                spec.get("profile"), str):
-            remember_profile(spec["profile"], record["profile"])
+        if record.profile is not None and record.spec is not None and isinstance(
+                record.spec.get("profile"), str):
+            remember_profile(record.spec["profile"], record.profile)
         return record
 
     def load_spec(self, run_id: str) -> RunSpec:
         """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""
-        record = self.load(run_id)
-        if isinstance(record.get("spec"), dict) and "inputs" not in record["spec"]:
+        spec = self.load(run_id).spec
+        if spec is not None and "inputs" not in spec:
             raise SpecError(f"record {self.record_path(run_id)} predates the content fingerprints "
                             "in run ids: run it again (hydrabench run with its settings)")
         try:
-            return spec_from_dict(record["spec"])
+            return spec_from_dict(spec)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError, AttributeError) as err:  # SpecError included
             raise CorruptRecord(f"corrupt record {self.record_path(run_id)}: its spec cannot "
                                 f"be read ({type(err).__name__}: {err})") from None
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self) -> Iterator[RunRecord]:
         """Every finished run's record (corrupt ones said on stderr and left out)."""
         for directory in sorted(self.runs.glob("[!.]*")):  # not a staging directory
             if directory.is_dir() and self.has(directory.name):
@@ -223,57 +428,43 @@ class RunStore:
                             os.replace(copy, final_dir)
 
 
-def column_score(record: dict[str, Any]) -> float:
-    """The run's score on its column: the mean of its lm-eval tasks' headline values."""
-    values = [record["metrics"][task]["value"] for task in record["column_tasks"]]
-    return sum(values) / len(values)
-
-
-def metric_key(task_metrics: dict[str, Any], metric: str | None) -> str | None:
-    """The "metric,filter" key a column reads from one task's metrics (None: not reported)."""
-    if metric is None:
-        return task_metrics["primary"]
-    keys = task_metrics["metrics"]
-    return next((k for k in keys if metric in (k, k.split(",")[0])), None)
-
-
-def run_line(record: dict[str, Any]) -> str:
+def run_line(record: RunRecord) -> str:
     """One line per finished run, for `hydrabench list runs`."""
-    return (f"{record['run_id']:44s} {record['method']:18s} {record['task']:9s} "
-            f"s{record['seed']:<3d} {column_score(record):.4f}  {record.get('finished_at', '')}")
+    return (f"{record.run_id:44s} {record.method:18s} {record.task:9s} "
+            f"s{record.seed:<3d} {record.score:.4f}  {record.finished_at or ''}")
 
 
-def base_record(store: RunStore, record: dict[str, Any]) -> dict[str, Any] | None:
+def base_record(store: RunStore, record: RunRecord) -> RunRecord | None:
     """The untrained base model's finished record on the same column, profile, model (same
     content) and evaluation settings as `record`, if there is one: its score is the baseline."""
-    spec = json.loads(json.dumps(record["spec"]))  # as read back from JSON (tuples as lists)
+    spec = json.loads(json.dumps(record.spec))  # as read back from JSON (tuples as lists)
     same = ("task", "profile", "model", "eval_tasks", "eval")
     for other in store.records():
-        theirs = other["spec"]
-        if (other["method"] == "base" and all(theirs.get(k) == spec.get(k) for k in same)
+        theirs = other.spec
+        if (other.method == "base" and theirs is not None
+                and all(theirs.get(k) == spec.get(k) for k in same)
                 and theirs["inputs"]["model"] == spec["inputs"]["model"]
                 and theirs["inputs"]["tasks"] == spec["inputs"]["tasks"]):
             return other
     return None
 
 
-def describe_run(record: dict[str, Any], path: Path) -> list[str]:
+def describe_run(record: RunRecord, path: Path) -> list[str]:
     """What `hydrabench show RUN` prints: what ran, its scores (value ± stderr, n), its training
     and where its files are."""
-    spec = record.get("spec", {})
-    lines = [f"run       {record['run_id']}", f"record    {path}",
-             f"what      {record['method']} on {record['task']}, seed {record['seed']}, profile "
+    spec = record.spec or {}
+    lines = [f"run       {record.run_id}", f"record    {path}",
+             f"what      {record.method} on {record.task}, seed {record.seed}, profile "
              f"{spec.get('profile', '?')}, model {spec.get('model', '?')}, "
-             f"backend {record.get('backend', '?')}"]
-    for task, metrics in record["metrics"].items():
-        stderr = metrics["stderr"].get(metrics.get("primary"))
+             f"backend {record.backend or '?'}"]
+    for task, metrics in record.metrics.items():
+        stderr = metrics.stderr.get(metrics.primary)
         spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
-        lines.append(f"score     {task:24s} {metrics.get('primary', ''):24s} "
-                     f"{metrics['value']:.4f}{spread}  (n={metrics['n']})")
-    train = record["training"].get("train") or {}
+        lines.append(f"score     {task:24s} {metrics.primary:24s} "
+                     f"{metrics.value:.4f}{spread}  (n={metrics.n})")
+    train = record.training.train or {}
     lines.append(f"training  {train.get('steps')} steps, loss {train.get('first_loss')} → "
-                 f"{train.get('final_loss')}" if record["training"].get("trained")
+                 f"{train.get('final_loss')}" if record.training.trained
                  else "training  none (the base model)")
-    lines += [f"artifact  {record.get('artifact', '?')}",
-              f"finished  {record.get('finished_at', '?')}"]
+    lines += [f"artifact  {record.artifact or '?'}", f"finished  {record.finished_at or '?'}"]
     return lines

@@ -17,7 +17,7 @@ from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.profiles import load_yaml
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore, metric_key
+from hydrabench.store import RunRecord, RunStore
 
 TABLES_DIR = TASKS_DIR / "tables"
 
@@ -92,9 +92,9 @@ def load_table(name: str) -> TableSpec:
 
 
 def find_records(table: TableSpec, profile: str, seeds: tuple[int, ...],
-                 store: RunStore) -> dict[tuple[str, str], list[dict[str, Any]]]:
+                 store: RunStore) -> dict[tuple[str, str], list[RunRecord]]:
     """(row label, task) → the finished records of its runs, one per seed that has one."""
-    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    found: dict[tuple[str, str], list[RunRecord]] = {}
     for row, task, spec in table.run_specs(profile, seeds):
         records = found.setdefault((row.label, task), [])
         if store.has(spec.run_id):
@@ -117,7 +117,8 @@ class Cell:
     run_ids: list[str]
     ci95: float | None = None  # half-width of the 95% t-interval over seeds (two or more)
     n_seeds: int = 0  # seeds whose records gave the value
-    # What the records say they scored (record_labels); None: no record, or one that predates it.
+    # What the records say they scored (scores_stand_ins, data_source); None: no record, or one
+    # that predates them.
     stand_in: bool | None = None
     data_source: str | None = None
     # Paired tests on the per-item outputs (judge_columns).
@@ -140,11 +141,15 @@ class Cell:
         return max(low, self.value - self.ci95), min(high, self.value + self.ci95)
 
 
-def record_labels(spec: RunSpec) -> dict[str, Any]:
-    """What a run's record says about its own data, decided when it runs from the resolved spec:
-    whether the tasks it scored are stand-ins (the synthetic suite's, tasks/tiny) and where its
-    training and evaluation data came from. Reports read only this."""
+def scores_stand_ins(spec: RunSpec) -> bool:
+    """Whether the run scores stand-in tasks (the synthetic suite's, tasks/tiny): its record
+    says so, decided when it runs from the resolved spec, and reports read only that."""
     stand_in_tasks = {p.stem for p in (TASKS_DIR / "tiny").glob("*.yaml")}
+    return any(t in stand_in_tasks for t in spec.eval_tasks)
+
+
+def data_source(spec: RunSpec) -> str:
+    """Where the run's training and evaluation data came from, as its record says."""
     synthetic = "synthetic suite (generated)"
     local = data_dir()
     sources = []
@@ -157,23 +162,21 @@ def record_labels(spec: RunSpec) -> dict[str, Any]:
             sources.append(f"Hugging Face hub {part[4:]}")
         elif part != "none":
             sources.append(f"local file {part}")
-    stand_in = any(t in stand_in_tasks for t in spec.eval_tasks)
-    scored = (synthetic if stand_in else f"local copies in {local}" if offline_mode()
-              and local else "Hugging Face hub")
+    scored = (synthetic if scores_stand_ins(spec) else f"local copies in {local}"
+              if offline_mode() and local else "Hugging Face hub")
     training = f"train: {', '.join(sources)}; " if sources else ""
-    return {"stand_in": stand_in,
-            "data_source": f"{training}eval: {scored}"}
+    return f"{training}eval: {scored}"
 
 
-def _cell_labels(records: list[dict[str, Any]]) -> tuple[bool | None, str | None]:
-    labelled = [rec for rec in records if "stand_in" in rec]
+def _cell_labels(records: list[RunRecord]) -> tuple[bool | None, str | None]:
+    labelled = [rec for rec in records if rec.stand_in is not None]
     if not labelled:
         return None, None
-    return (any(rec["stand_in"] for rec in labelled),
-            " | ".join(sorted({rec["data_source"] for rec in labelled})))
+    return (any(rec.stand_in for rec in labelled),
+            " | ".join(sorted({rec.data_source or "" for rec in labelled})))
 
 
-def score_of(record: dict[str, Any],
+def score_of(record: RunRecord,
              metric: str | None = None) -> tuple[float, float | None, int] | None:
     """A record's column score in percent: the mean of its tasks' metric (default: primary).
 
@@ -181,17 +184,17 @@ def score_of(record: dict[str, Any],
     None when a task did not report the metric (pass@10 needs k=10 samples per problem).
     """
     values, errors = [], []
-    for task in record["column_tasks"]:
-        task_metrics = record["metrics"][task]
-        key = metric_key(task_metrics, metric)
+    for task in record.column_tasks:
+        task_metrics = record.metrics[task]
+        key = task_metrics.key(metric)
         if key is None:
             return None
-        values.append(task_metrics["metrics"][key])
-        errors.append(task_metrics["stderr"].get(key))
+        values.append(task_metrics.metrics[key])
+        errors.append(task_metrics.stderr.get(key))
     value = 100 * sum(values) / len(values)
     stderr = (100 * math.sqrt(sum(e * e for e in errors)) / len(errors)
               if all(e is not None for e in errors) else None)
-    n = sum(record["metrics"][t]["n"] for t in record["column_tasks"])
+    n = sum(record.metrics[t].n for t in record.column_tasks)
     return value, stderr, n
 
 
@@ -209,7 +212,7 @@ def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
     return mean, sem, float(stats.t.ppf(0.975, len(values) - 1)) * sem
 
 
-def _score_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell:
+def _score_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
     scores = [s for s in (score_of(rec, column.metric) for rec in records) if s is not None]
     value = stderr = ci95 = n = None
     if scores:
@@ -218,16 +221,16 @@ def _score_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell
         if len(scores) == 1:
             stderr = scores[0][1]
     return Cell(row.label, column.label, value, stderr, n, row.paper.get(column.key),
-                [rec["run_id"] for rec in records], ci95, len(scores), *_cell_labels(records))
+                [rec.run_id for rec in records], ci95, len(scores), *_cell_labels(records))
 
 
-def _param_cell(row: Row, column: Column, records: list[dict[str, Any]]) -> Cell:
+def _param_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
     # An untrained model (the base row) has no adapter: its %Param is not applicable, not 100.
-    trained = [rec for rec in records if rec["training"].get("trained", True)]
-    value = trained[0]["training"]["parameters"]["percent_param"] if trained else None
+    trained = [rec for rec in records if rec.training.trained is not False]
+    value = trained[0].training.percent_param if trained else None
     stand_in, data_source = _cell_labels(records)
     return Cell(row.label, column.label, value, None, None, row.paper.get(column.key),
-                [rec["run_id"] for rec in records], n_seeds=len(trained), stand_in=stand_in,
+                [rec.run_id for rec in records], n_seeds=len(trained), stand_in=stand_in,
                 data_source=data_source)
 
 
@@ -247,7 +250,7 @@ def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
 
 
 def judge_columns(table: TableSpec, cells: list[Cell],
-                  found: dict[tuple[str, str], list[dict[str, Any]]], store: RunStore,
+                  found: dict[tuple[str, str], list[RunRecord]], store: RunStore,
                   reference: str | None) -> None:
     """Per score column: bold the best cell only when it beats the runner-up with McNemar's
     p < 0.05 on the items both scored (a tie is never bold); Δ and its paired 95% interval

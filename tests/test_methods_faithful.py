@@ -149,15 +149,15 @@ def test_every_lora_split_reading_trains_and_records(method: str, store_env: Pat
     assert main(["run", "--method", method, "--task", "medical", "--num-splits", "2", "--rank",
                  "4", "--max-steps", "4", "--limit", "4"]) == 0
     [record] = RunStore().records()
-    score = record["metrics"]["tiny_medical"]
-    params = record["training"]["parameters"]
-    print(f"{method}: tiny_medical {score['value']:.3f} (n={score['n']}), "
+    score = record.metrics["tiny_medical"]
+    params = record.training.parameters
+    print(f"{method}: tiny_medical {score.value:.3f} (n={score.n}), "
           f"%Param {params['percent_param']:.4f}, router {params['router']}")
-    assert score["n"] == 4 and 0 <= score["value"] <= 1
+    assert score.n == 4 and 0 <= score.value <= 1
     # Two rank-4 LoRAs on q_proj and v_proj of 2 layers: LoRA r=8's parameters.
     assert params["adapter"] == 2 * 2 * (HIDDEN * 8 + 8 * HIDDEN)
     assert params["router"] == (2 * 2 * 2 * HIDDEN if method == "lora-split" else 0)
-    assert record["backend"] == "hf"
+    assert record.backend == "hf"
     assert get_method(method).mergeable is (method == "lora-split-sum")
 
 
@@ -231,11 +231,11 @@ def test_loramoe_trains_and_records(store_env: Path, capsys: pytest.CaptureFixtu
     assert main(["run", "--method", "loramoe", "--task", "medical", "--num-heads", "2",
                  "--max-steps", "4", "--limit", "4"]) == 0
     [record] = RunStore().records()
-    score = record["metrics"]["tiny_medical"]
-    params = record["training"]["parameters"]
-    print(f"loramoe: tiny_medical {score['value']:.3f} (n={score['n']}), "
+    score = record.metrics["tiny_medical"]
+    params = record.training.parameters
+    print(f"loramoe: tiny_medical {score.value:.3f} (n={score.n}), "
           f"%Param {params['percent_param']:.4f}, router {params['router']}")
-    adapter = record["spec"]["adapter"]
+    adapter = record.spec["adapter"]
     assert adapter["target_modules"] == ["gate_proj", "up_proj", "down_proj"]
     assert (adapter["blc_weight"], adapter["blc_alpha"]) == (0.1, 0.1)
     # Two rank-8 experts on gate/up (128 -> 344) and down (344 -> 128) of 2 layers.
@@ -308,8 +308,8 @@ def test_reference_pipeline_runs_on_cpu_with_local_data(tmp_path: Path,
                         overrides={"train": {"max_steps": 2},
                                    "eval": {"limit": 3, "backend": "hf"}})
     record = execute(spec, store=RunStore(tmp_path / "results"))
-    assert record["seed"] == 41 and record["spec"]["prompt_template"] == "reference"
-    assert tuple(record["spec"]["adapter"]["target_modules"]) == ("gate_proj", "up_proj",
-                                                                  "down_proj")
-    assert record["training"]["train"]["steps"] == 2
-    assert record["metrics"]["gsm8k_cot"]["n"] == 3
+    assert record.seed == 41 and record.spec["prompt_template"] == "reference"
+    assert tuple(record.spec["adapter"]["target_modules"]) == ("gate_proj", "up_proj",
+                                                               "down_proj")
+    assert record.training.train["steps"] == 2
+    assert record.metrics["gsm8k_cot"].n == 3

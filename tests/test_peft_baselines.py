@@ -79,7 +79,7 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def loaded(run: dict) -> tuple[torch.nn.Module, object]:
     """The artifact on a fresh base model, as the runner evaluates it, and the tokenizer."""
     base = load_base_model("builtin:tiny")
-    return run["method"].load(base.model, Path(run["record"]["artifact"])).eval(), base.tokenizer
+    return run["method"].load(base.model, run["record"].artifact).eval(), base.tokenizer
 
 
 def probe_ids(tokenizer) -> torch.Tensor:
@@ -89,10 +89,10 @@ def probe_ids(tokenizer) -> torch.Tensor:
 
 def test_only_the_adapter_is_trained_and_counted(run: dict) -> None:
     trainable, added = EXPECTED_COUNTS[run["name"]]
-    counts = run["record"]["training"]["parameters"]
+    counts = run["record"].training.parameters
     assert (counts["trainable"], counts["adapter"]) == (trainable, added)
     assert counts["total"] == counts["base"] + added
-    assert run["record"]["training"]["train"]["steps"] == 3
+    assert run["record"].training.train["steps"] == 3
     for name, param in run["trained"].named_parameters():
         if param.requires_grad:
             assert any(part in name for part in ADAPTER_NAME_PARTS[run["name"]]), name
@@ -134,7 +134,7 @@ def test_lm_eval_scores_the_real_token_positions(run: dict) -> None:
     longer than the input: lm-eval must skip those positions, not read logit i for token i.
     """
     model, tokenizer = loaded(run)
-    samples = (run["store"].runs / run["record"]["run_id"] / "lm_eval"
+    samples = (run["store"].runs / run["record"].run_id / "lm_eval"
                / "samples_tiny_medical.jsonl")
     doc = json.loads(samples.read_text().splitlines()[0])
     virtual = {"prompt-tuning": 20, "p-tuning": 256}.get(run["name"], 0)

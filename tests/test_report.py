@@ -27,7 +27,7 @@ from hydrabench.report import latex_escape, write_table_report
 from hydrabench.reporting import write_report
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore, metric_key
+from hydrabench.store import RunRecord, RunStore, TaskMetrics
 from hydrabench.sweep import plan_sweep
 from hydrabench.tables import Column, TableSpec, load_table, mean_ci
 
@@ -212,13 +212,13 @@ def test_csv_round_trip_equals_cells(store: RunStore, table2: TableSpec, tmp_pat
 
 
 def test_metric_key_matches_name_or_exact_key() -> None:
-    task = {"primary": "pass@1,create_test",
-            "metrics": {"pass@1,create_test": 0.1, "pass@10,create_test": 0.2,
-                        "pass@100,create_test": 0.3}}
-    assert metric_key(task, None) == "pass@1,create_test"
-    assert metric_key(task, "pass@10") == "pass@10,create_test"
-    assert metric_key(task, "pass@100,create_test") == "pass@100,create_test"
-    assert metric_key(task, "pass@5") is None
+    task = TaskMetrics(value=0.1, primary="pass@1,create_test", n=10, stderr={},
+                       metrics={"pass@1,create_test": 0.1, "pass@10,create_test": 0.2,
+                                "pass@100,create_test": 0.3})
+    assert task.key(None) == "pass@1,create_test"
+    assert task.key("pass@10") == "pass@10,create_test"
+    assert task.key("pass@100,create_test") == "pass@100,create_test"
+    assert task.key("pass@5") is None
 
 
 # -- seeds -------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ def test_reproduce_runs_every_row_and_code_only_when_approved(store_env: Path) -
     # this checks what reproduce asks to run, fast (resolution checks method names for real).
     executed: list[RunSpec] = []
 
-    def execute(spec: RunSpec) -> dict[str, Any]:
+    def execute(spec: RunSpec) -> RunRecord:
         """Like the runner: a finished record is returned, not rerun."""
         store = RunStore()
         if not store.has(spec.run_id):
@@ -585,7 +585,7 @@ def test_a_profile_extending_tiny_is_labelled_a_stand_in(store_env: Path,
     profile.write_text("extends: tiny\ndescription: my own profile\n")
     assert main(["run", "--profile", str(profile), "--method", "base", "--task", "medical"]) == 0
     (record,) = RunStore().records()
-    assert record["stand_in"] is True and "synthetic suite" in record["data_source"]
+    assert record.stand_in is True and "synthetic suite" in record.data_source
     assert main(["report", "table2", "--profile", str(profile)]) == 0
     reports = store_env / "reports"
     md = (reports / "table2.md").read_text()

@@ -76,9 +76,9 @@ def test_strata_average_tasks_and_seeds_pool_discordant_pairs() -> None:
 
 def _eval(*extra: str) -> str:
     """Score the small model on 0-shot MMLU anatomy; the new run's id."""
-    before = {r["run_id"] for r in RunStore().records()}
+    before = {r.run_id for r in RunStore().records()}
     assert main(["eval", "--model", str(MODEL), "--task", "mmlu_anatomy", *extra]) == 0
-    (run_id,) = {r["run_id"] for r in RunStore().records()} - before
+    (run_id,) = {r.run_id for r in RunStore().records()} - before
     return run_id
 
 

@@ -26,7 +26,7 @@ from hydrabench.export import export_run
 from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
 from hydrabench.serving import LOG_NAME, VllmServer
-from hydrabench.store import RunStore
+from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
 RUN_FLAGS = ["--method", "lora", "--task", "bbh", "--max-steps", "6", "--limit", "10"]
@@ -46,18 +46,18 @@ def vllm_available() -> None:
 
 
 @pytest.fixture(scope="session")
-def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, dict]:
+def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, RunRecord]:
     """A finished tiny LoRA run scored by hf: the same spec the CLI builds from RUN_FLAGS."""
     store = RunStore(tmp_path_factory.mktemp("vllm-backend") / "results")
     return store, execute(resolve_spec("lora", "bbh", overrides=RUN_OVERRIDES), store=store)
 
 
 @pytest.fixture(scope="session")
-def served(vllm_available: None, hf_run: tuple[RunStore, dict],
+def served(vllm_available: None, hf_run: tuple[RunStore, RunRecord],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, Path]]:
     """(server, checkpoint): the run's merged checkpoint served by one vLLM for the session."""
     store, record = hf_run
-    checkpoint = export_run(record["run_id"], store=store)
+    checkpoint = export_run(record.run_id, store=store)
     with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log")) as server:
         print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
         yield server, checkpoint
@@ -136,16 +136,16 @@ def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path],
 
 
 def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
-                                              hf_run: tuple[RunStore, dict]) -> None:
+                                              hf_run: tuple[RunStore, RunRecord]) -> None:
     store, hf_record = hf_run
     result = hydrabench("run", *RUN_FLAGS, "--backend", "vllm", results=store.root)
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
     record = store.load(run_id)
-    assert record["backend"] == "vllm" and record["merge"] == "exact"
-    assert record["train_id"] == hf_record["train_id"]  # the same trained adapter, scored twice
+    assert record.backend == "vllm" and record.merge == "exact"
+    assert record.train_id == hf_record.train_id  # the same trained adapter, scored twice
     run_dir = store.runs / run_id
-    log = run_dir / record["serving"]["server_log"]
+    log = run_dir / record.serving["server_log"]
     assert log.name == LOG_NAME and "Starting vLLM server" in log.read_text()
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
     # The runner stopped its server: none of the processes its log names is left.
@@ -154,11 +154,11 @@ def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
 
     again = hydrabench("run", *RUN_FLAGS, "--backend", "hf", results=store.root)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"results/runs/{hf_record['run_id']}/record.json" in again.stdout
-    assert_same_scores(store.runs / hf_record["run_id"] / "lm_eval", run_dir / "lm_eval",
+    assert f"results/runs/{hf_record.run_id}/record.json" in again.stdout
+    assert_same_scores(store.runs / hf_record.run_id / "lm_eval", run_dir / "lm_eval",
                        "tiny_bbh", "exact_match")
-    assert record["metrics"]["tiny_bbh"]["value"] == pytest.approx(
-        hf_record["metrics"]["tiny_bbh"]["value"], abs=ACCURACY_TOL + MAX_PARTED_SHARE)
+    assert record.metrics["tiny_bbh"].value == pytest.approx(
+        hf_record.metrics["tiny_bbh"].value, abs=ACCURACY_TOL + MAX_PARTED_SHARE)
 
 
 def test_vllm_backend_refuses_methods_without_exact_merge(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
 from hydrabench.serving import LOG_NAME
 from hydrabench.serving_plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
-from hydrabench.store import RunStore
+from hydrabench.store import RunRecord, RunStore
 
 __all__ = ["vllm_available"]  # a fixture the slow tests use
 
@@ -56,18 +56,18 @@ def overrides(targets: list[str] | None = None) -> dict:
     return {"train": {"max_steps": STEPS}, "eval": {"limit": LIMIT}, "adapter": adapter}
 
 
-def assert_served_exactly(hf_record: dict, hf_dir: Path, vllm_dir: Path) -> None:
-    for task, score in hf_record["metrics"].items():
-        metric = score["primary"].split(",")[0]
+def assert_served_exactly(hf_record: RunRecord, hf_dir: Path, vllm_dir: Path) -> None:
+    for task, score in hf_record.metrics.items():
+        metric = score.primary.split(",")[0]
         print(assert_same_scores(hf_dir, vllm_dir, task, metric, tolerance=PLUGIN_TOL))
 
 
-def served_record(result, store: RunStore) -> tuple[dict, Path]:
+def served_record(result, store: RunStore) -> tuple[RunRecord, Path]:
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
     record = store.load(run_id)
-    assert record["backend"] == "vllm" and record["merge"] == "exact"
-    log = store.runs / run_id / record["serving"]["server_log"]
+    assert record.backend == "vllm" and record.merge == "exact"
+    log = store.runs / run_id / record.serving["server_log"]
     # The server ran the plugin's class: the export's config named it.
     assert log.name == LOG_NAME and "HydraLoraLlamaForCausalLM" in log.read_text()
     return record, store.runs / run_id
@@ -83,13 +83,13 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
     hf_record = execute(resolve_spec("hydralora", TASK, overrides=overrides(ALL_TARGETS)),
                         store=store)
     # The exact export: the base checkpoint, the adapter, the plugin class; hf loads it as is.
-    export = export_run(hf_record["run_id"], "exact", store=store)
+    export = export_run(hf_record.run_id, "exact", store=store)
     assert json.loads((export / "config.json").read_text())["architectures"] == [
         PLUGIN_ARCHITECTURES["LlamaForCausalLM"]]
     exported = load_base_model(str(export))
     assert set(hydralora_layers(exported.model)) and (export / ADAPTER_DIR).is_dir()
     ids = exported.tokenizer("Question: what is the capital?", return_tensors="pt")["input_ids"]
-    run_model = load_hydralora(load_base_model("builtin:tiny").model, Path(hf_record["artifact"]))
+    run_model = load_hydralora(load_base_model("builtin:tiny").model, hf_record.artifact)
     with torch.no_grad():
         assert torch.equal(exported.model(ids).logits, run_model(ids).logits)
 
@@ -97,13 +97,13 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
     served = {**overrides(ALL_TARGETS),
               "eval": {"limit": LIMIT, "backend": "vllm", "tensor_parallel_size": 2}}
     record = execute(resolve_spec("hydralora", TASK, overrides=served), store=store)
-    assert record["train_id"] == hf_record["train_id"]
-    assert record["backend"] == "vllm" and record["merge"] == "exact"
-    run_dir = store.runs / record["run_id"]
-    log = (run_dir / record["serving"]["server_log"]).read_text()
+    assert record.train_id == hf_record.train_id
+    assert record.backend == "vllm" and record.merge == "exact"
+    run_dir = store.runs / record.run_id
+    log = (run_dir / record.serving["server_log"]).read_text()
     assert "HydraLoraLlamaForCausalLM" in log and "world_size=2 rank=1" in log
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
-    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+    assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
                           run_dir / "lm_eval")
 
 
@@ -116,11 +116,11 @@ def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
     plugin, as hf does."""
     store = RunStore(tmp_path / "results")
     hf_record = execute(resolve_spec(method, TASK, overrides=overrides()), store=store)
-    result = hydrabench("eval", "--run", hf_record["run_id"], "--task", TASK, "--limit",
+    result = hydrabench("eval", "--run", hf_record.run_id, "--task", TASK, "--limit",
                         str(LIMIT), "--backend", "vllm", results=store.root)
     record, run_dir = served_record(result, store)
-    assert record["artifact"] == hf_record["artifact"]
-    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+    assert record.artifact == hf_record.artifact
+    assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
                           run_dir / "lm_eval")
 
 
@@ -149,10 +149,10 @@ def test_qwen2_hydralora_served_exactly(vllm_available: None, tmp_path: Path) ->
                                      overrides=overrides(targets)), store=store)
     served = {**overrides(targets), "eval": {"limit": LIMIT, "backend": "vllm"}}
     record = execute(resolve_spec("hydralora", TASK, model=model, overrides=served), store=store)
-    assert record["merge"] == "exact" and record["train_id"] == hf_record["train_id"]
-    run_dir = store.runs / record["run_id"]
-    assert "HydraLoraQwen2ForCausalLM" in (run_dir / record["serving"]["server_log"]).read_text()
-    assert_served_exactly(hf_record, store.runs / hf_record["run_id"] / "lm_eval",
+    assert record.merge == "exact" and record.train_id == hf_record.train_id
+    run_dir = store.runs / record.run_id
+    assert "HydraLoraQwen2ForCausalLM" in (run_dir / record.serving["server_log"]).read_text()
+    assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
                           run_dir / "lm_eval")
 
 
