@@ -30,9 +30,17 @@ HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "backend": ("eval", str), "gen_kwargs": ("eval", str)}
 
 
+def _add_include_path(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-path", dest="include_path", action="append", default=[],
+                   metavar="DIR", help="a folder of your own lm-eval task YAML (table specs in "
+                   "its tables/), beside the shipped ones, as lm-eval's --include_path; "
+                   "repeatable")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="tiny",
                    help="a shipped profile (default: tiny, offline CPU) or your own .yaml file")
+    _add_include_path(p)
     p.add_argument("--seed", type=int, default=None, help="default: the profile's, else 0")
     p.add_argument("--model", help="base model: a local directory or hub id (default: profile's)")
     p.add_argument("--force", action="store_true",
@@ -55,6 +63,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_table_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("table")
     p.add_argument("--profile", default="tiny")
+    _add_include_path(p)
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="also run the code columns (model-written code, sandboxed)")
@@ -124,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ".png/.pdf) from records")
     report.add_argument("table", help="a table or figure (`hydrabench list tables`), or all")
     report.add_argument("--profile", default="tiny")
+    _add_include_path(report)
     report.add_argument("--seeds", default="0")
     report.add_argument("--delta-vs", dest="reference", metavar="ROW", default=None,
                         help='a row label of the table, e.g. "LoRA (r=8)": add a column per '
@@ -137,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a column (general, medical, ...) or any single lm-eval task name; "
                          "lm-eval:NAME for lm-eval's task where a column has that name")
     ev.add_argument("--profile", default="tiny")
+    _add_include_path(ev)
     ev.add_argument("--limit", type=int, default=None)
     ev.add_argument("--num-fewshot", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
@@ -189,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list methods, tasks, profiles, tables or finished runs")
     lister.add_argument("what", choices=["methods", "tasks", "profiles", "tables", "runs"])
     lister.add_argument("--profile", default="tiny")
+    _add_include_path(lister)
     return parser
 
 
@@ -402,6 +414,18 @@ def _cmd_show(args: argparse.Namespace) -> None:
           else "\n".join(describe_run(record, store.record_path(args.run_id))))
 
 
+def _use_included_folders(args: argparse.Namespace) -> None:
+    """This command's own task folders: --include-path's and the profile's include_path, each
+    checked before any work (a process running main again starts from none)."""
+    from hydrabench.includes import include, use_only
+
+    use_only(getattr(args, "include_path", []), "--include-path")
+    if hasattr(args, "include_path"):
+        from hydrabench.profiles import load_profile
+
+        include(load_profile(args.profile).include_path, f"profile {args.profile}: include_path")
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -420,6 +444,7 @@ UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        _use_included_folders(args)
         COMMANDS[args.command](args)
     except SpecError as err:
         print(f"hydrabench: error: {err}", file=sys.stderr)

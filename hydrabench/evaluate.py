@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hydrabench.includes import included
 from hydrabench.paths import TASKS_DIR, offline_mode
 from hydrabench.serving import VllmServer, local_completions_args
 
@@ -26,23 +27,27 @@ PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip",
                    "exact_match,flexible-extract")
 
 
-@cache
 def task_manager(offline: bool):
-    """Built once per process: indexing lm-eval's task files costs seconds.
+    """lm-eval's index of hydrabench's task folders and the included ones (hydrabench.includes).
 
     Offline, the YAML in tasks/offline reuse the built-in task names over local files, so the
     built-in tasks (which would download) are left out to avoid the name clash.
     """
+    return _task_manager(tuple(task_manager_paths(offline)), include_defaults=not offline)
+
+
+@cache  # built once per set of folders: indexing lm-eval's task files costs seconds
+def _task_manager(paths: tuple[Path, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in task_manager_paths(offline)],
-                       include_defaults=not offline)
+    return TaskManager(include_path=[str(p) for p in paths], include_defaults=include_defaults)
 
 
 def task_manager_paths(offline: bool) -> list[Path]:
-    """hydrabench's task folders lm-eval indexes: the synthetic suite's, and offline the local
-    copies' configs."""
-    return [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline else [])]
+    """The task folders lm-eval indexes: the synthetic suite's, offline the local copies'
+    configs, and the user's own (--include-path, a profile's include_path)."""
+    return [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline else []),
+            *(folder.root for folder in included())]
 
 
 def check_tasks(tasks: list[str], allow_code_execution: bool = False) -> None:

@@ -12,6 +12,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from hydrabench import includes
 from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 
 PACKAGES = ("hydrabench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate",
@@ -154,24 +155,28 @@ OFFLINE_DATA_FAMILIES = ("mmlu", "gsm8k", "bbh", "medqa", "legalbench_early", "h
 def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
     """Per lm-eval task: its config (its family's YAML and Python, plus the shared includes and
     loaders beside them) and its data. Offline tasks read HYDRABENCH_DATA_DIR/<family>/; the tiny
-    tasks generate theirs from the synthetic suite; built-in tasks are fixed by lm-eval's version
-    and read the hub."""
-    roots = [TASKS_DIR / "tiny", *([TASKS_DIR / "offline"] if offline_mode() else [])]
+    tasks generate theirs from the synthetic suite; a task of an included folder reads the files
+    its config names and the folder's data files, and says which folder it came from; built-in
+    tasks are fixed by lm-eval's version and read the hub."""
+    synthetic, offline = TASKS_DIR / "tiny", TASKS_DIR / "offline"
+    roots = [synthetic, *([offline] if offline_mode() else [])]
     fingerprints = {}
     for task in tasks:
         root = next((r for r in roots if task in _task_folders(r)), None)
         if root is None:
-            fingerprints[task] = {"config": f"lm_eval {package_versions()['lm_eval']} built-in",
-                                  "data": "hub"}
+            folder = includes.folder_of(task)
+            fingerprints[task] = (_included_task_fingerprint(task, folder) if folder else
+                                  {"config": f"lm_eval {package_versions()['lm_eval']} built-in",
+                                   "data": "hub"})
             continue
         family = _task_folders(root)[task]
-        if root.name == "offline" and family.name not in OFFLINE_DATA_FAMILIES:
+        if root == offline and family.name not in OFFLINE_DATA_FAMILIES:
             family = root
         shared = "".join(file_digest(f) for f in sorted(root.iterdir())
                          if f.is_file() and _is_task_file(f))
         config = hashlib.sha256(
             (fingerprint_path(family, _is_task_file) + shared).encode()).hexdigest()
-        if root.name == "tiny":
+        if root == synthetic:
             data = f"synthetic:{synthetic_suite_fingerprint()}"
         elif (local := data_dir()) is not None:
             data = fingerprint_path(local if family == root else local / family.name)
@@ -179,3 +184,22 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
             data = "missing:HYDRABENCH_DATA_DIR unset"
         fingerprints[task] = {"config": config, "data": data}
     return fingerprints
+
+
+def _included_task_fingerprint(task: str, folder: includes.IncludedFolder) -> dict[str, str]:
+    """Config: the task files of its family (its top-level folder, or the whole folder but
+    tables/) and of the folder's top level. Data: the local files its config names and the
+    family's other files (a JSONL beside the YAML)."""
+    family, root = folder.family(task), folder.root
+
+    def outside_tables(path: Path) -> bool:
+        return not path.is_relative_to(root / "tables")
+
+    shared = "".join(file_digest(f) for f in sorted(root.iterdir())
+                     if f.is_file() and _is_task_file(f))
+    config = hashlib.sha256((fingerprint_path(
+        family, lambda p: _is_task_file(p) and outside_tables(p)) + shared).encode()).hexdigest()
+    named = "".join(fingerprint_path(f) for f in includes.data_files(includes.task_config(task)))
+    beside = fingerprint_path(family, lambda p: not _is_task_file(p) and outside_tables(p))
+    return {"config": config, "data": hashlib.sha256((named + beside).encode()).hexdigest(),
+            "include_path": str(root)}

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from hydrabench.errors import did_you_mean, require
+from hydrabench.includes import include
 from hydrabench.paths import data_dir
 from hydrabench.profiles import TaskColumn, load_profile, load_sharding
 from hydrabench.spec import (
@@ -34,6 +35,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     lm-eval task (checked against lm-eval's registry before the run starts).
     """
     prof = load_profile(profile)
+    include(prof.include_path, f"profile {profile}: include_path")  # its tasks, for fingerprints
     seed = prof.seed if seed is None else seed  # a profile may name its recipe's seed
     require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
             f"seed must be an integer in [0, 2**32), got {seed!r}")

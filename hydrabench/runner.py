@@ -43,6 +43,7 @@ from hydrabench.export import (
     merge_loaded,
     write_servable,
 )
+from hydrabench.includes import include_from_spec
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -226,7 +227,8 @@ def scored_as(spec: RunSpec) -> str:
         return f"lm-eval's task {spec.task}"
     kind = "stand-in column" if scores_stand_ins(spec) else "column"
     same_name = (f" (lm-eval's own {spec.task}: eval --task {LM_EVAL_PREFIX}{spec.task})"
-                 if spec.task in task_manager(offline_mode()).all_tasks else "")
+                 if spec.task in task_manager(offline_mode()).all_tasks
+                 and spec.eval_tasks != (spec.task,) else "")  # not when it scores just that
     return f"the {spec.profile} profile's {kind} {spec.task}{same_name}"
 
 
@@ -344,6 +346,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
         return None if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
+    include_from_spec(spec)
     distributed.init_if_launched()
     device = runtime_device(spec)
     base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)

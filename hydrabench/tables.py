@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydrabench.errors import SpecError, did_you_mean
+from hydrabench.includes import table_files
 from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.profiles import load_yaml
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
 from hydrabench.store import RunRecord, RunStore
-
-TABLES_DIR = TASKS_DIR / "tables"
 
 
 @dataclass(frozen=True)
@@ -74,13 +73,15 @@ class TableSpec:
 
 
 def table_names() -> list[str]:
-    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+    """The shipped tables and figures (tasks/tables) and the included folders' (their tables/)."""
+    return sorted(table_files())
 
 
 def load_table(name: str) -> TableSpec:
-    if name not in table_names():
-        raise did_you_mean("table", name, table_names())
-    raw = load_yaml(TABLES_DIR / f"{name}.yaml")
+    files = table_files()
+    if name not in files:
+        raise did_you_mean("table", name, sorted(files))
+    raw = load_yaml(files[name])
     try:
         return TableSpec(name=raw["name"], title=raw["title"], task=raw["task"],
                          rows=tuple(Row(**r) for r in raw["rows"]),
@@ -88,7 +89,7 @@ def load_table(name: str) -> TableSpec:
                          notes=tuple(raw.get("notes", ())),
                          eval_overrides=raw.get("eval_overrides", {}))
     except (KeyError, TypeError, SpecError) as err:
-        raise SpecError(f"malformed table spec {TABLES_DIR / f'{name}.yaml'}: {err}") from None
+        raise SpecError(f"malformed table spec {files[name]}: {err}") from None
 
 
 def find_records(table: TableSpec, profile: str, seeds: tuple[int, ...],

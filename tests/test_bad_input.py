@@ -51,6 +51,17 @@ def two_record_corpus(tmp_path: Path) -> str:
                         f"eval: [tiny_facts]}}}}\n")(tmp_path)
 
 
+def task_folder(files: dict[str, str]):
+    """A callable writing the user's own task folder (--include-path) with `files`; gives its
+    path."""
+    def write(tmp_path: Path) -> str:
+        for name, text in files.items():
+            (tmp_path / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "mine" / name).write_text(text)
+        return str(tmp_path / "mine")
+    return write
+
+
 def binary_profile(tmp_path: Path) -> str:
     (tmp_path / "mine.yaml").write_bytes(b"\x00\xff\xfe\x80 not YAML")
     return str(tmp_path / "mine.yaml")
@@ -121,6 +132,20 @@ CASES = [
         "extends: tiny\ntrain: {batch_size: 2.5}\n")], "batch_size must be an integer, got 2.5"),
     ("profile: max_steps true", [*RUN, "--profile", profile_file(
         "extends: tiny\ntrain: {max_steps: true}\n")], "max_steps must be an integer, got True"),
+    ("profile: include_path missing", [*RUN, "--profile", profile_file(
+        "extends: tiny\ninclude_path: [nowhere]\n")], "nowhere: no such folder"),
+    ("profile: include_path a mapping", [*RUN, "--profile", profile_file(
+        "extends: tiny\ninclude_path: {a: 1}\n")], "include_path must be a list of folders"),
+    ("include: missing folder", [*RUN, "--include-path", "no/such/dir"],
+     "--include-path no/such/dir: no such folder"),
+    ("include: task YAML that does not parse", [*RUN, "--include-path", task_folder(
+        {"mine.yaml": "task: [mine\n"})], "malformed YAML at"),
+    ("include: task named like a shipped one", ["eval", "--model", "builtin:tiny", "--task",
+                                                "tiny_facts", "--include-path", task_folder(
+        {"facts.yaml": "task: tiny_facts\n"})], "task tiny_facts is already defined by"),
+    ("include: table named like a shipped one", ["report", "table1", "--include-path",
+                                                 task_folder({"tables/table1.yaml": "x: 1\n"})],
+     "table table1 is already defined by"),
     ("lr inf", [*RUN, "--lr", "inf"], "lr must be a finite number"),
     ("alpha inf", [*RUN, "--alpha", "inf"], "alpha must be a finite number"),
     ("seed < 0", [*RUN, "--seed=-1"], "seed must be an integer in [0, 2**32)"),
