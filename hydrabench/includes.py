@@ -153,8 +153,14 @@ def data_files(config: dict[str, Any]) -> list[Path]:
     return [Path(p) for p in named if isinstance(p, str) and Path(p).exists()]
 
 
-def include_from_spec(spec: RunSpec) -> None:
+def spec_folders(spec: RunSpec) -> list[str]:
     """The folders a resolved spec's included tasks came from, as its task fingerprints name
-    them: a Slurm job rebuilds the spec in a fresh process that saw no --include-path."""
-    include(sorted({fp["include_path"] for fp in spec.inputs.tasks.values()
-                    if "include_path" in fp}), f"run {spec.run_id}: included task folder")
+    them."""
+    return sorted({fp["include_path"] for fp in spec.inputs.tasks.values()
+                   if "include_path" in fp})
+
+
+def include_from_spec(spec: RunSpec) -> None:
+    """Include the spec's folders: a Slurm job rebuilds the spec in a fresh process that saw no
+    --include-path."""
+    include(spec_folders(spec), f"run {spec.run_id}: included task folder")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydrabench.errors import SpecError, did_you_mean
-from hydrabench.includes import table_files
+from hydrabench.includes import spec_folders, table_files
 from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.profiles import load_yaml
 from hydrabench.resolve import resolve_spec
@@ -163,8 +163,10 @@ def data_source(spec: RunSpec) -> str:
             sources.append(f"Hugging Face hub {part[4:]}")
         elif part != "none":
             sources.append(f"local file {part}")
-    scored = (synthetic if scores_stand_ins(spec) else f"local copies in {local}"
-              if offline_mode() and local else "Hugging Face hub")
+    own = spec_folders(spec)
+    scored = (synthetic if scores_stand_ins(spec) else f"included task folder {', '.join(own)}"
+              if own else f"local copies in {local}" if offline_mode() and local
+              else "Hugging Face hub")
     training = f"train: {', '.join(sources)}; " if sources else ""
     return f"{training}eval: {scored}"
 

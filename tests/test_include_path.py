@@ -42,6 +42,7 @@ def test_the_readme_example_scores_the_own_task_and_reports_the_own_table(exampl
     assert re.search(r"^capitals\s+Capitals: LoRA and HydraLoRA", out, re.MULTILINE), out
     assert re.search(r"^table1\s", out, re.MULTILINE)  # beside the shipped ones
     report = (example / "reports" / "capitals.md").read_text()
+    assert f"eval: included task folder {example / 'my_tasks'}" in report
     for row in ("Base", "LoRA (r=8)", "HydraLoRA (r=8, 2 B)"):
         assert re.search(rf"^\| {re.escape(row)} +\| \d+\.\d\d ± ", report, re.MULTILINE), report
     records = [json.loads(p.read_text())
