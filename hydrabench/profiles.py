@@ -195,7 +195,10 @@ def _build_profile(where: str | Path, mapping: dict[str, Any]) -> Profile:
                                          f"sharding config, got {config!r}")
     for section, settings in (("train", TrainSettings), ("adapter", AdapterSettings),
                               ("eval", EvalSettings)):
-        parse_settings(settings, mapping.get(section, {}), f"profile {where}: {section}")
+        try:
+            parse_settings(settings, mapping.get(section, {}), section)
+        except SpecError as err:  # a wrong type, or a value out of range: name the file
+            raise SpecError(f"profile {where}: {err}") from None
     values = {key: mapping[key] for key in PROFILE_KEYS if key in mapping and key != "extends"}
     return Profile(**{**values, "tasks": tasks,
                       "include_path": tuple(mapping.get("include_path", ()))}, mapping=mapping)
