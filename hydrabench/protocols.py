@@ -3,16 +3,20 @@
 The paper's 38.88 for LLaMA-2-7B is zero-shot by its maintainers' word, Meta's 45.3 is
 five-shot, OpenCompass's 46.78 five-shot read by perplexity: one model, three numbers. This scores
 a model (or a run's artifact) under each protocol (lm-eval task YAML in
-tasks/offline/mmlu_protocols: lm-eval's letter log-likelihood zero- and five-shot, OpenCompass's
-mmlu_ppl_ac766d perplexity reading zero- and five-shot), on the same items, and writes one table:
+tasks/offline/mmlu_protocols over the local copies, tasks/hub/mmlu_protocols over the hub's
+cais/mmlu: lm-eval's letter log-likelihood zero- and five-shot, OpenCompass's mmlu_ppl_ac766d
+perplexity reading zero- and five-shot), on the same items, and writes one table:
 every protocol's score with its 95% interval, the paired differences between protocols, and the
 published LLaMA-2-7B figures beside them, marked as external.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,18 +26,18 @@ import pandas as pd
 
 from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.evaluate import read_samples
-from hydrabench.paths import TASKS_DIR, data_dir, reports_root
+from hydrabench.paths import TASKS_DIR, data_dir, hub_datasets_offline, offline_mode, reports_root
 from hydrabench.significance import PairedComparison, format_p, paired_comparison
 from hydrabench.store import RunStore, checked_run_id
 
-PROTOCOL_TASKS = TASKS_DIR / "offline" / "mmlu_protocols"
+HUB_MMLU = "cais/mmlu"  # what lm-eval's built-in mmlu and tasks/hub/mmlu_protocols read
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
 @dataclass(frozen=True)
 class Protocol:
     name: str  # what --protocols takes
-    task: str  # the lm-eval group in tasks/offline/mmlu_protocols
+    task: str  # the lm-eval group in tasks/{offline,hub}/mmlu_protocols
     label: str
     reading: str
 
@@ -99,18 +103,30 @@ def check_request(benchmark: str, names: list[str], limit: int | None) -> list[P
             raise did_you_mean("protocol", name, list(PROTOCOLS))
     if limit is not None and limit < 1:
         raise SpecError(f"--limit must be >= 1, got {limit}")
-    if data_dir() is None:
-        raise SpecError("the protocol tasks read local MMLU files: set HYDRABENCH_DATA_DIR "
-                        "(e.g. ../shared/data)")
+    if data_dir() is None and (offline_mode() or hub_datasets_offline()):
+        raise SpecError("the hub is switched off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE): set "
+                        "HYDRABENCH_DATA_DIR to local MMLU files (e.g. ../shared/data)")
     return [PROTOCOLS[name] for name in names]
+
+
+def protocol_task_folders() -> list[Path]:
+    """What lm-eval indexes for the protocol groups. Offline: tasks/offline (the local copies'
+    mmlu and tasks/offline/mmlu_protocols); else tasks/hub/mmlu_protocols and lm-eval's built-in
+    mmlu, which read cais/mmlu from the hub. Only these, not all of lm-eval's tasks (~10 s)."""
+    if offline_mode():
+        return [TASKS_DIR / "offline"]
+    import lm_eval
+
+    return [Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default",
+            TASKS_DIR / "hub" / "mmlu_protocols"]
 
 
 def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, Any, str, str]:
     """(model, tokenizer, the tokenizer's name or path, a label) of --model or --run."""
-    from hydrabench.models import load_base_model
+    from hydrabench.export import load_base_or_export
 
     if model is not None:
-        base = load_base_model(model)
+        base = load_base_or_export(model)
         return base.model, base.tokenizer, str(base.directory or model), model
     from hydrabench.methods import get_method
     from hydrabench.profiles import runtime_device
@@ -118,9 +134,24 @@ def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, 
     if not store.has(checked_run_id(run_id or "")):
         raise SpecError(f"no finished run {run_id!r} in {store.runs}")
     spec, record = store.load_spec(run_id), store.load(run_id)  # type: ignore[arg-type]
-    base = load_base_model(spec.model, spec.dtype, runtime_device(spec), spec.trust_remote_code)
+    base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
+                               spec.trust_remote_code)
     adapted = get_method(spec.method).load(base.model, record.artifact)
     return adapted, base.tokenizer, str(base.directory or spec.model), f"run {run_id}"
+
+
+@contextmanager
+def templates_compiled_once() -> Iterator[None]:
+    """lm-eval 0.4.13 compiles a prompt's Jinja template again at every render (its
+    apply_template; EleutherAI/lm-evaluation-harness#1286), seven times per five-shot MMLU item:
+    a fifth of the scoring time at --limit 100 on a small model. Compile each template once."""
+    from lm_eval import utils
+
+    utils.env.from_string = functools.cache(utils.env.from_string)
+    try:
+        yield
+    finally:
+        del utils.env.from_string  # the Environment's own method again
 
 
 def score_protocols(protocols: list[Protocol], model: Any, tokenizer: Any, tokenizer_name: str,
@@ -132,15 +163,19 @@ def score_protocols(protocols: list[Protocol], model: Any, tokenizer: Any, token
     from hydrabench.evaluate import _run_lm_eval
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32)
-    # The perplexity reading counts and truncates tokens as the scoring model does.
-    manager = TaskManager(include_path=[str(TASKS_DIR / "offline")], include_defaults=False,
-                          metadata={"tokenizer": tokenizer_name, "max_length": lm.max_length})
+    # The perplexity reading counts and truncates tokens as the scoring model does, and only in
+    # the documents lm-eval scores (its limit): a five-shot prompt is thousands of tokens.
+    manager = TaskManager(include_path=[str(p) for p in protocol_task_folders()],
+                          include_defaults=False,
+                          metadata={"tokenizer": tokenizer_name, "max_length": lm.max_length,
+                                    "limit": limit})
     scores = []
     for protocol in protocols:
         out = output_root / protocol.name
-        group = _run_lm_eval(lm, None, [protocol.task], batch_size=32, limit=limit, seed=0,
-                             allow_code_execution=False, num_fewshot=None, output_dir=out,
-                             manager=manager)[protocol.task]
+        with templates_compiled_once():
+            group = _run_lm_eval(lm, None, [protocol.task], batch_size=32, limit=limit, seed=0,
+                                 allow_code_execution=False, num_fewshot=None, output_dir=out,
+                                 manager=manager)[protocol.task]
         outcomes = {(task, row["doc_id"]): float(row["acc"]) for task, row in read_samples(out)}
         scores.append(ProtocolScore(protocol, 100 * group.value, outcomes))
     return scores
@@ -202,10 +237,12 @@ def shown_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 def report_lines(model_label: str, limit: int | None, n_items: int) -> list[str]:
     which = "all test items" if limit is None else f"the first {limit} of each subject"
+    source = (f"local copies in {data_dir()}; scored by lm-eval (tasks/offline/mmlu_protocols)"
+              if offline_mode() else
+              f"{HUB_MMLU} from the Hugging Face hub; scored by lm-eval (tasks/hub/mmlu_protocols)")
     return [
         f"# MMLU under several protocols: {model_label}", "",
-        f"- items: {n_items} ({which}), local copies in {data_dir()}; "
-        "scored by lm-eval (tasks/offline/mmlu_protocols)",
+        f"- items: {n_items} ({which}), {source}",
         "- score: acc in percent over all items (lm-eval's mmlu group, subjects weighted by "
         "size); 95% CI: ± 1.96 standard errors over the items, clipped to 0-100",
         "- paired Δ: second protocol minus first on the same items, with its 95% paired "

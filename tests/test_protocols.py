@@ -4,6 +4,7 @@ choice equals an independent plain-transformers computation of that protocol."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import torch
 from conftest import SHARED
 
 from hydrabench.cli import main
-from hydrabench.protocols import PROTOCOLS
+from hydrabench.paths import TASKS_DIR
+from hydrabench.protocols import PROTOCOLS, protocol_task_folders
 
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
@@ -158,4 +160,76 @@ def test_unknown_protocol_is_one_line_and_writes_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did you mean 'lm-eval-5shot'" in err[0]
     assert main(["protocols", "--model", str(MODEL), "--benchmark", "gsm8k"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    monkeypatch.delenv("HYDRABENCH_DATA_DIR")  # and conftest switches the hub off
+    assert main(["protocols", "--model", str(MODEL)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set HYDRABENCH_DATA_DIR" in err[0]
     assert not (store_env / "results").exists() and not (store_env / "reports").exists()
+
+
+def tasks_of_every_protocol(limit: int) -> dict[str, dict]:
+    """Each protocol's group as lm-eval builds it from the folders `hydrabench protocols`
+    indexes now (offline or hub), with the metadata it passes."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=[str(p) for p in protocol_task_folders()],
+                          include_defaults=False,
+                          metadata={"tokenizer": str(MODEL), "max_length": 512, "limit": limit})
+    return {p.task: manager.load(p.task) for p in PROTOCOLS.values()}
+
+
+# What a task's prompt and score are made of; the data source (dataset_path, dataset_kwargs,
+# custom_dataset) is what may differ between the hub and the offline tasks.
+TEMPLATE_KEYS = ("output_type", "test_split", "fewshot_split", "fewshot_config", "num_fewshot",
+                 "description", "doc_to_text", "doc_to_target", "doc_to_choice",
+                 "target_delimiter", "fewshot_delimiter", "metric_list", "process_results")
+
+
+def test_hub_protocol_tasks_are_the_offline_ones_over_cais_mmlu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not offline, `protocols` scores tasks/hub/mmlu_protocols: the same groups, subjects,
+    templates, metrics and (on the same data) requests as tasks/offline/mmlu_protocols, read
+    from cais/mmlu. No internet here, so datasets.load_dataset is replaced by the local copy of
+    the dataset asked for (the only stand-in in this test)."""
+    import datasets
+
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(DATA))
+    assert protocol_task_folders() == [TASKS_DIR / "offline"]
+    offline = tasks_of_every_protocol(limit=1)
+
+    spec = importlib.util.spec_from_file_location(
+        "hydrabench_offline_data", TASKS_DIR / "offline" / "hydrabench_offline_data.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    subjects = [name.removeprefix("mmlu_") for name in offline["mmlu_lm_eval_0shot"]["tasks"]]
+    copies = {subject: local.load(benchmark="mmlu", subject=subject) for subject in subjects}
+    fetched = []
+
+    def hub_stand_in(path: str, name: str | None = None, **kwargs) -> datasets.DatasetDict:
+        fetched.append((path, name))
+        return copies[name]
+
+    monkeypatch.setattr(datasets, "load_dataset", hub_stand_in)
+    for variable in ("HYDRABENCH_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    assert protocol_task_folders()[-1] == TASKS_DIR / "hub" / "mmlu_protocols"
+    hub = tasks_of_every_protocol(limit=1)
+
+    for group, built in hub.items():
+        assert sorted(built["tasks"]) == sorted(offline[group]["tasks"]), group
+        assert len(built["tasks"]) == 57
+        assert (built["groups"][group].aggregate_metric_list
+                == offline[group]["groups"][group].aggregate_metric_list)
+        for name, task in built["tasks"].items():
+            twin = offline[group]["tasks"][name]
+            for key in TEMPLATE_KEYS:
+                mine, theirs = getattr(task.config, key), getattr(twin.config, key)
+                if callable(mine):  # a utils.py function: the same file and name
+                    mine, theirs = ((f.__code__.co_filename, f.__name__) for f in (mine, theirs))
+                assert mine == theirs, (group, name, key)
+            for one in (task, twin):
+                one.build_all_requests(limit=1)
+            assert ([i.arguments for i in task.instances]
+                    == [i.arguments for i in twin.instances]), (group, name)
+    assert sorted(fetched) == sorted(("cais/mmlu", s) for s in subjects for _ in PROTOCOLS)

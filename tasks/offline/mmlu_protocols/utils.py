@@ -22,7 +22,11 @@ Sources (open-compass/opencompass @ a5acc4bb):
   in-context examples; the shipped hf_llama2_7b config sets none, so none are dropped here.
 
 The loader needs the scoring model's tokenizer and context length: hydrabench passes them as
-lm-eval task metadata (`tokenizer`, `max_length`).
+lm-eval task metadata (`tokenizer`, `max_length`), and lm-eval's --limit as `limit`, so that only
+the documents lm-eval scores are tokenized (a five-shot prompt is thousands of tokens; tokenizing
+every document of every subject took minutes and 8 GB). The data is the local copy
+($HYDRABENCH_DATA_DIR) or, when a task's dataset_kwargs name a `hub` dataset (the
+tasks/hub/mmlu_protocols groups), that dataset on the Hugging Face hub.
 """
 
 import functools
@@ -64,30 +68,34 @@ def _tokenizer(name: str):
     return AutoTokenizer.from_pretrained(name)
 
 
-def truncated(texts: list[str], tokenizer, max_length: int) -> list[tuple[str, int]]:
-    """The text the model sees of each prompt and its token count (BOS included): the prompt
+def truncated(text: str, tokenizer, max_length: int) -> tuple[str, int]:
+    """The text the model sees of a prompt and its token count (BOS included): the prompt
     right-truncated to max_length tokens, as a tokenizer call with truncation=True does."""
-    encoded = tokenizer(texts, return_offsets_mapping=True)
-    out = []
-    for text, ids, offsets in zip(texts, encoded["input_ids"], encoded["offset_mapping"],
-                                  strict=True):
-        if len(ids) <= max_length:
-            out.append((text, len(ids)))
-        else:  # up to the end of the last token kept
-            out.append((text[:offsets[max_length - 1][1]], max_length))
-    return out
+    encoded = tokenizer(text, truncation=True, max_length=max_length,
+                        return_offsets_mapping=True)
+    count = len(encoded["input_ids"])
+    # A prompt of max_length tokens or more ends where its last kept token ends.
+    return (text if count < max_length else text[:encoded["offset_mapping"][-1][1]]), count
 
 
-def _load(subject: str, shots: int, tokenizer: str, max_length: int, **metadata):
+def _splits(subject: str, hub: str | None) -> datasets.DatasetDict:
+    """The subject's test and dev splits in the cais/mmlu schema."""
+    if hub is not None:
+        return datasets.load_dataset(hub, subject)
+    return _offline_data().load(benchmark="mmlu", subject=subject)
+
+
+def _load(subject: str, shots: int, tokenizer: str, max_length: int, limit: int | None = None,
+          hub: str | None = None, **metadata):
     tok = _tokenizer(tokenizer)
-    splits = _offline_data().load(benchmark="mmlu", subject=subject)
+    splits = _splits(subject, hub)
     examples = list(splits["dev"])[:shots]
-    docs = list(splits["test"])
-    seen = truncated([p for doc in docs for p in prompts(doc, subject, examples)], tok,
-                     int(max_length))
-    rows = [{**doc, "ppl_prompts": [text for text, _ in seen[4 * i:4 * i + 4]],
-             "ppl_tokens": [count for _, count in seen[4 * i:4 * i + 4]]}
-            for i, doc in enumerate(docs)]
+    test = splits["test"]
+    rows = []
+    for doc in test.select(range(min(len(test), int(limit)))) if limit else test:
+        seen = [truncated(p, tok, int(max_length)) for p in prompts(doc, subject, examples)]
+        rows.append({**doc, "ppl_prompts": [text for text, _ in seen],
+                     "ppl_tokens": [count for _, count in seen]})
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
