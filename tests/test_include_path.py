@@ -11,7 +11,9 @@ import pytest
 from conftest import REPO
 
 from hydrabench import includes
+from hydrabench.provenance import task_fingerprints
 from hydrabench.resolve import resolve_spec
+from hydrabench.spec import spec_from_dict
 
 
 def readme_example() -> str:
@@ -80,4 +82,10 @@ def test_editing_the_own_task_or_its_data_changes_the_run_id_not_the_training(
     assert len({before.run_id, edited_task.run_id, edited_data.run_id}) == 3
     assert before.train_id == edited_task.train_id == edited_data.train_id
     assert spec().run_id == before.run_id
+    # A Slurm job rebuilds the spec from a dict in a process that saw no --include-path: the
+    # spec names the folder its task came from.
+    includes.use_only([], "--include-path")
+    includes.include_from_spec(spec_from_dict(before.to_dict()))
+    assert includes.folder_of("capitals").root == example / "my_tasks"
+    assert task_fingerprints(("capitals",)) == before.inputs.tasks
     includes.use_only([], "--include-path")  # the next test starts from none, as main does
