@@ -110,9 +110,9 @@ def task_names(config: dict[str, Any]) -> list[str]:
 
 @cache  # the shipped folders do not change while hydrabench runs
 def _shipped_tasks() -> dict[str, Path]:
-    """Every task and group name the shipped task folders define (online or offline)."""
+    """Every task and group name the shipped task folders define (tiny/, offline/, hub/...)."""
     names: dict[str, Path] = {}
-    for root in (TASKS_DIR / "tiny", TASKS_DIR / "offline"):
+    for root in sorted(p for p in TASKS_DIR.iterdir() if p.is_dir() and p.name != "tables"):
         for path in sorted(root.rglob("*.yaml")):
             try:
                 for name in task_names(load_yaml(path, TaskYamlLoader)):
