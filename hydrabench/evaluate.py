@@ -252,13 +252,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
 def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, batch_size: int,
                     limit: int | None, seed: int, allow_code_execution: bool = False,
                     num_fewshot: int | None = None, output_dir: Path | None = None,
-                    gen_kwargs: str | None = None) -> dict[str, TaskScore]:
-    """Score the checkpoint in `model_dir`, served by `server`, with lm-eval's local-completions.
+                    gen_kwargs: str | None = None,
+                    model_name: str | None = None) -> dict[str, TaskScore]:
+    """Score the checkpoint in `model_dir` (its tokenizer), served by `server`, with lm-eval's
+    local-completions; `model_name`: a LoRA adapter the server loaded (default: its model).
 
     The model_args make its per-answer loglikelihoods and greedy generations match the hf
     backend's on the same checkpoint (see `serving.local_completions_args`).
     """
-    model_args = local_completions_args(server, model_dir, server.max_model_len)
+    model_args = local_completions_args(server, model_dir, server.max_model_len, model_name)
     try:
         return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
                             limit=limit, seed=seed, allow_code_execution=allow_code_execution,

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -47,12 +48,21 @@ from hydrabench.includes import include_from_spec
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
-from hydrabench.models import BaseModel, load_base_model
+from hydrabench.models import BaseModel, load_base_model, resolve_model_dir
 from hydrabench.paths import offline_mode
 from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
 from hydrabench.resolve import LM_EVAL_PREFIX
-from hydrabench.serving import LOG_NAME, ServerError, VllmServer
+from hydrabench.serving import (
+    LOG_NAME,
+    VLLM_LORA_TARGETS,
+    LoraSlots,
+    ServerError,
+    SharedServers,
+    VllmServer,
+    served_lora_config,
+)
+from hydrabench.serving_plugin import ADAPTER_DIR
 from hydrabench.spec import RunSpec
 from hydrabench.store import Metering, Provenance, RunRecord, RunStore, TaskMetrics, Training
 from hydrabench.tables import data_source, scores_stand_ins
@@ -273,13 +283,92 @@ def offload(*modules: torch.nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
-              out: Path) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]:
+def served_on_base(spec: RunSpec, artifact: Path) -> dict | None:
+    """With `eval.serving: adapters`, how a server of the base model scores this run unmerged:
+    {} for the base model itself, else the peft config of its plain LoRA adapter (the artifact),
+    which vLLM's own LoRA serving computes exactly; None where neither holds (a checkpoint of its
+    own is served instead: merged weights, or the plugin's export)."""
+    if spec.eval.backend != "vllm" or spec.eval.serving != "adapters" or spec.trust_remote_code:
+        return None
+    if get_method(spec.method).adapt is None:  # a plugin export is served by the plugin
+        return None if (Path(_served_model(spec)) / ADAPTER_DIR).is_dir() else {}
+    return served_lora_config(artifact)
+
+
+def _base_server(spec: RunSpec, log_dir: Path, max_model_len: int,
+                 lora: LoraSlots | None) -> VllmServer:
+    """A (not yet started) server of the spec's base model, as the spec's eval settings ask."""
+    return VllmServer(_served_model(spec), dtype=spec.dtype, log_dir=log_dir,
+                      max_model_len=max_model_len, lora=lora,
+                      tensor_parallel_size=spec.eval.tensor_parallel_size,
+                      data_parallel_size=spec.eval.data_parallel_size,
+                      gpu_memory_utilization=spec.eval.gpu_memory_utilization)
+
+
+def _served_model(spec: RunSpec) -> str:
+    """The base model as vLLM and lm-eval's tokenizer load it: its local folder, else hub id."""
+    return str(resolve_model_dir(spec.model) or spec.model)
+
+
+def _shared_slots(specs: list[RunSpec]) -> LoraSlots | None:
+    """LoRA slots for every LoRA adapter the runs on one shared server may load (their ranks and
+    targets, as their specs set them); None when none of them has one."""
+    adapters = [{"r": s.adapter.rank, "target_modules": [
+        t for t in s.adapter.target_modules if t in VLLM_LORA_TARGETS]}
+                for s in specs if get_method(s.method).adapt is not None]
+    adapters = [a for a in adapters if a["target_modules"]]
+    return LoraSlots.fitting(adapters) if adapters else None
+
+
+def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path,
+                      lora: dict, artifact: Path, servers: SharedServers | None
+                      ) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]] | None:
+    """Score on a server of the base model: the run's LoRA adapter loaded into it under the run
+    id (none for the base model itself). `servers`: a sweep's shared servers (one per base model
+    and server settings); without them the run starts its own, its log in `out`. None when the
+    adapter does not fit the shared server's LoRA slots (then it is served on its own)."""
+    settings = _eval_settings(spec, out / "lm_eval")
+    context = eval_context(spec, model, tokenizer)
+    offload(model)  # served from the files, not from this copy
+    with contextlib.ExitStack() as stack:
+        if servers is None:
+            slots = LoraSlots.fitting([lora]) if lora else None
+            server = stack.enter_context(_base_server(spec, out, context, slots))
+        else:
+            key = (spec.model, spec.dtype, context, spec.eval.tensor_parallel_size,
+                   spec.eval.data_parallel_size, spec.eval.gpu_memory_utilization)
+            sharing = [s for s in servers.specs if (s.model, s.dtype) == key[:2]]
+            server = servers.get(key, lambda log_dir: _base_server(
+                spec, log_dir, context, _shared_slots(sharing)))
+            if lora and not (server.lora and server.lora.fits(lora)):
+                log(f"{spec.run_id}: its adapter does not fit the shared server's LoRA slots; "
+                    f"served on its own")
+                return None
+        name = spec.run_id if lora else server.model_name
+        with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
+            if lora:
+                server.load_adapter(name, artifact)
+            scores = evaluate_served(server, Path(_served_model(spec)), list(spec.eval_tasks),
+                                     model_name=name, **settings)
+            if lora:
+                server.unload_adapter(name)
+            meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
+    serving = {"mode": spec.eval.serving, "served_as": "lora" if lora else "base",
+               "server_log": os.path.relpath(server.log_path, out),
+               "startup_s": server.startup_s, "shared": servers is not None}
+    return scores, {"merge": "exact", "serving": serving}, {"eval": meter.result.to_dict()}
+
+
+def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artifact: Path,
+              servers: SharedServers | None = None,
+              ) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]:
     """Score with the spec's backend: (scores, the record's merge and serving entries, metering
     of the export and eval phases).
 
-    lm-eval's raw output goes to out/lm_eval. vllm serves the exactly merged checkpoint and keeps
-    the server's log in `out`.
+    lm-eval's raw output goes to out/lm_eval. vllm serves, as `eval.serving` says, the exactly
+    merged checkpoint (for HydraLoRA-family methods the adapter, by hydrabench's plugin) on a
+    server of its own, its log kept in `out`; or the base model with the run's LoRA adapter
+    loaded, on `servers` when a sweep shares them.
     """
     settings = _eval_settings(spec, out / "lm_eval")
     country = spec.country_iso_code
@@ -288,11 +377,16 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
             scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
         return scores, {"merge": None, "serving": None}, {"eval": meter.result.to_dict()}
+    lora = served_on_base(spec, artifact)
+    if lora is not None and (scored := _evaluate_on_base(spec, model, tokenizer, out, lora,
+                                                         artifact, servers)):
+        return scored
     # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one):
     # merged weights, or for HydraLoRA-family methods the adapter for hydrabench's vLLM plugin.
     with tempfile.TemporaryDirectory(dir=out, prefix="merged-") as directory:
         with Meter(phase="export", country_iso_code=country) as export_meter:
             label = write_servable(spec, model, tokenizer, Path(directory), spec.run_id)
+            plugin = (Path(directory) / ADAPTER_DIR).is_dir()  # the plugin's export
         offload(model)  # the served copy is on disk now
         # Server start-up counts as evaluation: it is what serving costs on each run.
         with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
@@ -304,8 +398,9 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer,
                 gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
             scores = evaluate_served(server, Path(directory), list(spec.eval_tasks), **settings)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
-    return scores, {"merge": label,
-                    "serving": {"server_log": LOG_NAME, "startup_s": server.startup_s}}, {
+    serving = {"mode": spec.eval.serving, "served_as": "plugin" if plugin else "merged",
+               "server_log": LOG_NAME, "startup_s": server.startup_s, "shared": False}
+    return scores, {"merge": label, "serving": serving}, {
         "export": export_meter.result.to_dict(), "eval": meter.result.to_dict()}
 
 
@@ -335,10 +430,13 @@ def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
 
 
 def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
-            store: RunStore | None = None, dry_run: bool = False) -> RunRecord | None:
+            store: RunStore | None = None, dry_run: bool = False, train_only: bool = False,
+            servers: SharedServers | None = None) -> RunRecord | None:
     """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
     score again); return the record. `dry_run`: check, say the plan and show one training
-    example as the trainer sees it, then stop (nothing trained, nothing written: None)."""
+    example as the trainer sees it, then stop (nothing trained, nothing written: None).
+    `train_only`: stop once the artifact is trained (None). `servers`: vLLM servers shared with
+    other runs (a sweep's), used with `eval.serving: adapters`."""
     store = store or RunStore()
     force = force or retrain
     method = get_method(spec.method)
@@ -387,13 +485,16 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         started = time.time()
         artifact, train_info = ensure_trained(spec, method, store, base, records,
                                               retrain=retrain)
+        if train_only:
+            return None
         if needs_training:  # training adapted the first base model in place: load a fresh one
             offload(base.model)
             base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
             model = load_trained(method, base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
-            scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch)
+            scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch,
+                                                          artifact, servers)
             gaps = (merge_gaps(spec, model, base.tokenizer, scores, scratch)
                     if spec.eval.merge_gap and not method.mergeable else None)
             training, train_metering = Training.from_artifact(train_info)

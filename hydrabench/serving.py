@@ -8,7 +8,9 @@ starts. It is started as `python -m vllm.entrypoints.openai.api_server`, not `vl
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -20,7 +22,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +37,65 @@ EXCEPTION = re.compile(r"^[\w.]*(?:Error|Exception)\b(?::.*)?$")
 
 
 class ServerError(SpecError):
-    """The server did not come up: one line naming its log (kept) and the log's last error."""
+    """The server did not come up, died, or refused an adapter: one line naming its log (kept)
+    and the log's last error."""
+
+
+# The ranks vLLM reserves LoRA slots for (its MaxLoRARanks); an adapter of rank r takes the
+# smallest slot >= r.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# The linear layers vLLM applies a peft LoRA to in the architectures hydrabench serves.
+VLLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSlots:
+    """vLLM's own LoRA serving: adapters of rank <= max_rank on these target modules are loaded
+    at run time (/v1/load_lora_adapter), one model name each, and scored unmerged."""
+
+    max_rank: int
+    target_modules: tuple[str, ...]
+
+    @classmethod
+    def fitting(cls, adapters: Iterable[Mapping]) -> LoraSlots:
+        """Slots for every adapter config given (peft's adapter_config.json contents)."""
+        configs = list(adapters)
+        rank = max(max([c["r"], *(c.get("rank_pattern") or {}).values()]) for c in configs)
+        targets = sorted({t for c in configs for t in c["target_modules"]})
+        return cls(next(r for r in VLLM_LORA_RANKS if r >= rank), tuple(targets))
+
+    def fits(self, adapter: Mapping) -> bool:
+        """Whether these slots take the adapter of this peft config."""
+        return (LoraSlots.fitting([adapter]).max_rank <= self.max_rank
+                and set(adapter["target_modules"]) <= set(self.target_modules))
+
+    def arguments(self) -> list[str]:
+        # The targets are named, not left to vLLM's default of every layer it supports: with
+        # lm_head wrapped too, vLLM's CPU build fails on prompt logprobs (its logits LoRA maps
+        # one row per request, not per prompt token).
+        return ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(self.max_rank),
+                "--lora-target-modules", *self.target_modules]
+
+
+def served_lora_config(adapter: Path) -> dict | None:
+    """The peft config of a plain LoRA adapter in `adapter` that vLLM's LoRA serving computes
+    exactly as peft does (rank within vLLM's slots, targets it adapts, no DoRA, no bias, no
+    modules saved whole, no initialisation that changes the base weights); else None."""
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    targets = config.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else targets
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    plain = (config.get("peft_type") == "LORA" and isinstance(targets, list) and targets
+             and set(targets) <= set(VLLM_LORA_TARGETS)
+             and all(isinstance(r, int) and 1 <= r <= VLLM_LORA_RANKS[-1] for r in ranks)
+             and not config.get("use_dora") and not config.get("modules_to_save")
+             and config.get("bias", "none") == "none" and not config.get("lora_bias")
+             and config.get("init_lora_weights", True) in (True, False, "gaussian")
+             and not config.get("layer_replication"))
+    return {**config, "target_modules": targets} if plain else None
 
 
 def last_error_line(log: str) -> str:
@@ -98,7 +159,7 @@ class VllmServer:
                  port: int | None = None, log_dir: str | Path, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, gpu_memory_utilization: float | None = None,
                  extra_env: Mapping[str, str] | None = None, startup_timeout_s: float = 600.0,
-                 stop_grace_s: float = 30.0) -> None:
+                 stop_grace_s: float = 30.0, lora: LoraSlots | None = None) -> None:
         self.model_dir = Path(model_dir).resolve()
         self.dtype = dtype
         self.max_model_len = max_model_len
@@ -110,6 +171,7 @@ class VllmServer:
         self.extra_env = dict(extra_env or {})
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
+        self.lora = lora
         self.startup_s: float | None = None
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
@@ -137,6 +199,8 @@ class VllmServer:
                "--disable-uvicorn-access-log"]
         if self.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
+        if self.lora is not None:
+            cmd += self.lora.arguments()
         return cmd
 
     def _env(self, scratch: Path) -> dict[str, str]:
@@ -147,6 +211,8 @@ class VllmServer:
         # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
         env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(scratch / "vllm"),
                     "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")})
+        if self.lora is not None:  # adapters are loaded and unloaded while it serves
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.update(self.extra_env)
         return env
 
@@ -194,6 +260,35 @@ class VllmServer:
         kept.write_text(text)
         raise ServerError(f"vLLM server {what}: {last_error_line(text)} (server log: {kept})")
 
+    def load_adapter(self, name: str, adapter: Path) -> None:
+        """Serve the LoRA adapter in `adapter` as model `name` (a server started with `lora`)."""
+        self._post("/v1/load_lora_adapter", {"lora_name": name,
+                                               "lora_path": str(adapter.resolve())},
+                   f"refused the adapter {adapter}")
+
+    def unload_adapter(self, name: str) -> None:
+        self._post("/v1/unload_lora_adapter", {"lora_name": name},
+                   f"could not unload the adapter {name}")
+
+    def _post(self, path: str, payload: dict, what: str) -> None:
+        request = urllib.request.Request(f"{self.base_url}{path}", method="POST",
+                                         data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600):
+                return
+        except urllib.error.HTTPError as err:  # vLLM's JSON error says why
+            reason = err.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                reason = json.loads(reason)["error"]["message"]
+            self.raise_if_dead()
+            first = (reason.strip().splitlines() or [str(err)])[0]
+            raise ServerError(f"vLLM server {what}: {first} (server log: {self.log_path})"
+                              ) from None
+        except (urllib.error.URLError, OSError):
+            self.raise_if_dead()
+            raise
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.base_url}/health", timeout=5) as response:
@@ -234,16 +329,18 @@ class VllmServer:
         self.stop()
 
 
-def local_completions_args(server: VllmServer, model_dir: str | Path, max_length: int) -> str:
+def local_completions_args(server: VllmServer, model_dir: str | Path, max_length: int,
+                           model_name: str | None = None) -> str:
     """lm-eval `local-completions` model_args that reproduce the hf backend's scores.
 
     Requests go pre-tokenized with the model's own tokenizer (`model_dir`) and lm-eval adds the
     BOS itself: with `tokenized_requests=False` the server adds a BOS while lm-eval cuts the
     continuation one token early, and every loglikelihood is off by nats. `max_length` should be
     the server's max_model_len (lm-eval assumes 2048 otherwise). Batch size is lm-eval's own
-    argument, not part of model_args.
+    argument, not part of model_args. `model_name`: an adapter the server loaded (default: the
+    model it serves).
     """
-    values = {"model": server.model_name, "base_url": server.completions_url,
+    values = {"model": model_name or server.model_name, "base_url": server.completions_url,
               "tokenizer_backend": "huggingface", "tokenizer": str(model_dir),
               "num_concurrent": 4, "max_retries": 2, "tokenized_requests": True,
               "add_bos_token": True, "max_length": max_length}
@@ -253,3 +350,40 @@ def local_completions_args(server: VllmServer, model_dir: str | Path, max_length
             raise ValueError(f"lm-eval model_args cannot carry a path with ',' or '=': "
                              f"{values[key]}")
     return ",".join(f"{k}={v}" for k, v in values.items())
+
+
+class SharedServers:
+    """vLLM servers shared by many runs (a sweep's), at most one per key (base model and server
+    settings): each started when its first run asks for it, all stopped when the block ends.
+    Each keeps its log in log_root/<server id>/; one that does not come up leaves nothing there.
+    """
+
+    def __init__(self, specs: Iterable, log_root: Path) -> None:
+        self.specs = list(specs)  # the runs that may be scored on these servers
+        self.log_root = log_root
+        self._servers: dict[tuple, VllmServer] = {}
+
+    def get(self, key: tuple, build: Callable[[Path], VllmServer]) -> VllmServer:
+        """The started server for `key`; `build(log_dir)` makes it when there is none yet."""
+        if key not in self._servers:
+            made_root = not self.log_root.exists()
+            log_dir = self.log_root / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-" \
+                                      f"{len(self._servers)}"
+            try:
+                self._servers[key] = build(log_dir).start()
+            except ServerError:  # its log was copied out: ServerError names the copy
+                shutil.rmtree(log_dir, ignore_errors=True)
+                if made_root:
+                    with contextlib.suppress(OSError):
+                        self.log_root.rmdir()
+                raise
+        return self._servers[key]
+
+    def __enter__(self) -> SharedServers:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for server in self._servers.values():
+            server.stop()
+        self._servers.clear()

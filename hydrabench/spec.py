@@ -83,6 +83,7 @@ class AdapterSettings:
 # HydraLoRA-family methods the adapter, by hydrabench's plugin); auto (profiles only): vllm for
 # the methods vLLM serves exactly on the model, hf for the others.
 BACKENDS = ("hf", "vllm", "auto")
+SERVING_MODES = ("merged", "adapters")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ class EvalSettings:
     data_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None  # None: the model's own context length
+    # merged: a checkpoint per run, each on a server of its own (the card's merged weights);
+    # adapters: runs on one base model share a server, a LoRA adapter loaded per run (vLLM's
+    # own LoRA serving, unmerged and exact); runs it cannot serve so keep a server each.
+    serving: str = "merged"
     # lm-eval's --gen_kwargs ("max_gen_toks=128,temperature=0"), over each generation task's own
     gen_kwargs: str | None = None
 
@@ -117,6 +122,8 @@ class EvalSettings:
                 "tensor_parallel_size and data_parallel_size must be >= 1")
         require(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        require(self.serving in SERVING_MODES,
+                f"unknown serving {self.serving!r}; valid: {', '.join(SERVING_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +163,12 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        """Readable prefix plus a hash of the whole resolved spec."""
-        return f"{self.method}-{self.task}-s{self.seed}-{self._digest(self.to_dict())}"
+        """Readable prefix plus a hash of the whole resolved spec (serving at its default left
+        out, so that runs made before the setting existed keep their ids)."""
+        payload = self.to_dict()
+        if payload["eval"]["serving"] == EvalSettings.serving:
+            del payload["eval"]["serving"]
+        return f"{self.method}-{self.task}-s{self.seed}-{self._digest(payload)}"
 
     @property
     def train_id(self) -> str:

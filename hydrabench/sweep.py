@@ -27,6 +27,7 @@ from hydrabench.atomic import write_json_atomic
 from hydrabench.errors import SpecError
 from hydrabench.profiles import load_profile
 from hydrabench.progress import log
+from hydrabench.serving import SharedServers
 from hydrabench.spec import RunSpec, spec_from_dict
 from hydrabench.store import RunStore, checked_run_id
 from hydrabench.tables import Row, TableSpec
@@ -80,12 +81,26 @@ class Sweep:
         log(f"{where}: {run.skip}, left empty" if run.skip else f"{where} → {run.spec.run_id}")
 
     def run_local(self) -> None:
-        """Every runnable cell in turn, in this process; finished runs are skipped."""
+        """Every runnable cell in turn, in this process; finished runs are skipped.
+
+        Where runs share vLLM servers (`eval.serving: adapters`), every run is trained first,
+        then the runs are scored, those on one base model on one server (started once).
+        """
         self.log_plan()
+        shared = [run.spec for run in self.runs if run.skip is None
+                  and run.spec.eval.backend == "vllm" and run.spec.eval.serving == "adapters"]
         for i, run in enumerate(self.runs, start=1):
             self._log_run(i, run)
-            if run.skip is None:
+            if run.skip is None and shared:  # train every run before the servers start
+                self.execute(run.spec, train_only=True)
+            elif run.skip is None:
                 self.execute(run.spec)
+        if not shared:
+            return
+        with SharedServers(shared, self.store.root / "servers") as servers:
+            for run in self.runs:
+                if run.skip is None:
+                    self.execute(run.spec, servers=servers)
 
     def submit_slurm(self, executor_class: type[submitit.Executor] = submitit.SlurmExecutor,
                      ) -> None:

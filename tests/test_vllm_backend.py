@@ -277,3 +277,99 @@ def test_damaged_artifact_of_a_finished_run_is_one_line(
     assert len(errors) == 1 and f"cannot load the trained artifact in {artifact}" in errors[0], (
         errors)
     assert tree(results) == before
+
+
+# -- one server for many runs (eval.serving: adapters) -------------------------------------------
+
+SWEEP_FLAGS = ["sweep", "table1", "--rows", "1,2", "--max-steps", "4", "--limit", "4"]
+
+
+def sweep_records(results: Path, serving: str, tmp_path: Path) -> list[dict]:
+    """`hydrabench sweep` of table 1's LoRA rows (r=8, r=16) with backend vllm and `serving`:
+    the two runs' records (read as JSON). The profile file keeps its path (part of the train
+    id): the runs of either serving share their trained adapters."""
+    profile = profile_file(tmp_path, f"eval: {{backend: vllm, serving: {serving}}}\n")
+    result = hydrabench(*SWEEP_FLAGS, "--profile", profile, results=results)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(results.glob("runs/*/record.json"))]
+    return [r for r in records if r["spec"]["eval"]["serving"] == serving]
+
+
+@pytest.mark.slow
+def test_sweep_scores_lora_rows_on_one_server_as_merged_weights_do(
+        vllm_available: None, tmp_path: Path) -> None:
+    """Two LoRA rows of a table, `eval.serving: adapters`: both trained first, then scored on
+    one server of the base model (vLLM's own LoRA serving, each adapter loaded under its run
+    id), and per answer within 1e-4 of the same runs served as merged weights, a server each."""
+    results = tmp_path / "results"
+    shared = sweep_records(results, "adapters", tmp_path)
+    assert len(shared) == 2
+    logs = sorted(results.glob("servers/*/vllm_server.log"))
+    assert len(logs) == 1 and logs[0].read_text().count("Starting vLLM server") == 1
+    for record in shared:
+        serving = record["serving"]
+        assert serving["mode"] == "adapters" and serving["served_as"] == "lora"
+        assert serving["shared"] and record["merge"] == "exact"
+        assert (results / "runs" / record["run_id"] / serving["server_log"]).resolve() == logs[0]
+        assert serving["startup_s"] > 0
+    assert {r["spec"]["adapter"]["rank"] for r in shared} == {8, 16}
+
+    merged = {r["train_id"]: r for r in sweep_records(results, "merged", tmp_path)}
+    assert merged.keys() == {r["train_id"] for r in shared}  # the same adapters, scored twice
+    for record in shared:
+        other = merged[record["train_id"]]
+        assert other["serving"]["mode"] == "merged" and not other["serving"]["shared"]
+        for task, score in record["metrics"].items():
+            print(assert_same_scores(results / "runs" / other["run_id"] / "lm_eval",
+                                     results / "runs" / record["run_id"] / "lm_eval", task,
+                                     score["primary"].split(",")[0], tolerance=1e-4))
+
+
+def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[str, dict]],
+                                                tmp_path: Path) -> None:
+    """A plain peft LoRA artifact is served on the base model's server (vLLM's own LoRA
+    serving); a HydraLoRA adapter, DoRA or hf scoring are not; slots fit every adapter."""
+    from dataclasses import replace
+
+    from hydrabench.runner import served_on_base
+    from hydrabench.serving import LoraSlots, served_lora_config
+    from hydrabench.spec import spec_from_dict
+
+    _, records = finished_runs
+    lora_artifact = Path(records["lora"]["artifact"])
+    config = served_lora_config(lora_artifact)
+    assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    assert served_lora_config(Path(records["hydralora"]["artifact"])) is None
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert served_lora_config(dora) is None
+
+    spec = spec_from_dict(records["lora"]["spec"])
+    adapters = replace(spec, eval=replace(spec.eval, backend="vllm", serving="adapters"))
+    assert served_on_base(adapters, lora_artifact) == config
+    assert served_on_base(replace(adapters, eval=replace(adapters.eval, serving="merged")),
+                          lora_artifact) is None
+    assert served_on_base(replace(adapters, eval=replace(adapters.eval, backend="hf")),
+                          lora_artifact) is None
+    base = replace(adapters, method="base")
+    assert served_on_base(base, lora_artifact) == {}  # the base model itself
+    # The setting names a run of its own (its own record) but not a training of its own.
+    assert adapters.run_id != spec.run_id and adapters.train_id == spec.train_id
+
+    slots = LoraSlots.fitting([config, {"r": 12, "target_modules": ["q_proj", "k_proj"]}])
+    assert slots == LoraSlots(16, ("k_proj", "q_proj", "v_proj"))  # vLLM's rank slots
+    assert slots.fits(config) and not slots.fits({"r": 32, "target_modules": ["q_proj"]})
+    assert not slots.fits({"r": 8, "target_modules": ["o_proj"]})
+    assert slots.arguments()[-4:] == ["--lora-target-modules", "k_proj", "q_proj", "v_proj"]
+
+
+def test_unknown_serving_mode_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    from conftest import assert_refused_in_one_line
+
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert_refused_in_one_line(
+        ["run", "--method", "lora", "--task", "medical", "--profile",
+         profile_file(tmp_path, "eval: {backend: vllm, serving: both}\n")],
+        "unknown serving 'both'; valid: merged, adapters", tmp_path / "results", capsys)
