@@ -42,7 +42,12 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
 from hydrabench.export import save_plugin_checkpoint
-from hydrabench.methods.hydralora import HydraLoraConfig, apply_hydralora, hydralora_layers
+from hydrabench.methods.hydralora import (
+    METHOD,
+    HydraLoraConfig,
+    apply_hydralora,
+    hydralora_layers,
+)
 from hydrabench.models import BUILTIN_TINY, load_base_model
 from hydrabench.paths import TASKS_DIR
 
@@ -158,7 +163,7 @@ def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
     with torch.no_grad():
         for layer in hydralora_layers(model).values():
             layer.lora_B.normal_(std=0.02)
-    save_plugin_checkpoint(model, base.tokenizer, export_dir, "bench-eval")
+    save_plugin_checkpoint(METHOD, model, base.tokenizer, export_dir, "bench-eval")
     return model.eval()
 
 

@@ -55,7 +55,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     hp.add_argument("--target-modules", default=None,
                     help="comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--merge-gap", action="store_true",
-                   help="HydraLoRA: also score the uniform and router-mean merges, record the gap")
+                   help="also score the method's approximate merges (HydraLoRA's family: uniform, "
+                   "router-mean) and record the gap")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written code for code tasks (sandboxed); off by default")
 
@@ -374,12 +375,11 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
 
 def _cmd_list(args: argparse.Namespace) -> None:
     if args.what == "methods":
-        from hydrabench.export import served_by_plugin
         from hydrabench.methods import METHODS
 
         for m in METHODS.values():
             serving = ("" if m.mergeable else "  [vllm: unmerged, by the plugin]"
-                       if served_by_plugin(m) else "  [hf backend only]")
+                       if m.served_by_plugin else "  [hf backend only]")
             print(f"{m.name:20s} {m.description}{serving}")
     elif args.what == "tasks":
         from hydrabench.profiles import load_profile

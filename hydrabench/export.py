@@ -1,19 +1,17 @@
 """`hydrabench export RUN`: a standalone HF checkpoint (safetensors + tokenizer) to serve.
 
-Mergeable methods merge exactly (peft's merge_and_unload, full FT as is). HydraLoRA's gate depends
-on every token, so no single merge is exact. For the methods whose artifact is a HydraLoRA adapter
-(hydralora, hydralora-uniform, loramoe, lora-split) the exact export (`--merge exact`, the default)
-is the base checkpoint plus the adapter, served per token by hydrabench's vLLM plugin
-(`hydrabench.serving_plugin`); `load_base_model` loads it for hf. Two approximate merges stay:
-`uniform` uses g = 1/N, `router-mean` the router's gate averaged over the prompts of the run's
-evaluated task (one checkpoint per task).
+Mergeable methods merge exactly (peft's merge_and_unload, full FT as is). A method the vLLM plugin
+serves (`Method.served_by_plugin`: HydraLoRA's family, whose gate depends on every token, so no
+single merge is exact) is exported exactly (`--merge exact`, the default) as the base checkpoint
+plus the adapter, served per token by hydrabench's vLLM plugin (`hydrabench.serving_plugin`);
+`load_base_or_export` loads it for hf. A method's approximate merges (`Method.approximate_merges`,
+HydraLoRA's `uniform` and `router-mean`) are the other choices of --merge; one calibrated on the
+run's evaluated prompts gives one checkpoint per task.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,14 +23,6 @@ from hydrabench.evaluate import read_samples
 from hydrabench.metering import Meter
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method
-from hydrabench.methods.hydralora import (
-    HydraLoraLinear,
-    hydralora_layers,
-    load_hydralora,
-    mean_router_gates,
-    merge_hydralora,
-    save_hydralora,
-)
 from hydrabench.models import load_base_model
 from hydrabench.profiles import runtime_device
 from hydrabench.serving_plugin import (
@@ -40,13 +30,13 @@ from hydrabench.serving_plugin import (
     PluginError,
     check_adapter_config,
     check_covered,
+    is_plugin_export,
     plugin_architecture,
     read_adapter_config,
 )
 from hydrabench.spec import RunSpec
 from hydrabench.store import RunStore
 
-HYDRALORA_MERGES = ("uniform", "router-mean")
 EXPORT_INFO = "hydrabench_export.json"
 
 
@@ -60,44 +50,57 @@ def merge_loaded(spec: RunSpec, model: torch.nn.Module, tokenizer, merge: str | 
                  run_dir: Path | None = None) -> tuple[torch.nn.Module, str]:
     """(plain transformers model, merge label) from a model with the method's adapter loaded.
 
-    `run_dir` holds the evaluated prompts that a router-mean merge averages the gate over.
+    `run_dir` holds the evaluated prompts that a calibrated approximate merge reads.
     """
-    method = get_method(spec.method)
+    method = serving_method(spec)
     if method.mergeable:
         if merge not in (None, "exact"):
-            raise SpecError(f"{spec.method} merges exactly; --merge {merge} is for HydraLoRA only")
+            raise SpecError(f"{spec.method} merges exactly; --merge {merge} is for methods "
+                            f"without an exact merge")
         return method.merge(model), "exact"
-    if not hydralora_layers(model):
+    merges = method.approximate_merges
+    if not merges:
         raise SpecError(f"method {spec.method} cannot be merged into a standalone checkpoint")
-    if merge not in HYDRALORA_MERGES:
-        raise SpecError(f"HydraLoRA's per-token gate has no exact merge: choose --merge "
-                        f"{' or '.join(HYDRALORA_MERGES)}, or serve it unmerged (--merge exact)")
-    if merge == "uniform":
-        return merge_hydralora(model, "uniform"), merge
-    if run_dir is None:
-        raise SpecError("a router-mean merge needs a finished run's evaluated prompts")
-    batches = [tokenizer(p, return_tensors="pt") for p in task_prompts(run_dir)]
-    return merge_hydralora(model, mean_router_gates(model, batches)), merge
+    if merge not in merges:
+        unmerged = ", or serve it unmerged (--merge exact)" if method.served_by_plugin else ""
+        raise SpecError(f"{spec.method} has no exact merge: choose --merge "
+                        f"{' or '.join(merges)}{unmerged}")
+
+    def prompts() -> list:
+        if run_dir is None:
+            raise SpecError(f"a {merge} merge needs a finished run's evaluated prompts")
+        return [tokenizer(p, return_tensors="pt") for p in task_prompts(run_dir)]
+
+    return merges[merge](model, prompts), merge
 
 
-def served_by_plugin(method: Method) -> bool:
-    """Methods whose artifact is a HydraLoRA adapter (hydralora, hydralora-uniform, loramoe,
-    lora-split): no merge is exact; hydrabench's vLLM plugin serves them exactly."""
-    return method.load is load_hydralora
+def exported_model_dir(spec: RunSpec) -> Path | None:
+    """The plugin export the spec names as its base model (`eval --model EXPORT`), else None."""
+    directory = Path(spec.model)
+    return directory if spec.method == "base" and is_plugin_export(directory) else None
 
 
-def check_servable(spec: RunSpec, method: Method, model: torch.nn.Module) -> None:
+def serving_method(spec: RunSpec) -> Method:
+    """The method whose artifact the run's model carries: the spec's, or for a plugin export
+    named as the base model, its adapter's (loaded with it by `load_base_or_export`)."""
+    exported = exported_model_dir(spec)
+    return get_method(read_adapter_config(exported)["method"] if exported else spec.method)
+
+
+def check_servable(spec: RunSpec, model: torch.nn.Module) -> None:
     """Fail before any work when the spec's backend cannot serve this run exactly (`model`: the
     loaded base model, whose config names its architecture)."""
     if spec.eval.backend == "hf":
         return
-    from_export = bool(hydralora_layers(model))  # `eval --model` of a plugin export
-    if not (method.mergeable or served_by_plugin(method) or from_export):
+    method = serving_method(spec)
+    if not (method.mergeable or method.served_by_plugin):
         raise SpecError(f"method {spec.method} cannot be merged, so it cannot be served by "
                         f"{spec.eval.backend}; use --backend hf")
-    if not (served_by_plugin(method) or from_export):
+    if not method.served_by_plugin:
         return
-    targets = model.hydralora_config.target_modules if from_export else spec.adapter.target_modules
+    exported = exported_model_dir(spec)
+    targets = (read_adapter_config(exported)["target_modules"] if exported
+               else spec.adapter.target_modules)
     try:
         check_covered([type(model).__name__], targets, spec.eval.tensor_parallel_size)
     except PluginError as err:
@@ -111,7 +114,7 @@ def auto_backend(method_name: str, model: str, target_modules: tuple[str, ...],
     from hydrabench.methods import METHODS
 
     method = METHODS.get(method_name)
-    if method is None or not (method.mergeable or served_by_plugin(method)):
+    if method is None or not (method.mergeable or method.served_by_plugin):
         return "hf"
     if method.mergeable:
         return "vllm"
@@ -136,36 +139,19 @@ def _architectures(model: str) -> list[str]:
     return list(config.architectures or [])
 
 
-@contextmanager
-def base_layers_in_place(model: torch.nn.Module,
-                         layers: Mapping[str, HydraLoraLinear]) -> Iterator[None]:
-    """Inside the block each HydraLoRA layer's frozen base linear is back in its place, so
-    save_pretrained writes the base checkpoint itself; the adapter comes back afterwards."""
-    def put(path: str, module: torch.nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-
-    for path, layer in layers.items():
-        put(path, layer.base)
-    try:
-        yield
-    finally:
-        for path, layer in layers.items():
-            put(path, layer)
-
-
-def save_plugin_checkpoint(model: torch.nn.Module, tokenizer, directory: Path,
+def save_plugin_checkpoint(method: Method, model: torch.nn.Module, tokenizer, directory: Path,
                            run_id: str) -> None:
-    """The exact servable export of a HydraLoRA-family model: the base checkpoint, the adapter in
-    hydralora/ (as save_hydralora writes it), config.json's architectures naming the plugin
-    class. vLLM serves it with hydrabench's plugin; `load_base_model` loads it for hf."""
+    """The exact servable export of a model the vLLM plugin serves: the base checkpoint, the
+    adapter in hydralora/ (as `method.save` writes it), config.json's architectures naming the
+    plugin class. vLLM serves it with hydrabench's plugin; `load_base_or_export` loads it for
+    hf."""
     try:  # transformers loads a plugin export as its base class too
         architecture = plugin_architecture([type(model).__name__])
     except PluginError as err:
         raise SpecError(str(err)) from None
-    with torch.no_grad(), base_layers_in_place(model, hydralora_layers(model)):
+    with torch.no_grad(), method.base_layers_in_place(model):
         model.save_pretrained(directory, safe_serialization=True)
-    save_hydralora(model, directory / ADAPTER_DIR)
+    method.save(model, directory / ADAPTER_DIR)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
     write_json_atomic(directory / "config.json", {**config, "architectures": [architecture]})
@@ -186,8 +172,9 @@ def with_exported_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.M
     """The exact hf model of a plugin export: its base model with the adapter in hydralora/."""
     adapter = directory / ADAPTER_DIR
     try:
-        check_adapter_config(read_adapter_config(directory))
-        return load_hydralora(model, adapter)
+        config = read_adapter_config(directory)
+        check_adapter_config(config)
+        return get_method(config["method"]).load(model, adapter)
     except torch.OutOfMemoryError:
         raise
     except ADAPTER_ERRORS as err:
@@ -210,10 +197,11 @@ def load_trained(method: Method, model: torch.nn.Module, artifact: Path) -> torc
 def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: Path,
                    run_id: str, merge: str | None = None, run_dir: Path | None = None) -> str:
     """Write the checkpoint vLLM serves for a loaded run into `directory`; return the merge
-    label. A HydraLoRA-family model is written unmerged for the plugin unless an approximate
-    merge is asked for; the model itself is left as it was."""
-    if hydralora_layers(model) and merge in (None, "exact"):
-        save_plugin_checkpoint(model, tokenizer, directory, run_id)
+    label. A model the vLLM plugin serves is written unmerged for it unless an approximate merge
+    is asked for; the model itself is left as it was."""
+    method = serving_method(spec)
+    if method.served_by_plugin and merge in (None, "exact"):
+        save_plugin_checkpoint(method, model, tokenizer, directory, run_id)
         return "exact"
     merged, label = merge_loaded(spec, model, tokenizer, merge, run_dir)
     save_checkpoint(merged, tokenizer, directory, run_id, label)
@@ -244,8 +232,9 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: 
 def export_run(run_id: str, merge: str | None = None, store: RunStore | None = None) -> Path:
     """Write results/exports/<run_id>[-<merge>]/ atomically and return it."""
     store = store or RunStore()
-    store.load_spec(run_id)  # a run id, a record, a whole one: checked before the lock is made
-    label = merge if merge in HYDRALORA_MERGES else "exact"
+    # A run id, a record, a whole one: checked before the lock is made.
+    spec = store.load_spec(run_id)
+    label = merge if merge in serving_method(spec).approximate_merges else "exact"
     with Meter(phase="export") as meter:
         spec, model, tokenizer = loaded_run(run_id, store)  # a damaged artifact: before any write
         with store.lock(f"export-{run_id}-{merge}"):

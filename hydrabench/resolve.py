@@ -39,9 +39,9 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     seed = prof.seed if seed is None else seed  # a profile may name its recipe's seed
     require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
             f"seed must be an integer in [0, 2**32), got {seed!r}")
-    from hydrabench.methods import get_method
+    from hydrabench.methods import METHODS, get_method
 
-    adapter_defaults = get_method(method).adapter_defaults  # the one check of a method's name
+    registered = get_method(method)  # the one check of a method's name
     tasks = dict(prof.tasks)
     if lm_eval_task_ok and task.startswith(LM_EVAL_PREFIX):  # the lm-eval task, not a column
         task = task.removeprefix(LM_EVAL_PREFIX)
@@ -54,7 +54,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     corpus = tasks[task].local_corpus if data_dir() is not None else None
     overrides = overrides or {}
     # A method's own defaults (LoRAMoE's FFN experts) beat the profile's, never the user's flags.
-    method_defaults = {"adapter": adapter_defaults}
+    method_defaults = {"adapter": registered.adapter_defaults}
     section = {key: {**getattr(prof, key), **method_defaults.get(key, {}),
                      **overrides.get(key, {})} for key in ("train", "adapter", "eval")}
     # The profile names, per method, the FSDP config its multi-process training shards with.
@@ -62,6 +62,10 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if sharding is not None:
         section["train"]["sharding"] = load_sharding(sharding)
     eval_settings = parse_settings(EvalSettings, section["eval"], "eval")
+    require(not eval_settings.merge_gap or bool(registered.approximate_merges),
+            f"--merge-gap scores a method's approximate merges, and {method} has none (it "
+            f"{'merges exactly' if registered.mergeable else 'cannot be merged'}); methods that "
+            f"have some: {', '.join(m.name for m in METHODS.values() if m.approximate_merges)}")
     model = model or prof.model
     if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
         from hydrabench.export import auto_backend

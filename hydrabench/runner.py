@@ -38,7 +38,6 @@ from hydrabench.evaluate import (
     task_manager,
 )
 from hydrabench.export import (
-    HYDRALORA_MERGES,
     check_servable,
     load_trained,
     merge_loaded,
@@ -71,29 +70,13 @@ from hydrabench.train import format_training_example, mean_loss, train
 ARTIFACT_MARKER = "artifact.json"
 
 
-def parameter_counts(model: torch.nn.Module, base_total: int) -> dict[str, Any]:
-    """The paper's %Param: adapter parameters / base parameters; the router reported apart.
-
-    Adapter parameters are those the method added to the base model; for full fine-tuning, which
-    adds none, they are the trainable parameters (all of them).
-    """
-    total = sum(p.numel() for p in model.parameters())
-    router = sum(p.numel() for n, p in model.named_parameters() if "router" in n)
-    added = total - base_total
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    adapter = (added - router) if added > 0 else trainable
-    return {"base": base_total, "total": total, "trainable": trainable, "adapter": adapter,
-            "router": router, "percent_param": 100.0 * adapter / base_total,
-            "percent_param_with_router": 100.0 * (adapter + router) / base_total}
-
-
-def check_target_modules(model: torch.nn.Module, spec: RunSpec) -> None:
+def check_target_modules(model: torch.nn.Module, spec: RunSpec, method: Method) -> None:
     """The adapted modules exist, and the rank fits them (a rank above a layer's smaller side
     adds nothing, and an absurd one would fail in the allocator)."""
+    if not method.adapts_target_modules:
+        return
     linears = {n.rpartition(".")[2]: m for n, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)}
-    if spec.method in ("base", "full"):
-        return
     missing = sorted(set(spec.adapter.target_modules) - set(linears))
     if missing:
         raise SpecError(f"target module(s) {', '.join(missing)} not in model {spec.model}; "
@@ -203,7 +186,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
                                                "covers": metered_steps(train_fn)}}}
                 method.save(model, scratch)
                 check_inputs_unchanged(spec, training=True)
-            info["parameters"] = parameter_counts(model, base_total)
+            info["parameters"] = method.parameter_counts(model, base_total)
             info["train_id"] = spec.train_id
             info["inputs"] = {"model": spec.inputs.model, "corpus": spec.inputs.corpus}
             write_json_atomic(scratch / ARTIFACT_MARKER, info)
@@ -258,13 +241,13 @@ def train_as_worker(spec: RunSpec, method: Method, base: BaseModel, records: lis
 
 def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str, TaskScore],
                out: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """HydraLoRA's approximate merges scored on hf beside the exact model: value and gap per task.
+    """The method's approximate merges scored on hf beside the exact model: value and gap per task.
 
-    The gate depends on every token, so merging is approximate; this measures by how much. The
-    router-mean gate is averaged over the prompts the exact evaluation just sent (out/lm_eval).
+    A merge calibrated on prompts (HydraLoRA's router-mean) reads those the exact evaluation just
+    sent (out/lm_eval).
     """
     gaps = {}
-    for merge in HYDRALORA_MERGES:
+    for merge in get_method(spec.method).approximate_merges:
         merged, _ = merge_loaded(spec, copy.deepcopy(model), tokenizer, merge, run_dir=out)
         scores = evaluate_model(merged, tokenizer, list(spec.eval_tasks),
                                 **_eval_settings(spec, out / f"lm_eval_{merge}"))
@@ -448,8 +431,8 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     distributed.init_if_launched()
     device = runtime_device(spec)
     base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
-    check_target_modules(base.model, spec)
-    check_servable(spec, method, base.model)
+    check_target_modules(base.model, spec, method)
+    check_servable(spec, base.model)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     check_generation_lengths(list(spec.eval_tasks), eval_context(spec, base.model, base.tokenizer),
                              spec.eval.gen_kwargs)

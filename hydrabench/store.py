@@ -122,7 +122,7 @@ class Training:
     trained: bool | None = None  # False: nothing trains (base); None: not recorded (old records)
     train: dict[str, Any] | None = None  # the method's training summary: steps, losses, ...
     train_records: int | None = None  # corpus records it trained on
-    parameters: dict[str, float] = field(default_factory=dict)  # runner.parameter_counts
+    parameters: dict[str, float] = field(default_factory=dict)  # Method.parameter_counts
     train_id: str | None = None
     inputs: dict[str, Any] | None = None  # fingerprints of the model and corpus it read
 

@@ -102,6 +102,13 @@ CASES = [
                                            two_record_corpus], "need at least 3 training records"),
     ("vllm for lora-split-routed", ["run", "--method", "lora-split-routed", "--task", "medical",
                                     "--backend", "vllm"], "cannot be merged"),
+    ("merge gap of an exactly merged method", ["run", "--method", "lora", "--task", "medical",
+                                               "--merge-gap"],
+     "--merge-gap scores a method's approximate merges, and lora has none (it merges exactly)"),
+    ("merge gap of an unmergeable method", ["run", "--method", "prefix-tuning", "--task",
+                                            "medical", "--merge-gap"],
+     "prefix-tuning has none (it cannot be merged); methods that have some: lora-split, "
+     "hydralora, hydralora-uniform, loramoe"),
     ("no GPU for a GPU-only profile", ["run", "--profile", "paper", "--method", "lora",
                                        "--task", "math"], "needs a GPU"),
     ("code without opt-in", ["run", "--method", "lora", "--task", "code"],
@@ -172,6 +179,18 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv: list, message: str, 
     monkeypatch.delenv("HYDRABENCH_DATA_DIR", raising=False)
     argv = [a(tmp_path) if callable(a) else a for a in argv]
     assert_refused_in_one_line(argv, message, tmp_path / "results", capsys)
+
+
+def test_merge_gap_is_accepted_where_the_method_has_approximate_merges() -> None:
+    # LoRAMoE and LoRA-Split train HydraLoRA adapters (an A per head): the same merges apply.
+    from hydrabench.methods import METHODS
+    from hydrabench.resolve import resolve_spec
+
+    having = [m.name for m in METHODS.values() if m.approximate_merges]
+    assert having == ["lora-split", "hydralora", "hydralora-uniform", "loramoe"]
+    for method in having:
+        assert resolve_spec(method, "medical", overrides={"eval": {"merge_gap": True}}
+                            ).eval.merge_gap
 
 
 def test_out_of_memory_names_the_batch_that_failed() -> None:

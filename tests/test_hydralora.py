@@ -13,10 +13,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydrabench.methods.hydralora import (
+    METHOD,
     HydraLoraConfig,
     HydraLoraLinear,
     apply_hydralora,
-    count_parameters,
     hydralora_layers,
     load_balancing_loss,
     load_hydralora,
@@ -41,6 +41,11 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
         vocab_size=VOCAB,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """HydraLoRA's registry entry's counts of an adapted tiny_llama()."""
+    return METHOD.parameter_counts(model, sum(p.numel() for p in tiny_llama().parameters()))
 
 
 def adapted(gate: str = "softmax", num_heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
@@ -139,7 +144,7 @@ def test_only_adapter_parameters_train() -> None:
             assert param.grad is None, name
     assert seen == set(trainable_suffixes)
 
-    counts = count_parameters(model)
+    counts = parameter_counts(model)
     r, heads = 4, 4
     out_dims = LAYERS * (HIDDEN + HIDDEN + HIDDEN)  # q, v and down all map to hidden size
     in_dims = LAYERS * (HIDDEN + HIDDEN + 128)  # down_proj reads the intermediate size
@@ -200,7 +205,7 @@ def test_uniform_gate_ablation() -> None:
         torch.testing.assert_close(layer(x), per_head_loop(layer, x, gate))
 
     model = adapted(gate="uniform")
-    assert count_parameters(model)["router"] == 0
+    assert parameter_counts(model)["router"] == 0
     assert not any("router" in name for name, _ in model.named_parameters())
 
 
@@ -338,8 +343,6 @@ def test_unknown_target_module() -> None:
 def test_balance_loss_is_added_to_training_only_when_turned_on() -> None:
     from types import SimpleNamespace
 
-    from hydrabench.methods.hydralora import METHOD
-
     model = apply_hydralora(tiny_llama(), HydraLoraConfig(r=4, num_heads=3, dropout=0.0))
     batch = {"input_ids": torch.randint(0, 128, (2, 6)), "attention_mask": torch.ones(2, 6)}
     batch["labels"] = batch["input_ids"]
@@ -359,7 +362,7 @@ def test_loramoe_experts_have_their_own_a_and_survive_save_load(tmp_path: Path) 
     model = apply_hydralora(tiny_llama(), HydraLoraConfig(r=4, num_heads=3, target_modules=TARGETS,
                                                           shared_a=False))
     randomize(model)
-    counts = count_parameters(model)
+    counts = parameter_counts(model)
     in_dims, out_dims = LAYERS * (HIDDEN + HIDDEN + 128), LAYERS * 3 * HIDDEN
     assert counts["adapter"] == 3 * 4 * in_dims + 3 * 4 * out_dims  # N whole LoRAs
     ids = input_ids()

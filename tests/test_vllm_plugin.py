@@ -24,6 +24,7 @@ from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 from hydrabench.cli import main
 from hydrabench.export import export_run, save_plugin_checkpoint
 from hydrabench.methods.hydralora import (
+    METHOD,
     HydraLoraConfig,
     apply_hydralora,
     hydralora_layers,
@@ -191,7 +192,7 @@ def tiny_export(tmp_path: Path) -> Path:
     """A plugin export written by the real exporter (an untrained adapter: enough to load)."""
     base = load_base_model("builtin:tiny")
     model = apply_hydralora(base.model, HydraLoraConfig(target_modules=("q_proj", "v_proj")))
-    save_plugin_checkpoint(model, base.tokenizer, tmp_path / "export", "hand-made")
+    save_plugin_checkpoint(METHOD, model, base.tokenizer, tmp_path / "export", "hand-made")
     return tmp_path / "export"
 
 

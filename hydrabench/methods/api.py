@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +26,12 @@ class TrainFn(Protocol):
                  tag: str = "", max_steps: int | None = None) -> dict: ...
 
     def loss(self, model: torch.nn.Module, records: Sequence[InstructionRecord]) -> float: ...
+
+
+# merge(model, prompts) -> a plain transformers model approximating the adapted one; `prompts()`
+# gives the tokenized prompts of the run's evaluated tasks, for a merge calibrated on them.
+ApproximateMerge = Callable[[torch.nn.Module, Callable[[], list[Mapping[str, torch.Tensor]]]],
+                            torch.nn.Module]
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,45 @@ class Method:
     check: Callable[[RunSpec, Sequence[InstructionRecord]], None] | None = None
     # adapter settings the method brings, over the profile's and under the user's flags
     adapter_defaults: Mapping[str, object] = field(default_factory=dict)
+    # approximate merges by name (`export --merge NAME`; `--merge-gap` scores each against the
+    # exact model), for a method with no exact merge (HydraLoRA's gate depends on every token)
+    approximate_merges: Mapping[str, ApproximateMerge] = field(default_factory=dict)
+    # router_parameters(model): how many of the parameters the method added route between its
+    # adapters rather than adapt; reported apart from the paper's %Param. None: none do.
+    router_parameters: Callable[[torch.nn.Module], int] | None = None
+    # False: the method ignores the adapter's target modules and rank (base, full fine-tuning),
+    # so they are not checked against the model
+    adapts_target_modules: bool = True
+    # base_layers_in_place(model): inside the block the adapted model is its base model again
+    # (the wrapped modules back in place). hydrabench's vLLM plugin serves the method exactly
+    # from that base checkpoint plus the saved artifact. None: the plugin does not serve it.
+    base_layers_in_place: Callable[[torch.nn.Module],
+                                   AbstractContextManager[object]] | None = None
 
     @property
     def mergeable(self) -> bool:
         return self.merge is not None
+
+    @property
+    def served_by_plugin(self) -> bool:
+        return self.base_layers_in_place is not None
+
+    def parameter_counts(self, model: torch.nn.Module, base_total: int) -> dict[str, Any]:
+        """The paper's %Param of `model` (the base model of `base_total` parameters, adapted):
+        adapter parameters / base parameters; the router reported apart.
+
+        Adapter parameters are those the method added less its router's; for full fine-tuning,
+        which adds none, they are the trainable parameters (all of them).
+        """
+        params = list(model.parameters())  # deduplicates tied weights
+        total = sum(p.numel() for p in params)
+        router = self.router_parameters(model) if self.router_parameters else 0
+        added = total - base_total
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        adapter = (added - router) if added > 0 else trainable
+        return {"base": base_total, "total": total, "trainable": trainable, "adapter": adapter,
+                "router": router, "percent_param": 100.0 * adapter / base_total,
+                "percent_param_with_router": 100.0 * (adapter + router) / base_total}
 
 
 def default_fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],

@@ -18,4 +18,5 @@ def _load(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
 
 
 METHOD = Method(name="base", description="the pre-trained model, no fine-tuning",
-                adapt=None, save=_save, load=_load, merge=lambda model: model)
+                adapt=None, save=_save, load=_load, merge=lambda model: model,
+                adapts_target_modules=False)

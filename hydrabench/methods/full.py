@@ -28,4 +28,5 @@ def _load(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
 
 
 METHOD = Method(name="full", description="full fine-tuning (all parameters trainable)",
-                adapt=_adapt, save=_save, load=_load, merge=lambda model: model)
+                adapt=_adapt, save=_save, load=_load, merge=lambda model: model,
+                adapts_target_modules=False)

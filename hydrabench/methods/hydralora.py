@@ -58,7 +58,7 @@ class HydraLoraLinear(nn.Module):
 
     ``gate="uniform"`` is the paper's Fig. 6 "without gate" ablation: every head gets weight
     ``1/N``. In that case no router is created (``self.router is None``) so the ablation has no
-    dead parameters and :func:`count_parameters` reports zero router parameters.
+    dead parameters and :func:`router_parameters` counts none.
 
     Set ``record_gates = True`` (or use :func:`recording_gates`) to keep the float32 gate of
     the last forward in ``last_gate`` (shape ``[..., N]``, not detached so a balancing loss can
@@ -253,20 +253,24 @@ def apply_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
     return model
 
 
-def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Parameter counts: ``adapter`` (lora_A + lora_B), ``router``, ``trainable``, ``total``."""
-    adapter = router = 0
-    for layer in hydralora_layers(model).values():
-        adapter += layer.lora_A.weight.numel() + layer.lora_B.numel()
-        if layer.router is not None:
-            router += layer.router.weight.numel()
-    params = list(model.parameters())  # deduplicates tied weights
-    return {
-        "adapter": adapter,
-        "router": router,
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
-        "total": sum(p.numel() for p in params),
-    }
+def router_parameters(model: nn.Module) -> int:
+    """The routers' parameters (the rest of what HydraLoRA adds is the adapter: A and B)."""
+    return sum(layer.router.weight.numel() for layer in hydralora_layers(model).values()
+               if layer.router is not None)
+
+
+@contextmanager
+def base_layers_in_place(model: nn.Module) -> Iterator[None]:
+    """Inside the block each HydraLoRA layer's frozen base linear is back in its place (so
+    ``save_pretrained`` writes the base checkpoint itself); the layers come back afterwards."""
+    layers = hydralora_layers(model)
+    for path, layer in layers.items():
+        _replace_module(model, path, layer.base)
+    try:
+        yield
+    finally:
+        for path, layer in layers.items():
+            _replace_module(model, path, layer)
 
 
 # --------------------------------------------------------------------------- gate recording
@@ -451,13 +455,14 @@ __all__ = [
     "HydraLoraConfig",
     "HydraLoraLinear",
     "apply_hydralora",
-    "count_parameters",
+    "base_layers_in_place",
     "hydralora_layers",
     "load_balancing_loss",
     "load_hydralora",
     "mean_router_gates",
     "merge_hydralora",
     "recording_gates",
+    "router_parameters",
     "save_hydralora",
 ]
 
@@ -509,16 +514,27 @@ def fit_recording_heads(model: nn.Module, spec: Any, records: Any,
             "head_choice": model.hydralora_head_choice}
 
 
+# The gate depends on every token, so no merge is exact: two approximations, export options
+# measured against the exact model (--merge-gap). uniform: g = 1/N; router-mean: the router's
+# gate averaged over the prompts of the run's evaluated tasks.
+APPROXIMATE_MERGES = {
+    "uniform": lambda model, prompts: merge_hydralora(model, "uniform"),
+    "router-mean": lambda model, prompts: merge_hydralora(model,
+                                                          mean_router_gates(model, prompts())),
+}
+
+
 def make_method(name: str, description: str, adapt: Any, fit: Any = None,
                 loss_fn: Any = None, **fields: Any) -> Any:
     """A registry entry on this layer; `fields` are further `Method` fields."""
     from hydrabench.methods.api import Method
 
-    # The gate depends on every token, so there is no exact merge: served exactly by hf or by the
-    # vLLM plugin (hydrabench/serving_plugin). Approximate
-    # merges (uniform, router-mean) are export options, measured against the exact model.
+    # No exact merge: served exactly by hf, or by the vLLM plugin (hydrabench/serving_plugin)
+    # from the base checkpoint plus the adapter.
     return Method(name=name, description=description, adapt=adapt, save=save_hydralora,
-                  load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn, **fields)
+                  load=load_hydralora, merge=None, fit=fit, loss_fn=loss_fn,
+                  approximate_merges=APPROXIMATE_MERGES, router_parameters=router_parameters,
+                  base_layers_in_place=base_layers_in_place, **fields)
 
 
 METHOD = make_method("hydralora", "HydraLoRA: shared A, N B heads, per-token softmax router",
