@@ -23,7 +23,7 @@ from hydrabench.evaluate import read_samples
 from hydrabench.metering import Meter
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method
-from hydrabench.models import load_base_model
+from hydrabench.models import BaseModel, load_base_model
 from hydrabench.profiles import runtime_device
 from hydrabench.serving_plugin import (
     ADAPTER_DIR,
@@ -168,6 +168,16 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+def load_base_or_export(name: str, dtype: str = "float32", device: str = "cpu",
+                        trust_remote_code: bool = False) -> BaseModel:
+    """`load_base_model`; for a plugin export (`hydrabench export --merge exact`: a base
+    checkpoint plus an adapter) the exact hf model, the adapter loaded onto its base."""
+    base = load_base_model(name, dtype, device, trust_remote_code)
+    if base.directory is not None and is_plugin_export(base.directory):
+        base.model = with_exported_adapter(base.model, base.directory).eval()
+    return base
+
+
 def with_exported_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
     """The exact hf model of a plugin export: its base model with the adapter in hydralora/."""
     adapter = directory / ADAPTER_DIR
@@ -212,8 +222,8 @@ def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, 
     """(spec, model with the run's adapter loaded, tokenizer) of a finished run (none, or a
     corrupt record: one line naming it)."""
     spec, record = store.load_spec(run_id), store.load(run_id)
-    base = load_base_model(spec.model, spec.dtype, runtime_device(spec),
-                           spec.trust_remote_code)
+    base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
+                               spec.trust_remote_code)
     model = load_trained(get_method(spec.method), base.model, record.artifact)
     return spec, model, base.tokenizer
 

@@ -39,6 +39,7 @@ from hydrabench.evaluate import (
 )
 from hydrabench.export import (
     check_servable,
+    load_base_or_export,
     load_trained,
     merge_loaded,
     write_servable,
@@ -47,7 +48,7 @@ from hydrabench.includes import include_from_spec
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
-from hydrabench.models import BaseModel, load_base_model, resolve_model_dir
+from hydrabench.models import BaseModel, resolve_model_dir
 from hydrabench.paths import offline_mode
 from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
@@ -430,7 +431,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     include_from_spec(spec)
     distributed.init_if_launched()
     device = runtime_device(spec)
-    base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
+    base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec, method)
     check_servable(spec, base.model)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
@@ -472,7 +473,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             return None
         if needs_training:  # training adapted the first base model in place: load a fresh one
             offload(base.model)
-            base = load_base_model(spec.model, spec.dtype, device, spec.trust_remote_code)
+            base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
             model = load_trained(method, base.model, artifact)
         with store.staging(store.runs / spec.run_id) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")

@@ -22,7 +22,7 @@ from conftest import assert_refused_in_one_line, error_lines
 from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
-from hydrabench.export import export_run, save_plugin_checkpoint
+from hydrabench.export import export_run, load_base_or_export, save_plugin_checkpoint
 from hydrabench.methods.hydralora import (
     METHOD,
     HydraLoraConfig,
@@ -87,7 +87,7 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
     export = export_run(hf_record.run_id, "exact", store=store)
     assert json.loads((export / "config.json").read_text())["architectures"] == [
         PLUGIN_ARCHITECTURES["LlamaForCausalLM"]]
-    exported = load_base_model(str(export))
+    exported = load_base_or_export(str(export))
     assert set(hydralora_layers(exported.model)) and (export / ADAPTER_DIR).is_dir()
     ids = exported.tokenizer("Question: what is the capital?", return_tensors="pt")["input_ids"]
     run_model = load_hydralora(load_base_model("builtin:tiny").model, hf_record.artifact)

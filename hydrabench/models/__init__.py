@@ -51,10 +51,4 @@ def load_base_model(name: str, dtype: str = "float32", device: str = "cpu",
         raise SpecError(f"cannot load causal LM {name!r}: {first_line}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    from hydrabench.serving_plugin import is_plugin_export
-
-    if directory is not None and is_plugin_export(directory):  # `hydrabench export --merge exact`
-        from hydrabench.export import with_exported_adapter
-
-        model = with_exported_adapter(model, directory)
     return BaseModel(model.to(device).eval(), tokenizer, name, directory)
