@@ -248,9 +248,9 @@ def export_run(run_id: str, merge: str | None = None, store: RunStore | None = N
     with Meter(phase="export") as meter:
         spec, model, tokenizer = loaded_run(run_id, store)  # a damaged artifact: before any write
         with store.lock(f"export-{run_id}-{merge}"):
-            final = store.root / "exports" / (run_id if label == "exact" else f"{run_id}-{label}")
+            final = store.export_dir(run_id, label)
             with store.staging(final) as scratch:
                 write_servable(spec, model, tokenizer, scratch, run_id, merge,
-                               store.runs / run_id)
+                               store.run_dir(run_id))
     write_json_atomic(final / "metering.json", meter.result.to_dict())
     return final

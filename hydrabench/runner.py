@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import os
 import platform
 import shutil
@@ -64,11 +63,17 @@ from hydrabench.serving import (
 )
 from hydrabench.serving_plugin import ADAPTER_DIR
 from hydrabench.spec import RunSpec
-from hydrabench.store import Metering, Provenance, RunRecord, RunStore, TaskMetrics, Training
+from hydrabench.store import (
+    ARTIFACT_INFO,
+    Metering,
+    Provenance,
+    RunRecord,
+    RunStore,
+    TaskMetrics,
+    Training,
+)
 from hydrabench.tables import data_source, scores_stand_ins
 from hydrabench.train import format_training_example, mean_loss, train
-
-ARTIFACT_MARKER = "artifact.json"
 
 
 def check_target_modules(model: torch.nn.Module, spec: RunSpec, method: Method) -> None:
@@ -153,6 +158,21 @@ def check_benchmark_data(spec: RunSpec) -> None:
                         f"../shared/data/MANIFEST.md)")
 
 
+def adapt_and_fit(spec: RunSpec, method: Method, base: BaseModel, records: list,
+                  checkpoint_dir: Path, meter: Meter | None = None,
+                  ) -> tuple[torch.nn.Module, RunTraining, dict]:
+    """The training every process of a run does, in the same steps (processes that differ
+    deadlock in torch.distributed's collectives): adapt the base model in place (seeded), then
+    the method's fit, metered by `meter` (rank 0's; None on the others). (model, its
+    RunTraining, the fit's summary)."""
+    torch.manual_seed(spec.seed)
+    model = method.adapt(base.model, spec, records)
+    training = RunTraining(spec, base, checkpoint_dir, meter, method)
+    with meter or contextlib.nullcontext():
+        summary = (method.fit or default_fit)(model, spec, records, training)
+    return model, training, summary
+
+
 def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseModel,
                    records: list, *, retrain: bool = False) -> tuple[Path, dict]:
     """The trained artifact for the spec's train id, training it if no finished one exists
@@ -160,12 +180,13 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
 
     `base` is adapted in place; `records` may be empty when the artifact was already finished.
     """
-    final = store.artifacts / spec.train_id
+    final = store.artifact_dir(spec.train_id)
     with store.lock(f"train-{spec.train_id}"):
-        if (final / ARTIFACT_MARKER).exists() and not retrain:
-            return final, json.loads((final / ARTIFACT_MARKER).read_text())
+        info = store.artifact_info(spec.train_id)
+        if info is not None and not retrain:
+            return final, info
         base_total = sum(p.numel() for p in base.model.parameters())
-        checkpoint_dir = store.artifacts / f".checkpoints-{spec.train_id}"
+        checkpoint_dir = store.checkpoint_dir(spec.train_id)
         if retrain:  # start afresh, not from a killed training's checkpoints
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -176,21 +197,18 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
             else:
                 records = records or load_corpus(spec.corpus)
                 log(f"training {spec.method} on {len(records)} records ({spec.corpus})")
-                torch.manual_seed(spec.seed)
-                model = method.adapt(base.model, spec, records)
-                with Meter(phase="train", country_iso_code=spec.country_iso_code) as meter:
-                    fit = method.fit or default_fit
-                    train_fn = RunTraining(spec, base, checkpoint_dir, meter, method)
-                    summary = fit(model, spec, records, train_fn)
+                meter = Meter(phase="train", country_iso_code=spec.country_iso_code)
+                model, training, summary = adapt_and_fit(spec, method, base, records,
+                                                         checkpoint_dir, meter)
                 info = {"trained": True, "train": summary, "train_records": len(records),
                         "metering": {"train": {**meter.result.to_dict(),
-                                               "covers": metered_steps(train_fn)}}}
+                                               "covers": metered_steps(training)}}}
                 method.save(model, scratch)
                 check_inputs_unchanged(spec, training=True)
             info["parameters"] = method.parameter_counts(model, base_total)
             info["train_id"] = spec.train_id
             info["inputs"] = {"model": spec.inputs.model, "corpus": spec.inputs.corpus}
-            write_json_atomic(scratch / ARTIFACT_MARKER, info)
+            write_json_atomic(scratch / ARTIFACT_INFO, info)
         # The checkpoints only serve to resume this training, which has now finished.
         for ckpt in checkpoint_dir.glob("*.pt"):
             ckpt.unlink()
@@ -227,17 +245,12 @@ def scored_as(spec: RunSpec) -> str:
 
 
 def train_as_worker(spec: RunSpec, method: Method, base: BaseModel, records: list,
-                    store: RunStore) -> dict:
+                    store: RunStore) -> None:
     """Ranks other than 0 of a torchrun launch: train in step with rank 0, write nothing.
 
     They read rank 0's checkpoints (to resume where it resumes) but never write them.
     """
-    torch.manual_seed(spec.seed)
-    model = method.adapt(base.model, spec, records)
-    checkpoints = store.artifacts / f".checkpoints-{spec.train_id}"
-    (method.fit or default_fit)(model, spec, records,
-                                RunTraining(spec, base, checkpoints, None, method))
-    return {}
+    adapt_and_fit(spec, method, base, records, store.checkpoint_dir(spec.train_id))
 
 
 def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str, TaskScore],
@@ -393,7 +406,7 @@ def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
     """A vLLM server that does not come up, or dies, leaves nothing under results/ that this
     call made: not the artifact it trained (that training is lost: a rerun trains again), nor
     the lock files and folders it created. What was there before stays."""
-    artifact = store.artifacts / spec.train_id
+    artifact = store.artifact_dir(spec.train_id)
     folders = [store.root, store.root / ".locks", store.runs, store.artifacts]
     existed = {path for path in [*folders, artifact] if path.exists()}
     locks_before = len(store.made_locks)
@@ -437,8 +450,8 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     check_generation_lengths(list(spec.eval_tasks), eval_context(spec, base.model, base.tokenizer),
                              spec.eval.gen_kwargs)
-    needs_training = method.adapt is not None and (retrain or not (
-        store.artifacts / spec.train_id / ARTIFACT_MARKER).exists())
+    needs_training = method.adapt is not None and (
+        retrain or store.artifact_info(spec.train_id) is None)
     records = load_corpus(spec.corpus) if needs_training else []
     check_benchmark_data(spec)
     if needs_training:  # found now, not after the training (an evaluation alone fails at once)
@@ -447,7 +460,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         method.check(spec, records)
     # A trained artifact is loaded now: a damaged one is one line before anything is written.
     model = None if needs_training else load_trained(method, base.model,
-                                                      store.artifacts / spec.train_id)
+                                                      store.artifact_dir(spec.train_id))
     if not distributed.is_main():  # the record is rank 0's
         if needs_training:
             train_as_worker(spec, method, base, records, store)
@@ -475,7 +488,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
             offload(base.model)
             base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
             model = load_trained(method, base.model, artifact)
-        with store.staging(store.runs / spec.run_id) as scratch:
+        with store.staging(store.run_dir(spec.run_id)) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
             scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch,
                                                           artifact, servers)

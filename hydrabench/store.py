@@ -29,6 +29,8 @@ from hydrabench.paths import results_root
 from hydrabench.profiles import remember_profile
 from hydrabench.spec import RunSpec, spec_from_dict
 
+# In an artifact directory, written last: what trained it (its presence: the training finished).
+ARTIFACT_INFO = "artifact.json"
 RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -299,12 +301,36 @@ class RunStore:
         self.root = root or results_root()
         self.runs = self.root / "runs"
         self.artifacts = self.root / "artifacts"
+        self.exports = self.root / "exports"
         self._said: set[str] = set()  # corrupt records this store has reported on stderr
         self.made_locks: list[Path] = []
         self.recover()
 
+    def run_dir(self, run_id: str) -> Path:
+        """runs/<run id>/: the run's record, lm-eval's outputs, a server's log."""
+        return self.runs / checked_run_id(run_id)
+
     def record_path(self, run_id: str) -> Path:
-        return self.runs / checked_run_id(run_id) / "record.json"
+        return self.run_dir(run_id) / "record.json"
+
+    def artifact_dir(self, train_id: str) -> Path:
+        """artifacts/<train id>/: what one training wrote, shared by the runs of its train id."""
+        return self.artifacts / checked_run_id(train_id)
+
+    def artifact_info(self, train_id: str) -> dict[str, Any] | None:
+        """The finished artifact's ARTIFACT_INFO (what trained it); None while there is none."""
+        path = self.artifact_dir(train_id) / ARTIFACT_INFO
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def checkpoint_dir(self, train_id: str) -> Path:
+        """Where a training of this train id checkpoints, so that a killed one resumes."""
+        return self.artifacts / f".checkpoints-{checked_run_id(train_id)}"
+
+    def export_dir(self, run_id: str, merge: str) -> Path:
+        """exports/<run id>/ for the exact export, exports/<run id>-<merge>/ for an approximate
+        merge."""
+        return self.exports / (checked_run_id(run_id) if merge == "exact"
+                               else f"{checked_run_id(run_id)}-{merge}")
 
     def has(self, run_id: str) -> bool:
         """A finished run's record exists and is whole (a corrupt one is said once on stderr and
@@ -413,7 +439,7 @@ class RunStore:
     def recover(self) -> None:
         """After a kill during a replacement: put a whole copy back where one is missing (the
         finished new one, else the old one), then drop the leftovers."""
-        for parent in (self.runs, self.artifacts, self.root / "exports"):
+        for parent in (self.runs, self.artifacts, self.exports):
             leftovers = sorted(parent.glob(f"{COMPLETE}*")) + sorted(parent.glob(f"{ASIDE}*")) \
                 if parent.is_dir() else []
             for name in dict.fromkeys(p.name.split("-", 1)[1].rpartition("-")[0]
