@@ -213,7 +213,7 @@ class RunRecord:
     training: Training
     spec: dict[str, Any] | None = None  # the resolved RunSpec (RunStore.load_spec reads it)
     profile: dict[str, Any] | None = None  # the resolved profile, for where its file is not
-    stand_in: bool | None = None  # scored on stand-in tasks (tables.record_labels)
+    stand_in: bool | None = None  # scored on stand-in tasks (tables.scores_stand_ins)
     data_source: str | None = None  # where its training and evaluation data came from
     backend: str | None = None  # hf or vllm
     merge: str | None = None  # vllm: the merge served ("exact", or an approximate one)
