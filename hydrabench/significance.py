@@ -97,7 +97,7 @@ def paired_comparison(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
 
 def samples_dir(store: RunStore, run_id: str) -> Path:
     """Where the runner keeps a run's lm-eval output (per-sample rows included)."""
-    return store.runs / run_id / "lm_eval"
+    return store.run_dir(run_id) / "lm_eval"
 
 
 def item_outcomes(output_dir: Path, metrics: dict[str, str]) -> dict[str, dict[ItemKey, float]]:
