@@ -144,7 +144,7 @@ def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, 
 def templates_compiled_once() -> Iterator[None]:
     """lm-eval 0.4.13 compiles a prompt's Jinja template again at every render (its
     apply_template; EleutherAI/lm-evaluation-harness#1286), seven times per five-shot MMLU item:
-    a fifth of the scoring time at --limit 100 on a small model. Compile each template once."""
+    a tenth of the time on a small model. Compile each template once."""
     from lm_eval import utils
 
     utils.env.from_string = functools.cache(utils.env.from_string)
