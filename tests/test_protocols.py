@@ -233,3 +233,22 @@ def test_hub_protocol_tasks_are_the_offline_ones_over_cais_mmlu(
             assert ([i.arguments for i in task.instances]
                     == [i.arguments for i in twin.instances]), (group, name)
     assert sorted(fetched) == sorted(("cais/mmlu", s) for s in subjects for _ in PROTOCOLS)
+
+
+def test_protocols_of_a_run_score_its_adapter(store_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`--run RUN` scores the run's trained artifact on its base model, labelled by the run."""
+    from hydrabench.store import RunStore
+
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(DATA))
+    assert main(["run", "--model", str(MODEL), "--method", "lora", "--task", "general",
+                 "--max-steps", "2", "--limit", "2"]) == 0
+    (record,) = RunStore().records()
+    capsys.readouterr()
+    assert main(["protocols", "--run", record.run_id, "--limit", "1",
+                 "--protocols", "lm-eval-0shot,opencompass-ppl-0shot"]) == 0
+    frame = pd.read_csv(Path(capsys.readouterr().out.split()[1]))
+    scores = frame[frame["kind"] == "score"]
+    assert list(scores["model"]) == [f"run {record.run_id}"] * 2 and list(scores["n"]) == [57, 57]
+    assert main(["protocols", "--run", "no-such-run"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
