@@ -12,8 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hydrabench.data.records import InstructionRecord
+from hydrabench.methods import lora_split
 from hydrabench.methods.hydralora import (
     METHOD,
+    HeadedAdapter,
     HydraLoraConfig,
     HydraLoraLinear,
     apply_hydralora,
@@ -25,6 +28,7 @@ from hydrabench.methods.hydralora import (
     recording_gates,
     save_hydralora,
 )
+from hydrabench.resolve import resolve_spec
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 TARGETS = ("q_proj", "v_proj", "down_proj")
@@ -370,3 +374,19 @@ def test_loramoe_experts_have_their_own_a_and_survive_save_load(tmp_path: Path) 
     save_hydralora(model, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["shared_a"] is False
     assert torch.equal(logits(load_hydralora(tiny_llama(), tmp_path), ids), expected)
+
+
+def test_auto_heads_are_chosen_on_the_records_not_carried_on_the_model() -> None:
+    """`num_heads: auto`: adapt builds the elbow's N, which fit reports again from the spec and
+    the records (nothing rides on the torch model); lora-split's N is num_splits, so it reports
+    no choice even under a spec whose num_heads is auto."""
+    records = [InstructionRecord(f"{topic} {which} question", "answer")
+               for topic in ("cardiology heart dose", "sum of integers", "contract law clause")
+               for which in ("first", "second", "third", "fourth")]
+    spec = resolve_spec("hydralora", "medical",
+                        overrides={"adapter": {"num_heads": "auto", "target_modules": TARGETS}})
+    choice = HeadedAdapter().head_choice(spec, records)
+    model = METHOD.adapt(tiny_llama(), spec, records)
+    assert {layer.num_heads for layer in hydralora_layers(model).values()} == {choice["num_heads"]}
+    assert vars(model).keys() == vars(tiny_llama()).keys() | {"hydralora_config"}
+    assert lora_split.EXPERTS.head_choice(spec, records) is None

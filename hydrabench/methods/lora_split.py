@@ -47,7 +47,7 @@ from hydrabench.data.clustering import cluster_labels
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method, TrainFn
-from hydrabench.methods.hydralora import adapt, balanced_loss, fit_recording_heads, make_method
+from hydrabench.methods.hydralora import HeadedAdapter, balanced_loss, make_method
 from hydrabench.methods.lora import lora_config, merge_peft
 from hydrabench.spec import RunSpec
 
@@ -84,18 +84,19 @@ def check_splits(spec: RunSpec, records: Sequence[InstructionRecord]) -> None:
 # -- lora-split: n router-mixed experts ---------------------------------------------------------
 
 
-def adapt_experts(model: torch.nn.Module, spec: RunSpec,
-                  records: Sequence[InstructionRecord]) -> torch.nn.Module:
-    """n experts of rank r, each its own A_i and B_i, one router: HydraLoRA's layer without the
-    shared A, with N = num_splits."""
-    return adapt(model, spec, records, num_heads=spec.adapter.num_splits, shared_a=False)
+def spec_num_splits(spec: RunSpec) -> int:
+    return spec.adapter.num_splits
 
+
+# n experts of rank r, each its own A_i and B_i, one router: HydraLoRA's layer without the shared
+# A, with N = num_splits.
+EXPERTS = HeadedAdapter(heads=spec_num_splits, shared_a=False)
 
 METHOD = make_method(
     "lora-split", "LoRA-Split n×r, the default reading (the paper states none; the authors' "
     "'nAnB' in HydraLoRA issue #14, and Fig. 6 gives HydraLoRA without shared A its numbers): "
     "n experts of rank r, own A and B, per-token softmax router, trained jointly",
-    adapt_experts, fit_recording_heads, balanced_loss)
+    EXPERTS, loss_fn=balanced_loss)
 
 
 # -- per-component training, shared by lora-split-sum, lora-split-routed and lorahub ------------

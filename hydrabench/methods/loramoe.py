@@ -31,16 +31,13 @@ from torch import nn
 
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import TrainFn
-from hydrabench.methods.hydralora import (
-    adapt,
-    fit_recording_heads,
-    make_method,
-    recording_gates,
-)
+from hydrabench.methods.hydralora import HeadedAdapter, make_method
+from hydrabench.methods.hydralora_layer import recording_gates
 from hydrabench.spec import RunSpec
 from hydrabench.train import LossFn, encode_record
 
 FFN = ("gate_proj", "up_proj", "down_proj")
+EXPERTS = HeadedAdapter(shared_a=False)  # the spec's N, each expert its own A
 CV_EPS = 1e-10  # the reference code's cv_squared epsilon
 
 
@@ -92,12 +89,11 @@ def _fit(model: nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],
     model.loramoe_knowledge = frozenset(
         tuple(encode_record(train_fn.base.tokenizer, r, spec.prompt_template,
                             spec.train.seq_len)[0]) for r in knowledge)
-    return {**fit_recording_heads(model, spec, records, train_fn),
+    return {**EXPERTS.fit(model, spec, records, train_fn),
             "knowledge_records": len(knowledge)}
 
 
 METHOD = make_method(
     "loramoe", "LoRAMoE: N LoRA experts (own A and B) in the FFN, per-token softmax router, "
-    "localized balancing constraint", lambda model, spec, records: adapt(
-        model, spec, records, shared_a=False), _fit, localized_balanced_loss,
+    "localized balancing constraint", EXPERTS, loss_fn=localized_balanced_loss, fit=_fit,
     adapter_defaults={"target_modules": FFN, "blc_weight": 0.1, "blc_alpha": 0.1})

@@ -3,8 +3,8 @@
 HydraLoRA's gate depends on every token, so no merged checkpoint is exact. This plugin registers
 variants of vLLM's own Llama and Qwen2 models (`HydraLoraLlamaForCausalLM`,
 `HydraLoraQwen2ForCausalLM`) that compute, on top of vLLM's parallel linear layers, the project's
-layer (`hydrabench.methods.hydralora.HydraLoraLinear`): shared A or one A per head, router logits
-and softmax in float32 (or the uniform gate), scaling alpha / r. It serves hydralora,
+layer (`hydrabench.methods.hydralora_layer.HydraLoraLinear`): shared A or one A per head, router
+logits and softmax in float32 (or the uniform gate), scaling alpha / r. It serves hydralora,
 hydralora-uniform, loramoe and lora-split artifacts.
 
 vLLM calls `register` in every process it starts: the `vllm.general_plugins` entry point in
