@@ -218,15 +218,13 @@ def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: 
     return label
 
 
-def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, object]:
-    """(spec, model with the run's adapter loaded, tokenizer) of a finished run (none, or a
-    corrupt record: one line naming it)."""
+def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, BaseModel]:
+    """(spec, model with the run's adapter loaded, the base it was loaded on: tokenizer and
+    files) of a finished run (none, a corrupt record or a damaged artifact: one line)."""
     spec, record = store.load_spec(run_id), store.load(run_id)
     base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
                                spec.trust_remote_code)
-    model = load_trained(get_method(spec.method), base.model, record.artifact)
-    return spec, model, base.tokenizer
-
+    return spec, load_trained(get_method(spec.method), base.model, record.artifact), base
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: str,
@@ -246,11 +244,11 @@ def export_run(run_id: str, merge: str | None = None, store: RunStore | None = N
     spec = store.load_spec(run_id)
     label = merge if merge in serving_method(spec).approximate_merges else "exact"
     with Meter(phase="export") as meter:
-        spec, model, tokenizer = loaded_run(run_id, store)  # a damaged artifact: before any write
+        spec, model, base = loaded_run(run_id, store)  # a damaged artifact: before any write
         with store.lock(f"export-{run_id}-{merge}"):
             final = store.export_dir(run_id, label)
             with store.staging(final) as scratch:
-                write_servable(spec, model, tokenizer, scratch, run_id, merge,
+                write_servable(spec, model, base.tokenizer, scratch, run_id, merge,
                                store.run_dir(run_id))
     write_json_atomic(final / "metering.json", meter.result.to_dict())
     return final

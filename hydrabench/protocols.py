@@ -123,20 +123,12 @@ def protocol_task_folders() -> list[Path]:
 
 def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, Any, str, str]:
     """(model, tokenizer, the tokenizer's name or path, a label) of --model or --run."""
-    from hydrabench.export import load_base_or_export
+    from hydrabench.export import load_base_or_export, loaded_run
 
     if model is not None:
         base = load_base_or_export(model)
         return base.model, base.tokenizer, str(base.directory or model), model
-    from hydrabench.methods import get_method
-    from hydrabench.profiles import runtime_device
-
-    if not store.has(checked_run_id(run_id or "")):
-        raise SpecError(f"no finished run {run_id!r} in {store.runs}")
-    spec, record = store.load_spec(run_id), store.load(run_id)  # type: ignore[arg-type]
-    base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
-                               spec.trust_remote_code)
-    adapted = get_method(spec.method).load(base.model, record.artifact)
+    spec, adapted, base = loaded_run(checked_run_id(run_id or ""), store)
     return adapted, base.tokenizer, str(base.directory or spec.model), f"run {run_id}"
 
 
