@@ -220,6 +220,27 @@ class _DropKnownNoise(logging.Filter):
         return not any(noise in message for noise in self.messages)
 
 
+# HFLM warns once per request it truncates to the model's context (five-shot prompts on a small
+# context: tens of thousands of lines). The first says it happens; the rest would bury the log.
+TRUNCATION = "exceeds model's maximum length"
+
+
+class _FirstTruncationOnly(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if TRUNCATION not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        record.msg, record.args = (f"{record.getMessage()} (said once: later requests over the "
+                                   "context are truncated the same way)"), None
+        return True
+
+
 @cache
 def quiet_lm_eval() -> None:
     """Filter lm-eval's known noise (once per process, before lm-eval is called)."""
@@ -228,6 +249,7 @@ def quiet_lm_eval() -> None:
 
     for name, messages in KNOWN_NOISE.items():
         logging.getLogger(name).addFilter(_DropKnownNoise(messages))
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_FirstTruncationOnly())
     # lm-eval records the commit of the working directory by running `git describe`, whose
     # "fatal: not a git repository" reaches the terminal outside a repository; its own fallback
     # reads .git without git and says nothing (hydrabench's records carry their own commit).

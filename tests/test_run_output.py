@@ -92,3 +92,19 @@ def test_eval_says_which_bbh_it_took_and_gen_kwargs_fit_a_generation_task_to_the
     assert main(["eval", "--model", model, "--task", "bbh", "--limit", "1"]) == 0
     assert ("evaluate tiny_bbh (hf), the tiny profile's stand-in column bbh (lm-eval's own bbh: "
             "eval --task lm-eval:bbh)") in capsys.readouterr().err
+
+
+def test_lm_eval_says_a_truncation_once(caplog) -> None:
+    """HFLM warns per request it truncates; a context of 8 tokens truncates every request of the
+    real lm-eval evaluation here, and the log says so once."""
+    import logging
+
+    from hydrabench.evaluate import TRUNCATION, evaluate_model
+    from hydrabench.models import load_base_model
+
+    base = load_base_model("builtin:tiny")
+    with caplog.at_level(logging.WARNING, logger="lm_eval.models.huggingface"):
+        evaluate_model(base.model, base.tokenizer, ["tiny_medical"], batch_size=1, limit=3,
+                       seed=0, max_length=8)
+    said = [r.getMessage() for r in caplog.records if TRUNCATION in r.getMessage()]
+    assert len(said) == 1 and "said once" in said[0], said
