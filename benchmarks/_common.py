@@ -64,6 +64,22 @@ def other_cores_busy() -> float | None:
     return max(0.0, ((end[1] - _START[1]) - (end[2] - _START[2])) / (end[0] - _START[0]))
 
 
+class LoadWindow:
+    """Cores other processes kept busy from its creation on, like `other_cores_busy`, leaving
+    out CPU seconds the caller accounts for itself (a server's processes, which this process
+    does not reap, so their time would count as other processes' load)."""
+
+    def __init__(self) -> None:
+        self.start = _cpu_snapshot()
+
+    def others(self, own_cpu_s: float = 0.0) -> float | None:
+        end = _cpu_snapshot()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None
+        busy = (end[1] - self.start[1]) - (end[2] - self.start[2]) - own_cpu_s
+        return max(0.0, busy / (end[0] - self.start[0]))
+
+
 def parse_args(description: str, rounds: tuple[int, int],
                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
                ) -> argparse.Namespace:

@@ -17,6 +17,13 @@ HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the 
 ``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
 hydrabench's vLLM plugin. Its B heads are random (seeded), not trained: the arithmetic, hence
 the speed, is a trained adapter's.
+
+One server for N runs (``--runs``, default 3; the ``eval.serving`` setting): N LoRA adapters (r = 8
+at q_proj and v_proj, random seeded B) of the tiny base model scored on ``tiny_medical``, once on
+one server of the base model that loads each adapter in turn (``adapters``: vLLM's own LoRA
+serving, what a sweep does), once as N merged checkpoints with a server each (``merged``). Both
+walls count everything from the first server start to the last score (the merged side's merging
+apart: the runner does it before serving); each run's scoring time is reported start-up apart.
 """
 
 from __future__ import annotations
@@ -33,15 +40,26 @@ from pathlib import Path
 from typing import Any
 
 import lm_eval
+import psutil
 import torch
-from _common import REPORT_DIR, finish, other_cores_busy, parse_args, print_table, ratio
+from _common import (
+    REPORT_DIR,
+    LoadWindow,
+    finish,
+    other_cores_busy,
+    parse_args,
+    print_table,
+    ratio,
+)
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
+from peft import LoraConfig, get_peft_model
 
 from hydrabench.export import save_plugin_checkpoint
+from hydrabench.metering import hardware_summary
 from hydrabench.methods.hydralora import (
     METHOD,
     HydraLoraConfig,
@@ -167,6 +185,90 @@ def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
+def lora_runs(n: int, root: Path) -> list[tuple[Path, Path]]:
+    """(peft adapter, merged checkpoint) of n LoRA adapters of the tiny base (random B)."""
+    runs = []
+    for k in range(n):
+        torch.manual_seed(k)
+        base = load_base_model(BUILTIN_TINY, "float32", "cpu")
+        model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16,
+                                                      target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.02)
+        model.save_pretrained(root / f"adapter{k}")
+        model.merge_and_unload().save_pretrained(root / f"merged{k}")
+        base.tokenizer.save_pretrained(root / f"merged{k}")
+        runs.append((root / f"adapter{k}", root / f"merged{k}"))
+    return runs
+
+
+def score_served(server: Any, model_dir: Path, model_name: str | None, tokenizer: Any,
+                 manager: TaskManager, args: argparse.Namespace) -> dict[str, Any]:
+    from hydrabench.serving import local_completions_args
+
+    lm = get_model("local-completions").create_from_arg_string(
+        local_completions_args(server, model_dir, args.max_length, model_name),
+        {"batch_size": args.batch_size})
+    return evaluate_once(lm, tokenizer, "tiny_medical", manager, args.limit)
+
+
+def server_cpu_s(server: Any) -> float:
+    """CPU seconds (user + system) the server's processes used so far."""
+    top = psutil.Process(server.process.pid)
+    return sum(sum(p.cpu_times()[:2]) for p in [top, *top.children(recursive=True)])
+
+
+def shared_vs_per_run(base_dir: Path, tokenizer: Any, manager: TaskManager,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    """N runs scored on one server vs one server per run (see the module's docstring)."""
+    from hydrabench.serving import LoraSlots, VllmServer, served_lora_config
+
+    root = Path(tempfile.mkdtemp(prefix="bench-eval-shared-"))
+    try:
+        runs = lora_runs(args.runs, root)
+        load, servers_cpu_s = LoadWindow(), 0.0
+        slots = LoraSlots.fitting([served_lora_config(adapter) for adapter, _ in runs])
+        print(f"scoring {args.runs} LoRA runs on one server ...", flush=True)
+        start = time.perf_counter()
+        shared = []
+        with VllmServer(base_dir, max_model_len=args.max_length, lora=slots,
+                        log_dir=REPORT_DIR / "shared_server") as server:
+            shared_startup_s = server.startup_s
+            for k, (adapter, _) in enumerate(runs):
+                server.load_adapter(f"run{k}", adapter)
+                shared.append(score_served(server, base_dir, f"run{k}", tokenizer, manager,
+                                           args))
+                server.unload_adapter(f"run{k}")
+            shared_s = time.perf_counter() - start
+            servers_cpu_s += server_cpu_s(server)
+        print(f"scoring {args.runs} merged runs, a server each ...", flush=True)
+        start, per_run, startups = time.perf_counter(), [], []
+        for k, (_, merged) in enumerate(runs):
+            with VllmServer(merged, max_model_len=args.max_length,
+                            log_dir=REPORT_DIR / f"per_run_server{k}") as server:
+                startups.append(server.startup_s)
+                per_run.append(score_served(server, merged, None, tokenizer, manager, args))
+                servers_cpu_s += server_cpu_s(server)
+        per_run_s = time.perf_counter() - start
+        others = load.others(servers_cpu_s)
+    finally:
+        shutil.rmtree(root)
+
+    return {"runs": args.runs, "one_server_wall_s": round(shared_s, 1),
+            "server_per_run_wall_s": round(per_run_s, 1),
+            "server_per_run_over_one_server_wall": ratio(per_run_s, shared_s),
+            "one_server_startup_s": round(shared_startup_s, 1),
+            "per_run_startup_s": [round(s, 1) for s in startups],
+            # Start-up apart, per run: the shared server's first requests also pay its warm-up.
+            "one_server_scoring_s": [round(r["model_s"], 2) for r in shared],
+            "server_per_run_scoring_s": [round(r["model_s"], 2) for r in per_run],
+            "one_server_other_processes_cores_busy": None if others is None
+            else round(others, 2),
+            "rows": {"one_server": shared, "server_per_run": per_run}}
+
+
 def over(rows: Sequence[dict[str, Any]], backend: str, reference: str,
          key: str) -> dict[str, float]:
     by = {(r["backend"], r["task"]): r[key] for r in rows}
@@ -182,10 +284,15 @@ def main() -> None:
                             help="lm-eval batch size (the tiny profile's)")
         parser.add_argument("--max-length", type=int, default=512,
                             help="context length (the tiny model's maximum)")
+        parser.add_argument("--runs", type=int, default=None,
+                            help="N runs scored on one server vs a server each (default: 3, "
+                                 "quick: 2; 0: skip)")
 
     args = parse_args(__doc__.splitlines()[0], (3, 5), options)
     if args.quick and args.limit is None:
         args.limit = 20
+    if args.runs is None:
+        args.runs = 2 if args.quick else 3
     base = load_base_model(BUILTIN_TINY, "float32", args.device)
     manager = TaskManager(include_path=str(TASKS_DIR / "tiny"), include_defaults=False)
     hf = HFLM(pretrained=base.model, tokenizer=base.tokenizer, batch_size=args.batch_size,
@@ -207,6 +314,16 @@ def main() -> None:
                                                        base.tokenizer, manager, args)
     rows += extra
     shutil.rmtree(export_dir)
+    sharing: dict[str, Any] = {"one_server": "skipped (--runs 0)"}
+    if args.runs and vllm_status == "measured":
+        try:
+            sharing = shared_vs_per_run(base.directory, base.tokenizer, manager, args)
+        except Exception as err:  # a broken optional path must not lose the other figures
+            print(f"one server for {args.runs} runs failed: {err}", file=sys.stderr)
+            sharing = {"one_server": f"failed: {type(err).__name__}: "
+                                     f"{next(iter(str(err).splitlines()), '')}"}
+    elif args.runs:
+        sharing = {"one_server": f"skipped: vllm {vllm_status}"}
 
     columns = ["backend", "task", "requests", "prompt_tokens", "generated_tokens", "model_s",
                "wall_s", "requests/s", "tokens/s", "generated tokens/s"]
@@ -230,9 +347,13 @@ def main() -> None:
                  "vllm_plugin": plugin_status,
                  "vllm_plugin_startup_s": None if plugin_startup_s is None
                  else round(plugin_startup_s, 1),
-                 "device": args.device}
+                 **{k: v for k, v in sharing.items() if k != "rows"},
+                 "device": args.device, "cpu": hardware_summary()["cpu_model"],
+                 # While the hf rows ran (vLLM's processes would count as others after).
+                 "other_processes_cores_busy": None if others is None else round(others, 2)}
     finish("bench_eval", headline, {"quick": args.quick, "limit": args.limit,
-                                    "batch_size": args.batch_size, "rows": rows}, others)
+                                    "batch_size": args.batch_size, "rows": rows,
+                                    "shared_server_rows": sharing.get("rows")}, others)
 
 
 if __name__ == "__main__":

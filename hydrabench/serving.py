@@ -85,8 +85,7 @@ def served_lora_config(adapter: Path) -> dict | None:
         config = json.loads((adapter / "adapter_config.json").read_text())
     except (OSError, ValueError):
         return None
-    targets = config.get("target_modules")
-    targets = [targets] if isinstance(targets, str) else targets
+    targets = config.get("target_modules")  # a string is peft's pattern, not a list of names
     ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
     plain = (config.get("peft_type") == "LORA" and isinstance(targets, list) and targets
              and set(targets) <= set(VLLM_LORA_TARGETS)
@@ -95,7 +94,7 @@ def served_lora_config(adapter: Path) -> dict | None:
              and config.get("bias", "none") == "none" and not config.get("lora_bias")
              and config.get("init_lora_weights", True) in (True, False, "gaussian")
              and not config.get("layer_replication"))
-    return {**config, "target_modules": targets} if plain else None
+    return config if plain else None
 
 
 def last_error_line(log: str) -> str:

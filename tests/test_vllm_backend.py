@@ -340,10 +340,11 @@ def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[
     config = served_lora_config(lora_artifact)
     assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
     assert served_lora_config(Path(records["hydralora"]["artifact"])) is None
-    dora = tmp_path / "dora"
-    dora.mkdir()
-    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    assert served_lora_config(dora) is None
+    for change in ({"use_dora": True}, {"target_modules": "q_proj|v_proj"}):  # DoRA, a pattern
+        not_plain = tmp_path / next(iter(change))
+        not_plain.mkdir()
+        (not_plain / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        assert served_lora_config(not_plain) is None
 
     spec = spec_from_dict(records["lora"]["spec"])
     adapters = replace(spec, eval=replace(spec.eval, backend="vllm", serving="adapters"))
