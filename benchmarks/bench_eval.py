@@ -60,12 +60,8 @@ from peft import LoraConfig, get_peft_model
 
 from hydrabench.export import save_plugin_checkpoint
 from hydrabench.metering import hardware_summary
-from hydrabench.methods.hydralora import (
-    METHOD,
-    HydraLoraConfig,
-    apply_hydralora,
-    hydralora_layers,
-)
+from hydrabench.methods.hydralora import METHOD
+from hydrabench.methods.hydralora_layer import HydraLoraConfig, apply_hydralora, hydralora_layers
 from hydrabench.models import BUILTIN_TINY, load_base_model
 from hydrabench.paths import TASKS_DIR
 

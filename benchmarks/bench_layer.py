@@ -29,7 +29,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from hydrabench.methods.hydralora import HydraLoraLinear
+from hydrabench.methods.hydralora_layer import HydraLoraLinear
 
 # The paper's adapter settings (reference scripts): r 8, alpha 32, dropout 0.05, 4 heads.
 R = 8

@@ -14,9 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods import lora_split
-from hydrabench.methods.hydralora import (
-    METHOD,
-    HeadedAdapter,
+from hydrabench.methods.hydralora import METHOD, HeadedAdapter
+from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
     HydraLoraLinear,
     apply_hydralora,

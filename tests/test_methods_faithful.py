@@ -13,7 +13,7 @@ import torch
 from hydrabench.cli import main
 from hydrabench.data import synthetic
 from hydrabench.methods import get_method
-from hydrabench.methods.hydralora import HydraLoraLinear, hydralora_layers
+from hydrabench.methods.hydralora_layer import HydraLoraLinear, hydralora_layers
 from hydrabench.methods.lora_split import (
     PromptRouter,
     adapt_splits,
@@ -202,7 +202,7 @@ def test_loramoe_sits_in_the_ffn_unless_told_otherwise() -> None:
 
 
 def test_loramoe_loss_adds_the_constraint_of_every_layer_by_sample_type(tiny) -> None:
-    from hydrabench.methods.hydralora import recording_gates
+    from hydrabench.methods.hydralora_layer import recording_gates
     from hydrabench.methods.loramoe import localized_balancing_term
     from hydrabench.train import collate, encode_record
 

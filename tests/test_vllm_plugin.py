@@ -23,8 +23,8 @@ from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
 from hydrabench.export import export_run, load_base_or_export, save_plugin_checkpoint
-from hydrabench.methods.hydralora import (
-    METHOD,
+from hydrabench.methods.hydralora import METHOD
+from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
     apply_hydralora,
     hydralora_layers,

@@ -21,10 +21,8 @@ from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import ApproximateMerge, Method, TrainFn
 from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
-    HydraLoraLinear,
     apply_hydralora,
     base_layers_in_place,
-    hydralora_layers,
     load_balancing_loss,
     load_hydralora,
     mean_router_gates,
@@ -134,24 +132,3 @@ METHOD = make_method("hydralora", "HydraLoRA: shared A, N B heads, per-token sof
 UNIFORM_GATE_METHOD = make_method(
     "hydralora-uniform", "HydraLoRA without gate (g = 1/N), the paper's Fig. 6 ablation",
     HeadedAdapter(gate="uniform"))
-
-__all__ = [
-    "METHOD",
-    "UNIFORM_GATE_METHOD",
-    "HeadedAdapter",
-    "HydraLoraConfig",
-    "HydraLoraLinear",
-    "apply_hydralora",
-    "auto_head_choice",
-    "balanced_loss",
-    "base_layers_in_place",
-    "hydralora_layers",
-    "load_balancing_loss",
-    "load_hydralora",
-    "make_method",
-    "mean_router_gates",
-    "merge_hydralora",
-    "recording_gates",
-    "router_parameters",
-    "save_hydralora",
-]
