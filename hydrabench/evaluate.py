@@ -221,11 +221,14 @@ class _DropKnownNoise(logging.Filter):
 
 
 # HFLM warns once per request it truncates to the model's context (five-shot prompts on a small
-# context: tens of thousands of lines). The first says it happens; the rest would bury the log.
+# context: tens of thousands of lines). The first of each evaluation says it happens; the rest
+# would bury the log.
 TRUNCATION = "exceeds model's maximum length"
 
 
 class _FirstTruncationOnly(logging.Filter):
+    """Lets the first truncation warning through; `seen` is cleared as each evaluation starts."""
+
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
@@ -236,9 +239,12 @@ class _FirstTruncationOnly(logging.Filter):
         if self.seen:
             return False
         self.seen = True
-        record.msg, record.args = (f"{record.getMessage()} (said once: later requests over the "
-                                   "context are truncated the same way)"), None
+        record.msg, record.args = (f"{record.getMessage()} (said once per evaluation: later "
+                                   "requests over the context are truncated the same way)"), None
         return True
+
+
+TRUNCATION_SAID = _FirstTruncationOnly()
 
 
 @cache
@@ -249,7 +255,7 @@ def quiet_lm_eval() -> None:
 
     for name, messages in KNOWN_NOISE.items():
         logging.getLogger(name).addFilter(_DropKnownNoise(messages))
-    logging.getLogger("lm_eval.models.huggingface").addFilter(_FirstTruncationOnly())
+    logging.getLogger("lm_eval.models.huggingface").addFilter(TRUNCATION_SAID)
     # lm-eval records the commit of the working directory by running `git describe`, whose
     # "fatal: not a git repository" reaches the terminal outside a repository; its own fallback
     # reads .git without git and says nothing (hydrabench's records carry their own commit).
@@ -303,6 +309,7 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
     from lm_eval.utils import handle_non_serializable
 
     quiet_lm_eval()
+    TRUNCATION_SAID.seen = False
     if allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks require
     results = lm_eval.simple_evaluate(
