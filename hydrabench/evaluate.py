@@ -19,7 +19,7 @@ import torch
 
 from hydrabench.includes import included
 from hydrabench.paths import TASKS_DIR, offline_mode
-from hydrabench.serving import VllmServer, local_completions_args
+from hydrabench.serving import VllmServer
 
 # The headline metric of a task, in order of preference ("metric,filter" as lm-eval keys them).
 PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip",
@@ -272,12 +272,12 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
 
     quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    return _run_lm_eval(lm, None, tasks, batch_size=batch_size, limit=limit, seed=seed,
+    return _run_lm_eval(lm, tasks, batch_size=batch_size, limit=limit, seed=seed,
                         allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
                         output_dir=output_dir, gen_kwargs=gen_kwargs)
 
 
-def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, batch_size: int,
+def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
                     limit: int | None, seed: int, allow_code_execution: bool = False,
                     num_fewshot: int | None = None, output_dir: Path | None = None,
                     gen_kwargs: str | None = None,
@@ -285,26 +285,27 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *, ba
     """Score the checkpoint in `model_dir` (its tokenizer), served by `server`, with lm-eval's
     local-completions; `model_name`: a LoRA adapter the server loaded (default: its model).
 
-    The model_args make its per-answer loglikelihoods and greedy generations match the hf
-    backend's on the same checkpoint (see `serving.local_completions_args`).
+    Its per-answer loglikelihoods and greedy generations match the hf backend's on the same
+    checkpoint (see `served_lm`); the server takes the requests in a few large batches.
     """
-    model_args = local_completions_args(server, model_dir, server.max_model_len, model_name)
+    from hydrabench.served_lm import served_lm
+
     try:
-        return _run_lm_eval("local-completions", model_args, tasks, batch_size=batch_size,
-                            limit=limit, seed=seed, allow_code_execution=allow_code_execution,
-                            num_fewshot=num_fewshot, output_dir=output_dir,
-                            gen_kwargs=gen_kwargs)
+        return _run_lm_eval(served_lm(server, model_dir, model_name), tasks,
+                            batch_size=None, limit=limit, seed=seed,
+                            allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
+                            output_dir=output_dir, gen_kwargs=gen_kwargs)
     except Exception:
         server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
         raise
 
 
-def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_size: int,
-                 limit: int | None, seed: int, allow_code_execution: bool,
-                 num_fewshot: int | None, output_dir: Path | None,
-                 manager: Any = None, gen_kwargs: str | None = None) -> dict[str, TaskScore]:
-    """`simple_evaluate` on an lm-eval model (an instance, or a registered name + model_args),
-    with hydrabench's task manager unless another (e.g. one with task metadata) is given."""
+def _run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: int | None,
+                 seed: int, allow_code_execution: bool, num_fewshot: int | None,
+                 output_dir: Path | None, manager: Any = None,
+                 gen_kwargs: str | None = None) -> dict[str, TaskScore]:
+    """`simple_evaluate` on an lm-eval model instance, with hydrabench's task manager unless
+    another (e.g. one with task metadata) is given."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable
 
@@ -313,7 +314,7 @@ def _run_lm_eval(model: Any, model_args: str | None, tasks: list[str], *, batch_
     if allow_code_execution:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"  # what lm-eval's code tasks require
     results = lm_eval.simple_evaluate(
-        model=model, model_args=model_args, batch_size=batch_size, tasks=tasks,
+        model=model, batch_size=batch_size, tasks=tasks,
         num_fewshot=num_fewshot, limit=limit, log_samples=True,
         task_manager=manager or task_manager(offline_mode()),
         confirm_run_unsafe_code=allow_code_execution,

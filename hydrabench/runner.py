@@ -217,7 +217,8 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
 
 
 def _eval_settings(spec: RunSpec, output_dir: Path) -> dict[str, Any]:
-    return {"batch_size": spec.eval.batch_size, "limit": spec.eval.limit, "seed": spec.seed,
+    """lm-eval settings both backends take (hf adds its batch size; a server batches its own)."""
+    return {"limit": spec.eval.limit, "seed": spec.seed,
             "num_fewshot": spec.eval.num_fewshot, "gen_kwargs": spec.eval.gen_kwargs,
             "allow_code_execution": spec.eval.allow_code_execution, "output_dir": output_dir}
 
@@ -264,6 +265,7 @@ def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str
     for merge in get_method(spec.method).approximate_merges:
         merged, _ = merge_loaded(spec, copy.deepcopy(model), tokenizer, merge, run_dir=out)
         scores = evaluate_model(merged, tokenizer, list(spec.eval_tasks),
+                                batch_size=spec.eval.batch_size,
                                 **_eval_settings(spec, out / f"lm_eval_{merge}"))
         gaps[merge] = {task: {"value": s.value, "exact": exact[task].value,
                               "gap": s.value - exact[task].value} for task, s in scores.items()}
@@ -371,7 +373,8 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artif
     country = spec.country_iso_code
     if spec.eval.backend == "hf":
         with Meter(phase="eval", country_iso_code=country) as meter:
-            scores = evaluate_model(model, tokenizer, list(spec.eval_tasks), **settings)
+            scores = evaluate_model(model, tokenizer, list(spec.eval_tasks),
+                                    batch_size=spec.eval.batch_size, **settings)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
         return scores, {"merge": None, "serving": None}, {"eval": meter.result.to_dict()}
     lora = served_on_base(spec, artifact)

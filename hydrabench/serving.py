@@ -1,4 +1,4 @@
-"""vLLM's OpenAI-compatible server as a real process on loopback, scored through lm-eval's API.
+"""vLLM's OpenAI-compatible server as a real process on loopback (scored by `served_lm`).
 
 The server runs as its own process group so that stopping it also ends the engine processes it
 starts. It is started as `python -m vllm.entrypoints.openai.api_server`, not `vllm serve`: the
@@ -129,7 +129,7 @@ def _cpu_build() -> bool:
     return True
 
 
-def _cpu_env(ranks: int) -> dict[str, str]:
+def cpu_settings(ranks: int) -> dict[str, str]:
     """Settings vLLM's CPU platform needs here (measured, see shared/notes/vllm-cpu.md) for
     `ranks` worker processes (tensor x data parallel)."""
     cores = sorted(os.sched_getaffinity(0))
@@ -205,7 +205,7 @@ class VllmServer:
     def _env(self, scratch: Path) -> dict[str, str]:
         """Precedence: CPU defaults < the caller's environment < extra_env."""
         ranks = self.tensor_parallel_size * self.data_parallel_size
-        env = _cpu_env(ranks) if _cpu_build() else {}
+        env = cpu_settings(ranks) if _cpu_build() else {}
         env.update(os.environ)
         # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
         env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(scratch / "vllm"),
@@ -229,6 +229,7 @@ class VllmServer:
                 env=self._env(self._scratch), start_new_session=True)
         try:
             self._wait_ready(started + self.startup_timeout_s)
+            self._warm_up()
         except BaseException:
             self.stop()
             raise
@@ -245,6 +246,14 @@ class VllmServer:
             if time.monotonic() > deadline:
                 self._fail(f"not ready after {self.startup_timeout_s:.0f} s")
             time.sleep(1.0)
+
+    def _warm_up(self) -> None:
+        """One small scoring and generation request: a fresh server's first requests compile
+        and allocate (measured: ~1 s on the tiny model, 11 s with LoRA slots), a cost that
+        belongs to start-up, not to the first run it scores."""
+        self._post("/v1/completions", {"model": self.model_name, "prompt": list(range(1, 17)),
+                                       "max_tokens": 4, "temperature": 0, "prompt_logprobs": 0},
+                   "failed its first request")
 
     def raise_if_dead(self) -> None:
         """Raise ServerError (its log's last error) if the server has stopped serving."""
@@ -326,29 +335,6 @@ class VllmServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def local_completions_args(server: VllmServer, model_dir: str | Path, max_length: int,
-                           model_name: str | None = None) -> str:
-    """lm-eval `local-completions` model_args that reproduce the hf backend's scores.
-
-    Requests go pre-tokenized with the model's own tokenizer (`model_dir`) and lm-eval adds the
-    BOS itself: with `tokenized_requests=False` the server adds a BOS while lm-eval cuts the
-    continuation one token early, and every loglikelihood is off by nats. `max_length` should be
-    the server's max_model_len (lm-eval assumes 2048 otherwise). Batch size is lm-eval's own
-    argument, not part of model_args. `model_name`: an adapter the server loaded (default: the
-    model it serves).
-    """
-    values = {"model": model_name or server.model_name, "base_url": server.completions_url,
-              "tokenizer_backend": "huggingface", "tokenizer": str(model_dir),
-              "num_concurrent": 4, "max_retries": 2, "tokenized_requests": True,
-              "add_bos_token": True, "max_length": max_length}
-    for key in ("model", "tokenizer"):
-        # lm-eval splits model_args on "," and "=": such a path would be cut silently.
-        if any(c in str(values[key]) for c in ",="):
-            raise ValueError(f"lm-eval model_args cannot carry a path with ',' or '=': "
-                             f"{values[key]}")
-    return ",".join(f"{k}={v}" for k, v in values.items())
 
 
 class SharedServers:

@@ -126,9 +126,9 @@ def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path],
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     server, checkpoint = served
-    settings = {"batch_size": 8, "limit": limit, "seed": 0}
+    settings = {"limit": limit, "seed": 0}
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="float32")
-    evaluate_model(model, AutoTokenizer.from_pretrained(checkpoint), [task],
+    evaluate_model(model, AutoTokenizer.from_pretrained(checkpoint), [task], batch_size=8,
                    max_length=server.max_model_len, output_dir=tmp_path / "hf", **settings)
     scores = evaluate_served(server, checkpoint, [task], output_dir=tmp_path / "vllm", **settings)
     assert scores[task].n_samples == limit
