@@ -249,8 +249,8 @@ class VllmServer:
 
     def _warm_up(self) -> None:
         """One small scoring and generation request: a fresh server's first requests compile
-        and allocate (measured: ~1 s on the tiny model, 11 s with LoRA slots), a cost that
-        belongs to start-up, not to the first run it scores."""
+        and allocate (measured on 2 CPU cores: ~1 s for the tiny model, 15-20 s with LoRA
+        slots), a cost of start-up, not of the first run it scores."""
         self._post("/v1/completions", {"model": self.model_name, "prompt": list(range(1, 17)),
                                        "max_tokens": 4, "temperature": 0, "prompt_logprobs": 0},
                    "failed its first request")

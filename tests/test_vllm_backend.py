@@ -86,6 +86,8 @@ def assert_same_scores(hf_dir: Path, vllm_dir: Path, task: str, metric: str,
             diffs = [abs(float(a[0]) - float(b[0])) for a, b in zip(ours, theirs, strict=True)]
             worst = max(worst, *diffs)
             assert max(diffs) < tolerance, f"doc {doc_id}: {ours} vs {theirs}"
+            # is_greedy differs between backends only at an exact float tie (served_lm.ServedLM)
+            assert [str(a[1]) for a in ours] == [str(b[1]) for b in theirs], f"doc {doc_id}"
         assert row[metric] == vllm[doc_id][metric]
     # Greedy decoding takes the arg-max token; where two tokens are all but tied (this barely
     # trained tiny model continues with random numbers), the two engines' float rounding may
@@ -159,6 +161,27 @@ def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
                        "tiny_bbh", "exact_match")
     assert record.metrics["tiny_bbh"].value == pytest.approx(
         hf_record.metrics["tiny_bbh"].value, abs=ACCURACY_TOL + MAX_PARTED_SHARE)
+
+
+def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
+        vllm_available: None, hf_run: tuple[RunStore, RunRecord]) -> None:
+    """`eval.serving: adapters` outside a sweep: the run starts a server of the base model with
+    LoRA slots, loads its adapter (unmerged: vLLM's own LoRA serving), keeps the log, and scores
+    per answer within 1e-4 of hf on the same trained adapter."""
+    store, hf_record = hf_run
+    overrides = {**RUN_OVERRIDES, "eval": {**RUN_OVERRIDES["eval"], "backend": "vllm",
+                                           "serving": "adapters"}}
+    record = execute(resolve_spec("lora", "bbh", overrides=overrides), store=store)
+    assert record.train_id == hf_record.train_id and record.merge == "exact"
+    serving = record.serving
+    assert (serving["mode"], serving["served_as"], serving["shared"]) == ("adapters", "lora",
+                                                                        False)
+    assert serving["startup_s"] > 0
+    log = store.runs / record.run_id / serving["server_log"]
+    assert "'enable_lora': True" in log.read_text()  # vLLM's "non-default args" line
+    assert_same_scores(store.runs / hf_record.run_id / "lm_eval",
+                       store.runs / record.run_id / "lm_eval", "tiny_bbh", "exact_match",
+                       tolerance=1e-4)
 
 
 def test_vllm_backend_refuses_methods_without_exact_merge(tmp_path: Path) -> None:
