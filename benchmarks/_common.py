@@ -3,7 +3,7 @@
 Every script prints a table and, as its last stdout line, one JSON object with its headline
 figures; the same object plus the machine description (``hardware_summary()``), the torch thread
 count and how many cores other processes kept busy meanwhile goes, written atomically, to
-``reports/bench/<name>.json``.
+``reports/bench/<name>.json`` (under HYDRABENCH_REPORTS where set).
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from torch.utils.benchmark import Timer
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.metering import hardware_summary
+from hydrabench.paths import reports_root
 
-REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "bench"
+REPORT_DIR = reports_root().resolve() / "bench"  # HYDRABENCH_REPORTS, as hydrabench's reports
 
 
 def _cpu_snapshot() -> tuple[float, float, float] | None:
