@@ -7,8 +7,8 @@ lm-eval's loglikelihood request (`echo` + `logprobs=1`) makes vLLM detokenize ev
 position and its top-1 alternative and return both twice (the OpenAI logprobs block and the raw
 prompt_logprobs); and the hf batch size (8-32 prompts a request, 4 in flight) made many small
 engine steps that fought the server's own processes for 2 cores. `prompt_logprobs: 0` returns
-each prompt token's own logprob and rank, nothing else: the same numbers, bit for bit, from half
-the server's work.
+each prompt token's own logprob and rank, nothing else: the same numbers, bit for bit, for half
+the API server's CPU time.
 """
 
 from __future__ import annotations
