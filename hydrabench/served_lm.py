@@ -72,31 +72,18 @@ class ServedLM(LocalCompletionsAPI):
         return await super().get_batched_requests(requests, cache_keys, **kwargs)
 
 
-def local_completions_args(server: VllmServer, model_dir: str | Path, max_length: int,
-                           model_name: str | None = None) -> str:
-    """lm-eval `local-completions` model_args that reproduce the hf backend's scores.
-
-    Requests go pre-tokenized with the model's own tokenizer (`model_dir`) and lm-eval adds the
-    BOS itself: with `tokenized_requests=False` the server adds a BOS while lm-eval cuts the
-    continuation one token early, and every loglikelihood is off by nats. `max_length` should be
-    the server's max_model_len (lm-eval assumes 2048 otherwise). `model_name`: an adapter the
-    server loaded (default: the model it serves).
-    """
-    values = {"model": model_name or server.model_name, "base_url": server.completions_url,
-              "tokenizer_backend": "huggingface", "tokenizer": str(model_dir),
-              "num_concurrent": CONCURRENT_REQUESTS, "max_retries": 2,
-              "timeout": REQUEST_TIMEOUT_S, "tokenized_requests": True,
-              "add_bos_token": True, "max_length": max_length}
-    for key in ("model", "tokenizer"):
-        # lm-eval splits model_args on "," and "=": such a path would be cut silently.
-        if any(c in str(values[key]) for c in ",="):
-            raise ValueError(f"lm-eval model_args cannot carry a path with ',' or '=': "
-                             f"{values[key]}")
-    return ",".join(f"{k}={v}" for k, v in values.items())
-
-
 def served_lm(server: VllmServer, model_dir: str | Path,
               model_name: str | None = None) -> ServedLM:
-    """The lm-eval model that scores `model_dir` (its tokenizer) as `server` serves it."""
-    return ServedLM.create_from_arg_string(
-        local_completions_args(server, model_dir, server.max_model_len, model_name))
+    """The lm-eval model that scores `model_dir` (its tokenizer) as `server` serves it, with
+    the hf backend's scores; `model_name`: an adapter the server loaded (default: its model).
+
+    Requests go pre-tokenized with the model's own tokenizer and lm-eval adds the BOS itself:
+    with `tokenized_requests=False` the server adds a BOS while lm-eval cuts the continuation one
+    token early, and every loglikelihood is off by nats. `max_length` is the server's
+    max_model_len (lm-eval assumes 2048 otherwise).
+    """
+    return ServedLM(model=model_name or server.model_name, base_url=server.completions_url,
+                    tokenizer_backend="huggingface", tokenizer=str(model_dir),
+                    num_concurrent=CONCURRENT_REQUESTS, max_retries=2,
+                    timeout=REQUEST_TIMEOUT_S, tokenized_requests=True, add_bos_token=True,
+                    max_length=server.max_model_len)
