@@ -328,21 +328,25 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
     adapter does not fit the shared server's LoRA slots (then it is served on its own)."""
     settings = _eval_settings(spec, out / "lm_eval")
     context = eval_context(spec, model, tokenizer)
+    key = (spec.model, spec.dtype, context, spec.eval.tensor_parallel_size,
+           spec.eval.data_parallel_size, spec.eval.gpu_memory_utilization)
+    if servers is None:
+        slots = LoraSlots.fitting([lora]) if lora else None
+    else:  # the slots the shared server for `key` has, or will have when it starts
+        slots = _shared_slots([s for s in servers.specs if (s.model, s.dtype) == key[:2]])
+        if lora and not (slots and slots.fits(lora)):
+            # Decided before offloading and before starting a server: the fallback merges
+            # from this model and starts a server of its own.
+            log(f"{spec.run_id}: its adapter does not fit the shared server's LoRA slots; "
+                f"served on its own")
+            return None
     offload(model)  # served from the files, not from this copy
     with contextlib.ExitStack() as stack:
         if servers is None:
-            slots = LoraSlots.fitting([lora]) if lora else None
             server = stack.enter_context(_base_server(spec, out, context, slots))
         else:
-            key = (spec.model, spec.dtype, context, spec.eval.tensor_parallel_size,
-                   spec.eval.data_parallel_size, spec.eval.gpu_memory_utilization)
-            sharing = [s for s in servers.specs if (s.model, s.dtype) == key[:2]]
-            server = servers.get(key, lambda log_dir: _base_server(
-                spec, log_dir, context, _shared_slots(sharing)))
-            if lora and not (server.lora and server.lora.fits(lora)):
-                log(f"{spec.run_id}: its adapter does not fit the shared server's LoRA slots; "
-                    f"served on its own")
-                return None
+            server = servers.get(key, lambda log_dir: _base_server(spec, log_dir, context,
+                                                                   slots))
         name = spec.run_id if lora else server.model_name
         with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
             if lora:

@@ -18,6 +18,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -407,6 +408,36 @@ def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[
     assert slots.fits(config) and not slots.fits({"r": 32, "target_modules": ["q_proj"]})
     assert not slots.fits({"r": 8, "target_modules": ["o_proj"]})
     assert slots.arguments()[-4:] == ["--lora-target-modules", "k_proj", "q_proj", "v_proj"]
+
+
+def test_an_adapter_the_shared_slots_do_not_take_is_turned_away_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """No shared server is started for it and its model stays where it is: the fallback (a
+    merged checkpoint, a server of its own) exports from that model. No vLLM needed."""
+    import torch
+
+    from hydrabench.runner import _evaluate_on_base
+    from hydrabench.serving import SharedServers
+
+    spec = resolve_spec("lora", "bbh", overrides={"eval": {"backend": "vllm",
+                                                           "serving": "adapters"}})
+
+    class Unmovable(torch.nn.Module):
+        config = SimpleNamespace(max_position_embeddings=512)
+
+        def to(self, *args: object, **kwargs: object) -> torch.nn.Module:
+            raise AssertionError("the model was offloaded")
+
+    class NoServers(SharedServers):
+        def get(self, key: tuple, build: object) -> VllmServer:
+            raise AssertionError("a shared server was asked for")
+
+    too_big = {"r": 64, "target_modules": ["q_proj", "v_proj"]}  # the spec's slots: rank 8
+    assert spec.adapter.rank == 8
+    assert _evaluate_on_base(spec, Unmovable(), None, tmp_path, too_big, tmp_path,
+                             NoServers([spec], tmp_path / "servers")) is None
+    assert "does not fit the shared server's LoRA slots" in capsys.readouterr().err
+    assert not (tmp_path / "servers").exists()
 
 
 def test_unknown_serving_mode_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
