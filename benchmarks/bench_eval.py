@@ -13,12 +13,13 @@ the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, sco
 ``hydrabench.served_lm``); the server's start-up (about a minute on 2 cores) is reported apart,
 not counted in the rates: the first start on an empty compile cache (``*_startup_s``) and a
 second start of the same model on the cache the first one kept (``*_restart_s``), as the harness
-keeps it between runs. Otherwise the reason is printed and the run goes on. Beside it, last
-(vLLM's CPU platform writes its settings into the calling process's environment), lm-eval's own
-in-process ``vllm`` backend scores the same checkpoints (``vllm-inprocess``,
-``vllm-plugin-inprocess``), on an empty compile cache of its own: the other exact path the
-harness could take. Every vLLM row's per-request loglikelihoods are compared with its hf
-reference (``max_abs_ll_diff``): a faster path only counts if it stays exact.
+keeps it for a model that stays where it is (a base model, an export). Otherwise the reason is
+printed and the run goes on. Beside it, last (vLLM's CPU platform writes its settings into the
+calling process's environment), lm-eval's own in-process ``vllm`` backend scores the same
+checkpoints (``vllm-inprocess``, ``vllm-plugin-inprocess``), on an empty compile cache of its
+own: the other exact path the harness could take. Every vLLM row's per-request loglikelihoods
+are compared with its hf reference (``max_abs_ll_diff``): a faster path only counts if it stays
+exact.
 
 HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the same two ways:
 ``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
@@ -290,8 +291,8 @@ def shared_vs_per_run(base_dir: Path, tokenizer: Any, manager: TaskManager,
         print(f"scoring {args.runs} merged runs, a server each ...", flush=True)
         start, per_run, startups = time.perf_counter(), [], []
         for k, (_, merged) in enumerate(runs):
+            # A compile cache of its own, as the runner gives the checkpoint it merges per run.
             with VllmServer(merged, max_model_len=args.max_length,
-                            compile_cache=args.vllm_cache,
                             log_dir=REPORT_DIR / f"per_run_server{k}") as server:
                 startups.append(server.startup_s)
                 per_run.append(score_served(server, merged, None, tokenizer, manager, args))

@@ -59,6 +59,7 @@ from hydrabench.serving import (
     ServerError,
     SharedServers,
     VllmServer,
+    kept_compile_cache,
     served_lora_config,
 )
 from hydrabench.serving_plugin import ADAPTER_DIR
@@ -296,9 +297,11 @@ def served_on_base(spec: RunSpec, artifact: Path) -> dict | None:
 
 def _base_server(spec: RunSpec, log_dir: Path, max_model_len: int,
                  lora: LoraSlots | None) -> VllmServer:
-    """A (not yet started) server of the spec's base model, as the spec's eval settings ask."""
+    """A (not yet started) server of the spec's base model, as the spec's eval settings ask;
+    the base stays where it is, so its compiled graphs are kept for its next server."""
     return VllmServer(_served_model(spec), dtype=spec.dtype, log_dir=log_dir,
                       max_model_len=max_model_len, lora=lora,
+                      compile_cache=kept_compile_cache(),
                       tensor_parallel_size=spec.eval.tensor_parallel_size,
                       data_parallel_size=spec.eval.data_parallel_size,
                       gpu_memory_utilization=spec.eval.gpu_memory_utilization)

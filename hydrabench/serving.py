@@ -115,6 +115,17 @@ def last_error_line(log: str) -> str:
     return (errors or [line.strip() for line in lines] or ["(empty log)"])[-1]
 
 
+def kept_compile_cache() -> Path:
+    """vLLM's compile cache kept between server starts: VLLM_CACHE_ROOT, else the hydrabench
+    cache's vllm/. A model served again from the same path starts in 35-37 s instead of 57-59 s
+    (tiny model, 2 cores); vLLM keys an entry by the model's path and config, its settings and
+    the source it traced (checked on load, recompiled on any mismatch or failed load), and the
+    compiled graphs take the weights as inputs, so no entry stands in for other maths. Only for
+    paths that stay: an entry for a checkpoint that is removed would never be read again.
+    """
+    return Path(os.environ.get("VLLM_CACHE_ROOT") or cache_root() / "vllm")
+
+
 def free_port() -> int:
     """A port free on loopback now (the OS picks it; small race until the server binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -152,12 +163,8 @@ class VllmServer:
 
     Start-up (imports, weight loading, compilation) takes about a minute on a small CPU, so callers
     should start one server and send it all their requests. The log is kept in `log_dir`; the
-    temporary directory the server writes is removed on exit. vLLM's compile cache
-    (`compile_cache`, default VLLM_CACHE_ROOT or the hydrabench cache's vllm/) is kept between
-    starts: a model served again starts in about 36 s instead of 57 (tiny plugin export, 2 cores).
-    vLLM keys each compiled graph by the model's config, its settings and the source files it
-    traced (checked on load, recompiled on any mismatch or failed load) and writes atomically;
-    weights are the graphs' inputs, not constants, so no entry is reused for other maths.
+    temporary directory the server writes is removed on exit, and so is vLLM's compile cache
+    unless `compile_cache` names one to keep (`kept_compile_cache()`).
     """
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "float32", max_model_len: int = 512,
@@ -178,8 +185,7 @@ class VllmServer:
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.lora = lora
-        self.compile_cache = Path(compile_cache or os.environ.get("VLLM_CACHE_ROOT")
-                                  or cache_root() / "vllm")
+        self.compile_cache = None if compile_cache is None else Path(compile_cache)
         self.startup_s: float | None = None
         self.process: subprocess.Popen | None = None
         self._scratch: Path | None = None
@@ -216,9 +222,10 @@ class VllmServer:
         ranks = self.tensor_parallel_size * self.data_parallel_size
         env = cpu_settings(ranks) if _cpu_build() else {}
         env.update(os.environ)
-        # Each start leaves sockets and a ~150 MB compiled header in TMPDIR.
-        env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(self.compile_cache),
-                    "TORCHINDUCTOR_CACHE_DIR": str(self.compile_cache / "inductor")})
+        # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
+        cache = self.compile_cache or scratch / "vllm"
+        env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(cache),
+                    "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")})
         if self.lora is not None:  # adapters are loaded and unloaded while it serves
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.update(self.extra_env)

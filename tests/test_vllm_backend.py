@@ -26,8 +26,8 @@ import pytest
 from hydrabench.evaluate import evaluate_model, evaluate_served
 from hydrabench.export import export_run
 from hydrabench.resolve import resolve_spec
-from hydrabench.runner import execute
-from hydrabench.serving import LOG_NAME, VllmServer
+from hydrabench.runner import _base_server, execute
+from hydrabench.serving import LOG_NAME, VllmServer, kept_compile_cache
 from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
@@ -60,7 +60,8 @@ def served(vllm_available: None, hf_run: tuple[RunStore, RunRecord],
     """(server, checkpoint): the run's merged checkpoint served by one vLLM for the session."""
     store, record = hf_run
     checkpoint = export_run(record.run_id, store=store)
-    with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log")) as server:
+    with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log"),
+                    compile_cache=kept_compile_cache()) as server:
         print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
         yield server, checkpoint
 
@@ -152,6 +153,8 @@ def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
     log = run_dir / record.serving["server_log"]
     assert log.name == LOG_NAME and "Starting vLLM server" in log.read_text()
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
+    # and so was its compile cache: an entry for a removed path would never be read again.
+    assert f"{kept_compile_cache()}/" not in log.read_text()
     # The runner stopped its server: none of the processes its log names is left.
     pids = sorted({int(p) for p in re.findall(r"\(\w+ pid=(\d+)\)", log.read_text())})
     assert pids and not running(pids)
@@ -173,7 +176,8 @@ def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
     store, hf_record = hf_run
     overrides = {**RUN_OVERRIDES, "eval": {**RUN_OVERRIDES["eval"], "backend": "vllm",
                                            "serving": "adapters"}}
-    record = execute(resolve_spec("lora", "bbh", overrides=overrides), store=store)
+    spec = resolve_spec("lora", "bbh", overrides=overrides)
+    record = execute(spec, store=store)
     assert record.train_id == hf_record.train_id and record.merge == "exact"
     serving = record.serving
     assert (serving["mode"], serving["served_as"], serving["shared"]) == ("adapters", "lora",
@@ -181,6 +185,10 @@ def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
     assert serving["startup_s"] > 0
     log = store.runs / record.run_id / serving["server_log"]
     assert "'enable_lora': True" in log.read_text()  # vLLM's "non-default args" line
+    # The base model stays where it is: its servers keep their compile cache (with LoRA slots,
+    # vLLM's CPU build compiles nothing, so the log cannot show it).
+    base_server = _base_server(spec, store.root, 512, None)
+    assert base_server.compile_cache == kept_compile_cache() and base_server.process is None
     assert_same_scores(store.runs / hf_record.run_id / "lm_eval",
                        store.runs / record.run_id / "lm_eval", "tiny_bbh", "exact_match",
                        tolerance=1e-4)
@@ -219,11 +227,11 @@ def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
     server.__exit__(None, None, None)  # what the fixture's `with` does at the end of the session
     assert not running(pids) and not server.healthy()
     assert scratch is not None and not scratch.exists()
-    # vLLM's compile cache outlives the server (kept for the next start of this model) and a
-    # server started on it gives the same numbers, bit for bit.
+    # The compile cache it was given outlives it, and a server started on it gives the same
+    # numbers, bit for bit.
+    assert server.compile_cache is not None
     assert (server.compile_cache / "torch_compile_cache").is_dir()
-    with VllmServer(checkpoint, log_dir=tmp_path) as again:
-        assert again.compile_cache == server.compile_cache
+    with VllmServer(checkpoint, log_dir=tmp_path, compile_cache=server.compile_cache) as again:
         assert prompt_logprobs(again) == scores
 
 
