@@ -117,7 +117,7 @@ def last_error_line(log: str) -> str:
 
 def kept_compile_cache() -> Path:
     """vLLM's compile cache kept between server starts: VLLM_CACHE_ROOT, else the hydrabench
-    cache's vllm/. A model served again from the same path starts in 35-37 s instead of 57-59 s
+    cache's vllm/. A model served again from the same path starts in 35-39 s instead of 57-63 s
     (tiny model, 2 cores); vLLM keys an entry by the model's path and config, its settings and
     the source it traced (checked on load, recompiled on any mismatch or failed load), and the
     compiled graphs take the weights as inputs, so no entry stands in for other maths. Only for
