@@ -169,14 +169,16 @@ def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
         from hydrabench.serving import VllmServer
     except ImportError as err:
         return [], f"unavailable: hydrabench's serving is not importable ({err})", []
+    def server() -> VllmServer:
+        return VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
+                          log_dir=REPORT_DIR / f"{name}_server")
+
     try:
         # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
-        with VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
-                        log_dir=REPORT_DIR / f"{name}_server") as server:
-            rows = run_backend(name, served_lm(server, model_dir), tokenizer, manager, args)
-        with VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
-                        log_dir=REPORT_DIR / f"{name}_server") as again:
-            return rows, "measured", [server.startup_s, again.startup_s]
+        with server() as first:
+            rows = run_backend(name, served_lm(first, model_dir), tokenizer, manager, args)
+        with server() as again:  # on the compile cache the first one kept
+            return rows, "measured", [first.startup_s, again.startup_s]
     except Exception as err:
         print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
