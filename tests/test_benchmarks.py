@@ -49,6 +49,13 @@ def test_bench_eval_measures_every_exact_path(vllm_available: None, tmp_path: Pa
                                                                          "tiny_arithmetic"}
     for server in ("vllm", "vllm_plugin"):  # a first start and a second on the kept cache
         assert headline[f"{server}_startup_s"] > 0 and headline[f"{server}_restart_s"] > 0
+        # One run's whole wall, served against lm-eval's in-process engine in a spawned process
+        # (spawn to exit: a child that did not end would hang the bench, not get here).
+        assert headline[f"{server}_wall_s"] > headline[f"{server}_startup_s"]
+        assert headline[f"{server}_inprocess_wall_s"] > headline[
+            f"{server}_inprocess_startup_s"] > 0
+        assert headline[f"{server}_served_over_inprocess_wall"] > 0
+    assert "Engine" in (tmp_path / "bench" / "vllm-plugin-inprocess.log").read_text()
     assert headline["runs"] == 1 and headline["one_server_startup_s"] > 0
     assert len(headline["server_per_run_scoring_s"]) == 1
     assert (tmp_path / "bench" / "vllm_server" / "vllm_server.log").is_file()
