@@ -272,7 +272,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
 
     quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    return _run_lm_eval(lm, tasks, batch_size=batch_size, limit=limit, seed=seed,
+    return run_lm_eval(lm, tasks, batch_size=batch_size, limit=limit, seed=seed,
                         allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
                         output_dir=output_dir, gen_kwargs=gen_kwargs)
 
@@ -291,7 +291,7 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
     from hydrabench.served_lm import served_lm
 
     try:
-        return _run_lm_eval(served_lm(server, model_dir, model_name), tasks,
+        return run_lm_eval(served_lm(server, model_dir, model_name), tasks,
                             batch_size=None, limit=limit, seed=seed,
                             allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
                             output_dir=output_dir, gen_kwargs=gen_kwargs)
@@ -300,7 +300,7 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
         raise
 
 
-def _run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: int | None,
+def run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: int | None,
                  seed: int, allow_code_execution: bool, num_fewshot: int | None,
                  output_dir: Path | None, manager: Any = None,
                  gen_kwargs: str | None = None) -> dict[str, TaskScore]:
@@ -336,7 +336,7 @@ SAMPLES_PREFIX = "samples_"
 
 
 def read_samples(output_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(lm-eval task, row) for every per-sample row `_run_lm_eval` wrote to output_dir.
+    """(lm-eval task, row) for every per-sample row `run_lm_eval` wrote to output_dir.
 
     A row is one document under one filter: doc_id, doc, doc_hash, arguments (the requests),
     resps, filter, and the document's value of each metric (e.g. "acc": 1.0).

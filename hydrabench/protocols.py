@@ -152,7 +152,7 @@ def score_protocols(protocols: list[Protocol], model: Any, tokenizer: Any, token
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from hydrabench.evaluate import _run_lm_eval
+    from hydrabench.evaluate import run_lm_eval
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=32)
     # The perplexity reading counts and truncates tokens as the scoring model does, and only in
@@ -165,7 +165,7 @@ def score_protocols(protocols: list[Protocol], model: Any, tokenizer: Any, token
     for protocol in protocols:
         out = output_root / protocol.name
         with templates_compiled_once():
-            group = _run_lm_eval(lm, [protocol.task], batch_size=32, limit=limit, seed=0,
+            group = run_lm_eval(lm, [protocol.task], batch_size=32, limit=limit, seed=0,
                                  allow_code_execution=False, num_fewshot=None, output_dir=out,
                                  manager=manager)[protocol.task]
         outcomes = {(task, row["doc_id"]): float(row["acc"]) for task, row in read_samples(out)}

@@ -44,6 +44,7 @@ from hydrabench.export import (
     write_servable,
 )
 from hydrabench.includes import include_from_spec
+from hydrabench.inprocess_vllm import ENGINE_LOG, Engine, evaluate_in_child
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -360,7 +361,7 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
                 server.unload_adapter(name)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
     serving = {"mode": spec.eval.serving, "served_as": "lora" if lora else "base",
-               "server_log": os.path.relpath(server.log_path, out),
+               "engine": "server", "log": os.path.relpath(server.log_path, out),
                "startup_s": server.startup_s, "shared": servers is not None}
     return scores, {"merge": "exact", "serving": serving}, {"eval": meter.result.to_dict()}
 
@@ -371,10 +372,10 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artif
     """Score with the spec's backend: (scores, the record's merge and serving entries, metering
     of the export and eval phases).
 
-    lm-eval's raw output goes to out/lm_eval. vllm serves, as `eval.serving` says, the exactly
-    merged checkpoint (for HydraLoRA-family methods the adapter, by hydrabench's plugin) on a
-    server of its own, its log kept in `out`; or the base model with the run's LoRA adapter
-    loaded, on `servers` when a sweep shares them.
+    lm-eval's raw output goes to out/lm_eval. vllm scores, as `eval.serving` says, the exactly
+    merged checkpoint (for HydraLoRA-family methods the adapter, by hydrabench's plugin) on an
+    engine of its own, its log kept in `out`; or the base model with the run's LoRA adapter
+    loaded, on a server of the base model (`servers` when a sweep shares them).
     """
     settings = _eval_settings(spec, out / "lm_eval")
     country = spec.country_iso_code
@@ -394,21 +395,37 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artif
         with Meter(phase="export", country_iso_code=country) as export_meter:
             label = write_servable(spec, model, tokenizer, Path(directory), spec.run_id)
             plugin = (Path(directory) / ADAPTER_DIR).is_dir()  # the plugin's export
+        # The context hf would score with: HFLM reads the same config field.
+        context = eval_context(spec, model, tokenizer)
         offload(model)  # the served copy is on disk now
-        # Server start-up counts as evaluation: it is what serving costs on each run.
-        with Meter(phase="eval", country_iso_code=country) as meter, VllmServer(
-                directory, dtype=spec.dtype, log_dir=out,
-                # The context hf would score with: HFLM reads the same config field.
-                max_model_len=eval_context(spec, model, tokenizer),
-                tensor_parallel_size=spec.eval.tensor_parallel_size,
-                data_parallel_size=spec.eval.data_parallel_size,
-                gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
-            scores = evaluate_served(server, Path(directory), list(spec.eval_tasks), **settings)
+        # Engine start-up counts as evaluation: it is what serving costs on each run.
+        with Meter(phase="eval", country_iso_code=country) as meter:
+            scores, engine = _score_own_checkpoint(spec, Path(directory), context, out)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
     serving = {"mode": spec.eval.serving, "served_as": "plugin" if plugin else "merged",
-               "server_log": LOG_NAME, "startup_s": server.startup_s, "shared": False}
+               **engine, "shared": False}
     return scores, {"merge": label, "serving": serving}, {
         "export": export_meter.result.to_dict(), "eval": meter.result.to_dict()}
+
+
+def _score_own_checkpoint(spec: RunSpec, directory: Path, context: int, out: Path
+                          ) -> tuple[dict[str, TaskScore], dict[str, Any]]:
+    """Score a checkpoint served for this run alone: (scores, the record's engine, log and
+    start-up). lm-eval's in-process vllm in a child process, the faster exact path for one run
+    (see inprocess_vllm); a server where data parallelism is asked for (lm-eval would need ray)."""
+    settings = _eval_settings(spec, out / "lm_eval")
+    tasks = list(spec.eval_tasks)
+    if spec.eval.data_parallel_size == 1:
+        engine = Engine(spec.dtype, context, spec.eval.tensor_parallel_size,
+                        spec.eval.gpu_memory_utilization)
+        scores, startup_s = evaluate_in_child(directory, tasks, engine, log_dir=out, **settings)
+        return scores, {"engine": "in-process", "log": ENGINE_LOG, "startup_s": startup_s}
+    with VllmServer(directory, dtype=spec.dtype, log_dir=out, max_model_len=context,
+                    tensor_parallel_size=spec.eval.tensor_parallel_size,
+                    data_parallel_size=spec.eval.data_parallel_size,
+                    gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
+        scores = evaluate_served(server, directory, tasks, **settings)
+    return scores, {"engine": "server", "log": LOG_NAME, "startup_s": server.startup_s}
 
 
 @contextmanager

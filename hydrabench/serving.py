@@ -158,6 +158,50 @@ def cpu_settings(ranks: int) -> dict[str, str]:
     }
 
 
+def vllm_env(ranks: int, scratch: Path, compile_cache: Path | None = None) -> dict[str, str]:
+    """The environment of a vLLM process with `ranks` workers: CPU defaults < this process's
+    environment < its own scratch (`scratch`/tmp must exist) and compile cache (`compile_cache`,
+    else one in `scratch`). Each start leaves sockets and a ~150 MB compiled header in TMPDIR."""
+    env = cpu_settings(ranks) if _cpu_build() else {}
+    env.update(os.environ)
+    cache = compile_cache or scratch / "vllm"
+    env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(cache),
+                "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")})
+    return env
+
+
+def failure(kind: str, what: str, log_path: Path) -> ServerError:
+    """ServerError for a vLLM process (`kind`: server, engine) that `what` (e.g. "exited with
+    code 1"), naming its log's last error and a copy of the log that outlives the caller's
+    directory (a run's staging directory is removed when the run fails)."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    kept = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-failed-")) / log_path.name
+    kept.write_text(text)
+    return ServerError(f"vLLM {kind} {what}: {last_error_line(text)} ({kind} log: {kept})")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group `process` leads (started with start_new_session), SIGKILL what
+    is left after `grace_s`; wait for the processes it started too, not only for `process`."""
+    pgid = process.pid
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while (process.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    process.wait()
+
+
 class VllmServer:
     """`with VllmServer(dir, log_dir=...) as server:` serves `dir` until the block ends.
 
@@ -218,17 +262,11 @@ class VllmServer:
         return cmd
 
     def _env(self, scratch: Path) -> dict[str, str]:
-        """Precedence: CPU defaults < the caller's environment < extra_env."""
-        ranks = self.tensor_parallel_size * self.data_parallel_size
-        env = cpu_settings(ranks) if _cpu_build() else {}
-        env.update(os.environ)
-        # Each start leaves sockets and a ~150 MB compiled header in TMPDIR, and compile caches.
-        cache = self.compile_cache or scratch / "vllm"
-        env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(cache),
-                    "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")})
+        env = vllm_env(self.tensor_parallel_size * self.data_parallel_size, scratch,
+                       self.compile_cache)
         if self.lora is not None:  # adapters are loaded and unloaded while it serves
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        env.update(self.extra_env)
+        env.update(self.extra_env)  # the caller's word is last
         return env
 
     def start(self) -> VllmServer:
@@ -277,12 +315,7 @@ class VllmServer:
             self._fail("stopped while serving")
 
     def _fail(self, what: str) -> None:
-        """Raise ServerError naming a copy of the log that outlives the caller's directory (a
-        run's staging directory is removed when the run fails)."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        kept = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-failed-")) / LOG_NAME
-        kept.write_text(text)
-        raise ServerError(f"vLLM server {what}: {last_error_line(text)} (server log: {kept})")
+        raise failure("server", what, self.log_path)
 
     def load_adapter(self, name: str, adapter: Path) -> None:
         """Serve the LoRA adapter in `adapter` as model `name` (a server started with `lora`)."""
@@ -320,27 +353,10 @@ class VllmServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def _group_alive(self, pgid: int) -> bool:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
     def stop(self) -> None:
-        """SIGTERM the process group, SIGKILL what is left after the grace period."""
+        """Stop the server and its engine processes (its process group)."""
         if self.process is not None:
-            pgid = self.process.pid  # start_new_session: the server leads its own group
-            if self._group_alive(pgid):
-                os.killpg(pgid, signal.SIGTERM)
-                deadline = time.monotonic() + self.stop_grace_s
-                # Wait for the engine processes too, not only the API server we started.
-                while (self.process.poll() is None or self._group_alive(pgid)) \
-                        and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                if self._group_alive(pgid):
-                    os.killpg(pgid, signal.SIGKILL)
-            self.process.wait()
+            stop_process_group(self.process, self.stop_grace_s)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None

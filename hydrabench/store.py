@@ -217,7 +217,7 @@ class RunRecord:
     data_source: str | None = None  # where its training and evaluation data came from
     backend: str | None = None  # hf or vllm
     merge: str | None = None  # vllm: the merge served ("exact", or an approximate one)
-    serving: dict[str, Any] | None = None  # vllm: the server's log and start-up time
+    serving: dict[str, Any] | None = None  # vllm: engine (server, in-process), log, start-up
     merge_gap: dict[str, dict[str, dict[str, float]]] | None = None  # merge → task → scores
     artifact: Path | None = None  # the trained artifact it loaded
     train_id: str | None = None

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +27,10 @@ import pytest
 
 from hydrabench.evaluate import evaluate_model, evaluate_served
 from hydrabench.export import export_run
+from hydrabench.inprocess_vllm import ENGINE_LOG
 from hydrabench.resolve import resolve_spec
 from hydrabench.runner import _base_server, execute
-from hydrabench.serving import LOG_NAME, VllmServer, kept_compile_cache
+from hydrabench.serving import VllmServer, kept_compile_cache
 from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
@@ -150,12 +153,14 @@ def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
     assert record.backend == "vllm" and record.merge == "exact"
     assert record.train_id == hf_record.train_id  # the same trained adapter, scored twice
     run_dir = store.runs / run_id
-    log = run_dir / record.serving["server_log"]
-    assert log.name == LOG_NAME and "Starting vLLM server" in log.read_text()
+    # Its merged checkpoint was scored by lm-eval's in-process vllm in a child process.
+    assert record.serving["engine"] == "in-process" and record.serving["startup_s"] > 0
+    log = run_dir / record.serving["log"]
+    assert log.name == ENGINE_LOG and "non-default args" in log.read_text()
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
     # and so was its compile cache: an entry for a removed path would never be read again.
     assert f"{kept_compile_cache()}/" not in log.read_text()
-    # The runner stopped its server: none of the processes its log names is left.
+    # The engine ended with the run: none of the processes its log names is left.
     pids = sorted({int(p) for p in re.findall(r"\(\w+ pid=(\d+)\)", log.read_text())})
     assert pids and not running(pids)
 
@@ -182,8 +187,8 @@ def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
     serving = record.serving
     assert (serving["mode"], serving["served_as"], serving["shared"]) == ("adapters", "lora",
                                                                         False)
-    assert serving["startup_s"] > 0
-    log = store.runs / record.run_id / serving["server_log"]
+    assert serving["startup_s"] > 0 and serving["engine"] == "server"
+    log = store.runs / record.run_id / serving["log"]
     assert "'enable_lora': True" in log.read_text()  # vLLM's "non-default args" line
     # The base model stays where it is: its servers keep their compile cache (with LoRA slots,
     # vLLM's CPU build compiles nothing, so the log cannot show it).
@@ -235,6 +240,38 @@ def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
         assert prompt_logprobs(again) == scores
 
 
+ENGINE_STARTING = """
+from pathlib import Path
+from hydrabench.inprocess_vllm import Engine, evaluate_in_child
+from hydrabench.models import BUILTIN_TINY, resolve_model_dir
+evaluate_in_child(resolve_model_dir(BUILTIN_TINY), ["tiny_medical"], Engine(),
+                  log_dir=Path({log_dir!r}), limit=2, seed=0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_an_in_process_engine_ends_with_the_harness(vllm_available: None, stop: int,
+                                                    tmp_path: Path) -> None:
+    """The harness stopped while its run's engine starts: on Ctrl-C its `finally` stops the
+    child's process group; kill -9 runs no `finally`, and the child dies with its parent. Either
+    way no engine process is left scoring for nobody."""
+    harness = subprocess.Popen([sys.executable, "-c",
+                                ENGINE_STARTING.format(log_dir=str(tmp_path))])
+    log = tmp_path / ENGINE_LOG
+    deadline = time.monotonic() + 300
+    while "(EngineCore pid=" not in (log.read_text() if log.exists() else ""):
+        assert harness.poll() is None and time.monotonic() < deadline, "no engine started"
+        time.sleep(0.5)
+    harness.send_signal(stop)
+    assert harness.wait(timeout=60) != 0
+    deadline = time.monotonic() + 60
+    while running(pids := sorted({int(p) for p in re.findall(r"pid=(\d+)\)", log.read_text())})):
+        assert time.monotonic() < deadline, f"left running: {running(pids)}"
+        time.sleep(0.5)
+    assert len(pids) >= 2  # the child and its engine core at least
+
+
 # -- failures after the checks: one line, exit 2, nothing left under results/ -------------------
 
 
@@ -254,17 +291,18 @@ def profile_file(tmp_path: Path, text: str) -> str:
 @pytest.mark.slow
 def test_server_failing_after_training_leaves_nothing_it_made(
         vllm_available: None, tmp_path: Path) -> None:
-    """A real server that refuses to start (a context longer than the model's) after this call
-    trained an adapter: one line naming the server log, exit 2, and results/ as it was before
-    the call: the trained artifact, the lock files and the folders it made are gone; a file that
-    was there stays."""
+    """A real server of the base model (`serving: adapters`) that refuses to start (a context
+    longer than the model's) after this call trained an adapter: one line naming the server log,
+    exit 2, and results/ as it was before the call: the trained artifact, the lock files and the
+    folders it made are gone; a file that was there stays."""
     results = tmp_path / "results"
     (results / "runs").mkdir(parents=True)
     (results / "runs" / "unrelated.txt").write_text("kept")
     before = tree(results)
     result = hydrabench("run", "--method", "lora", "--task", "medical", "--max-steps", "2",
                         "--limit", "2", "--backend", "vllm", "--profile",
-                        profile_file(tmp_path, "eval: {max_model_len: 4096}\n"), results=results)
+                        profile_file(tmp_path, "eval: {max_model_len: 4096, serving: adapters}\n"),
+                        results=results)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "training lora" in result.stderr  # it did train before the server failed
     errors = [line for line in result.stderr.splitlines() if line.startswith("hydrabench:")]
@@ -363,7 +401,7 @@ def test_sweep_scores_lora_rows_on_one_server_as_merged_weights_do(
         serving = record["serving"]
         assert serving["mode"] == "adapters" and serving["served_as"] == "lora"
         assert serving["shared"] and record["merge"] == "exact"
-        assert (results / "runs" / record["run_id"] / serving["server_log"]).resolve() == logs[0]
+        assert (results / "runs" / record["run_id"] / serving["log"]).resolve() == logs[0]
         assert serving["startup_s"] > 0
     assert {r["spec"]["adapter"]["rank"] for r in shared} == {8, 16}
 

