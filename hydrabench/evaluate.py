@@ -273,8 +273,8 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
     quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     return run_lm_eval(lm, tasks, batch_size=batch_size, limit=limit, seed=seed,
-                        allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
-                        output_dir=output_dir, gen_kwargs=gen_kwargs)
+                       allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
+                       output_dir=output_dir, gen_kwargs=gen_kwargs)
 
 
 def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
@@ -292,18 +292,18 @@ def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
 
     try:
         return run_lm_eval(served_lm(server, model_dir, model_name), tasks,
-                            batch_size=None, limit=limit, seed=seed,
-                            allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
-                            output_dir=output_dir, gen_kwargs=gen_kwargs)
+                           batch_size=None, limit=limit, seed=seed,
+                           allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
+                           output_dir=output_dir, gen_kwargs=gen_kwargs)
     except Exception:
         server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
         raise
 
 
 def run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: int | None,
-                 seed: int, allow_code_execution: bool, num_fewshot: int | None,
-                 output_dir: Path | None, manager: Any = None,
-                 gen_kwargs: str | None = None) -> dict[str, TaskScore]:
+                seed: int, allow_code_execution: bool, num_fewshot: int | None,
+                output_dir: Path | None, manager: Any = None,
+                gen_kwargs: str | None = None) -> dict[str, TaskScore]:
     """`simple_evaluate` on an lm-eval model instance, with hydrabench's task manager unless
     another (e.g. one with task metadata) is given."""
     import lm_eval

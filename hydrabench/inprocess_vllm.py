@@ -124,7 +124,7 @@ def main(scratch: Path) -> None:
     (scratch / READY).write_text(repr(time.time()))
     output_dir = settings.pop("output_dir")
     scores = run_lm_eval(lm, request["tasks"], batch_size=None,
-                          output_dir=None if output_dir is None else Path(output_dir), **settings)
+                         output_dir=None if output_dir is None else Path(output_dir), **settings)
     (scratch / SCORES).write_text(json.dumps({task: asdict(s) for task, s in scores.items()}))
     del lm  # its engine processes end with it, not at interpreter exit (which waits for them)
     gc.collect()

@@ -166,8 +166,8 @@ def score_protocols(protocols: list[Protocol], model: Any, tokenizer: Any, token
         out = output_root / protocol.name
         with templates_compiled_once():
             group = run_lm_eval(lm, [protocol.task], batch_size=32, limit=limit, seed=0,
-                                 allow_code_execution=False, num_fewshot=None, output_dir=out,
-                                 manager=manager)[protocol.task]
+                                allow_code_execution=False, num_fewshot=None, output_dir=out,
+                                manager=manager)[protocol.task]
         outcomes = {(task, row["doc_id"]): float(row["acc"]) for task, row in read_samples(out)}
         scores.append(ProtocolScore(protocol, 100 * group.value, outcomes))
     return scores

@@ -430,9 +430,9 @@ def _score_own_checkpoint(spec: RunSpec, directory: Path, context: int, out: Pat
 
 @contextmanager
 def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
-    """A vLLM server that does not come up, or dies, leaves nothing under results/ that this
-    call made: not the artifact it trained (that training is lost: a rerun trains again), nor
-    the lock files and folders it created. What was there before stays."""
+    """A vLLM server or engine that does not come up, or dies, leaves nothing under results/
+    that this call made: not the artifact it trained (that training is lost: a rerun trains
+    again), nor the lock files and folders it created. What was there before stays."""
     artifact = store.artifact_dir(spec.train_id)
     folders = [store.root, store.root / ".locks", store.runs, store.artifacts]
     existed = {path for path in [*folders, artifact] if path.exists()}

@@ -41,8 +41,8 @@ EXCEPTION = re.compile(r"^[\w.]*(?:Error|Exception)\b(?::.*)?$")
 
 
 class ServerError(SpecError):
-    """The server did not come up, died, or refused an adapter: one line naming its log (kept)
-    and the log's last error."""
+    """A vLLM server or engine did not come up, died, or refused an adapter: one line naming
+    its log (kept) and the log's last error."""
 
 
 # The ranks vLLM reserves LoRA slots for (its MaxLoRARanks); an adapter of rank r takes the
