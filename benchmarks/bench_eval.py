@@ -234,7 +234,9 @@ def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
 
     log_path = REPORT_DIR / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    result = Path(tempfile.mkdtemp(prefix="inprocess-", dir=args.vllm_cache))
+    # Directly in TMPDIR, as the harness's engine scratch: vLLM's IPC sockets live in the
+    # engine's TMPDIR (scratch/tmp), and a socket path may not exceed 107 characters.
+    result = Path(tempfile.mkdtemp(prefix="hb-inproc-"))
     (result / "tmp").mkdir()  # the engine's TMPDIR; its compile cache goes beside it
     settings = {"limit": args.limit, "rounds": args.rounds, "max_length": args.max_length,
                 "scratch": str(result)}
@@ -243,16 +245,19 @@ def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
     child = multiprocessing.get_context("spawn").Process(
         target=inprocess_child, args=(name, str(model_dir), settings, spawned_at, str(log_path),
                                       str(result / "result.json")))
-    child.start()
-    child.join()
-    wall_s = time.time() - spawned_at
-    if child.exitcode != 0:
-        error = last_error_line(log_path.read_text(errors="replace"))
-        print(f"{name} failed: exit code {child.exitcode}: {error} (log: {log_path})",
-              file=sys.stderr)
-        return [], f"failed: exit code {child.exitcode}: {error}", None, None
-    reported = json.loads((result / "result.json").read_text())
-    return reported["rows"], "measured", reported["startup_s"], wall_s
+    try:
+        child.start()
+        child.join()
+        wall_s = time.time() - spawned_at
+        if child.exitcode != 0:
+            error = last_error_line(log_path.read_text(errors="replace"))
+            print(f"{name} failed: exit code {child.exitcode}: {error} (log: {log_path})",
+                  file=sys.stderr)
+            return [], f"failed: exit code {child.exitcode}: {error}", None, None
+        reported = json.loads((result / "result.json").read_text())
+        return reported["rows"], "measured", reported["startup_s"], wall_s
+    finally:
+        shutil.rmtree(result, ignore_errors=True)
 
 
 def hydralora_model(device: str, export_dir: Path) -> torch.nn.Module:
