@@ -230,14 +230,11 @@ def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
     spawn to exit. Never raises, as `vllm_rows`."""
     if importlib.util.find_spec("vllm") is None:
         return [], "unavailable: vllm is not installed", None, None
-    from hydrabench.serving import last_error_line
+    from hydrabench.serving import last_error_line, vllm_scratch
 
     log_path = REPORT_DIR / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # Directly in TMPDIR, as the harness's engine scratch: vLLM's IPC sockets live in the
-    # engine's TMPDIR (scratch/tmp), and a socket path may not exceed 107 characters.
-    result = Path(tempfile.mkdtemp(prefix="hb-inproc-"))
-    (result / "tmp").mkdir()  # the engine's TMPDIR; its compile cache goes beside it
+    result = vllm_scratch("bench-eval-engine-")  # the engine's TMPDIR and compile cache
     settings = {"limit": args.limit, "rounds": args.rounds, "max_length": args.max_length,
                 "scratch": str(result)}
     print(f"scoring with {name} (spawned; log: {log_path}) ...", flush=True)

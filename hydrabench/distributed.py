@@ -37,6 +37,17 @@ def init_if_launched() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def settle() -> None:
+    """Return once every process has finished every collective it started: gloo's barrier waits
+    for the process group's earlier work. A process that leaves with a collective still in
+    flight may abort at exit ("terminate called without an active exception", seen once in CI
+    on a rank done training while rank 0 saved): gloo's worker thread releases the collective's
+    tensors while Python is finalizing, and FSDP's DTensor caches keep the process group alive
+    past `destroy_process_group`, so it is torn down only then."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -31,7 +30,7 @@ from typing import Any
 
 from hydrabench.evaluate import TaskScore, run_lm_eval
 from hydrabench.includes import include, included
-from hydrabench.serving import end_with, failure, stop_process_group, vllm_env
+from hydrabench.serving import end_with, failure, stop_process_group, vllm_env, vllm_scratch
 
 ENGINE_LOG = "vllm_engine.log"
 REQUEST, READY, SCORES = "request.json", "ready", "scores.json"
@@ -55,8 +54,7 @@ def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_
     (scores, seconds from its start to a ready engine). Its output goes to log_dir/ENGINE_LOG;
     lm-eval's raw output to `output_dir`. A child that fails raises ServerError (one line: its
     log's last error and a kept copy of the log)."""
-    scratch = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-engine-"))
-    (scratch / "tmp").mkdir()
+    scratch = vllm_scratch("hydrabench-vllm-engine-")
     log_path = log_dir / ENGINE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
     settings = {"limit": limit, "seed": seed, "allow_code_execution": allow_code_execution,

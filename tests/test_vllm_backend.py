@@ -16,8 +16,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +32,14 @@ from hydrabench.export import export_run
 from hydrabench.inprocess_vllm import ENGINE_LOG
 from hydrabench.resolve import resolve_spec
 from hydrabench.runner import _base_server, execute
-from hydrabench.serving import LOG_NAME, VllmServer, kept_compile_cache
+from hydrabench.serving import (
+    LOG_NAME,
+    SOCKET_PATH_MAX,
+    VllmServer,
+    kept_compile_cache,
+    vllm_env,
+    vllm_scratch,
+)
 from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
@@ -107,8 +116,8 @@ def assert_same_scores(hf_dir: Path, vllm_dir: Path, task: str, metric: str,
             f"largest |loglikelihood hf - vllm| {worst:.1e}; generations parted: {len(parted)}")
 
 
-def hydrabench(*args: str, results: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(results)}
+def hydrabench(*args: str, results: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), **env_vars}
     return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 
@@ -146,7 +155,11 @@ def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path],
 def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
                                               hf_run: tuple[RunStore, RunRecord]) -> None:
     store, hf_record = hf_run
-    result = hydrabench("run", *RUN_FLAGS, "--backend", "vllm", results=store.root)
+    # A TMPDIR too long for vLLM's IPC socket paths (107 bytes) in the engine's scratch under it.
+    long_tmpdir = store.root.parent / ("a-tmpdir-of-a-long-name-" + "x" * 60)
+    long_tmpdir.mkdir(exist_ok=True)
+    result = hydrabench("run", *RUN_FLAGS, "--backend", "vllm", results=store.root,
+                        TMPDIR=str(long_tmpdir))
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = re.search(r"results/runs/(\S+)/record\.json", result.stdout).group(1)
     record = store.load(run_id)
@@ -171,6 +184,25 @@ def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
                        "tiny_bbh", "exact_match")
     assert record.metrics["tiny_bbh"].value == pytest.approx(
         hf_record.metrics["tiny_bbh"].value, abs=ACCURACY_TOL + MAX_PARTED_SHARE)
+
+
+@pytest.mark.parametrize("tmpdir_length", [20, 120])
+def test_vllm_scratch_leaves_room_for_its_socket_paths(tmpdir_length: int, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM binds IPC sockets (a uuid4 name) in its TMPDIR, the scratch's tmp/: under a TMPDIR
+    that leaves no room for them the scratch goes to /tmp; else it stays in TMPDIR."""
+    tmpdir = tmp_path / "t"
+    tmpdir = Path(f"{tmpdir}{'x' * (tmpdir_length - len(str(tmpdir)))}")
+    tmpdir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
+    scratch = vllm_scratch("hydrabench-vllm-engine-")
+    try:
+        socket_dir = Path(vllm_env(1, scratch)["TMPDIR"])
+        assert socket_dir.is_dir()
+        assert len(os.fsencode(socket_dir / str(uuid.uuid4()))) <= SOCKET_PATH_MAX
+        assert scratch.parent == (tmpdir if len(str(tmpdir)) < 30 else Path("/tmp"))
+    finally:
+        shutil.rmtree(scratch)
 
 
 def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
