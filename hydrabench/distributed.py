@@ -29,12 +29,21 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-def init_if_launched() -> None:
-    """Join the process group torchrun set up: NCCL on GPUs, gloo on CPUs."""
+def backend_for(device: str | torch.device) -> str:
+    """The process-group backend for a run on `device`: NCCL for CUDA, gloo otherwise. The run's
+    device decides, not the machine: a CPU profile on a GPU box needs gloo, as NCCL has no CPU
+    collectives."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_if_launched(device: str | torch.device) -> None:
+    """Join the process group torchrun set up, with the backend of the run's `device`; a CUDA
+    run binds this process to its GPU (LOCAL_RANK), a CPU run never touches CUDA."""
     if world()[1] > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        backend = backend_for(device)
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend)
 
 
 def settle() -> None:
@@ -89,7 +98,9 @@ def prepare(model: torch.nn.Module,
         return sharded, sharded
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    # The model's device, not the machine's: DDP given a GPU for a CPU model fails
+    device = next(model.parameters()).device
+    device_ids = [device.index] if device.type == "cuda" and device.index is not None else None
     return DistributedDataParallel(model, device_ids=device_ids), model
 
 

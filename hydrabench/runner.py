@@ -469,7 +469,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         return None if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     include_from_spec(spec)
-    distributed.init_if_launched()
+    distributed.init_if_launched(runtime_device(spec))  # the run's device picks the backend
     device = runtime_device(spec)
     base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
     check_target_modules(base.model, spec, method)
