@@ -40,10 +40,34 @@ def torchrun(processes: int) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port)]
 
 
-def start(args: list[str], results: Path, launcher: list[str] | None = None) -> subprocess.Popen:
+def child_env(results: Path | None = None, *, cuda: bool = False,
+              base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a child process a test starts: `base` (default: this process's),
+    HYDRABENCH_RESULTS=`results`, `extra`, and no CUDA device unless `cuda`. The tests mean
+    CPU (tiny is a CPU profile, torchrun groups use gloo): on a GPU box a child that sees the
+    GPU would choose it (NCCL, the GPU's memory counters). Tests whose child serves with vLLM
+    pass cuda=True: vLLM's GPU build needs the device."""
+    env = {**(os.environ if base is None else base), **extra}
+    if results is not None:
+        env["HYDRABENCH_RESULTS"] = str(results)
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def too_few_gpus(count: int) -> bool:
+    """Whether CUDA exists with fewer than `count` devices: a test of `count` ranks runs them as
+    CPU processes where there is no CUDA, one per GPU where there is."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() < count
+
+
+def start(args: list[str], results: Path, launcher: list[str] | None = None, *,
+          cuda: bool = False) -> subprocess.Popen:
     """`hydrabench ARGS` as a process (under `launcher`, e.g. torchrun), in a session of its own
-    so that `kill_when` kills every process it started."""
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1"}
+    so that `kill_when` kills every process it started; CUDA hidden unless `cuda` (child_env)."""
+    env = child_env(results, cuda=cuda, OMP_NUM_THREADS="1")
     return subprocess.Popen([*(launcher or [sys.executable]), "-m", "hydrabench.cli", *args],
                             env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -1,7 +1,6 @@
 """Every kind of bad input: one line on stderr naming the problem, exit code 2, nothing written
 under results/. Runs the real command line in-process (the code path of the `hydrabench` script)."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED, assert_refused_in_one_line, error_lines
+from conftest import REPO, SHARED, assert_refused_in_one_line, child_env, error_lines
 
 from hydrabench.cli import main
 from hydrabench.train import TrainingOutOfMemory, train
@@ -288,8 +287,8 @@ def test_a_broken_task_yaml_is_found_before_training(kind: str, tmp_path: Path) 
     shutil.copytree(REPO / "tasks", tmp_path / "tasks")
     broken = tmp_path / "tasks" / "tiny" / name
     broken.write_text(breaking(broken.read_text()))
-    env = {**os.environ, "HYDRABENCH_TASKS_DIR": str(tmp_path / "tasks"),
-           "HYDRABENCH_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
+    env = child_env(tmp_path / "results", HYDRABENCH_TASKS_DIR=str(tmp_path / "tasks"),
+                    OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "hydrabench.cli", *RUN[:3], "--task", "medical"],
                           env=env, capture_output=True, text=True, timeout=600)
     errors = error_lines(done.stderr)

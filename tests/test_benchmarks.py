@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from test_vllm_backend import vllm_available
 
+# The benchmark scripts as processes, with vLLM engines: `make test`, not the fast tier.
+pytestmark = pytest.mark.slow
+
 __all__ = ["vllm_available"]  # a fixture the test uses
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

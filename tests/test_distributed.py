@@ -10,6 +10,9 @@ import pytest
 from conftest import artifact_info, finish, kill_when, start, torchrun
 from safetensors.torch import load_file
 
+# torchrun: several training processes per test: `make test`, not the fast tier.
+pytestmark = pytest.mark.slow
+
 COMMON = ["--task", "medical", "--batch-size", "8", "--dropout", "0", "--limit", "2"]
 LORA = ["run", "--method", "lora", "--max-steps", "8", *COMMON]
 # Enough steps that a kill lands mid-training; a checkpoint every 5 steps.

@@ -8,12 +8,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, child_env
 
 from hydrabench import includes
 from hydrabench.provenance import task_fingerprints
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import spec_from_dict
+
+# The README example runs the CLI (training included): `make test`, not the fast tier.
+pytestmark = pytest.mark.slow
 
 
 def readme_example() -> str:
@@ -27,9 +30,8 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder where the README's example ran, as a user runs it (a shell, the hydrabench
     script), with its results and reports in it."""
     folder = tmp_path_factory.mktemp("example")
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(folder / "results"),
-           "HYDRABENCH_REPORTS": str(folder / "reports"),
-           "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env = child_env(folder / "results", HYDRABENCH_REPORTS=str(folder / "reports"),
+                    PATH=f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}")
     env.pop("HYDRABENCH_DATA_DIR", None)
     done = subprocess.run(["bash", "-e", "-c", readme_example()], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=900)

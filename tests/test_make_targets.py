@@ -5,19 +5,18 @@ minutes on 2 cores once installed); its results and reports go to a temporary fo
 """
 
 import csv
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make(target: str, tmp_path: Path, *variables: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(tmp_path / "results"),
-           "HYDRABENCH_REPORTS": str(tmp_path / "reports")}
+    env = child_env(tmp_path / "results", HYDRABENCH_REPORTS=str(tmp_path / "reports"))
     return subprocess.run(["make", "--no-print-directory", target, *variables], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=1800)
 

@@ -13,6 +13,7 @@ RUN = ["run", "--method", "lora", "--task", "medical", "--max-steps", "60",
 STORIES = str(SHARED / "models" / "stories260K")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     finish(start(RUN, reference))
@@ -34,6 +35,7 @@ def test_sigkill_mid_training_leaves_no_record_and_resume_matches(tmp_path: Path
     assert not list(killed.glob("artifacts/.staging-*")) and not list(killed.glob("runs/.st*"))
 
 
+@pytest.mark.slow
 def test_same_run_twice_at_once_runs_once(tmp_path: Path) -> None:
     results = tmp_path / "results"
     first, second = start(RUN, results), start(RUN, results)
@@ -42,6 +44,7 @@ def test_same_run_twice_at_once_runs_once(tmp_path: Path) -> None:
     assert logs.count("training lora") == 1  # the second waited on the lock, then reused it
 
 
+@pytest.mark.slow
 def test_different_runs_at_once_both_finish(tmp_path: Path) -> None:
     results = tmp_path / "results"
     procs = [start([*RUN, "--seed", str(seed)], results) for seed in (1, 2)]
@@ -51,6 +54,7 @@ def test_different_runs_at_once_both_finish(tmp_path: Path) -> None:
     assert sorted(r["seed"] for r in records) == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigkill_during_evaluation_leaves_no_record_and_rerun_finishes(tmp_path: Path) -> None:
     results = tmp_path / "results"
     kill_when(start(RUN, results), results, "runs/.staging-*")  # evaluation started writing
@@ -92,6 +96,7 @@ def whole_runs(results: Path) -> list[Path]:
     return whole
 
 
+@pytest.mark.slow
 def test_force_killed_at_each_step_of_the_replacement_keeps_a_whole_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hydrabench.store import RunStore
@@ -131,6 +136,7 @@ def read_errors(capsys: pytest.CaptureFixture) -> tuple[list[str], str]:
     return error_lines(err), err
 
 
+@pytest.mark.slow
 def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
         store_env: Path, capsys: pytest.CaptureFixture) -> None:
     """A real finished run, its record.json then broken in each way; the CLI in-process."""
@@ -180,6 +186,7 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
     assert json.loads(path.read_text())["metrics"]
 
 
+@pytest.mark.slow
 def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path) -> None:
     """0644 files and 0755 directories under umask 022, as reports are (not mkstemp's 0600)."""
     import os
@@ -199,6 +206,7 @@ def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path)
         assert path.parent.stat().st_mode & 0o777 == 0o755, path.parent
 
 
+@pytest.mark.slow
 def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from hydrabench import profiles
@@ -231,6 +239,7 @@ def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
                  "--trust-remote-code"]) == 0
 
 
+@pytest.mark.slow
 def test_version_list_runs_and_show_a_run(store_env: Path, capsys: pytest.CaptureFixture) -> None:
     from hydrabench.cli import main
 

@@ -3,10 +3,11 @@ folder that is not a git repository (as a user's would be)."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import child_env
 
 RUN = ["--task", "medical", "--max-steps", "3", "--limit", "2"]
 # lm-eval's known noise, filtered where hydrabench calls lm-eval.
@@ -15,7 +16,7 @@ NOISE = ("`pretrained` model kwarg is not of type `str`", "Custom kwargs can be 
 
 
 def hydrabench(args: list[str], folder: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(folder / "results"), "OMP_NUM_THREADS": "1"}
+    env = child_env(folder / "results", OMP_NUM_THREADS="1")  # a CPU run, also on a GPU box
     done = subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import child_env
 from submitit.core.utils import JobPaths, cloudpickle_dump
 
 from hydrabench import sweep as sweeps
@@ -33,7 +34,9 @@ SLURM_DIR = Path("/tmp/hydrabench-slurm")  # where .ci/slurm-up.sh keeps its con
 
 def hydrabench(*args: str, results: Path, env: dict[str, str] | None = None,
                ) -> subprocess.CompletedProcess:
-    env = {**(env or os.environ), "HYDRABENCH_RESULTS": str(results)}
+    # CPU runs (tiny), also on a GPU box: Slurm's jobs inherit the hidden CUDA (sbatch exports
+    # the submitting environment), so a 2-task job's group is gloo's.
+    env = child_env(results, base=env)
     return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 

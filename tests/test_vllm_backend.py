@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+import torch
+from conftest import child_env
 
 from hydrabench.evaluate import evaluate_model, evaluate_served
 from hydrabench.export import export_run
@@ -48,6 +50,10 @@ RUN_OVERRIDES = {"train": {"max_steps": 6}, "eval": {"limit": 10}}
 LOGLIKELIHOOD_TOL = 1e-3  # nats per answer; measured differences are ~5e-6 in float32
 ACCURACY_TOL = 0.005  # half a point
 MAX_PARTED_SHARE = 0.2  # generations that may part at a near tie (see assert_same_scores)
+# On a GPU box the module's server holds its share of the GPU while later tests start engines
+# of vLLM's default share (0.9, which must be free when they start): the tiny model's server
+# takes a twentieth. None (vLLM's CPU build sizes its cache by VLLM_CPU_KVCACHE_SPACE) elsewhere.
+SERVER_GPU_SHARE = 0.05 if torch.cuda.is_available() else None
 
 
 @pytest.fixture(scope="session")
@@ -66,14 +72,15 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunStore, RunRecor
     return store, execute(resolve_spec("lora", "bbh", overrides=RUN_OVERRIDES), store=store)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped with the module: later modules' engines want the GPU
 def served(vllm_available: None, hf_run: tuple[RunStore, RunRecord],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VllmServer, Path]]:
     """(server, checkpoint): the run's merged checkpoint served by one vLLM for the session."""
     store, record = hf_run
     checkpoint = export_run(record.run_id, store=store)
     with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log"),
-                    compile_cache=kept_compile_cache()) as server:
+                    compile_cache=kept_compile_cache(),
+                    gpu_memory_utilization=SERVER_GPU_SHARE) as server:
         print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
         yield server, checkpoint
 
@@ -117,7 +124,8 @@ def assert_same_scores(hf_dir: Path, vllm_dir: Path, task: str, metric: str,
 
 
 def hydrabench(*args: str, results: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRABENCH_RESULTS": str(results), **env_vars}
+    # vLLM's GPU build needs the device: on a GPU box the engine runs there.
+    env = child_env(results, cuda=True, **env_vars)
     return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
                           text=True, env=env, timeout=600)
 
@@ -138,6 +146,7 @@ def running(pids: list[int]) -> list[int]:
     ("tiny_medical", 20, "acc"),  # multiple choice: loglikelihood of each answer
     ("tiny_arithmetic", 10, "exact_match"),  # greedy generation
 ])
+@pytest.mark.slow
 def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path], task: str,
                                                 limit: int, metric: str, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,6 +161,7 @@ def test_hf_and_vllm_score_the_checkpoint_alike(served: tuple[VllmServer, Path],
     print(assert_same_scores(tmp_path / "hf", tmp_path / "vllm", task, metric), file=sys.stderr)
 
 
+@pytest.mark.slow
 def test_cli_run_with_vllm_backend_matches_hf(vllm_available: None,
                                               hf_run: tuple[RunStore, RunRecord]) -> None:
     store, hf_record = hf_run
@@ -205,6 +215,7 @@ def test_vllm_scratch_leaves_room_for_its_socket_paths(tmpdir_length: int, tmp_p
         shutil.rmtree(scratch)
 
 
+@pytest.mark.slow
 def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
         vllm_available: None, hf_run: tuple[RunStore, RunRecord]) -> None:
     """`eval.serving: adapters` outside a sweep: the run starts a server of the base model with
@@ -231,6 +242,7 @@ def test_single_run_served_as_an_adapter_on_its_own_server_matches_hf(
                        tolerance=1e-4)
 
 
+@pytest.mark.slow
 def test_vllm_backend_refuses_methods_without_exact_merge(tmp_path: Path) -> None:
     # HydraLoRA-family methods are served unmerged by the plugin (tests/test_vllm_plugin.py).
     result = hydrabench("run", "--method", "prompt-tuning", "--task", "bbh", "--backend", "vllm",
@@ -251,7 +263,8 @@ def prompt_logprobs(server: VllmServer) -> list:
         return json.load(response)["choices"][0]["prompt_logprobs"]
 
 
-# Last: it stops the session's server.
+# Last: it stops the module's server.
+@pytest.mark.slow
 def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
         served: tuple[VllmServer, Path], tmp_path: Path) -> None:
     server, checkpoint = served
@@ -268,7 +281,8 @@ def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
     # numbers, bit for bit.
     assert server.compile_cache is not None
     assert (server.compile_cache / "torch_compile_cache").is_dir()
-    with VllmServer(checkpoint, log_dir=tmp_path, compile_cache=server.compile_cache) as again:
+    with VllmServer(checkpoint, log_dir=tmp_path, compile_cache=server.compile_cache,
+                    gpu_memory_utilization=SERVER_GPU_SHARE) as again:
         assert prompt_logprobs(again) == scores
 
 
@@ -384,6 +398,7 @@ def double_rank(artifact: Path) -> None:
     (artifact / "adapter_config.json").write_text(json.dumps({**config, "r": 2 * config["r"]}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "hydralora"])
 @pytest.mark.parametrize("damage", [cut_short, double_rank])
 @pytest.mark.parametrize("command", ["eval", "export"])
@@ -463,6 +478,7 @@ def test_sweep_scores_lora_rows_on_one_server_as_merged_weights_do(
                                      score["primary"].split(",")[0], tolerance=1e-4))
 
 
+@pytest.mark.slow
 def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[str, dict]],
                                                 tmp_path: Path) -> None:
     """A plain peft LoRA artifact is served on the base model's server (vLLM's own LoRA

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_refused_in_one_line, error_lines
+from conftest import assert_refused_in_one_line, error_lines, too_few_gpus
 from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
@@ -76,6 +76,7 @@ def served_record(result, store: RunStore) -> tuple[RunRecord, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(too_few_gpus(2), reason="tensor parallelism 2 on CUDA needs 2 GPUs")
 def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
         vllm_available: None, tmp_path: Path) -> None:
     """Every target module the plugin covers (fused q/k/v and gate/up slices, row-parallel
