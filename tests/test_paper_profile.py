@@ -37,9 +37,9 @@ def test_default_7b_needs_a_gpu(tmp_path) -> None:
 
 
 def readme_paper_cpu_check() -> list[str]:
-    """The arguments of the README's CPU check of the paper profile, as the README gives them."""
+    """The arguments of the CPU check of the paper profile, as docs/profiles.md gives them."""
     command = re.search(r"`HYDRABENCH_DATA_DIR=\.\./shared/data hydrabench (run --profile paper "
-                        r"[^`]+)`", (REPO / "README.md").read_text()).group(1)
+                        r"[^`]+)`", (REPO / "docs" / "profiles.md").read_text()).group(1)
     return [str(SHARED / arg[10:]) if arg.startswith("../shared/") else arg
             for arg in command.split()]
 
