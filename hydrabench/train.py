@@ -154,18 +154,34 @@ CHECKPOINT_FORMAT = 3  # whole (unsharded) state, loadable whatever the number o
 # 3: with the learning rate of each step (the loss curve)
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def _on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _rng_state(device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The random state the run draws from: the CPU's, and its GPU's on a CUDA run only (asking
+    CUDA in a CPU run would create a CUDA context, and flip the metered peak memory to CUDA's
+    counter)."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if _on_cuda(device):
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainResult) -> None:
+def _restore_rng(state: dict[str, torch.Tensor], device: str | torch.device) -> None:
+    """Set the state `_rng_state` took; a GPU's state only on a CUDA run (a CPU run resuming a
+    GPU run's checkpoint leaves CUDA alone)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and _on_cuda(device):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainResult,
+                     device: str) -> None:
     """All processes gather the trainable weights and optimizer state whole; rank 0 writes them."""
     options = StateDictOptions(**distributed.FULL_STATE, ignore_frozen_params=True)
     params, optim_state = get_state_dict(owner, optim, options=options)
-    rng = distributed.all_gather(_rng_state())  # each process draws its own dropout masks
+    rng = distributed.all_gather(_rng_state(device))  # each process draws its own dropout masks
     if not distributed.is_main():
         return
     state = {"format": CHECKPOINT_FORMAT, "step": step, "params": params, "optim": optim_state,
@@ -183,7 +199,7 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
         raise OSError(failed.errno, failed.strerror, str(path)) from None
 
 
-def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> int:
+def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult, device: str) -> int:
     """Restore a checkpoint in every process; the step to go on from (0: none usable)."""
     state = torch.load(path, weights_only=False)
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -196,9 +212,7 @@ def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult) -> in
     rank, processes = distributed.world()
     # The same process count resumes every process's own random stream, hence the same run.
     rng = state["rng"][rank] if len(state["rng"]) == processes else state["rng"][0]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(rng, device)
     result.losses, result.lrs = state["losses"], state["lrs"]
     result.trained_tokens = state["tokens"]
     result.resumed_from_step = state["step"]
@@ -227,7 +241,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
     result = TrainResult(processes=processes, strategy=distributed.strategy(settings.sharding))
     start = 0
     if checkpoint_path is not None and checkpoint_path.exists():
-        start = _load_checkpoint(checkpoint_path, owner, optim, sched, result)
+        start = _load_checkpoint(checkpoint_path, owner, optim, sched, result, device)
     steps = report_progress(range(start, total_steps), desc, total=total_steps, initial=start)
     for step in steps:
         micro = batches[step * settings.grad_accum: (step + 1) * settings.grad_accum]
@@ -268,7 +282,7 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
         if on_step is not None:
             on_step(n_tokens, sum(len(b) for b in micro))
         if checkpoint_path is not None and (step + 1) % settings.checkpoint_every == 0:
-            _save_checkpoint(checkpoint_path, owner, optim, sched, step + 1, result)
+            _save_checkpoint(checkpoint_path, owner, optim, sched, step + 1, result, device)
     if owner is not model:  # trained sharded: rank 0's full copy takes the trained weights
         distributed.gather_into(owner, model)
     distributed.settle()  # the other ranks leave now: nothing of theirs in flight

@@ -329,6 +329,12 @@ def load_balancing_loss(
     return torch.stack(losses).mean()
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (the first one's; CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 @torch.no_grad()
 def mean_router_gates(
     model: nn.Module, input_ids_batches: Iterable[torch.Tensor | Mapping[str, torch.Tensor]]
@@ -338,9 +344,12 @@ def mean_router_gates(
     Each batch is either an ``input_ids`` tensor or a mapping with ``input_ids`` and an
     optional ``attention_mask`` (e.g. a tokenizer output); masked tokens are excluded.
     The model runs in eval mode (restored afterwards) so dropout does not perturb the gates.
+    Batches move to the model's device (its parameters'): tokenizers give CPU tensors, and a
+    CUDA model fed them would fail, or run elsewhere than the model.
     """
     was_training = model.training
     model.eval()
+    device = model_device(model)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     try:
@@ -348,6 +357,8 @@ def mean_router_gates(
             for batch in input_ids_batches:
                 if isinstance(batch, torch.Tensor):
                     batch = {"input_ids": batch}
+                batch = {name: value.to(device) if isinstance(value, torch.Tensor) else value
+                         for name, value in batch.items()}
                 mask = batch.get("attention_mask")
                 model(**batch)
                 for path, layer in layers.items():
