@@ -20,10 +20,10 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# pip's resolver error names a requirement that has no wheel for the target like this.
-NO_WHEEL = re.compile(r"(?:No matching distribution found for|"
-                      r"no matching distributions available for your environment:\s+)"
-                      r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+# How pip names a requirement that has no wheel for the target: directly, or as the one
+# dependency every candidate of a package "depends on" in a resolver conflict.
+NO_WHEEL = re.compile(r"No matching distribution found for ([A-Za-z0-9][A-Za-z0-9._-]*)")
+CONFLICT = re.compile(r"^\s+\S.*? depends on ([A-Za-z0-9][A-Za-z0-9._-]*)\s*$", re.M)
 
 
 def project_requirements(gpu: bool, pyproject: Path = REPO / "pyproject.toml") -> list[str]:
@@ -45,17 +45,29 @@ def build_wheelhouse(requirements: list[str], dest: Path, platform: str | None =
     dest.mkdir(parents=True, exist_ok=True)
     target = [*(["--platform", platform] if platform else []),
               *(["--python-version", python_version] if python_version else [])]
+    built: set[str] = set()
     for _ in range(attempts):
-        done = _pip("download", "--quiet", "--only-binary=:all:", "--dest", str(dest),
+        done = _pip("download", "--only-binary=:all:", "--dest", str(dest),
                     "--find-links", str(dest), *target, *requirements)
         if done.returncode == 0:
             return sorted(dest.glob("*.whl"))
-        source_only = NO_WHEEL.search(done.stderr)
-        if source_only is None:
+        name = source_only(done.stdout + done.stderr)
+        if name is None or name in built:
             raise SystemExit(f"wheelhouse: error: pip download failed: "
                              f"{_last_error(done.stderr)}")
-        _build_pure_wheel(source_only[1], dest)
+        _build_pure_wheel(name, dest)
+        built.add(name)
     raise SystemExit(f"wheelhouse: error: more than {attempts} source-only packages")
+
+
+def source_only(pip_output: str) -> str | None:
+    """The requirement pip found no wheel for, from its output (stdout and stderr: it explains
+    a resolver conflict on the one, a missing distribution on the other); None otherwise."""
+    missing = NO_WHEEL.search(pip_output)
+    if missing:
+        return missing[1]
+    conflicting = set(CONFLICT.findall(pip_output))
+    return conflicting.pop() if len(conflicting) == 1 else None
 
 
 def _build_pure_wheel(name: str, dest: Path) -> None:

@@ -116,3 +116,18 @@ def test_a_source_only_package_that_is_not_pure_python_is_one_line(
     with pytest.raises(SystemExit, match="fastthing exists only as source and is not pure"):
         wheelhouse.build_wheelhouse(["fastthing"], tmp_path)
     assert not list(tmp_path.glob("*.whl"))
+
+
+def test_the_source_only_requirement_is_read_from_pips_own_words() -> None:
+    wheelhouse = _wheelhouse_module()
+    # pip 25's words for a platform download of lm-eval (sqlitedict has no wheel).
+    conflict = ("ERROR: Cannot install lm-eval[api,hf]==0.4.12 and lm-eval[api,hf]==0.4.13 "
+                "because these package versions have conflicting dependencies.\n\n"
+                "The conflict is caused by:\n"
+                "    lm-eval[api,hf] 0.4.13 depends on sqlitedict\n"
+                "    lm-eval[api,hf] 0.4.12 depends on sqlitedict\n")
+    assert wheelhouse.source_only(conflict) == "sqlitedict"
+    assert wheelhouse.source_only("ERROR: No matching distribution found for word2number\n") \
+        == "word2number"
+    two = conflict + "    peft 0.21 depends on torchsnapshot\n"
+    assert wheelhouse.source_only(two) is None  # not one name: not guessed at
