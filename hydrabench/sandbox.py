@@ -37,10 +37,21 @@ with weaker walls.
 - user: as root, util-linux `setpriv` (run by bwrap once the mounts are set up) switches to
   nobody (65534) with no groups, no capabilities, an empty bounding set and no_new_privs; not
   as root, the program runs as the calling user inside a user namespace.
+- system calls: a seccomp filter (`seccomp_filter`, loaded by bwrap before the command runs,
+  inherited by every process inside) answers EPERM to what would hold memory outside RLIMIT_AS
+  or state outside the sandbox: memfd_create and memfd_secret, System V shmget (a segment keeps
+  its pages after shmdt), new namespaces (unshare, setns, clone with a CLONE_NEW* flag: a user
+  namespace would let the program mount a tmpfs of any size), mount and its new API, the kernel
+  keyrings (add_key, keyctl, request_key: uid nobody's keyring outlives every run), io_uring
+  (its work bypasses the filter), bpf, perf_event_open and userfaultfd. clone3, whose flags a
+  filter cannot read, gets ENOSYS, on which the C library falls back to clone. Another ABI
+  (x86's 32-bit or x32 calls) kills the process.
 - processes: bwrap is PID 1 of each sandbox; the harness kills it when the run ends (and
   `--die-with-parent` if the harness dies), and the kernel kills everything left inside before
   the harness returns. The tmpfs mounts go with the mount namespace: nothing the program wrote,
-  started or mapped outlives its run.
+  started or mapped outlives its run, and with the keyrings closed no key does either.
+- memory a program can hold: its address space (RLIMIT_AS) plus the two 16 MiB tmpfs mounts;
+  RLIMIT_AS is per process, so each process it forks (RLIMIT_NPROC bounds how many) has its own.
 - rlimits, set in the sandbox: RLIMIT_AS (memory), RLIMIT_CPU (a backstop at 2x the wall limit),
   RLIMIT_NPROC (tasks of the sandbox's uid: those already running plus a small headroom, which
   stops fork bombs), RLIMIT_FSIZE and RLIMIT_CORE=0.
@@ -64,9 +75,11 @@ import logging
 import marshal
 import math
 import os
+import platform
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -129,6 +142,7 @@ class Walls:
     bwrap: tuple[str, ...]
     command: tuple[str, ...]
     uid: int  # the sandbox's uid on the host, whose tasks RLIMIT_NPROC counts
+    seccomp: bytes  # the filter bwrap loads (`seccomp_filter`)
 
 
 def require_opt_in() -> None:
@@ -170,6 +184,83 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+# Classic BPF (linux/filter.h) and seccomp's return values (linux/seccomp.h).
+_LD_ABS_W, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+_ALLOW, _KILL_PROCESS, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+_EPERM, _ENOSYS = 1, 38
+# struct seccomp_data: nr, arch, then args[6] from byte 16 (their low half on little-endian).
+_NR_AT, _ARCH_AT, _ARG0_AT = 0, 4, 16
+# CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
+_CLONE_NEW_NAMESPACES = 0x7E020000
+_X32_BIT = 0x40000000
+# Denied with EPERM (the module docstring says why each).
+_DENIED = (
+    "memfd_create", "memfd_secret", "shmget", "unshare", "setns", "mount", "umount2",
+    "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
+    "mount_setattr", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
+)
+# Per machine: AUDIT_ARCH_*, and the numbers of _DENIED's calls and of clone and clone3.
+_SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
+    "x86_64": (0xC000003E, {
+        "memfd_create": 319, "memfd_secret": 447, "shmget": 29, "unshare": 272, "setns": 308,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "add_key": 248, "request_key": 249,
+        "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "clone": 56,
+    }),
+    "aarch64": (0xC00000B7, {
+        "memfd_create": 279, "memfd_secret": 447, "shmget": 194, "unshare": 97, "setns": 268,
+        "mount": 40, "umount2": 39, "pivot_root": 41, "add_key": 217, "request_key": 218,
+        "keyctl": 219, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "clone": 220,
+    }),
+}
+# Numbered alike on every architecture since Linux 5.1.
+_UNIFIED = {"io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+            "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+            "fspick": 433, "clone3": 435, "mount_setattr": 442}
+
+
+def seccomp_filter(machine: str) -> bytes | None:
+    """The sandbox's seccomp filter for `machine` (platform.machine()) as a classic BPF program,
+    the bytes bwrap's --seccomp reads; None for a machine without a syscall table here."""
+    if machine not in _SYSCALLS:
+        return None
+    arch, own = _SYSCALLS[machine]
+    numbers = {**own, **_UNIFIED}
+    code: list[tuple[int, int | str, int | str, int] | str] = [
+        (_LD_ABS_W, 0, 0, _ARCH_AT), (_JEQ, 0, "kill", arch),
+        (_LD_ABS_W, 0, 0, _NR_AT),
+    ]
+    if machine == "x86_64":
+        code.append((_JGE, "kill", 0, _X32_BIT))
+    code += [(_JEQ, "deny", 0, numbers[name]) for name in _DENIED]
+    code += [
+        (_JEQ, "clone", 0, numbers["clone"]), (_JEQ, "nosys", 0, numbers["clone3"]),
+        (_RET, 0, 0, _ALLOW),
+        "clone", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JSET, "deny", 0, _CLONE_NEW_NAMESPACES),
+        (_RET, 0, 0, _ALLOW),
+        "deny", (_RET, 0, 0, _ERRNO | _EPERM),
+        "nosys", (_RET, 0, 0, _ERRNO | _ENOSYS),
+        "kill", (_RET, 0, 0, _KILL_PROCESS),
+    ]
+    return _assemble(code)
+
+
+def _assemble(code: list) -> bytes:
+    """struct sock_filter's for `code`, whose jump targets may be labels (the strings in it)."""
+    labels, instructions = {}, []
+    for item in code:
+        if isinstance(item, str):
+            labels[item] = len(instructions)
+        else:
+            instructions.append(item)
+    out = []
+    for pc, (op, jt, jf, k) in enumerate(instructions):
+        # Jumps are forward only, counted from the next instruction.
+        jt, jf = (labels[j] - pc - 1 if isinstance(j, str) else j for j in (jt, jf))
+        out.append(struct.pack("=HBBI", op, jt, jf, k))
+    return b"".join(out)
+
+
 _walls_lock = threading.Lock()
 
 
@@ -203,6 +294,10 @@ def _probe_walls() -> Walls | str:
     setpriv = shutil.which("setpriv")
     if root and setpriv is None:
         return "code execution as root needs util-linux setpriv, which is not installed"
+    machine = platform.machine()
+    seccomp = seccomp_filter(machine)
+    if seccomp is None:
+        return f"code execution needs a seccomp filter for x86_64 or aarch64, not {machine}"
     python = os.path.realpath(sys.executable)  # a virtual environment's python is a symlink
     prefix = os.path.realpath(sys.base_prefix)
     binds = ["--ro-bind", "/usr", "/usr"]
@@ -235,7 +330,7 @@ def _probe_walls() -> Walls | str:
     drop = (setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs") if root else ()
     found = Walls(options, (*drop, python, "-I", "-S", "-c", _CHILD_SOURCE),
-                  _NOBODY if root else os.getuid())
+                  _NOBODY if root else os.getuid(), seccomp)
     probe = _run(found, *_PROBE, timeout_s=_STARTUP_TIMEOUT_S, memory_mb=512)
     if not probe.passed:
         why = probe.detail.strip().splitlines()[-1:] or [probe.status]
@@ -306,16 +401,20 @@ def _run(found: Walls, program: str, tests: str, timeout_s: float,
 def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
     """Start one sandbox; `config`'s descriptors are passed to it (the caller closes its own)."""
     setup_fd = os.memfd_create(f"hydrabench-{config['role']}")  # config and source, read once
+    seccomp_fd = os.memfd_create("hydrabench-seccomp")  # bwrap reads it to its end
     ready_r, ready_w = os.pipe()
     info_r, info_w = os.pipe()
     try:
         config = {**config, "ready_fd": ready_w}
-        with open(setup_fd, "wb", closefd=False) as f:
-            f.write(marshal.dumps((config, source)))
-        os.lseek(setup_fd, 0, os.SEEK_SET)
-        passed = (setup_fd, info_w, *(v for k, v in config.items() if k.endswith("_fd")))
+        for fd, data in ((setup_fd, marshal.dumps((config, source))), (seccomp_fd, found.seccomp)):
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.lseek(fd, 0, os.SEEK_SET)
+        passed = (setup_fd, seccomp_fd, info_w,
+                  *(v for k, v in config.items() if k.endswith("_fd")))
         process = subprocess.Popen(
-            [*found.bwrap, "--info-fd", str(info_w), *found.command, str(setup_fd)],
+            [*found.bwrap, "--info-fd", str(info_w), "--seccomp", str(seccomp_fd),
+             *found.command, str(setup_fd)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             pass_fds=sorted(set(passed)), start_new_session=True,
         )
@@ -324,7 +423,7 @@ def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
         os.close(info_r)
         raise
     finally:
-        for fd in (setup_fd, ready_w, info_w):
+        for fd in (setup_fd, seccomp_fd, ready_w, info_w):
             os.close(fd)
     return _Sandbox(process, info_r, ready_r)
 
