@@ -279,6 +279,7 @@ BROKEN_TASK_FILES = {  # tasks/tiny file → (its broken text from the good one,
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(BROKEN_TASK_FILES))
 def test_a_broken_task_yaml_is_found_before_training(kind: str, tmp_path: Path) -> None:
     """A copy of the task folders (HYDRABENCH_TASKS_DIR, read when hydrabench starts: a process)

@@ -31,6 +31,7 @@ def run_once(args: list[str], results: Path, env: dict[str, str],
     return err, records_by_id(results)[run_id]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "mmlu").is_dir(), reason="needs ../shared/data")
 def test_edits_to_corpus_task_yaml_and_benchmark_data_retrain_or_rescore(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -119,6 +119,7 @@ def test_tiny_code_canonical_solutions_pass_and_wrong_ones_fail(opted_in):
     assert code_eval.pass_at_k(references, predictions, k=[1]) == {"pass@1": 0.0}
 
 
+@pytest.mark.slow
 @needs_data
 @needs_model
 @needs_sandbox

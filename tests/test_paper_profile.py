@@ -44,6 +44,7 @@ def readme_paper_cpu_check() -> list[str]:
             for arg in command.split()]
 
 
+@pytest.mark.slow
 def test_paper_pipeline_runs_on_cpu_with_local_data(tmp_path, monkeypatch) -> None:
     """The README's command, as a process: backend auto serves mergeable methods with vLLM, and
     takes hf where vLLM cannot serve the model (stories260K's head size 8, on vLLM's CPU build)."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from hydrabench.progress import LogProgress
 
 BUILD = ("from pathlib import Path; import sys; "
@@ -12,6 +14,7 @@ BUILD = ("from pathlib import Path; import sys; "
          "print(build_tiny_model(TinyModelRecipe(pretrain_steps=20), Path(sys.argv[1])))")
 
 
+@pytest.mark.slow
 def test_processes_that_start_together_build_the_model_once(tmp_path: Path) -> None:
     stale = tmp_path / "models" / ".building-killed"
     stale.mkdir(parents=True)

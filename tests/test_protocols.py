@@ -119,6 +119,7 @@ def choices_from_samples(directory: Path, perplexity: bool) -> dict[tuple[str, i
     return found
 
 
+@pytest.mark.slow
 def test_protocols_table_and_every_choice_matches_plain_transformers(
         store_env: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -235,6 +236,7 @@ def test_hub_protocol_tasks_are_the_offline_ones_over_cais_mmlu(
     assert sorted(fetched) == sorted(("cais/mmlu", s) for s in subjects for _ in PROTOCOLS)
 
 
+@pytest.mark.slow
 def test_protocols_of_a_run_score_its_adapter(store_env: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """`--run RUN` scores the run's trained artifact on its base model, labelled by the run."""

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import child_env
 
 RUN = ["--task", "medical", "--max-steps", "3", "--limit", "2"]
@@ -23,6 +24,7 @@ def hydrabench(args: list[str], folder: Path) -> subprocess.CompletedProcess:
     return done
 
 
+@pytest.mark.slow
 def test_run_prints_the_base_score_keeps_the_loss_curve_and_no_lm_eval_noise(
         tmp_path: Path) -> None:
     base = hydrabench(["run", "--method", "base", *RUN], tmp_path)
