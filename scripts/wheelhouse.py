@@ -43,7 +43,7 @@ def build_wheelhouse(requirements: list[str], dest: Path, platform: str | None =
     """Download `requirements` and all they depend on as wheels into `dest`; build the pure-Python
     ones that exist only as source. Returns the wheels; raises SystemExit(2) with one line."""
     dest.mkdir(parents=True, exist_ok=True)
-    target = [*(["--platform", platform] if platform else []),
+    target = [*(f"--platform={tag}" for tag in (platform_tags(platform) if platform else [])),
               *(["--python-version", python_version] if python_version else [])]
     built: set[str] = set()
     for _ in range(attempts):
@@ -58,6 +58,27 @@ def build_wheelhouse(requirements: list[str], dest: Path, platform: str | None =
         _build_pure_wheel(name, dest)
         built.add(name)
     raise SystemExit(f"wheelhouse: error: more than {attempts} source-only packages")
+
+
+LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def platform_tags(platform: str) -> list[str]:
+    """`platform` and every older manylinux it runs: pip takes a `--platform` literally, and many
+    wheels (tokenizers, ...) are tagged only manylinux2014 while a node has glibc 2.28."""
+    match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    legacy = {f"{name}_{arch}": glibc for glibc, name in LEGACY_MANYLINUX.items()
+              for arch in ("x86_64", "aarch64", "i686", "ppc64le", "s390x")}
+    if match is None and platform not in legacy:
+        return [platform]
+    glibc, arch = (int(match[1]), match[2]) if match else (legacy[platform],
+                                                           platform.split("_", 1)[1])
+    tags = []
+    for minor in range(glibc, 4, -1):
+        tags.append(f"manylinux_2_{minor}_{arch}")
+        if minor in LEGACY_MANYLINUX:
+            tags.append(f"{LEGACY_MANYLINUX[minor]}_{arch}")
+    return tags
 
 
 def source_only(pip_output: str) -> str | None:

@@ -131,3 +131,10 @@ def test_the_source_only_requirement_is_read_from_pips_own_words() -> None:
         == "word2number"
     two = conflict + "    peft 0.21 depends on torchsnapshot\n"
     assert wheelhouse.source_only(two) is None  # not one name: not guessed at
+
+
+def test_a_manylinux_platform_takes_the_older_manylinux_wheels_too() -> None:
+    tags = _wheelhouse_module().platform_tags("manylinux_2_35_x86_64")
+    assert tags[0] == "manylinux_2_35_x86_64" and tags[-1] == "manylinux1_x86_64"
+    assert {"manylinux_2_31_x86_64", "manylinux2014_x86_64", "manylinux_2_17_x86_64"} <= set(tags)
+    assert _wheelhouse_module().platform_tags("macosx_11_0_arm64") == ["macosx_11_0_arm64"]
