@@ -7,14 +7,21 @@ estimate as a measurement:
 - ``measured:nvml-power-samples``: trapezoid integral of sampled NVML board power;
 - ``measured:rapl``: the CPU package RAPL counters under ``/sys/class/powercap``;
 - ``estimated:codecarbon``: CodeCarbon's model (TDP-based CPU guess, fixed RAM power);
-- ``unavailable: <reason>``: no figure, and why.
+- ``unavailable: <reason>``: no figure, and why (MIG, no permission, a GPU NVML cannot find);
+- ``none`` (GPU only): the run computed on the CPU, so no GPU energy is charged to it.
 
-GPU and RAPL readings cover the whole machine (all processes), like CodeCarbon's default
-"machine" tracking mode; GPUs are restricted to those in ``CUDA_VISIBLE_DEVICES``.
+``gpu_source`` says on its own whether the GPU energy was measured; ``energy_measured`` is true
+only when every component is (rarely: RAM is CodeCarbon's estimate wherever CodeCarbon runs).
+
+GPU energy covers only the run's GPUs (see :func:`run_cuda_ordinals`), each matched to NVML by
+the UUID CUDA gives it, so ``CUDA_VISIBLE_DEVICES`` and CUDA's device order are honoured; a GPU
+reading is whole-device (every process on it), RAPL whole-machine, like CodeCarbon's default
+"machine" tracking mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -53,7 +60,8 @@ _UJ_PER_KWH = 3.6e12
 
 @dataclass
 class EnergyMetrics:
-    """Energy of one phase by component (kWh), each with its source label."""
+    """Energy of one phase by component (kWh), each with its source label. `gpu_per_device`:
+    one entry per GPU of the run (CUDA ordinal, NVML index, UUID, name, kWh, source)."""
 
     gpu_kwh: float | None
     gpu_source: str
@@ -215,19 +223,20 @@ def _visible_gpu_handles(nvml: Any) -> list[tuple[int, Any]]:
     return chosen
 
 
-def _nvml_energy_mj(nvml: Any, handle: Any) -> int | None:
-    # Pre-Volta GPUs raise NotSupported; any NVML error means "no counter on this GPU".
+def _nvml_energy_mj(nvml: Any, handle: Any) -> tuple[int | None, str | None]:
+    """(counter in mJ, None), or (None, the NVML error): pre-Volta GPUs raise NotSupported, a
+    locked-down node NoPermission; either means "no counter on this GPU"."""
     try:
-        return int(nvml.nvmlDeviceGetTotalEnergyConsumption(handle))
-    except nvml.NVMLError:
-        return None
+        return int(nvml.nvmlDeviceGetTotalEnergyConsumption(handle)), None
+    except nvml.NVMLError as exc:
+        return None, type(exc).__name__
 
 
-def _nvml_power_w(nvml: Any, handle: Any) -> float | None:
+def _nvml_power_w(nvml: Any, handle: Any) -> tuple[float | None, str | None]:
     try:
-        return nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-    except nvml.NVMLError:
-        return None
+        return nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, None
+    except nvml.NVMLError as exc:
+        return None, type(exc).__name__
 
 
 def _trapezoid_kwh(samples: list[tuple[float, list[float | None]]], device: int) -> float | None:
@@ -292,6 +301,131 @@ def hardware_summary() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# The run's GPUs
+
+_MIG = ("unavailable: MIG (NVML has no energy counter per MIG instance, and the whole GPU's "
+        "counts every instance on it)")
+
+
+def visible_devices(spec: str | None) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES's entries as CUDA reads them: up to the first it cannot parse (CUDA
+    drops that one and all after it); None when unset (every GPU visible)."""
+    if spec is None:
+        return None
+    entries: list[str] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(entry)
+    return entries
+
+
+def run_cuda_ordinals(device: str | torch.device | None) -> list[int]:
+    """This process's CUDA ordinals the run computes on; [] for a CPU run.
+
+    `device` None (the caller did not say): the CUDA device this process has initialised, none
+    if it never touched CUDA (it ran on the CPU). Under torchrun each local process has its own
+    GPU (cuda:LOCAL_RANK) and rank 0 records the run, so the run is charged for all of them.
+    """
+    if device is None:
+        if not _cuda_in_use():
+            return []
+        index = torch.cuda.current_device()
+    else:
+        parsed = torch.device(device)
+        if parsed.type != "cuda":
+            return []
+        if parsed.index is not None:
+            index = parsed.index
+        else:
+            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return list(range(local)) if local > 1 else [index]
+
+
+def cuda_uuid(ordinal: int) -> str | None:
+    """The UUID CUDA gives this process's device `ordinal` (whatever CUDA_VISIBLE_DEVICES and
+    CUDA_DEVICE_ORDER made it); None where torch has no CUDA or cannot tell."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return str(torch.cuda.get_device_properties(ordinal).uuid)
+    except (AssertionError, AttributeError, RuntimeError):
+        return None
+
+
+def _bare_uuid(uuid: str) -> str:
+    # NVML writes "GPU-<hex>", torch the bare hex
+    return uuid.lower().removeprefix("gpu-").removeprefix("mig-")
+
+
+def _mig_enabled(nvml: Any, handle: Any) -> bool:
+    try:
+        return int(nvml.nvmlDeviceGetMigMode(handle)[0]) == 1
+    except (AttributeError, nvml.NVMLError):  # an old pynvml, or a GPU without MIG
+        return False
+
+
+@dataclass
+class RunGpu:
+    """One GPU the run computes on, as NVML sees it."""
+
+    cuda: int  # this process's CUDA ordinal
+    index: int | None = None  # NVML's index; None: NVML has no device to read for it
+    handle: Any = None
+    uuid: str | None = None
+    unavailable: str | None = None  # why nothing can be read for it
+
+    @property
+    def readable(self) -> bool:
+        return self.unavailable is None
+
+
+def run_gpus(nvml: Any, ordinals: list[int], spec: str | None,
+             uuid_of: Any = cuda_uuid) -> list[RunGpu]:
+    """The NVML devices of the run's CUDA `ordinals` under CUDA_VISIBLE_DEVICES=`spec`.
+
+    A device is matched by the UUID CUDA gives it (`uuid_of`): CUDA numbers devices fastest
+    first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, NVML by PCI bus, so an integer entry is not an
+    NVML index. Only where CUDA cannot tell (no CUDA in torch) are integers taken as NVML's.
+    """
+    handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+    uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+    entries = visible_devices(spec)
+    gpus = []
+    for ordinal in ordinals:
+        gpu = _run_gpu(nvml, ordinal, entries, uuid_of(ordinal), handles, uuids)
+        if gpu.handle is not None and _mig_enabled(nvml, gpu.handle):
+            gpu.unavailable = _MIG
+        gpus.append(gpu)
+    return gpus
+
+
+def _run_gpu(nvml: Any, ordinal: int, entries: list[str] | None, uuid: str | None,
+             handles: list[Any], uuids: list[str]) -> RunGpu:
+    if entries is not None and ordinal >= len(entries):
+        return RunGpu(ordinal, unavailable=f"unavailable: CUDA device {ordinal} is not among "
+                                           f"the {len(entries)} CUDA_VISIBLE_DEVICES lists")
+    entry = entries[ordinal] if entries is not None else None
+    if entry is not None and entry.startswith("MIG-"):
+        return RunGpu(ordinal, uuid=entry, unavailable=_MIG)
+    if uuid is not None:
+        matches = [i for i, u in enumerate(uuids) if _bare_uuid(u) == _bare_uuid(uuid)]
+        if not matches and any(_mig_enabled(nvml, h) for h in handles):
+            return RunGpu(ordinal, uuid=uuid, unavailable=_MIG)  # CUDA named a MIG instance
+    elif entry is not None and entry.startswith("GPU-"):
+        matches = [i for i, u in enumerate(uuids) if u.startswith(entry)]  # a unique prefix
+    else:
+        wanted = int(entry) if entry is not None else ordinal
+        matches = [wanted] if wanted < len(handles) else []
+    if len(matches) != 1:
+        return RunGpu(ordinal, uuid=uuid, unavailable=f"unavailable: NVML has no GPU for CUDA "
+                                                      f"device {ordinal} ({uuid or entry})")
+    index = matches[0]
+    return RunGpu(ordinal, index=index, handle=handles[index], uuid=uuids[index])
+
+
+# --------------------------------------------------------------------------------------------
 # Meter
 
 
@@ -342,8 +476,12 @@ class Meter:
         use_codecarbon: bool = True,
         rapl_root: str | Path = RAPL_ROOT,
         max_power_samples: int = 600,
+        device: str | torch.device | None = None,
     ) -> None:
+        """`device`: the run's device ("cpu", "cuda", "cuda:1"); None infers it (the CUDA device
+        this process has initialised, else the CPU). A CPU run charges no GPU energy."""
         self.phase = phase
+        self.device = device
         self.country_iso_code = country_iso_code
         self.codecarbon_dir = Path(codecarbon_dir) if codecarbon_dir is not None else None
         self.sample_interval_s = sample_interval_s
@@ -363,8 +501,9 @@ class Meter:
         self._codecarbon_error = "unavailable: codecarbon disabled"
         self._nvml: Any = None
         self._nvml_error = "unavailable: pynvml not installed"
-        self._gpus: list[tuple[int, Any]] = []
-        self._energy_start: list[int | None] = []
+        self._gpus: list[RunGpu] = []
+        self._energy_start: list[tuple[int | None, str | None]] = []
+        self._power_errors: dict[int, str] = {}  # slot -> the last NVML error reading its power
         self._power: list[tuple[float, list[float | None]]] = []
         self._rapl: RaplReader | None = None
         self._stop = threading.Event()
@@ -406,9 +545,9 @@ class Meter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         self._t0 = self._last = time.perf_counter()
-        self._energy_start = [_nvml_energy_mj(self._nvml, h) for _, h in self._gpus]
+        self._energy_start = self._read_energy()
         self._sample()
-        if self._gpus or self._rapl is not None:
+        if any(gpu.readable for gpu in self._gpus) or self._rapl is not None:
             self._thread = threading.Thread(
                 target=self._sample_loop, name=f"hydrabench-meter-{self.phase}", daemon=True
             )
@@ -429,7 +568,7 @@ class Meter:
             self._thread.join()
             self._thread = None
         self._sample()
-        energy_end = [_nvml_energy_mj(self._nvml, h) for _, h in self._gpus]
+        energy_end = self._read_energy()
         gpu_kwh, gpu_source, per_device = self._gpu_energy(energy_end)  # needs NVML open
         if self._nvml is not None:
             self._nvml.nvmlShutdown()
@@ -448,9 +587,19 @@ class Meter:
         while not self._stop.wait(self.sample_interval_s):
             self._sample()
 
+    def _read_energy(self) -> list[tuple[int | None, str | None]]:
+        return [_nvml_energy_mj(self._nvml, gpu.handle) if gpu.readable else (None, None)
+                for gpu in self._gpus]
+
     def _sample(self) -> None:
-        if self._gpus:
-            watts = [_nvml_power_w(self._nvml, h) for _, h in self._gpus]
+        if any(gpu.readable for gpu in self._gpus):
+            watts: list[float | None] = []
+            for slot, gpu in enumerate(self._gpus):
+                reading, error = _nvml_power_w(self._nvml, gpu.handle) if gpu.readable else (
+                    None, None)
+                if error is not None:
+                    self._power_errors[slot] = error
+                watts.append(reading)
             self._power.append((time.perf_counter(), watts))
         if self._rapl is not None:
             self._rapl.poll()
@@ -458,6 +607,10 @@ class Meter:
     # -- NVML --------------------------------------------------------------------------------
 
     def _open_nvml(self) -> None:
+        ordinals = run_cuda_ordinals(self.device)
+        if not ordinals:
+            self._nvml_error = "none"  # a CPU run: no GPU of its own to charge
+            return
         if pynvml is None:
             return
         try:
@@ -467,12 +620,10 @@ class Meter:
             return
         self._nvml = pynvml
         try:
-            self._gpus = _visible_gpu_handles(pynvml)
+            self._gpus = run_gpus(pynvml, ordinals, os.environ.get("CUDA_VISIBLE_DEVICES"))
         except pynvml.NVMLError as exc:
             self._nvml_error = f"unavailable: GPU enumeration failed ({type(exc).__name__})"
             return
-        if not self._gpus:
-            self._nvml_error = "unavailable: no visible GPU"
 
     def _gpu_energy(
         self, energy_end: list[int | None]
@@ -480,33 +631,43 @@ class Meter:
         """Per-device energy (counter, else power integral) and their sum."""
         if not self._gpus:
             return None, self._nvml_error, []
-        per_device: list[dict[str, Any]] = []
-        for slot, (index, handle) in enumerate(self._gpus):
-            start, end = self._energy_start[slot], energy_end[slot]
-            if start is not None and end is not None:
-                kwh: float | None = (end - start) / _MJ_PER_KWH
-                source = "measured:nvml"
-            else:
-                kwh = _trapezoid_kwh(self._power, slot)
-                source = (
-                    "measured:nvml-power-samples"
-                    if kwh is not None
-                    else "unavailable: no energy counter or power readings"
-                )
-            try:
-                name = _text(self._nvml.nvmlDeviceGetName(handle))
-            except self._nvml.NVMLError:
-                name = "unknown"
-            per_device.append({"index": index, "name": name, "kwh": kwh, "source": source})
-
-        missing = [d["index"] for d in per_device if d["kwh"] is None]
+        per_device = [self._device_energy(slot, gpu, energy_end[slot])
+                      for slot, gpu in enumerate(self._gpus)]
+        missing = [d for d in per_device if d["kwh"] is None]
         if missing:
-            # A partial sum would silently under-report; say which GPU is missing instead.
-            return None, f"unavailable: no reading for GPU {missing}", per_device
+            # A partial sum would silently under-report; say which GPU is missing, and why.
+            if len(missing) == len(per_device) and len({d["source"] for d in missing}) == 1:
+                return None, missing[0]["source"], per_device
+            why = "; ".join(f"cuda:{d['cuda']} {d['source'].removeprefix('unavailable: ')}"
+                            for d in missing)
+            return None, f"unavailable: no reading for {why}", per_device
         sources = {d["source"] for d in per_device}
         # Mixed counters and power integrals: report the less precise of the two.
         source = sources.pop() if len(sources) == 1 else "measured:nvml-power-samples"
         return sum(d["kwh"] for d in per_device), source, per_device
+
+    def _device_energy(self, slot: int, gpu: RunGpu,
+                       end: tuple[int | None, str | None]) -> dict[str, Any]:
+        """One GPU's energy: the counter's delta, else the integral of its sampled power."""
+        entry: dict[str, Any] = {"cuda": gpu.cuda, "index": gpu.index, "uuid": gpu.uuid,
+                                 "name": "unknown", "kwh": None, "source": gpu.unavailable}
+        if gpu.handle is not None:
+            with contextlib.suppress(self._nvml.NVMLError):
+                entry["name"] = _text(self._nvml.nvmlDeviceGetName(gpu.handle))
+        if not gpu.readable:
+            return entry
+        (start, start_error), (stop, stop_error) = self._energy_start[slot], end
+        if start is not None and stop is not None:
+            entry["kwh"], entry["source"] = (stop - start) / _MJ_PER_KWH, "measured:nvml"
+            return entry
+        entry["kwh"] = _trapezoid_kwh(self._power, slot)
+        if entry["kwh"] is not None:
+            entry["source"] = "measured:nvml-power-samples"
+        else:
+            counter = start_error or stop_error
+            power = self._power_errors.get(slot, "too few readings")
+            entry["source"] = f"unavailable: energy counter {counter}, power {power}"
+        return entry
 
     def _power_curve(self) -> list[list[float]]:
         stride = max(1, math.ceil(len(self._power) / self.max_power_samples))

@@ -214,7 +214,8 @@ def test_nvml_init_failure_falls_back_cleanly(
     """Without a driver nvmlInit raises; the phase still completes, with reasons recorded."""
     fake = FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     monkeypatch.setattr(metering, "pynvml", fake)
-    result = _metered_sleep(0.01, rapl_root=no_rapl)
+    # A CUDA run (named: no CUDA exists here to infer it from) whose NVML cannot start.
+    result = _metered_sleep(0.01, rapl_root=no_rapl, device="cuda")
     energy = result.energy
     assert energy.gpu_kwh is None
     assert energy.gpu_source == "unavailable: NVMLError_LibraryNotFound"
@@ -230,11 +231,12 @@ def test_nvml_energy_counter(monkeypatch: pytest.MonkeyPatch, no_rapl: Path) -> 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     fake = FakeNvml(energy_mj=[1000, 4_600_000])
     monkeypatch.setattr(metering, "pynvml", fake)
-    energy = _metered_sleep(0.01, rapl_root=no_rapl).energy
+    energy = _metered_sleep(0.01, rapl_root=no_rapl, device="cuda").energy
     assert energy.gpu_kwh == pytest.approx(4_599_000 / 3.6e9)
     assert energy.gpu_source == "measured:nvml"
     assert energy.gpu_per_device == [
-        {"index": 0, "name": "Fake GPU", "kwh": energy.gpu_kwh, "source": "measured:nvml"}
+        {"cuda": 0, "index": 0, "uuid": "GPU-0000-fake", "name": "Fake GPU",
+         "kwh": energy.gpu_kwh, "source": "measured:nvml"}
     ]
     # Only measured components are known (CodeCarbon off, no RAPL), so the phase is measured.
     assert energy.total_kwh == energy.gpu_kwh and energy.energy_measured is True
@@ -245,7 +247,7 @@ def test_nvml_power_samples_fallback(monkeypatch: pytest.MonkeyPatch, no_rapl: P
     """Mocked NVML (no GPU here) without an energy counter: power is integrated instead."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(metering, "pynvml", FakeNvml(power_mw=250_000))
-    result = _metered_sleep(0.2, rapl_root=no_rapl, sample_interval_s=0.02)
+    result = _metered_sleep(0.2, rapl_root=no_rapl, sample_interval_s=0.02, device="cuda")
     assert result.energy.gpu_source == "measured:nvml-power-samples"
     expected_kwh = 250 * result.throughput.wall_s / 3.6e6
     assert result.energy.gpu_kwh == pytest.approx(expected_kwh, rel=0.1)
@@ -257,7 +259,8 @@ def test_power_curve_is_capped(monkeypatch: pytest.MonkeyPatch, no_rapl: Path) -
     """Mocked NVML (no GPU here): a long curve is downsampled to max_power_samples."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(metering, "pynvml", FakeNvml(energy_mj=[0, 1000]))
-    result = _metered_sleep(0.1, rapl_root=no_rapl, sample_interval_s=0.001, max_power_samples=5)
+    result = _metered_sleep(0.1, rapl_root=no_rapl, sample_interval_s=0.001, max_power_samples=5,
+                            device="cuda")
     assert 1 <= len(result.power_samples_w) <= 5
 
 
