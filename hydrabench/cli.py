@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a standalone checkpoint of a run for vLLM "
                             "(merged, or base + adapter for hydrabench's plugin)")
     export.add_argument("run_id")
+    export.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run the model repository's own code, for a run "
+                        "made with it (off by default; never taken from the record)")
     export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
                         help="exact (default): merged weights, or for HydraLoRA-family methods "
                              "the base checkpoint + adapter served by hydrabench's vLLM plugin; "
@@ -183,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     proto_source.add_argument("--model", help="a local model directory or a hub id")
     proto_source.add_argument("--run", dest="run_id", help="a finished run whose artifact to score")
     proto.add_argument("--benchmark", default="mmlu")
+    proto.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run the model repository's own code (off by "
+                       "default; never taken from a run's record)")
     proto.add_argument("--limit", type=int, default=None, help="items per subject")
     proto.add_argument("--protocols", default=None,
                        help="comma-separated (default: all): lm-eval-0shot, lm-eval-5shot, "
@@ -242,13 +248,16 @@ def _eval_spec(args: argparse.Namespace):
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
+    from hydrabench.export import checked_run
+    from hydrabench.includes import recorded_folders, refuse_folders_not_named
     from hydrabench.store import RunStore
 
-    trained = RunStore().load_spec(args.run_id)
-    if trained.trust_remote_code and not args.trust_remote_code:
-        raise SpecError(f"run {args.run_id} loads its model with trust_remote_code: evaluating it "
-                        "runs the model repository's code; allow it with --trust-remote-code")
-    return retarget(trained, args.task, overrides["eval"])
+    # The record is data: code (remote code, task folders) only as this command line allows.
+    store = RunStore()
+    trained, _ = checked_run(args.run_id, store, args.trust_remote_code)
+    record = store.load(args.run_id)
+    return refuse_folders_not_named(args.run_id, recorded_folders(record.profile, trained),
+                                    lambda: retarget(trained, args.task, overrides["eval"]))
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -340,7 +349,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from hydrabench.export import export_run
 
-    print(export_run(args.run_id, args.merge))
+    print(export_run(args.run_id, args.merge, trust_remote_code=args.trust_remote_code))
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -354,7 +363,8 @@ def _cmd_protocols(args: argparse.Namespace) -> None:
 
     names = [n.strip() for n in args.protocols.split(",")] if args.protocols else None
     for path in run_protocols(model=args.model, run_id=args.run_id, benchmark=args.benchmark,
-                              limit=args.limit, names=names):
+                              limit=args.limit, names=names,
+                              trust_remote_code=args.trust_remote_code):
         print(path)
 
 

@@ -218,13 +218,32 @@ def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: 
     return label
 
 
-def loaded_run(run_id: str, store: RunStore) -> tuple[RunSpec, torch.nn.Module, BaseModel]:
-    """(spec, model with the run's adapter loaded, the base it was loaded on: tokenizer and
-    files) of a finished run (none, a corrupt record or a damaged artifact: one line)."""
+def checked_run(run_id: str, store: RunStore, trust_remote_code: bool = False
+                ) -> tuple[RunSpec, Path]:
+    """(spec, its own artifact folder) of a finished run, refused in one line where loading it
+    would run code this command line did not allow (docs/security.md) or read another run's
+    weights: a record is data, so it can neither switch on trust_remote_code nor name the
+    artifact loaded."""
     spec, record = store.load_spec(run_id), store.load(run_id)
+    wants_code = spec.trust_remote_code or (record.profile or {}).get("trust_remote_code")
+    if wants_code and not trust_remote_code:
+        raise SpecError(f"run {run_id} loads its model with trust_remote_code: loading it "
+                        "runs the model repository's code; allow it with --trust-remote-code")
+    if record.train_id is not None and record.train_id != spec.train_id:
+        raise SpecError(f"record {store.record_path(run_id)}: its train_id {record.train_id} "
+                        f"is not its spec's ({spec.train_id}): refused")
+    return spec, record.artifact or store.artifact_dir(spec.train_id)
+
+
+def loaded_run(run_id: str, store: RunStore, trust_remote_code: bool = False
+               ) -> tuple[RunSpec, torch.nn.Module, BaseModel]:
+    """(spec, model with the run's adapter loaded, the base it was loaded on: tokenizer and
+    files) of a finished run (none, a corrupt record, a damaged artifact, or code the command
+    line did not allow: one line). `trust_remote_code`: this command line's flag."""
+    spec, artifact = checked_run(run_id, store, trust_remote_code)
     base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
-                               spec.trust_remote_code)
-    return spec, load_trained(get_method(spec.method), base.model, record.artifact), base
+                               spec.trust_remote_code and trust_remote_code)
+    return spec, load_trained(get_method(spec.method), base.model, artifact), base
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: str,
@@ -237,14 +256,16 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, run_id: 
                       {"run_id": run_id, "merge": label, "exact": label == "exact"})
 
 
-def export_run(run_id: str, merge: str | None = None, store: RunStore | None = None) -> Path:
+def export_run(run_id: str, merge: str | None = None, store: RunStore | None = None,
+               trust_remote_code: bool = False) -> Path:
     """Write results/exports/<run_id>[-<merge>]/ atomically and return it."""
     store = store or RunStore()
-    # A run id, a record, a whole one: checked before the lock is made.
-    spec = store.load_spec(run_id)
+    # A run id, a record, a whole one, its own artifact, no code unasked: before the lock.
+    spec, _ = checked_run(run_id, store, trust_remote_code)
     label = merge if merge in serving_method(spec).approximate_merges else "exact"
     with Meter(phase="export") as meter:
-        spec, model, base = loaded_run(run_id, store)  # a damaged artifact: before any write
+        # A damaged artifact: before any write.
+        spec, model, base = loaded_run(run_id, store, trust_remote_code)
         with store.lock(f"export-{run_id}-{merge}"):
             final = store.export_dir(run_id, label)
             with store.staging(final) as scratch:

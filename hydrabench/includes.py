@@ -9,11 +9,11 @@ included tasks came from (its task fingerprint), so a Slurm job finds them again
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -164,3 +164,39 @@ def include_from_spec(spec: RunSpec) -> None:
     """Include the spec's folders: a Slurm job rebuilds the spec in a fresh process that saw no
     --include-path."""
     include(spec_folders(spec), f"run {spec.run_id}: included task folder")
+
+
+def recorded_folders(profile: dict[str, Any] | None, spec: RunSpec) -> list[str]:
+    """The task folders a record says its run was made with: its profile's include_path and
+    the folders its task fingerprints name."""
+    named = (profile or {}).get("include_path") or []
+    folders = [named] if isinstance(named, str) else list(named) if isinstance(named, list) else []
+    folders += [fp.get("include_path") for fp in spec.inputs.tasks.values()
+                if isinstance(fp, dict)]
+    return sorted({folder for folder in folders if isinstance(folder, str)})
+
+
+T = TypeVar("T")
+
+
+def refuse_folders_not_named(run_id: str, folders: Iterable[str], resolve: Callable[[], T]) -> T:
+    """`resolve()` (a spec rebuilt from a record), refused in one line where the record's task
+    folders, or folders that resolving it included (a profile file the record names), are not
+    this command line's (--include-path, --profile's include_path): lm-eval imports a task
+    folder's Python, and a record is data (docs/security.md)."""
+    named = set(_FOLDERS)
+
+    def refuse(folder: str | Path) -> SpecError:
+        return SpecError(f"run {run_id} was made with --include-path {folder}; pass it again "
+                         "to use it")
+
+    for folder in folders:
+        if Path(folder).resolve() not in named:
+            raise refuse(folder)
+    resolved = resolve()
+    added = sorted(set(_FOLDERS) - named)
+    for root in added:  # read as YAML only; forgotten before any task is loaded
+        del _FOLDERS[root]
+    if added:
+        raise refuse(added[0])
+    return resolved

@@ -121,14 +121,16 @@ def protocol_task_folders() -> list[Path]:
             TASKS_DIR / "hub" / "mmlu_protocols"]
 
 
-def _load(model: str | None, run_id: str | None, store: RunStore) -> tuple[Any, Any, str, str]:
-    """(model, tokenizer, the tokenizer's name or path, a label) of --model or --run."""
+def _load(model: str | None, run_id: str | None, store: RunStore, trust_remote_code: bool = False
+          ) -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, the tokenizer's name or path, a label) of --model or --run; a model
+    repository's code runs only with `trust_remote_code` (this command line's flag)."""
     from hydrabench.export import load_base_or_export, loaded_run
 
     if model is not None:
-        base = load_base_or_export(model)
+        base = load_base_or_export(model, trust_remote_code=trust_remote_code)
         return base.model, base.tokenizer, str(base.directory or model), model
-    spec, adapted, base = loaded_run(checked_run_id(run_id or ""), store)
+    spec, adapted, base = loaded_run(checked_run_id(run_id or ""), store, trust_remote_code)
     return adapted, base.tokenizer, str(base.directory or spec.model), f"run {run_id}"
 
 
@@ -278,11 +280,11 @@ def slug(text: str) -> str:
 def run_protocols(*, model: str | None = None, run_id: str | None = None,
                   benchmark: str = "mmlu", limit: int | None = None,
                   names: list[str] | None = None, store: RunStore | None = None,
-                  out_dir: Path | None = None) -> list[Path]:
+                  out_dir: Path | None = None, trust_remote_code: bool = False) -> list[Path]:
     """`hydrabench protocols`: score, then write the table; returns the report's paths."""
     protocols = check_request(benchmark, names or list(PROTOCOLS), limit)
     store = store or RunStore()
-    loaded, tokenizer, tokenizer_name, label = _load(model, run_id, store)
+    loaded, tokenizer, tokenizer_name, label = _load(model, run_id, store, trust_remote_code)
     name = f"protocols-{benchmark}-{slug(model or run_id or '')}" + (
         f"-limit{limit}" if limit else "")
     scores = score_protocols(protocols, loaded, tokenizer, tokenizer_name, limit,

@@ -52,6 +52,17 @@ class CorruptRecord(SpecError):
     """A record.json that is not a whole record (truncated, empty, binary, wrong types)."""
 
 
+class OutsideResults(SpecError):
+    """A path read from results/ (a record's field, a symlink under it) that leads outside the
+    results folder, or to another run's files: refused, never followed."""
+
+
+def stored_artifact(artifact: Path) -> str:
+    """How a record names its artifact: relative to the results root (artifacts/<train id>),
+    so that a moved or copied results folder still finds its own."""
+    return str(artifact) if artifact.parent.name != "artifacts" else f"artifacts/{artifact.name}"
+
+
 class _Invalid(ValueError):
     """What makes a JSON value not a run record (CorruptRecord adds the file it came from)."""
 
@@ -272,7 +283,7 @@ class RunRecord:
         """The record as record.json holds it (every field; null where it does not apply)."""
         out = asdict(self)
         out["column_tasks"] = list(self.column_tasks)
-        out["artifact"] = None if self.artifact is None else str(self.artifact)
+        out["artifact"] = None if self.artifact is None else stored_artifact(self.artifact)
         return out
 
     @property
@@ -348,18 +359,62 @@ class RunStore:
             self.load(run_id)
         except CorruptRecord as err:
             return str(err)
+        except OutsideResults:  # never "unfinished": a planted path stops the command
+            raise
         except SpecError:  # no record
             return None
         return None
 
     def load(self, run_id: str) -> RunRecord:
-        """The finished run's record; one-line errors when there is none or it is corrupt. The
-        profile it carries stands in for its profile file where that is not found here."""
-        record = read_record(self.record_path(run_id), run_id, self.runs)
+        """The finished run's record, its artifact resolved inside the results root; one-line
+        errors when there is none, it is corrupt, or a path in it or under its folder leads
+        outside the root. The profile it carries stands in for its profile file where that is
+        not found here, as data: its include_path is not (hydrabench runs no code a record
+        names: docs/security.md)."""
+        path = self.record_path(run_id)
+        if path.exists() or path.is_symlink():
+            self._no_links_out(self.run_dir(run_id), f"run {run_id}:")
+        record = read_record(path, run_id, self.runs)
+        record = replace(record, artifact=self.own_artifact(record, path))
         if record.profile is not None and record.spec is not None and isinstance(
                 record.spec.get("profile"), str):
-            remember_profile(record.spec["profile"], record.profile)
+            remember_profile(record.spec["profile"], {
+                key: value for key, value in record.profile.items() if key != "include_path"})
         return record
+
+    def inside(self, path: Path, what: str) -> Path:
+        """`path` when it resolves (symlinks followed) inside the results root; else one line
+        naming it."""
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise OutsideResults(f"{what} {path} leads outside the results folder {self.root} "
+                                 "(a symlink?): refused")
+        return path
+
+    def _no_links_out(self, directory: Path, what: str) -> None:
+        """No symlink in `directory` (itself included) leads outside the root: a shared results
+        folder is read without following a link to another user's files."""
+        self.inside(directory, what)
+        for parent, dirs, files in os.walk(directory):  # links to folders are listed, not entered
+            for name in (*dirs, *files):
+                if (Path(parent) / name).is_symlink():
+                    self.inside(Path(parent) / name, what)
+
+    def own_artifact(self, record: RunRecord, path: Path) -> Path | None:
+        """The run's own artifact folder under this root. A record names it artifacts/<its train
+        id>; records written before that named it by absolute path, taken as the same folder
+        under this root (so a moved or copied results folder finds its own, not the
+        original's). Anything else (another run's artifact, '..', a folder elsewhere, a symlink
+        out): one line, never followed."""
+        named = record.artifact
+        if named is None:
+            return None
+        train_id = record.train_id or named.name
+        legacy = named.is_absolute() and named.parts[-2:] == ("artifacts", train_id)
+        if (not legacy and named.parts != ("artifacts", train_id)) or not RUN_ID.fullmatch(
+                train_id) or train_id.startswith("."):
+            raise OutsideResults(f"record {path}: its artifact {str(named)!r} is not the run's "
+                                 f"own (artifacts/{train_id} in the results folder): refused")
+        return self.inside(self.artifact_dir(train_id), f"record {path}: its artifact")
 
     def load_spec(self, run_id: str) -> RunSpec:
         """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""

@@ -6,14 +6,19 @@ queued; each job rebuilds its spec from a plain dict and calls the sweep's execu
 (`runner.execute`, which the caller passes: the sweep sits below the runner). Submitit's
 folder (scripts, pickles, logs) is results/slurm/<sweep id>/, and results/runs/<run id>.slurm.json
 points from a run to its job, so `--status` tells queued, running and failed runs apart from the
-records, squeue and submitit's result files alone, without Slurm's accounting database.
+records, squeue and submitit's result files alone, without Slurm's accounting database. Pointers
+and result files are read as data: a corrupt pointer is one line and a failed run; a result file
+is read only as plain data (a pickle that names any class or function is refused).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import JobPaths, pickle_load
+from submitit.core.utils import JobPaths
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.errors import SpecError
@@ -137,13 +142,21 @@ class Sweep:
             f"logs in {folder}")
 
     def status(self) -> list[RunStatus]:
-        pointers = {r.spec.run_id: p for r in self.runs
-                    if (p := read_pointer(self.store, r.spec.run_id)) is not None}
+        pointers, corrupt = {}, {}
+        for run in self.runs:
+            try:
+                if (pointer := read_pointer(self.store, run.spec.run_id)) is not None:
+                    pointers[run.spec.run_id] = pointer
+            except CorruptPointer as err:  # resubmitted like a failed run, which replaces it
+                print(f"[hydrabench] {err}: taken as failed", file=sys.stderr, flush=True)
+                corrupt[run.spec.run_id] = str(err)
         # Ask Slurm before reading the records: a job that ends in between then reads as done;
         # the other way round it would read as gone without a record, i.e. failed.
         unfinished = [rid for rid in pointers if not self.store.has(rid)]
         queue = queued_jobs() if unfinished else {}
-        return [self._status(r, pointers.get(r.spec.run_id), queue) for r in self.runs]
+        return [RunStatus(r, "failed", None, corrupt[r.spec.run_id])
+                if r.spec.run_id in corrupt and not r.skip and not self.store.has(r.spec.run_id)
+                else self._status(r, pointers.get(r.spec.run_id), queue) for r in self.runs]
 
     def _status(self, run: PlannedRun, pointer: dict[str, Any] | None,
                 queue: dict[str, str]) -> RunStatus:
@@ -244,9 +257,33 @@ def pointer_path(store: RunStore, run_id: str) -> Path:
     return store.runs / f"{checked_run_id(run_id)}.slurm.json"
 
 
+class CorruptPointer(SpecError):
+    """A results/runs/<run id>.slurm.json that is not a pointer this sweep wrote."""
+
+
+# What a pointer holds (more keys are allowed): strings of one line; a job id as Slurm gives it.
+POINTER_KEYS = ("job_id", "folder", "log")
+JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+
+
 def read_pointer(store: RunStore, run_id: str) -> dict[str, Any] | None:
+    """The run's Slurm pointer (None: never submitted); CorruptPointer, one line naming the
+    file, when it is not JSON or not a pointer's shape."""
     path = pointer_path(store, run_id)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        pointer = json.loads(store.inside(path, "Slurm pointer").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # cut short, binary, not JSON (JSONDecodeError)
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CorruptPointer(f"corrupt Slurm pointer {path}: {reason}") from None
+    if not isinstance(pointer, dict) or not all(
+            isinstance(pointer.get(key), str) and "\n" not in pointer[key]
+            and "\r" not in pointer[key] for key in POINTER_KEYS) or not JOB_ID.fullmatch(
+            pointer["job_id"]):
+        raise CorruptPointer(f"corrupt Slurm pointer {path}: expected an object whose "
+                             f"{', '.join(POINTER_KEYS)} are one-line strings, a Slurm job id")
+    return pointer
 
 
 def queued_jobs() -> dict[str, str]:
@@ -265,15 +302,31 @@ def queued_jobs() -> dict[str, str]:
     return jobs
 
 
+class _PlainData(pickle.Unpickler):
+    """Unpickles strings, numbers, tuples, lists and dicts only: every class or function a
+    pickle names is refused, so a pickle planted under results/ runs no code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
 def failure_reason(pointer: dict[str, Any]) -> str:
-    """Why a job left the queue without a record: its Python error, else where to look."""
+    """Why a job left the queue without a record: its Python error as submitit's result file
+    gives it (read as plain data only: a planted pointer or pickle runs nothing), else where to
+    look."""
+    unknown = f"ended without a record (killed? time limit?); see {pointer['log']}"
     result = JobPaths(pointer["folder"], job_id=pointer["job_id"], task_id=0).result_pickle
-    if result.exists():
-        outcome, value = pickle_load(result)
-        if outcome == "error":
-            lines = [line for line in str(value).splitlines() if line.strip()]
-            return lines[-1] if lines else "error"
-    return f"ended without a record (killed? time limit?); see {pointer['log']}"
+    if not result.is_file():
+        return unknown
+    try:
+        with result.open("rb") as fh:
+            outcome, value = _PlainData(fh).load()
+    except Exception:  # any damage, or a pickle that names code: not a result
+        return f"{unknown} (its result file {result} is not submitit's: not read)"
+    if outcome == "error":
+        lines = [line for line in str(value).splitlines() if line.strip()]
+        return lines[-1] if lines else "error"
+    return unknown
 
 
 def format_status(statuses: list[RunStatus]) -> str:

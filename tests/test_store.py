@@ -33,7 +33,7 @@ WRITTEN = {
     "column_tasks": ["tiny_medical"], "stand_in": True,
     "data_source": "train: synthetic suite (generated); eval: synthetic suite (generated)",
     "backend": "hf", "merge": None, "serving": None, "merge_gap": None,
-    "artifact": "/results/artifacts/lora-s0-fedcba9876543210",
+    "artifact": "artifacts/lora-s0-fedcba9876543210",  # relative to the results root
     "train_id": "lora-s0-fedcba9876543210",
     "training": {"trained": True, "train": {"steps": 6, "first_loss": 7.0, "final_loss": 6.0},
                  "train_records": 40, "metering": {"train": TRAIN_METERING},
