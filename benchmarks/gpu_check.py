@@ -202,7 +202,7 @@ def write_profile(ctx: Context, name: str, mapping: dict[str, Any]) -> Path:
 
 def tiny_cuda_profile(ctx: Context) -> Path:
     return write_profile(ctx, "tiny-cuda", {
-        "extends": "tiny", "device": "cuda",
+        "extends": "tiny", "device": "cuda", "estimate": "seconds on one GPU",
         "description": "the tiny profile on CUDA (benchmarks/gpu_check.py)"})
 
 
@@ -254,7 +254,7 @@ def check_cuda_training(record: Any, loss_must_fall: bool = True) -> dict[str, A
         problems.append(f"loss {first} -> {final}")
     if scored is None:
         problems.append("no score")
-    require(not problems, f"{record.run_id}: {', '.join(problems)}")
+    require(not problems, ", ".join(problems))
     return figures
 
 
@@ -332,19 +332,21 @@ def table1(ctx: Context) -> Outcome:
 
     sweep = table1_runs(ctx, TABLE1_ROWS)
     sweep.run_local()
-    store, rows, problems = RunStore(), {}, []
+    store, rows = RunStore(), {}
+    problems: dict[str, list[str]] = {}  # problem → the rows that have it
     for run in sweep.runs:
         if not store.has(run.spec.run_id):
-            problems.append(f"{run.row.label}: no record")
+            problems.setdefault("no record", []).append(run.row.label)
             continue
         record = store.load(run.spec.run_id)
         if run.row.label == HYDRA_ROW:
             ctx.shared["hydra_record"] = record
         try:
-            rows[run.row.label] = check_cuda_training(record)
+            rows[run.row.label] = {"run_id": record.run_id, **check_cuda_training(record)}
         except CheckFailed as err:
-            problems.append(f"{run.row.label}: {err}")
-    require(not problems, "; ".join(problems))
+            problems.setdefault(str(err), []).append(run.row.label)
+    require(not problems, "; ".join(f"{', '.join(labels)}: {problem}"
+                                    for problem, labels in problems.items()))
     line = "; ".join(f"{label} {r['score']:.1f} @ {r['tokens_per_s']:,.0f} tok/s"
                      for label, r in rows.items())
     sources = sorted({r["gpu_source"] for r in rows.values()})
@@ -413,12 +415,12 @@ def qwen2_shaped_model(directory: Path, tokenizer_dir: Path, config_overrides: d
     return directory
 
 
-def small_profile(ctx: Context, model_dir: Path) -> Path:
-    """The small profile (bf16, paper hyper-parameters, prompt template, auto heads) on a local
-    model, scored with hf on the synthetic suite's tasks instead of the hub's benchmarks."""
-    return write_profile(ctx, "small-local", {
-        "extends": "small", "model": str(model_dir),
-        "description": "small on a random Qwen2-shaped model (benchmarks/gpu_check.py)",
+def small_profile(ctx: Context) -> Path:
+    """The small profile (bf16, paper hyper-parameters, prompt template, auto heads) with a
+    column of the synthetic suite's tasks, scored offline instead of the hub's benchmarks."""
+    return write_profile(ctx, "small-offline", {
+        "extends": "small",
+        "description": "small with a synthetic column (benchmarks/gpu_check.py)",
         "tasks": {"gpu_check": {"corpus": "synthetic", "eval": SMALL_TASKS}}})
 
 
@@ -429,12 +431,13 @@ def small(ctx: Context) -> Outcome:
 
     model_dir = qwen2_shaped_model(ctx.root / "qwen2-random", resolve_model_dir(BUILTIN_TINY),
                                    {}, "cuda")
-    spec = resolve_spec("hydralora", "gpu_check", str(small_profile(ctx, model_dir)),
+    # The model as `--model DIR` gives it: the profile's own (Qwen2.5-0.5B) is a download.
+    spec = resolve_spec("hydralora", "gpu_check", str(small_profile(ctx)), model=str(model_dir),
                         overrides={"train": {"max_steps": SMALL_MAX_STEPS},
                                    "eval": {"limit": ctx.limit, "backend": "hf"}})
     record = execute(spec)
     require(record.spec["dtype"] == "bfloat16", f"{record.run_id}: dtype {record.spec['dtype']}")
-    figures = check_cuda_training(record, loss_must_fall=False)
+    figures = {"run_id": record.run_id, **check_cuda_training(record, loss_must_fall=False)}
     return Outcome(f"hydralora on {spec.dtype}, {spec.train.batch_size} x {spec.train.seq_len}, "
                    f"{figures['tokens_per_s']:,.0f} tok/s, loss {figures['first_loss']:.3g} -> "
                    f"{figures['final_loss']:.3g}, {figures['gpu_source']}", figures)
