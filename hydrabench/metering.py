@@ -285,11 +285,27 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def torch_build_libraries(config: str) -> dict[str, str | None]:
+    """The BLAS and LAPACK `torch.__config__.show()` names ("BLAS_INFO=mkl, ..."); None where
+    the build line does not say."""
+    found = {key: re.search(rf"\b{key}_INFO=([^,\s]+)", config) for key in ("BLAS", "LAPACK")}
+    return {key.lower(): m.group(1) if m else None for key, m in found.items()}
+
+
 def hardware_summary() -> dict[str, Any]:
-    """Hardware and software facts for the provenance section of a run record."""
+    """Hardware and software facts for the provenance section of a run record.
+
+    CPU results move with the thread count and the BLAS kernels (reductions are summed in a
+    different order), so the record names both, with the CPU's vector instruction set."""
     return {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        **torch_build_libraries(torch.__config__.show()),
         "ram_total_bytes": int(psutil.virtual_memory().total),
         "gpus": gpu_inventory(),
         "torch_version": torch.__version__,
