@@ -31,7 +31,7 @@ from submitit.core.utils import JobPaths
 from hydrabench.atomic import write_json_atomic
 from hydrabench.errors import SpecError
 from hydrabench.profiles import load_profile
-from hydrabench.progress import log
+from hydrabench.progress import eta, log
 from hydrabench.serving import SharedServers
 from hydrabench.spec import RunSpec, spec_from_dict
 from hydrabench.store import RunStore, checked_run_id
@@ -81,9 +81,10 @@ class Sweep:
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
             f"already done, {len(self.runs) - done} to run; {estimate}")
 
-    def _log_run(self, i: int, run: PlannedRun) -> None:
+    def _log_run(self, i: int, run: PlannedRun, progress: str = "") -> None:
         where = f"[{i}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
-        log(f"{where}: {run.skip}, left empty" if run.skip else f"{where} → {run.spec.run_id}")
+        log(f"{where}: {run.skip}, left empty" if run.skip
+            else f"{where} → {run.spec.run_id}" + (f"; {progress}" if progress else ""))
 
     def run_local(self) -> None:
         """Every runnable cell in turn, in this process; finished runs are skipped.
@@ -94,12 +95,21 @@ class Sweep:
         self.log_plan()
         shared = [run.spec for run in self.runs if run.skip is None
                   and run.spec.eval.backend == "vllm" and run.spec.eval.serving == "adapters"]
+        # The time left counts only the runs this call executes (finished ones return at once).
+        todo = [r for r in self.runs if r.skip is None and not self.store.has(r.spec.run_id)]
+        started, executed = time.monotonic(), 0
         for i, run in enumerate(self.runs, start=1):
-            self._log_run(i, run)
+            pending = run in todo
+            self._log_run(i, run, eta(executed, len(todo), time.monotonic() - started)
+                          if pending else "")
             if run.skip is None and shared:  # train every run before the servers start
                 self.execute(run.spec, train_only=True)
             elif run.skip is None:
                 self.execute(run.spec)
+            executed += pending
+        if todo:
+            log(f"{'trained' if shared else 'ran'} "
+                f"{eta(len(todo), len(todo), time.monotonic() - started, 'runs')}")
         if not shared:
             return
         with SharedServers(shared, self.store.root / "servers") as servers:
