@@ -50,7 +50,7 @@ def test_edits_to_corpus_task_yaml_and_benchmark_data_retrain_or_rescore(
 
     err, first = run_once(run, results, env, monkeypatch)
     assert "training lora" in err
-    artifact = json.loads((Path(first["artifact"]) / "artifact.json").read_text())
+    artifact = json.loads((results / first["artifact"] / "artifact.json").read_text())
     assert first["provenance"]["data_fingerprints"] == artifact["inputs"]["corpus"] == {
         str(corpus): provenance.fingerprint_path(corpus)}
     assert first["provenance"]["model_fingerprint"] == artifact["inputs"]["model"] == (

@@ -1,0 +1,316 @@
+"""Shared results folders read as a hostile colleague plants them (issue 32): a record is data.
+
+Each case starts from a valid record (hand-built as the runner writes one: nothing trains) and
+changes one field, or plants one file beside it. Reading it must run no code (a marker file the
+planted code would write stays absent), follow no path out of results/, and write nothing there:
+exit 2 and one error line, or for `sweep --status` one line and the run shown as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SHARED, error_lines
+
+from hydrabench import profiles
+from hydrabench.atomic import write_json_atomic
+from hydrabench.cli import main
+from hydrabench.profiles import load_profile
+from hydrabench.resolve import resolve_spec
+from hydrabench.spec import RunSpec
+from hydrabench.store import RunStore
+
+STORIES = SHARED / "models" / "stories260K"
+pytestmark = pytest.mark.skipif(not (STORIES.is_dir() and (SHARED / "data").is_dir()),
+                                reason="needs ../shared/models and ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def spec() -> RunSpec:
+    """A LoRA run on stories260K, tiny profile (resolving it reads the model's files once)."""
+    return resolve_spec("lora", "medical", model=str(STORIES))
+
+
+def valid_record(spec: RunSpec) -> dict[str, Any]:
+    """A whole record as the runner writes it (artifact relative to the results root)."""
+    metrics = {task: {"metrics": {"acc,none": 0.5}, "stderr": {"acc,none": 0.1},
+                      "primary": "acc,none", "value": 0.5, "n": 4} for task in spec.eval_tasks}
+    return {"run_id": spec.run_id, "method": spec.method, "task": spec.task, "seed": spec.seed,
+            "spec": spec.to_dict(), "profile": load_profile(spec.profile).to_dict(),
+            "metrics": metrics, "column_tasks": list(spec.eval_tasks),
+            "training": {"trained": True, "train_id": spec.train_id},
+            "artifact": f"artifacts/{spec.train_id}", "train_id": spec.train_id, "backend": "hf"}
+
+
+def plant(results: Path, record: dict[str, Any]) -> Path:
+    """`record` at its run id under results/, beside its own (empty) artifact folder."""
+    store = RunStore(results)
+    write_json_atomic(store.record_path(record["run_id"]), record)
+    store.artifact_dir(record["train_id"]).mkdir(parents=True, exist_ok=True)
+    return store.record_path(record["run_id"])
+
+
+def tree(root: Path) -> dict[str, bytes | str]:
+    """Every path under `root` with its bytes (a link: its target)."""
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else
+                                       p.read_bytes() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def refused(argv: list[str], message: str, results: Path, capsys: pytest.CaptureFixture,
+            marker: Path | None = None) -> None:
+    """`hydrabench ARGV` in-process: exit 2, one error line saying `message`, no traceback,
+    nothing written under results/, and the planted code's marker absent."""
+    before = tree(results)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = error_lines(err)
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    assert tree(results) == before
+    assert marker is None or not marker.exists()
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HYDRABENCH_REPORTS", str(tmp_path / "reports"))
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))  # protocols' local MMLU
+    return tmp_path / "results"
+
+
+def model_with_code(where: Path, marker: Path) -> Path:
+    """stories260K whose config maps AutoModelForCausalLM to its own evil.py (transformers
+    imports it under trust_remote_code), which writes `marker` when imported."""
+    model = where / "model-with-code"
+    shutil.copytree(STORIES, model, ignore=shutil.ignore_patterns("original_llama2c"))
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import LlamaForCausalLM\n\n\n"
+        "class EvilModel(LlamaForCausalLM):\n    pass\n")
+    return model
+
+
+@pytest.mark.parametrize("command", [["export"], ["protocols", "--limit", "1", "--run"]])
+def test_remote_code_a_record_asks_for_needs_the_flag_on_this_command_line(
+        spec: RunSpec, results: Path, tmp_path: Path, command: list[str],
+        capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "marker"
+    record = valid_record(spec)
+    record["spec"]["model"] = str(model_with_code(tmp_path, marker))
+    record["spec"]["trust_remote_code"] = True  # planted
+    plant(results, record)
+    refused([*command, spec.run_id], "--trust-remote-code", results, capsys, marker)
+
+
+def task_folder_with_code(where: Path, marker: Path) -> Path:
+    """A task folder whose task's utils.py writes `marker` when lm-eval imports it."""
+    folder = where / "hostile_tasks"
+    folder.mkdir()
+    (folder / "hostile.yaml").write_text(
+        "task: hostile_task\ndataset_path: json\n"
+        "dataset_kwargs: {data_files: {test: data.jsonl}}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: !function utils.doc_to_text\n"
+        "doc_to_choice: [a, b]\ndoc_to_target: 0\n")
+    (folder / "data.jsonl").write_text('{"q": "?"}\n')
+    (folder / "utils.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n\n\n"
+        "def doc_to_text(doc):\n    return doc['q']\n")
+    return folder
+
+
+def test_eval_run_refuses_the_task_folder_a_record_s_profile_names(
+        spec: RunSpec, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The record's profile file is not here (made elsewhere): its embedded profile stands in,
+    as data. Its include_path is not used: the command line must name the folder again."""
+    marker = tmp_path / "marker"
+    made = tmp_path / "made.yaml"
+    made.write_text("extends: tiny\n")
+    mine = resolve_spec("lora", "medical", str(made), model=str(STORIES))
+    made.unlink()
+    record = valid_record(mine)
+    folder = task_folder_with_code(tmp_path, marker)
+    record["profile"]["include_path"] = [str(folder)]  # planted
+    plant(results, record)
+    refused(["eval", "--run", mine.run_id, "--task", "hostile_task", "--limit", "1"],
+            f"was made with --include-path {folder}; pass it again", results, capsys, marker)
+
+
+def test_eval_run_refuses_the_task_folders_of_a_profile_file_the_record_names(
+        spec: RunSpec, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A profile file the record names (not this command line) may not add task folders."""
+    marker = tmp_path / "marker"
+    made = tmp_path / "made.yaml"
+    made.write_text("extends: tiny\n")
+    mine = resolve_spec("lora", "medical", str(made), model=str(STORIES))
+    plant(results, valid_record(mine))
+    folder = task_folder_with_code(tmp_path, marker)
+    made.write_text(f"extends: tiny\ninclude_path: [{folder}]\n")  # planted
+    profiles._load_profile.cache_clear()  # as a new process reads it
+    refused(["eval", "--run", mine.run_id, "--task", "hostile_task", "--limit", "1"],
+            "was made with --include-path", results, capsys, marker)
+
+
+# The commands that read a record's artifact, or the record itself (the second run of compare
+# is a valid one).
+READERS = {"export": ["export", "{run}"], "eval": ["eval", "--run", "{run}", "--task", "medical",
+                                                   "--limit", "1"],
+           "protocols": ["protocols", "--limit", "1", "--run", "{run}"],
+           "show": ["show", "{run}"], "compare": ["compare", "{run}", "{other}"],
+           "report": ["report", "table1"]}
+
+
+def other_run(spec: RunSpec, results: Path) -> RunSpec:
+    """A second valid run (seed 1) with its own adapter folder: what a planted field names."""
+    other = resolve_spec("lora", "medical", seed=1, model=str(STORIES))
+    plant(results, valid_record(other))
+    return other
+
+
+def argv(command: str, run: str, other: str) -> list[str]:
+    return [a.format(run=run, other=other) for a in READERS[command]]
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_an_artifact_field_naming_another_run_s_adapter_is_refused(
+        spec: RunSpec, results: Path, command: str, capsys: pytest.CaptureFixture) -> None:
+    other = other_run(spec, results)
+    record = valid_record(spec)
+    record["artifact"] = f"artifacts/{other.train_id}"  # planted: the seed-1 LoRA
+    plant(results, record)
+    refused(argv(command, spec.run_id, other.run_id), "is not the run's own", results, capsys)
+
+
+@pytest.mark.parametrize("named", ["absolute", "dotdot"])
+@pytest.mark.parametrize("command", ["export", "show"])
+def test_an_artifact_field_leading_outside_results_is_refused(
+        spec: RunSpec, results: Path, tmp_path: Path, named: str, command: str,
+        capsys: pytest.CaptureFixture) -> None:
+    elsewhere = tmp_path / "elsewhere" / spec.train_id
+    elsewhere.mkdir(parents=True)
+    record = valid_record(spec)
+    record["artifact"] = (str(elsewhere) if named == "absolute"  # planted
+                          else f"artifacts/../../elsewhere/{spec.train_id}")
+    plant(results, record)
+    refused(argv(command, spec.run_id, ""), "is not the run's own", results, capsys)
+
+
+@pytest.mark.parametrize("command", list(READERS))
+def test_a_symlink_out_of_results_is_refused(
+        spec: RunSpec, results: Path, tmp_path: Path, command: str,
+        capsys: pytest.CaptureFixture) -> None:
+    """The record is valid; its artifact folder is a link to another user's adapter."""
+    other = other_run(spec, results)
+    plant(results, valid_record(spec))
+    artifact = RunStore(results).artifact_dir(spec.train_id)
+    artifact.rmdir()
+    (tmp_path / "theirs").mkdir()
+    artifact.symlink_to(tmp_path / "theirs")  # planted
+    refused(argv(command, spec.run_id, other.run_id), "leads outside the results folder",
+            results, capsys)
+
+
+def test_a_symlink_out_of_a_run_folder_is_refused(
+        spec: RunSpec, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """compare reads the per-sample outputs under runs/<id>/lm_eval: a link there is refused."""
+    other = other_run(spec, results)
+    record = plant(results, valid_record(spec))
+    (tmp_path / "theirs").mkdir()
+    (record.parent / "lm_eval").symlink_to(tmp_path / "theirs")  # planted
+    refused(["compare", spec.run_id, other.run_id], "leads outside the results folder",
+            results, capsys)
+
+
+def test_a_moved_results_folder_finds_its_own_artifact_not_the_original_s(
+        spec: RunSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """Records written before paths were relative name the artifact by absolute path: after
+    `mv results moved`, the run's own artifact under the new root is the one found."""
+    old, moved = tmp_path / "results", tmp_path / "moved"
+    record = valid_record(spec)
+    record["artifact"] = str(old / "artifacts" / spec.train_id)  # as records were written
+    plant(old, record)
+    old.rename(moved)
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(moved))
+    assert RunStore(moved).load(spec.run_id).artifact == moved / "artifacts" / spec.train_id
+    assert main(["show", spec.run_id]) == 0
+    out = capsys.readouterr().out
+    assert f"artifact  {moved / 'artifacts' / spec.train_id}" in out and str(old) not in out
+    assert RunStore(moved).load(spec.run_id).to_dict()["artifact"] == (
+        f"artifacts/{spec.train_id}")
+
+
+class _RunsCode:
+    """What a planted pickle holds: unpickling it calls exec, which writes the marker."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def sweep_status(results: Path, monkeypatch: pytest.MonkeyPatch,
+                 capsys: pytest.CaptureFixture) -> tuple[str, str]:
+    """`sweep table1 --status --rows 1` (no Slurm here: the queue is empty), its out and err."""
+    from hydrabench import sweep as sweeps
+
+    monkeypatch.setattr(sweeps, "queued_jobs", dict)
+    capsys.readouterr()
+    assert main(["sweep", "table1", "--status", "--rows", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured.out, captured.err
+
+
+def first_run_id() -> str:
+    from hydrabench.runner import execute
+    from hydrabench.sweep import plan_sweep
+    from hydrabench.tables import load_table
+
+    return plan_sweep(load_table("table1"), "tiny", (0,), execute, rows=[1]).runs[0].spec.run_id
+
+
+def test_sweep_status_never_runs_a_planted_pickle(
+        results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    marker, folder = tmp_path / "marker", results / "slurm" / "s"
+    run_id = first_run_id()
+    folder.mkdir(parents=True)
+    pointer = RunStore(results).runs / f"{run_id}.slurm.json"
+    write_json_atomic(pointer, {"job_id": "9_0", "folder": str(folder), "log": "9.err"})
+    from submitit.core.utils import JobPaths
+
+    # planted: submitit's result file of the job, a pickle that runs code
+    JobPaths(folder, job_id="9_0", task_id=0).result_pickle.write_bytes(
+        pickle.dumps(("error", _RunsCode(marker))))
+    before = tree(results)
+    out, _ = sweep_status(results, monkeypatch, capsys)
+    assert not marker.exists()
+    (line,) = [line for line in out.splitlines() if run_id in line]
+    assert " failed " in line and "is not submitit's: not read" in line
+    assert tree(results) == before
+
+
+def test_sweep_status_names_a_corrupt_pointer_in_one_line_and_shows_the_run_failed(
+        results: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    run_id = first_run_id()
+    pointer = RunStore(results).runs / f"{run_id}.slurm.json"
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text('{"job_id": "9_0", "fol')  # planted: cut short
+    before = tree(results)
+    out, err = sweep_status(results, monkeypatch, capsys)
+    assert err.count("\n") == 1 and f"corrupt Slurm pointer {pointer}" in err, err
+    (line,) = [line for line in out.splitlines() if run_id in line]
+    assert " failed " in line and "corrupt Slurm pointer" in line
+    assert tree(results) == before
