@@ -63,6 +63,11 @@ class AdapterSettings:
     blc_weight: float = 0.0
     blc_alpha: float = 0.0
     blc_knowledge: tuple[str, ...] = ()
+    # Added later (hence None, left out of the run and train ids, see `ID_OPTIONAL_ADAPTER`):
+    # the experts (molora) or rank coordinates (flylora) kept per token, and FlyLoRA's share of
+    # non-zero entries per row of its frozen A (None: its code's k / r)
+    top_k: int | None = None
+    sparsity: float | None = None
 
     def __post_init__(self) -> None:
         require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -77,6 +82,25 @@ class AdapterSettings:
                 f"balance_loss_coef must be >= 0, got {self.balance_loss_coef}")
         require(self.blc_weight >= 0, f"blc_weight must be >= 0, got {self.blc_weight}")
         require(0 <= self.blc_alpha <= 1, f"blc_alpha must be in [0, 1], got {self.blc_alpha}")
+        require(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        require(self.sparsity is None or 0 < self.sparsity <= 1,
+                f"sparsity must be in (0, 1], got {self.sparsity}")
+
+
+# Adapter settings added after runs were recorded: left out of the run and train ids while at
+# their default, so the ids of runs that do not use them stay what they were.
+ID_OPTIONAL_ADAPTER = ("top_k", "sparsity")
+
+
+def _id_payload(spec_dict: dict[str, Any]) -> dict[str, Any]:
+    """The spec as its ids hash it: the settings added later dropped where at their default."""
+    adapter = spec_dict["adapter"]
+    for name in ID_OPTIONAL_ADAPTER:
+        if adapter[name] == getattr(AdapterSettings, name):
+            del adapter[name]
+    if spec_dict["eval"]["serving"] == EvalSettings.serving:
+        del spec_dict["eval"]["serving"]
+    return spec_dict
 
 
 # hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM (for
@@ -163,17 +187,15 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        """Readable prefix plus a hash of the whole resolved spec (serving at its default left
-        out, so that runs made before the setting existed keep their ids)."""
-        payload = self.to_dict()
-        if payload["eval"]["serving"] == EvalSettings.serving:
-            del payload["eval"]["serving"]
+        """Readable prefix plus a hash of the whole resolved spec (settings added later left out
+        at their defaults, so that runs made before they existed keep their ids)."""
+        payload = _id_payload(self.to_dict())
         return f"{self.method}-{self.task}-s{self.seed}-{self._digest(payload)}"
 
     @property
     def train_id(self) -> str:
         """Hash of what decides the trained weights only: columns sharing a corpus share it."""
-        payload = self.to_dict()
+        payload = _id_payload(self.to_dict())
         for key in ("task", "eval_tasks", "eval"):
             payload.pop(key)
         payload["inputs"].pop("tasks")

@@ -13,6 +13,7 @@ from hydrabench.methods import (
     lora_split,
     lorahub,
     loramoe,
+    moslora,
     prompt_learning,
 )
 from hydrabench.methods.api import Method
@@ -33,6 +34,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     prompt_learning.PREFIX_TUNING,
     ia3.METHOD,
     adalora.METHOD,
+    moslora.METHOD,
 )}
 
 
