@@ -24,7 +24,8 @@ HYPERPARAMETERS: dict[str, tuple[str, Any]] = {
     "rank": ("adapter", int), "alpha": ("adapter", float), "dropout": ("adapter", float),
     "num_splits": ("adapter", int), "num_heads": ("adapter", _heads),
     "balance_loss_coef": ("adapter", float), "blc_weight": ("adapter", float),
-    "blc_alpha": ("adapter", float), "lr": ("train", float),
+    "blc_alpha": ("adapter", float), "top_k": ("adapter", int), "sparsity": ("adapter", float),
+    "lr": ("train", float),
     "epochs": ("train", int), "max_steps": ("train", int), "batch_size": ("train", int),
     "seq_len": ("train", int), "checkpoint_every": ("train", int), "limit": ("eval", int),
     "backend": ("eval", str), "gen_kwargs": ("eval", str)}
