@@ -28,9 +28,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from hydrabench.atomic import write_text_atomic
 from hydrabench.evaluate import TaskScore, run_lm_eval
 from hydrabench.includes import include, included
-from hydrabench.serving import end_with, failure, stop_process_group, vllm_env, vllm_scratch
+from hydrabench.serving import (
+    end_with,
+    failure,
+    stop_process_group,
+    teardown_note,
+    vllm_env,
+    vllm_scratch,
+)
 
 ENGINE_LOG = "vllm_engine.log"
 REQUEST, READY, SCORES = "request.json", "ready", "scores.json"
@@ -50,10 +58,24 @@ def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_
                       limit: int | None, seed: int, allow_code_execution: bool = False,
                       num_fewshot: int | None = None, output_dir: Path | None = None,
                       gen_kwargs: str | None = None) -> tuple[dict[str, TaskScore], float]:
+    """`score_in_child`'s scores and seconds to a ready engine (its teardown note only logged)."""
+    scores, info = score_in_child(model_dir, tasks, engine, log_dir=log_dir, limit=limit,
+                                  seed=seed, allow_code_execution=allow_code_execution,
+                                  num_fewshot=num_fewshot, output_dir=output_dir,
+                                  gen_kwargs=gen_kwargs)
+    return scores, info["startup_s"]
+
+
+def score_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir: Path,
+                   limit: int | None, seed: int, allow_code_execution: bool = False,
+                   num_fewshot: int | None = None, output_dir: Path | None = None,
+                   gen_kwargs: str | None = None) -> tuple[dict[str, TaskScore], dict[str, Any]]:
     """Score the checkpoint in `model_dir` with lm-eval's in-process vllm in a child process:
-    (scores, seconds from its start to a ready engine). Its output goes to log_dir/ENGINE_LOG;
-    lm-eval's raw output to `output_dir`. A child that fails raises ServerError (one line: its
-    log's last error and a kept copy of the log)."""
+    (scores, the record's engine info: {"engine": "in-process", "log": ENGINE_LOG, "startup_s":
+    seconds from its start to a ready engine}, plus "teardown" when it crashed after handing
+    over its scores). Its output goes to log_dir/ENGINE_LOG; lm-eval's raw output to
+    `output_dir`. A child that fails before handing over complete scores raises ServerError
+    (one line: its log's last error and a kept copy of the log)."""
     scratch = vllm_scratch("hydrabench-vllm-engine-")
     log_path = log_dir / ENGINE_LOG
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +90,8 @@ def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_
     try:
         with open(log_path, "ab") as log:
             child = subprocess.Popen(
-                [sys.executable, "-m", "hydrabench.inprocess_vllm", str(scratch)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                _child_command(scratch), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
                 env={**vllm_env(engine.tensor_parallel_size, scratch),
                      # lm-eval's and vLLM's progress bars write a line per update to a file.
                      "TQDM_MININTERVAL": "30"}, start_new_session=True)
@@ -77,14 +99,49 @@ def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_
             code = child.wait()
         finally:  # the harness stopped (Ctrl-C, an error): nothing of the engine outlives it
             stop_process_group(child, grace_s=30.0)
-        if code != 0:
-            when = "while scoring" if (scratch / READY).exists() else "before it was ready"
+        scores = handed_over(scratch, tasks)
+        if scores is None:
+            when = ("while scoring" if (scratch / READY).exists() else "before it was ready"
+                    ) if code != 0 else "without handing over complete scores"
             raise failure("engine", f"exited with code {code} {when}", log_path)
-        reported = json.loads((scratch / SCORES).read_text())
-        startup_s = float((scratch / READY).read_text()) - started
+        info: dict[str, Any] = {"engine": "in-process", "log": ENGINE_LOG,
+                                "startup_s": float((scratch / READY).read_text()) - started}
+        if code != 0:
+            # vLLM's engine may abort at exit ("terminate called without an active exception")
+            info["teardown"] = teardown_note("engine", code,
+                                             "after handing over complete scores", log_path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {task: TaskScore(**score) for task, score in reported.items()}, startup_s
+    return scores, info
+
+
+def _child_command(scratch: Path) -> list[str]:
+    """The child's command line (a test substitutes a child without an engine)."""
+    return [sys.executable, "-m", "hydrabench.inprocess_vllm", str(scratch)]
+
+
+def hand_over(scratch: Path, tasks: list[str], scores: dict[str, TaskScore]) -> None:
+    """The child's scores for the parent, written whole (renamed into place) before its engine
+    is torn down: what happens after this cannot cost the run its scores."""
+    write_text_atomic(scratch / SCORES, json.dumps({
+        "tasks": tasks, "scores": {task: asdict(s) for task, s in scores.items()}}))
+
+
+def handed_over(scratch: Path, tasks: list[str]) -> dict[str, TaskScore] | None:
+    """The scores the child handed over, if complete: written after lm-eval finished every
+    task requested (the same list), each a whole TaskScore whose primary metric is a number;
+    else None."""
+    try:
+        handed = json.loads((scratch / SCORES).read_text())
+        if handed["tasks"] != tasks or not handed["scores"]:
+            return None
+        scores = {task: TaskScore(**score) for task, score in handed["scores"].items()}
+        if not all(s.task == task and isinstance(s.value, (int, float))
+                   for task, s in scores.items()):
+            return None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return scores
 
 
 def point_version_lookup_at_cpu_build() -> None:
@@ -103,11 +160,8 @@ def point_version_lookup_at_cpu_build() -> None:
     metadata.version = lookup
 
 
-def main(scratch: Path) -> None:
-    """The child: build the engine, say it is ready, score, write the scores."""
-    request = json.loads((scratch / REQUEST).read_text())
-    end_with(request["parent"])
-    include(request["include"], "the run's task folders")
+def build_engine(request: dict[str, Any]) -> Any:
+    """lm-eval's vllm model, its engine started, as the request asks."""
     point_version_lookup_at_cpu_build()
     from lm_eval.models.vllm_causallms import VLLM
 
@@ -115,15 +169,25 @@ def main(scratch: Path) -> None:
     extra: dict[str, Any] = ({} if engine["gpu_memory_utilization"] is None
                              else {"gpu_memory_utilization": engine["gpu_memory_utilization"]})
     # add_bos_token as served_lm: the same tokens, hence the hf backend's scores.
-    lm = VLLM(pretrained=request["model_dir"], dtype=engine["dtype"],
-              max_model_len=engine["max_model_len"],
-              tensor_parallel_size=engine["tensor_parallel_size"], add_bos_token=True,
-              batch_size="auto", seed=settings["seed"], **extra)
-    (scratch / READY).write_text(repr(time.time()))
+    return VLLM(pretrained=request["model_dir"], dtype=engine["dtype"],
+                max_model_len=engine["max_model_len"],
+                tensor_parallel_size=engine["tensor_parallel_size"], add_bos_token=True,
+                batch_size="auto", seed=settings["seed"], **extra)
+
+
+def main(scratch: Path) -> None:
+    """The child: build the engine, say it is ready, score, hand the scores over, and only then
+    tear the engine down (vLLM may abort there; the parent keeps the scores)."""
+    request = json.loads((scratch / REQUEST).read_text())
+    end_with(request["parent"])
+    include(request["include"], "the run's task folders")
+    lm = build_engine(request)
+    write_text_atomic(scratch / READY, repr(time.time()))
+    settings = dict(request["settings"])
     output_dir = settings.pop("output_dir")
     scores = run_lm_eval(lm, request["tasks"], batch_size=None,
                          output_dir=None if output_dir is None else Path(output_dir), **settings)
-    (scratch / SCORES).write_text(json.dumps({task: asdict(s) for task, s in scores.items()}))
+    hand_over(scratch, request["tasks"], scores)
     del lm  # its engine processes end with it, not at interpreter exit (which waits for them)
     gc.collect()
 

@@ -33,6 +33,7 @@ from types import TracebackType
 
 from hydrabench.errors import SpecError
 from hydrabench.paths import cache_root
+from hydrabench.progress import log
 
 LOG_NAME = "vllm_server.log"
 # vLLM's log prefix, "(Worker pid=12) ERROR 12-01 21:42:41 [file.py:953] ", and an exception line.
@@ -199,6 +200,26 @@ def failure(kind: str, what: str, log_path: Path) -> ServerError:
     return ServerError(f"vLLM {kind} {what}: {last_error_line(text)} ({kind} log: {kept})")
 
 
+def exit_name(code: int) -> str:
+    """"code -6 (SIGABRT)" for a process's return code (negative: the signal that ended it)."""
+    if code < 0 and -code in signal.valid_signals():
+        return f"code {code} ({signal.Signals(-code).name})"
+    return f"code {code}"
+
+
+def teardown_note(kind: str, code: int, what: str, log_path: Path) -> dict[str, int | str]:
+    """A vLLM process (`kind`: server, engine) that exited abnormally (`code`) after its scores
+    were all delivered (`what`, e.g. "when stopped"): a warning in the harness's log and in the
+    process's own, never an error; the note a record keeps (the exit code and the log's name
+    in the run folder: the folder may move)."""
+    message = (f"warning: vLLM {kind} exited with {exit_name(code)} {what}; the scores it "
+               f"delivered stand (a crash at teardown; {kind} log: {log_path})")
+    log(message)
+    with contextlib.suppress(OSError), open(log_path, "a") as process_log:
+        process_log.write(f"[hydrabench] {message}\n")
+    return {"exit_code": code, "log": log_path.name}
+
+
 def end_with(parent: int) -> None:
     """End this process's group (this process and the engine processes it starts; started with
     start_new_session by `parent`) once `parent` is gone: kill -9 of the harness runs no
@@ -263,6 +284,9 @@ class VllmServer:
         self.compile_cache = None if compile_cache is None else Path(compile_cache)
         self.startup_s: float | None = None
         self.process: subprocess.Popen | None = None
+        # Set by `stop` when a server that came up exited abnormally (see teardown_note).
+        self.teardown: dict[str, int | str] | None = None
+        self._failed = False
         self._scratch: Path | None = None
 
     @property
@@ -345,6 +369,7 @@ class VllmServer:
             self._fail("stopped while serving")
 
     def _fail(self, what: str) -> None:
+        self._failed = True  # an error already says it; stop() adds no teardown note
         raise failure("server", what, self.log_path)
 
     def load_adapter(self, name: str, adapter: Path) -> None:
@@ -383,10 +408,21 @@ class VllmServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def stop(self) -> None:
-        """Stop the server and its engine processes (its process group)."""
+    def stop(self, *, served: bool = True) -> None:
+        """Stop the server and its engine processes (its process group). Its scores came over
+        HTTP while it served, so an abnormal exit (a crash, an abort at teardown: any code but
+        0 or the SIGTERM sent) never raises here. A server that came up and `served` (the
+        caller got its scores; no failure of it was reported) is noted in `teardown`, with a
+        warning."""
         if self.process is not None:
+            exited = self.process.poll() is not None
             stop_process_group(self.process, self.stop_grace_s)
+            code = self.process.returncode
+            if (served and self.startup_s is not None and not self._failed
+                    and self.teardown is None and code not in (0, -signal.SIGTERM)):
+                self.teardown = teardown_note(
+                    "server", code, "before it was stopped" if exited else "when stopped",
+                    self.log_path)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -396,7 +432,7 @@ class VllmServer:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        self.stop(served=exc_type is None)  # a failed block's scores do not stand
 
 
 class SharedServers:
@@ -432,7 +468,7 @@ class SharedServers:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         for server in self._servers.values():
-            server.stop()
+            server.stop(served=exc_type is None)
         self._servers.clear()
 
 
