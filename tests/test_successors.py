@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_refused_in_one_line
 
 from hydrabench.methods import METHODS, get_method
 from hydrabench.models import load_base_model
@@ -51,7 +52,7 @@ def test_ids_of_existing_specs_do_not_move(method: str, run_id: str, train_id: s
 
 
 # method -> (mergeable, served unmerged by hydrabench's vLLM plugin)
-SERVING = {"moslora": (True, False)}
+SERVING = {"moslora": (True, False), "molora": (False, False)}
 
 
 @pytest.mark.parametrize("name", sorted(SERVING))
@@ -72,6 +73,10 @@ def test_trains_through_the_runner_and_records(name: str, tmp_path: Path) -> Non
     assert 0 < params["adapter"] < params["base"] and params["trainable"] > 0
     if name == "moslora":  # r (in + out) + r^2 on q_proj, v_proj of 2 layers (r = 8)
         assert params["adapter"] == 2 * 2 * (8 * (HIDDEN + HIDDEN) + 8 * 8)
+    if name == "molora":  # 4 experts of r = 8 each, the router apart
+        assert params["adapter"] == 2 * 2 * 4 * 8 * (HIDDEN + HIDDEN)
+        assert params["router"] == 2 * 2 * 4 * HIDDEN
+        assert record.spec["adapter"]["top_k"] == 2
 
 
 # -- moslora: delta W = B M A, merges exactly ----------------------------------------------------
@@ -120,3 +125,128 @@ def test_moslora_forward_is_b_m_a_and_merges_exactly(tmp_path: Path) -> None:
     from hydrabench.serving import served_lora_config
 
     assert served_lora_config(tmp_path / "adapter")["r"] == 4
+
+
+# -- molora: N LoRA experts, top-k renormalised softmax router, Switch balance loss ---------------
+
+
+def molora_model(n: int, k: int, r: int = 2) -> tuple[torch.nn.Module, RunSpec]:
+    spec = resolve_spec("molora", "medical", overrides={"adapter": {
+        "num_heads": n, "top_k": k, "rank": r}})
+    model = get_method("molora").adapt(fresh_model(), spec, []).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            if "router" in name:  # spread the gate so that the top-k choice matters
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model, spec
+
+
+@pytest.mark.parametrize(("n", "k"), [(4, 2), (4, 1), (3, 3)])
+def test_molora_forward_is_the_top_k_renormalised_mixture(n: int, k: int) -> None:
+    from hydrabench.methods.molora import molora_layers
+
+    r = 2
+    model, spec = molora_model(n, k, r)
+    assert spec.adapter.top_k == k and spec.adapter.balance_loss_coef == 0.01  # in the spec
+    layer = next(iter(molora_layers(model).values()))
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        got = layer(x)
+    a = layer.lora_A.weight.double().reshape(n, r, HIDDEN)
+    b = layer.lora_B.double()  # [n, out, r]
+    scaling = spec.adapter.alpha / r
+    for row in range(2):
+        for token in range(5):
+            v = x[row, token].double()
+            p = torch.softmax(layer.router.weight.double() @ v, dim=0)
+            chosen = sorted(range(n), key=lambda i: -p[i])[:k]
+            want = layer.base.weight.double() @ v
+            for i in chosen:
+                want += scaling * p[i] / sum(p[j] for j in chosen) * (b[i] @ (a[i] @ v))
+            assert torch.allclose(got[row, token].double(), want, atol=1e-5)
+
+
+def test_molora_starts_as_the_base_model_with_mixlora_router_init() -> None:
+    from hydrabench.methods.molora import molora_layers
+
+    spec = resolve_spec("molora", "medical", overrides={"adapter": {"num_heads": 8}})
+    model = get_method("molora").adapt(fresh_model(), spec, []).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh_model()(ids).logits)
+    routers = torch.cat([m.router.weight.flatten() for m in molora_layers(model).values()])
+    assert 0.015 < routers.std().item() < 0.025  # N(0, 0.02^2), not Kaiming
+
+
+def test_molora_switch_balance_loss_by_hand() -> None:
+    """N · sum_i f_i · P_i, pooled over every layer's non-padding tokens; k when balanced."""
+    from hydrabench.methods.hydralora_layer import recording_gates
+    from hydrabench.methods.molora import molora_layers, switch_balance_loss
+
+    n, k = 4, 2
+    model, _ = molora_model(n, k)
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with recording_gates(model):
+        model(input_ids=ids, attention_mask=mask)
+        got = switch_balance_loss(model, mask)
+        probs = torch.cat([m.last_probs[mask.bool()] for m in molora_layers(model).values()])
+    probs = probs.double()
+    f = torch.zeros(n, dtype=torch.float64)
+    for p in probs:  # each token's top-k experts
+        for i in sorted(range(n), key=lambda i: -p[i])[:k]:
+            f[i] += 1 / len(probs)
+    want = n * sum(f[i] * probs[:, i].mean() for i in range(n))
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+    assert got.requires_grad  # it trains the router
+    # perfectly balanced: uniform probabilities give exactly k
+    for layer in molora_layers(model).values():
+        layer.last_probs = torch.full((3, 5, n), 1 / n)
+        break
+    uniform = switch_balance_loss(torch.nn.Sequential(next(iter(molora_layers(model).values()))),
+                                  None)
+    assert uniform.item() == pytest.approx(k)
+
+
+def test_molora_loss_adds_the_coefficient_times_the_balance_term() -> None:
+    from hydrabench.methods.hydralora_layer import recording_gates
+    from hydrabench.methods.molora import balanced_loss, switch_balance_loss
+
+    model, spec = molora_model(4, 2)
+    assert balanced_loss(resolve_spec("molora", "medical", overrides={
+        "adapter": {"balance_loss_coef": 0}})) is None
+    ids = tokens()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        got = balanced_loss(spec)(model, batch)
+        with recording_gates(model):
+            lm = model(**batch).loss
+            term = switch_balance_loss(model, batch["attention_mask"])
+    assert got.item() == pytest.approx((lm + 0.01 * term).item(), abs=1e-6)
+
+
+def test_molora_save_load_keeps_the_experts_and_top_k(tmp_path: Path) -> None:
+    from hydrabench.methods.molora import molora_layers
+
+    model, _ = molora_model(4, 1)
+    method = get_method("molora")
+    method.save(model, tmp_path / "adapter")
+    loaded = method.load(fresh_model(), tmp_path / "adapter").eval()
+    assert {m.top_k for m in molora_layers(loaded).values()} == {1}
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--top-k", "0"], "top_k must be >= 1, got 0"),
+    (["--top-k", "5", "--num-heads", "4"], "top_k (5) must be at most the number of experts"),
+])
+def test_molora_bad_top_k_is_one_line(flags: list[str], message: str, store_env: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    assert_refused_in_one_line(["run", "--method", "molora", "--task", "medical", *flags],
+                               message, store_env / "results", capsys)

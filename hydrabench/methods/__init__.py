@@ -13,6 +13,7 @@ from hydrabench.methods import (
     lora_split,
     lorahub,
     loramoe,
+    molora,
     moslora,
     prompt_learning,
 )
@@ -35,6 +36,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     ia3.METHOD,
     adalora.METHOD,
     moslora.METHOD,
+    molora.METHOD,
 )}
 
 
