@@ -201,7 +201,8 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
 
 def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult, device: str) -> int:
     """Restore a checkpoint in every process; the step to go on from (0: none usable)."""
-    state = torch.load(path, weights_only=False)
+    # Tensors and plain values only: a checkpoint under results/ is data, never code.
+    state = torch.load(path, weights_only=True)
     if state.get("format") != CHECKPOINT_FORMAT:
         log(f"{path}: checkpoint from an older hydrabench, starting over")
         return 0

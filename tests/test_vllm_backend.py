@@ -416,11 +416,9 @@ def test_damaged_artifact_of_a_finished_run_is_one_line(
     results = tmp_path / "results"
     shutil.copytree(source, results)
     record = records[method]
-    artifact = results / Path(record["artifact"]).relative_to(source)
+    # The record names its artifact relative to the results root: the copy's is the copy.
+    artifact = results / record["artifact"]
     damage(artifact)
-    # The record names its artifact by absolute path: point the copy's at the damaged copy.
-    record_path = results / "runs" / record["run_id"] / "record.json"
-    record_path.write_text(json.dumps({**record, "artifact": str(artifact)}))
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(results))
     before = tree(results)
     argv = (["eval", "--run", record["run_id"], "--task", "medical", "--limit", "2",
@@ -489,11 +487,11 @@ def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[
     from hydrabench.serving import LoraSlots, served_lora_config
     from hydrabench.spec import spec_from_dict
 
-    _, records = finished_runs
-    lora_artifact = Path(records["lora"]["artifact"])
+    source, records = finished_runs
+    lora_artifact = source / records["lora"]["artifact"]
     config = served_lora_config(lora_artifact)
     assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "v_proj"}
-    assert served_lora_config(Path(records["hydralora"]["artifact"])) is None
+    assert served_lora_config(source / records["hydralora"]["artifact"]) is None
     for change in ({"use_dora": True}, {"target_modules": "q_proj|v_proj"}):  # DoRA, a pattern
         not_plain = tmp_path / next(iter(change))
         not_plain.mkdir()
