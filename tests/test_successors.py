@@ -52,7 +52,8 @@ def test_ids_of_existing_specs_do_not_move(method: str, run_id: str, train_id: s
 
 
 # method -> (mergeable, served unmerged by hydrabench's vLLM plugin)
-SERVING = {"moslora": (True, False), "molora": (False, False)}
+SERVING = {"moslora": (True, False), "molora": (False, False),
+           "r-lora": (False, True)}
 
 
 @pytest.mark.parametrize("name", sorted(SERVING))
@@ -77,6 +78,9 @@ def test_trains_through_the_runner_and_records(name: str, tmp_path: Path) -> Non
         assert params["adapter"] == 2 * 2 * 4 * 8 * (HIDDEN + HIDDEN)
         assert params["router"] == 2 * 2 * 4 * HIDDEN
         assert record.spec["adapter"]["top_k"] == 2
+    if name == "r-lora":  # HydraLoRA's count: shared A, 4 heads B_i (r = 8), the router apart
+        assert params["adapter"] == 2 * 2 * (8 * HIDDEN + 4 * HIDDEN * 8)
+        assert params["router"] == 2 * 2 * 4 * HIDDEN
 
 
 # -- moslora: delta W = B M A, merges exactly ----------------------------------------------------
@@ -250,3 +254,77 @@ def test_molora_bad_top_k_is_one_line(flags: list[str], message: str, store_env:
                                       capsys: pytest.CaptureFixture) -> None:
     assert_refused_in_one_line(["run", "--method", "molora", "--task", "medical", *flags],
                                message, store_env / "results", capsys)
+
+
+# -- r-lora: HydraLoRA, heads drawn at random, a dropout mask per head --------------------------
+
+
+def test_r_lora_heads_start_apart_at_the_codes_scale() -> None:
+    from hydrabench.methods.hydralora_layer import hydralora_layers
+    from hydrabench.methods.r_lora import head_init_std
+
+    spec = resolve_spec("r-lora", "medical")
+    torch.manual_seed(0)
+    model = get_method("r-lora").adapt(fresh_model(), spec, [])
+    layers = list(hydralora_layers(model).values())
+    heads = torch.stack([layer.lora_B for layer in layers])  # [layers, N, out, r]
+    assert heads.shape[1] == 4 and all(layer.head_dropout for layer in layers)
+    # N(0, 1/out) · r^(1/4) / sqrt(64), out = 128, r = 8: 0.01858
+    assert head_init_std(HIDDEN, 8) == pytest.approx(HIDDEN ** -0.5 * 8 ** 0.25 / 8)
+    assert heads.std().item() == pytest.approx(head_init_std(HIDDEN, 8), rel=0.05)
+    assert abs(heads.mean().item()) < 1e-3
+    for i in range(4):  # every head its own draw
+        for j in range(i + 1, 4):
+            assert not torch.allclose(heads[:, i], heads[:, j])
+
+
+def test_r_lora_forward_drops_a_x_with_a_mask_per_head() -> None:
+    import torch.nn.functional as F
+
+    from hydrabench.methods.hydralora_layer import hydralora_layers
+
+    n, r, p = 3, 2, 0.5
+    spec = resolve_spec("r-lora", "medical", overrides={"adapter": {
+        "num_heads": n, "rank": r, "dropout": p}})
+    model = get_method("r-lora").adapt(fresh_model(), spec, []).train()
+    layer = next(iter(hydralora_layers(model).values()))
+    x = torch.randn(2, 5, HIDDEN)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        got = layer(x)
+    torch.manual_seed(7)  # the same draws: one mask [2, 5, N, r], scaled by 1 / (1 - p)
+    masks = F.dropout(torch.ones(2, 5, n, r), p, training=True)
+    assert not torch.equal(masks[..., 0, :], masks[..., 1, :])  # independent per head
+    scaling = spec.adapter.alpha / r
+    for row in range(2):
+        for token in range(5):
+            v = x[row, token].double()
+            g = torch.softmax(layer.router.weight.double() @ v, dim=0)
+            a_x = layer.lora_A.weight.double() @ v
+            want = layer.base.weight.double() @ v
+            for i in range(n):
+                dropped = masks[row, token, i].double() * a_x
+                want += scaling * g[i] * (layer.lora_B[i].double() @ dropped)
+            assert torch.allclose(got[row, token].double(), want, atol=1e-5)
+    layer.eval()  # evaluation: no dropout, HydraLoRA's forward
+    with torch.no_grad():
+        v = x[0, 0].double()
+        g = torch.softmax(layer.router.weight.double() @ v, dim=0)
+        a_x = layer.lora_A.weight.double() @ v
+        want = layer.base.weight.double() @ v + scaling * sum(
+            g[i] * (layer.lora_B[i].double() @ a_x) for i in range(n))
+        assert torch.allclose(layer(x)[0, 0].double(), want, atol=1e-5)
+
+
+def test_r_lora_artifact_is_hydraloras_format(tmp_path: Path) -> None:
+    from hydrabench.methods.hydralora_layer import HydraLoraLinear, hydralora_layers
+
+    spec = resolve_spec("r-lora", "medical")
+    method = get_method("r-lora")
+    model = method.adapt(fresh_model(), spec, []).eval()
+    method.save(model, tmp_path / "adapter")
+    loaded = get_method("hydralora").load(fresh_model(), tmp_path / "adapter").eval()
+    assert all(type(m) is HydraLoraLinear for m in hydralora_layers(loaded).values())
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)

@@ -16,6 +16,7 @@ from hydrabench.methods import (
     molora,
     moslora,
     prompt_learning,
+    r_lora,
 )
 from hydrabench.methods.api import Method
 
@@ -37,6 +38,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     adalora.METHOD,
     moslora.METHOD,
     molora.METHOD,
+    r_lora.METHOD,
 )}
 
 

@@ -20,7 +20,8 @@ mask per head, which needs N masked copies of ``x`` through ``A``. benchmarks/be
 2.1x this layer's forward+backward at the tiny model's 128->128 shape (1024 tokens; 2.7x of what
 the adapter adds) and 1.05x, within noise, at LLaMA-2-7B's 4096->4096 (256 tokens): a measurable
 cost, so one mask stays. Both have the same expectation and differ only in training noise;
-evaluation has no dropout.
+evaluation has no dropout. ``head_dropout=True`` (R-LoRA's multi-head dropout) instead drops
+``A x`` with an independent mask per head, ``B_i dropout_i(A x)``, as R-LoRA's code does.
 
 Serving: because ``g`` depends on each token, HydraLoRA cannot be merged exactly into ``W``.
 :func:`merge_hydralora` offers two approximations, a uniform gate (``1/N``) and the mean router
@@ -74,6 +75,7 @@ class HydraLoraLinear(nn.Module):
         dropout: float = 0.0,
         gate: str = "softmax",
         shared_a: bool = True,
+        head_dropout: bool = False,
     ) -> None:
         super().__init__()
         if r < 1 or num_heads < 1:
@@ -87,6 +89,7 @@ class HydraLoraLinear(nn.Module):
         self.scaling = alpha / r
         self.gate = gate
         self.shared_a = shared_a
+        self.head_dropout = head_dropout
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         # A is created before the router so its init does not depend on the gate type. Without
         # sharing, the N heads' A_i are stacked as one [N*r, in] matrix: still one GEMM.
@@ -126,9 +129,12 @@ class HydraLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         x = x.to(self.lora_A.weight.dtype)
-        low_rank = self.lora_A(self.dropout(x))  # one GEMM for A: [..., r] or [..., N*r]
+        # one GEMM for A: [..., r] or [..., N*r]
+        low_rank = self.lora_A(x if self.head_dropout else self.dropout(x))
         # [..., 1, r] (shared A, broadcast to every head) or [..., N, r] (one A per head)
         low_rank = low_rank.unflatten(-1, (-1, self.r))
+        if self.head_dropout:  # an independent mask per head, on A x
+            low_rank = self.dropout(low_rank.expand(*low_rank.shape[:-2], self.num_heads, self.r))
         gate = self.compute_gate(x)
         if self.record_gates:
             self.last_gate = gate
@@ -171,6 +177,7 @@ class HydraLoraConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     gate: str = "softmax"
     shared_a: bool = True  # False: one A per head (LoRAMoE's experts)
+    head_dropout: bool = False  # R-LoRA's dropout mask per head; training-only, like the next
     # The reference code defines a load-balancing loss but never applies it, hence 0.
     balance_loss_coef: float = 0.0
     base_model_id: str = ""
@@ -244,7 +251,7 @@ def apply_hydralora(model: nn.Module, config: HydraLoraConfig) -> nn.Module:
     for path in targets:
         base = model.get_submodule(path)
         layer = HydraLoraLinear(base, config.r, config.num_heads, config.alpha, config.dropout,
-                                config.gate, config.shared_a)
+                                config.gate, config.shared_a, config.head_dropout)
         # New modules start in train mode; inherit the wrapped layer's mode so an eval model
         # does not silently get active adapter dropout.
         layer.train(base.training)
