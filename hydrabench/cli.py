@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "HydraLoRA's approximate merges: uniform (g = 1/N), router-mean "
                              "(mean gate)")
 
+    claims = sub.add_parser("claims", help="the paper's claims as tests: run what they need, "
+                            "then a verdict per claim (reports/claims.md, .csv, .tex)")
+    claims.add_argument("file", nargs="?", default="hydralora",
+                        help="a claims name (tasks/claims, an --include-path's claims/) or a "
+                        ".yaml file (default: hydralora)")
+    claims.add_argument("--profile", default="tiny")
+    _add_include_path(claims)
+    claims.add_argument("--seeds", default=None, help="comma-separated (default: the file's)")
+    claims.add_argument("--report-only", action="store_true",
+                        help="run nothing: verdicts from the records there are")
+    claims.add_argument("--allow-code-execution", action="store_true",
+                        help="also run claims on code columns (model-written code, sandboxed)")
+
     compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
                              "scored: bootstrap 95%% CI and McNemar's exact p per task")
     compare.add_argument("run_a")
@@ -347,6 +360,15 @@ def _cmd_report(args: argparse.Namespace) -> None:
             print(path)
 
 
+def _cmd_claims(args: argparse.Namespace) -> None:
+    from hydrabench.claims import run_claims
+
+    for path in run_claims(args.file, args.profile, _seeds(args.seeds) if args.seeds else None,
+                           report_only=args.report_only,
+                           allow_code_execution=args.allow_code_execution):
+        print(path)
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from hydrabench.export import export_run
 
@@ -446,7 +468,7 @@ def _version() -> str:
 COMMANDS = {"run": _cmd_run, "eval": _cmd_eval, "reproduce": _cmd_reproduce,
             "sweep": _cmd_sweep, "report": _cmd_report, "export": _cmd_export,
             "doctor": _cmd_doctor, "profile": _cmd_profile, "show": _cmd_show,
-            "compare": _cmd_compare, "protocols": _cmd_protocols,
+            "compare": _cmd_compare, "protocols": _cmd_protocols, "claims": _cmd_claims,
             "list": _cmd_list}
 
 UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
