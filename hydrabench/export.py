@@ -263,7 +263,7 @@ def export_run(run_id: str, merge: str | None = None, store: RunStore | None = N
     # A run id, a record, a whole one, its own artifact, no code unasked: before the lock.
     spec, _ = checked_run(run_id, store, trust_remote_code)
     label = merge if merge in serving_method(spec).approximate_merges else "exact"
-    with Meter(phase="export") as meter:
+    with Meter(phase="export", device=runtime_device(spec)) as meter:
         # A damaged artifact: before any write.
         spec, model, base = loaded_run(run_id, store, trust_remote_code)
         with store.lock(f"export-{run_id}-{merge}"):

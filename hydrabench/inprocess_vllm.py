@@ -54,18 +54,6 @@ class Engine:
     gpu_memory_utilization: float | None = None
 
 
-def evaluate_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir: Path,
-                      limit: int | None, seed: int, allow_code_execution: bool = False,
-                      num_fewshot: int | None = None, output_dir: Path | None = None,
-                      gen_kwargs: str | None = None) -> tuple[dict[str, TaskScore], float]:
-    """`score_in_child`'s scores and seconds to a ready engine (its teardown note only logged)."""
-    scores, info = score_in_child(model_dir, tasks, engine, log_dir=log_dir, limit=limit,
-                                  seed=seed, allow_code_execution=allow_code_execution,
-                                  num_fewshot=num_fewshot, output_dir=output_dir,
-                                  gen_kwargs=gen_kwargs)
-    return scores, info["startup_s"]
-
-
 def score_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir: Path,
                    limit: int | None, seed: int, allow_code_execution: bool = False,
                    num_fewshot: int | None = None, output_dir: Path | None = None,

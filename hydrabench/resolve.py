@@ -6,6 +6,7 @@ modules that only resolve table specs (tables, reports) free of torch."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import subprocess
 import sys
 from dataclasses import replace
@@ -156,6 +157,8 @@ VLLM_IMPORT_TIMEOUT_S = 300
 def vllm_import_error() -> str | None:
     """None where VLLM_IMPORT succeeds in a child process of this Python, else its last error
     line. Asked once per process (an import of vLLM takes seconds)."""
+    if importlib.util.find_spec("vllm") is None:  # not installed: no child needed to say so
+        return "No module named 'vllm'"
     try:
         child = subprocess.run([sys.executable, "-c", VLLM_IMPORT], capture_output=True,
                                text=True, timeout=VLLM_IMPORT_TIMEOUT_S,

@@ -45,7 +45,7 @@ from hydrabench.export import (
     write_servable,
 )
 from hydrabench.includes import include_from_spec
-from hydrabench.inprocess_vllm import ENGINE_LOG, Engine, evaluate_in_child
+from hydrabench.inprocess_vllm import Engine, score_in_child
 from hydrabench.metering import Meter, hardware_summary
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
@@ -200,7 +200,8 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
             else:
                 records = records or load_corpus(spec.corpus)
                 log(f"training {spec.method} on {len(records)} records ({spec.corpus})")
-                meter = Meter(phase="train", country_iso_code=spec.country_iso_code)
+                meter = Meter(phase="train", country_iso_code=spec.country_iso_code,
+                              device=runtime_device(spec))
                 model, training, summary = adapt_and_fit(spec, method, base, records,
                                                          checkpoint_dir, meter)
                 info = {"trained": True, "train": summary, "train_records": len(records),
@@ -266,7 +267,9 @@ def merge_gaps(spec: RunSpec, model: torch.nn.Module, tokenizer, exact: dict[str
     """
     gaps = {}
     for merge in get_method(spec.method).approximate_merges:
-        merged, _ = merge_loaded(spec, copy.deepcopy(model), tokenizer, merge, run_dir=out)
+        # On the run's device: scoring served by vLLM left the model offloaded to the CPU.
+        copied = copy.deepcopy(model).to(runtime_device(spec))
+        merged, _ = merge_loaded(spec, copied, tokenizer, merge, run_dir=out)
         scores = evaluate_model(merged, tokenizer, list(spec.eval_tasks),
                                 batch_size=spec.eval.batch_size,
                                 **_eval_settings(spec, out / f"lm_eval_{merge}"))
@@ -353,7 +356,8 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
             server = servers.get(key, lambda log_dir: _base_server(spec, log_dir, context,
                                                                    slots))
         name = spec.run_id if lora else server.model_name
-        with Meter(phase="eval", country_iso_code=spec.country_iso_code) as meter:
+        with Meter(phase="eval", country_iso_code=spec.country_iso_code,
+                   device=runtime_device(spec)) as meter:
             if lora:
                 server.load_adapter(name, artifact)
             scores = evaluate_served(server, Path(_served_model(spec)), list(spec.eval_tasks),
@@ -379,9 +383,9 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artif
     loaded, on a server of the base model (`servers` when a sweep shares them).
     """
     settings = _eval_settings(spec, out / "lm_eval")
-    country = spec.country_iso_code
+    country, device = spec.country_iso_code, runtime_device(spec)
     if spec.eval.backend == "hf":
-        with Meter(phase="eval", country_iso_code=country) as meter:
+        with Meter(phase="eval", country_iso_code=country, device=device) as meter:
             scores = evaluate_model(model, tokenizer, list(spec.eval_tasks),
                                     batch_size=spec.eval.batch_size, **settings)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
@@ -393,14 +397,14 @@ def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artif
     # The checkpoint exists only to be served (`hydrabench export RUN` writes the same one):
     # merged weights, or for HydraLoRA-family methods the adapter for hydrabench's vLLM plugin.
     with tempfile.TemporaryDirectory(dir=out, prefix="merged-") as directory:
-        with Meter(phase="export", country_iso_code=country) as export_meter:
+        with Meter(phase="export", country_iso_code=country, device=device) as export_meter:
             label = write_servable(spec, model, tokenizer, Path(directory), spec.run_id)
             plugin = (Path(directory) / ADAPTER_DIR).is_dir()  # the plugin's export
         # The context hf would score with: HFLM reads the same config field.
         context = eval_context(spec, model, tokenizer)
         offload(model)  # the served copy is on disk now
         # Engine start-up counts as evaluation: it is what serving costs on each run.
-        with Meter(phase="eval", country_iso_code=country) as meter:
+        with Meter(phase="eval", country_iso_code=country, device=device) as meter:
             scores, engine = _score_own_checkpoint(spec, Path(directory), context, out)
             meter.add_eval(**request_counts(out / "lm_eval", tokenizer))
     serving = {"mode": spec.eval.serving, "served_as": "plugin" if plugin else "merged",
@@ -419,14 +423,15 @@ def _score_own_checkpoint(spec: RunSpec, directory: Path, context: int, out: Pat
     if spec.eval.data_parallel_size == 1:
         engine = Engine(spec.dtype, context, spec.eval.tensor_parallel_size,
                         spec.eval.gpu_memory_utilization)
-        scores, startup_s = evaluate_in_child(directory, tasks, engine, log_dir=out, **settings)
-        return scores, {"engine": "in-process", "log": ENGINE_LOG, "startup_s": startup_s}
+        return score_in_child(directory, tasks, engine, log_dir=out, **settings)
     with VllmServer(directory, dtype=spec.dtype, log_dir=out, max_model_len=context,
                     tensor_parallel_size=spec.eval.tensor_parallel_size,
                     data_parallel_size=spec.eval.data_parallel_size,
                     gpu_memory_utilization=spec.eval.gpu_memory_utilization) as server:
         scores = evaluate_served(server, directory, tasks, **settings)
-    return scores, {"engine": "server", "log": LOG_NAME, "startup_s": server.startup_s}
+    # A server that crashed on its way down after the scores came is a note, not a failure.
+    return scores, {"engine": "server", "log": LOG_NAME, "startup_s": server.startup_s,
+                    **({"teardown": server.teardown} if server.teardown else {})}
 
 
 @contextmanager
