@@ -53,7 +53,7 @@ def test_ids_of_existing_specs_do_not_move(method: str, run_id: str, train_id: s
 
 # method -> (mergeable, served unmerged by hydrabench's vLLM plugin)
 SERVING = {"moslora": (True, False), "molora": (False, False),
-           "r-lora": (False, True)}
+           "r-lora": (False, True), "flylora": (False, False)}
 
 
 @pytest.mark.parametrize("name", sorted(SERVING))
@@ -81,6 +81,9 @@ def test_trains_through_the_runner_and_records(name: str, tmp_path: Path) -> Non
     if name == "r-lora":  # HydraLoRA's count: shared A, 4 heads B_i (r = 8), the router apart
         assert params["adapter"] == 2 * 2 * (8 * HIDDEN + 4 * HIDDEN * 8)
         assert params["router"] == 2 * 2 * 4 * HIDDEN
+    if name == "flylora":  # only B (out x r, r = 32) trains; A is a frozen buffer
+        assert params["adapter"] == params["trainable"] == 2 * 2 * HIDDEN * 32
+        assert record.spec["adapter"]["top_k"] == 8
 
 
 # -- moslora: delta W = B M A, merges exactly ----------------------------------------------------
@@ -328,3 +331,102 @@ def test_r_lora_artifact_is_hydraloras_format(tmp_path: Path) -> None:
     ids = tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+# -- flylora: frozen sparse random A, top-k of A x + d per token, only B trains -----------------
+
+
+def flylora_model(**adapter: object) -> tuple[torch.nn.Module, RunSpec]:
+    spec = resolve_spec("flylora", "medical", overrides={"adapter": adapter})
+    return get_method("flylora").adapt(fresh_model(), spec, []), spec
+
+
+def test_flylora_a_is_frozen_sparse_random_and_only_b_trains() -> None:
+    from hydrabench.methods.flylora import flylora_layers
+
+    model, spec = flylora_model()
+    assert (spec.adapter.rank, spec.adapter.top_k, spec.adapter.sparsity) == (32, 8, None)
+    layers = list(flylora_layers(model).values())
+    assert len(layers) == 4
+    a = torch.stack([layer.lora_A for layer in layers])  # [layers, r, in]
+    # sparsity k / r = 1/4: 32 of the 128 inputs per row, drawn N(0, 1/r^2)
+    assert ((a != 0).sum(dim=-1) == 32).all()
+    assert a[a != 0].std().item() == pytest.approx(1 / 32, rel=0.1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("lora_B") for n in trainable)
+    ids = tokens()
+    with torch.no_grad():  # B = 0: the base model at start
+        assert torch.equal(model.eval()(ids).logits, fresh_model()(ids).logits)
+    denser, _ = flylora_model(sparsity=0.5)
+    assert (next(iter(flylora_layers(denser).values())).lora_A != 0).sum(dim=-1).eq(64).all()
+
+
+def test_flylora_forward_keeps_the_top_k_of_a_x_plus_d() -> None:
+    from hydrabench.methods.flylora import flylora_layers
+
+    model, spec = flylora_model(rank=6, top_k=2)
+    layer = next(iter(flylora_layers(model).values()))
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+        layer.expert_bias.copy_(torch.randn(6) * 0.05)
+    d = layer.expert_bias.clone()
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        got = layer.eval()(x)
+    assert torch.equal(layer.expert_bias, d)  # evaluation leaves d alone
+    scaling = spec.adapter.alpha / 6
+    for row in range(2):
+        for token in range(5):
+            v = x[row, token].double()
+            y = layer.lora_A.double() @ v
+            chosen = sorted(range(6), key=lambda i: -(y[i] + d[i]))[:2]
+            kept = torch.zeros(6, dtype=torch.float64)
+            kept[chosen] = y[chosen]
+            want = layer.base.weight.double() @ v + scaling * (layer.lora_B.double() @ kept)
+            assert torch.allclose(got[row, token].double(), want, atol=1e-5)
+
+
+def test_flylora_training_forward_moves_d_toward_the_mean_count() -> None:
+    """d_i <- d_i + u · sign(mean(c) - c_i): up for starved coordinates, down for busy ones."""
+    from hydrabench.methods.flylora import BIAS_U, flylora_layers
+
+    model, _ = flylora_model(rank=4, top_k=1, dropout=0)
+    layer = next(iter(flylora_layers(model).values()))
+    x = torch.randn(3, 4, HIDDEN)
+    with torch.no_grad():
+        y = x @ layer.lora_A.T
+        counts = torch.bincount(y.argmax(-1).flatten(), minlength=4).float()
+        layer.train()(x)
+    want = BIAS_U * torch.sign(counts.mean() - counts)
+    assert torch.allclose(layer.expert_bias, want)
+
+
+def test_flylora_save_load_keeps_a_b_and_d(tmp_path: Path) -> None:
+    from hydrabench.methods.flylora import flylora_layers
+
+    model, _ = flylora_model()
+    with torch.no_grad():
+        for layer in flylora_layers(model).values():
+            layer.lora_B.normal_(0, 0.1)
+            layer.expert_bias.normal_(0, 0.1)
+    method = get_method("flylora")
+    method.save(model, tmp_path / "adapter")
+    loaded = method.load(fresh_model(), tmp_path / "adapter").eval()
+    for path, layer in flylora_layers(loaded).items():
+        original = flylora_layers(model)[path]
+        assert torch.equal(layer.lora_A, original.lora_A)
+        assert torch.equal(layer.expert_bias, original.expert_bias)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sparsity", "0"], "sparsity must be in (0, 1], got 0.0"),
+    (["--sparsity", "1.5"], "sparsity must be in (0, 1], got 1.5"),
+    (["--top-k", "9", "--rank", "8"], "top_k (9) must be at most the rank (8)"),
+])
+def test_flylora_bad_input_is_one_line(flags: list[str], message: str, store_env: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    assert_refused_in_one_line(["run", "--method", "flylora", "--task", "medical", *flags],
+                               message, store_env / "results", capsys)

@@ -6,6 +6,7 @@ from hydrabench.errors import did_you_mean
 from hydrabench.methods import (
     adalora,
     base,
+    flylora,
     full,
     hydralora,
     ia3,
@@ -39,6 +40,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     moslora.METHOD,
     molora.METHOD,
     r_lora.METHOD,
+    flylora.METHOD,
 )}
 
 
