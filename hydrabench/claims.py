@@ -413,6 +413,10 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
     pair_p_values(verdict)
     if verdict.p is None:
         verdict.note = "one seed: a ratio's spread needs 2 or more seeds"
+    if claim.metric == "energy_kwh" and not all(
+            (rec.metering.train or {}).get("energy", {}).get("energy_measured") for rec in used):
+        verdict.note = "; ".join(filter(None, [verdict.note, "energy estimated, not all "
+                                               "measured (the records' energy sources)"]))
     return verdict
 
 
@@ -490,8 +494,9 @@ def claim_row(v: Verdict) -> dict[str, Any]:
         "unit": "factor" if ratio else "points",
         "pair": "" if effect is None else f"{effect.a} vs {effect.b}",
         "effect": None if effect is None else effect.value,
-        "ci_low": None if effect is None else effect.low,
-        "ci_high": None if effect is None else effect.high,
+        # No interval without a spread (a ratio on one seed).
+        "ci_low": None if effect is None or effect.se is None else effect.low,
+        "ci_high": None if effect is None or effect.se is None else effect.high,
         "n_seeds": None if effect is None else effect.n_seeds,
         "n_items": None if effect is None else effect.n_items,
         "mde": mde, "p": v.p, "p_holm": v.p_holm, "verdict": v.verdict,

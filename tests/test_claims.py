@@ -25,6 +25,7 @@ from hydrabench.atomic import write_json_atomic
 from hydrabench.claims import (
     Claim,
     Verdict,
+    claim_row,
     decide,
     holm,
     judge_claims,
@@ -205,10 +206,10 @@ def test_ordering_is_each_row_against_the_next(store: RunStore, tmp_path: Path) 
     assert verdict.binding is not None and verdict.binding.a == "LoRA (r=16)"
 
 
-def metering(wall_s: float, kwh: float | None = None) -> dict[str, Any]:
+def metering(wall_s: float, kwh: float | None = None, measured: bool = False) -> dict[str, Any]:
     return {"throughput": {"wall_s": wall_s, "tokens_per_s": 1000 / wall_s,
                            "step_time_mean_s": wall_s / 10},
-            "energy": {"total_kwh": kwh}}
+            "energy": {"total_kwh": kwh, "energy_measured": measured}}
 
 
 def test_ratio_claims_read_the_training_metering(store: RunStore, tmp_path: Path) -> None:
@@ -248,6 +249,8 @@ def test_one_seed_ratio_is_inconclusive_and_says_why(store: RunStore, tmp_path: 
     (verdict,) = judge_claims(load_claims(claims_file(tmp_path, [claim])), PROFILE, (0,), store)
     assert verdict.verdict == "inconclusive" and "2 or more seeds" in verdict.note
     assert verdict.binding is not None and verdict.binding.value == pytest.approx(2.0)
+    row = claim_row(verdict)
+    assert row["effect"] == pytest.approx(2.0) and row["ci_low"] is None and row["mde"] is None
 
 
 def test_missing_records_and_analysis_are_not_tested(store: RunStore, tmp_path: Path) -> None:
@@ -401,3 +404,47 @@ def test_run_claims_report_only_with_no_records(store_env: Path) -> None:
     paths = run_claims(report_only=True, seeds=(0,))
     frame = pd.read_csv(paths[1])
     assert set(frame["verdict"]) == {"not tested"}
+
+
+@pytest.mark.xfail(strict=True, reason="provenance fingerprints every task file of an included "
+                   "folder outside tables/, claims/ too: the fix (claims/ beside tables/ in "
+                   "provenance._included_task_fingerprint) is the lead's")
+def test_a_claims_folder_in_an_included_folder_does_not_move_its_run_ids(tmp_path: Path) -> None:
+    """An included task at the folder's top level (as docs/custom-tasks.md's example) keeps its
+    fingerprint when the folder gains claims/."""
+    from hydrabench.provenance import task_fingerprints
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "capitals.yaml").write_text("task: capitals\ndataset_path: json\n"
+                                          "output_type: multiple_choice\n")
+
+    def fingerprint() -> dict[str, str]:
+        try:
+            use_only([folder], "--include-path")
+            return task_fingerprints(("capitals",))["capitals"]
+        finally:
+            use_only([], "--include-path")
+
+    before = fingerprint()
+    (folder / "claims").mkdir()
+    (folder / "claims" / "own.yaml").write_text(yaml.safe_dump({
+        "name": "own", "claims": [paired("x", "LoRA (r=8)", "LoRA (r=32)")]},
+        allow_unicode=True))
+    assert fingerprint() == before
+
+
+def test_an_energy_ratio_says_when_energy_was_estimated(store: RunStore, tmp_path: Path) -> None:
+    hydra, lora = "HydraLoRA (r=8, N=auto)", "LoRA (r=32)"
+    kwh = {hydra: (1.0, 1.1, 0.9), lora: (2.0, 2.1, 1.9)}
+    claim = {"id": "energy", "words": "less energy", "where": "Fig. 5", "kind": "ratio",
+             "table": "figure5", "a": hydra, "b": lora, "metric": "energy_kwh"}
+    for measured in (True, False):
+        plant(store, "figure5", {hydra: 200, lora: 200},
+              train={row: {s: metering(10.0, kwh[row][s], measured) for s in SEEDS}
+                     for row in kwh})
+        (verdict,) = judge_claims(load_claims(claims_file(tmp_path, [claim])), PROFILE, None,
+                                  store)
+        assert verdict.verdict == "supported"
+        assert verdict.binding is not None and 1.9 < verdict.binding.value < 2.1
+        assert ("energy estimated" in verdict.note) is not measured
