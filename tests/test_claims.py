@@ -448,3 +448,29 @@ def test_an_energy_ratio_says_when_energy_was_estimated(store: RunStore, tmp_pat
         assert verdict.verdict == "supported"
         assert verdict.binding is not None and 1.9 < verdict.binding.value < 2.1
         assert ("energy estimated" in verdict.note) is not measured
+
+
+def test_cli_claims_runs_what_they_need_then_reports(store_env: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hydrabench claims --seeds 0` with a stand-in for runner.execute (training is what it
+    would run): every planned run once, then the report from their records."""
+    import hydrabench.runner
+
+    executed: list[str] = []
+
+    def execute(spec: RunSpec) -> RunRecord:
+        runs = RunStore()
+        if not runs.has(spec.run_id):
+            executed.append(spec.run_id)
+            write_scored(runs, spec, 300 if spec.method == "lora-split" else 200,
+                         metering(20.0 if spec.method == "lora" else 10.0))
+        return runs.load(spec.run_id)
+
+    monkeypatch.setattr(hydrabench.runner, "execute", execute)
+    assert main(["claims", "--seeds", "0"]) == 0
+    assert len(executed) == len(set(executed)) == 11
+    frame = pd.read_csv(store_env / "reports" / "claims.csv").set_index("id")
+    assert frame.loc["obs1-split-beats-rank", "verdict"] == "supported"
+    assert frame.loc["fig5-faster", "effect"] == pytest.approx(2.0)
+    assert frame.loc["fig5-faster", "verdict"] == "inconclusive"  # one seed
+    assert frame.loc["obs2-a-alike-b-differ", "verdict"] == "not tested"
