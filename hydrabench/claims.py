@@ -61,6 +61,7 @@ class Claim:
     factor: float = 1.0  # ratio: A must be better than B by more than this factor
     paper: str | None = None  # the paper's numbers, where a table's `paper:` values lack them
     seeds: tuple[int, ...] | None = None
+    equal_parameters: bool = False  # the claim is at equal budgets: the records' %Param checked
 
     def pairs(self) -> list[tuple[str, str]]:
         """The (A, B) row pairs whose effects must all be on the claimed side."""
@@ -108,7 +109,7 @@ def _seeds(value: Any, what: str) -> tuple[int, ...]:
 
 
 CLAIM_KEYS = {"id", "words", "where", "kind", "table", "column", "a", "b", "rows", "direction",
-              "margin", "metric", "factor", "paper", "seeds"}
+              "margin", "metric", "factor", "paper", "seeds", "equal_parameters"}
 
 
 def parse_claim(raw: Any, where: str) -> Claim:
@@ -134,7 +135,8 @@ def parse_claim(raw: Any, where: str) -> Claim:
             direction=raw.get("direction", "higher"), margin=float(raw.get("margin", 0.0)),
             metric=raw.get("metric"), factor=float(raw.get("factor", 1.0)),
             paper=None if raw.get("paper") is None else str(raw["paper"]),
-            seeds=None if raw.get("seeds") is None else _seeds(raw["seeds"], where))
+            seeds=None if raw.get("seeds") is None else _seeds(raw["seeds"], where),
+            equal_parameters=bool(raw.get("equal_parameters", False)))
     except (TypeError, ValueError) as err:
         raise SpecError(f"{where}: {err}") from None
     if kind == "analysis":
@@ -340,7 +342,7 @@ def needed(verdict: Verdict) -> str:
     margin (the spread falling as 1/sqrt(data): a rough guide, not a power analysis)."""
     effect = verdict.binding
     if effect is None or effect.se is None or effect.z is None:
-        return "needs 2 or more seeds" if verdict.effects else ""
+        return ""  # no spread: the claim's note says why
     mde = effect.mde()
     distance = abs(effect.z) * effect.se
     if distance == 0 or mde is None:
@@ -411,6 +413,8 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
             return verdict
         verdict.effects.append(effect)
     pair_p_values(verdict)
+    if claim.equal_parameters:
+        verdict.note = "; ".join(filter(None, [verdict.note, *unequal_budgets(claim, records)]))
     if verdict.p is None:
         verdict.note = "one seed: a ratio's spread needs 2 or more seeds"
     if claim.metric == "energy_kwh" and not all(
@@ -418,6 +422,20 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
         verdict.note = "; ".join(filter(None, [verdict.note, "energy estimated, not all "
                                                "measured (the records' energy sources)"]))
     return verdict
+
+
+def unequal_budgets(claim: Claim, records: dict[str, list[RunRecord]]) -> list[str]:
+    """The pairs whose records' %Param differ by more than 1% (the claim's premise fails)."""
+    def budget(label: str) -> float | None:
+        return next((rec.training.percent_param for rec in records[label]
+                     if rec.training.percent_param is not None), None)
+
+    notes = []
+    for a, b in claim.pairs():
+        pa, pb = budget(a), budget(b)
+        if pa is not None and pb is not None and abs(pa - pb) > 0.01 * max(pa, pb):
+            notes.append(f"unequal budgets: {a} {pa:.4g} %Param, {b} {pb:.4g}")
+    return notes
 
 
 def _pair_effect(claim: Claim, a: str, b: str, records_a: list[RunRecord],
@@ -501,7 +519,8 @@ def claim_row(v: Verdict) -> dict[str, Any]:
         "n_items": None if effect is None else effect.n_items,
         "mde": mde, "p": v.p, "p_holm": v.p_holm, "verdict": v.verdict,
         "stand_in": v.stand_in,
-        "note": v.note or (needed(v) if v.verdict == "inconclusive" else ""),
+        "note": "; ".join(filter(None, [v.note, needed(v) if v.verdict == "inconclusive"
+                                        else ""])),
         "run_id": ";".join(v.run_ids), "data_source": v.data_source}
 
 

@@ -193,6 +193,23 @@ def test_a_claim_of_several_pairs_is_decided_by_its_weakest(store: RunStore,
         PROFILE, SEEDS) if task == "general" and row.label in {"HydraLoRA", *ablation["b"]}}
 
 
+def test_equal_parameters_names_pairs_of_unequal_budgets(store: RunStore,
+                                                        tmp_path: Path) -> None:
+    # Every planted record has 0.1 %Param; one LoRA-Split row is rewritten to 0.2.
+    plant(store, "table1", {"LoRA (r=32)": 200, "LoRA-Split (8×4)": 280,
+                            "LoRA-Split (4×8)": 280})
+    for row, _, spec in load_table("table1").run_specs(PROFILE, SEEDS):
+        if row.label == "LoRA-Split (4×8)":
+            record = json.loads(store.record_path(spec.run_id).read_text())
+            record["training"]["parameters"]["percent_param"] = 0.2
+            write_json_atomic(store.record_path(spec.run_id), record)
+    claim = {**paired("split", "LoRA-Split (8×4)", "LoRA (r=32)"), "equal_parameters": True,
+             "a": ["LoRA-Split (8×4)", "LoRA-Split (4×8)"]}
+    (verdict,) = judge_claims(load_claims(claims_file(tmp_path, [claim])), PROFILE, None, store)
+    assert verdict.verdict == "supported"
+    assert verdict.note == "unequal budgets: LoRA-Split (4×8) 0.2 %Param, LoRA (r=32) 0.1"
+
+
 def test_ordering_is_each_row_against_the_next(store: RunStore, tmp_path: Path) -> None:
     plant(store, "table1", {"LoRA (r=32)": 300, "LoRA (r=16)": 250, "LoRA (r=8)": 260})
     order = {"id": "rank", "words": "rank helps", "where": "Table 1", "kind": "ordering",
