@@ -18,8 +18,10 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from hydrabench.atomic import atomic_path, write_text_atomic
+from hydrabench.errors import SpecError
 from hydrabench.profiles import load_profile
 from hydrabench.report import (
     STAND_IN_NOTE,
@@ -98,77 +100,143 @@ def figure5_frame(table: TableSpec, profile: str, seeds: tuple[int, ...],
 
 # -- plotting helpers --------------------------------------------------------------------------
 
+# One column of a two-column paper (ACL, NeurIPS, IEEE: 3.25-3.33 in): the figure is drawn at the
+# size it is printed, so its 6-7 pt text stays readable when pasted, and saved at that size.
+COLUMN_WIDTH_IN = 3.3
+FONT_PT = 6.5
+VALUE_PT = 5.0  # the numbers at the bars' ends
+DPI = 300
 
-def _wrap(label: str) -> str:
-    """Tick label lines: the parenthesised part on a line of its own, lines of <= 12 chars."""
+
+class NoFigureData(SpecError):
+    """No record to draw a figure from: one line, exit 2, nothing written."""
+
+
+def _wrap(label: str, width: int = 16) -> str:
+    """Tick label lines: the parenthesised part on a line of its own, lines of <= `width`."""
     name, paren, rest = label.partition(" (")
-    return "\n".join(textwrap.fill(part, 12) for part in (name, paren.strip() + rest) if part)
+    return "\n".join(textwrap.fill(part, width) for part in (name, paren.strip() + rest) if part)
 
 
 def _caption(table: TableSpec, profile: str, seeds: tuple[int, ...], error_bars: str,
              cells: pd.DataFrame) -> str:
-    """Footer text: what the bars come from (stand-in tasks as the records `cells` come from
-    say), and the paper's statements about the figure."""
+    """Footer text, wrapped to the column: what the bars come from (stand-in tasks as the
+    records `cells` come from say), and the paper's statements about the figure."""
     lines = [f"profile {profile} · model {load_profile(profile).model} · "
              f"seeds {','.join(map(str, seeds))} · error bars: {error_bars}"]
     if (cells["stand_in"] == True).any():  # noqa: E712
         lines.append(STAND_IN_NOTE)
-    return "\n".join([*lines, *table.notes])
+    return "\n".join(textwrap.fill(line, 80) for line in [*lines, *table.notes])
 
 
-def _bars(ax: Axes, positions: list[float], values: list[float | None],
-          errors: list[float | None], colors: list[str], missing: list[str], width: float,
-          number: str, hatches: list[str | None] | None = None) -> None:
-    """Bars where a value exists, each labelled with it; where none does, its `missing` text."""
+def _no_data(table: TableSpec, profile: str, seeds: tuple[int, ...], store: RunStore,
+             what: str) -> NoFigureData:
+    return NoFigureData(
+        f"{table.name}: no {what} for profile {profile}, seeds {','.join(map(str, seeds))} in "
+        f"{store.root}; run `hydrabench reproduce {table.name} --profile {profile}` first "
+        f"(nothing written)")
+
+
+def energy_unit(largest_kwh: float | None) -> tuple[str, float]:
+    """The unit (and factor from kWh) in which the largest bar is >= 1: a small run's 2e-5 kWh
+    reads as 20 mWh, with short tick labels and no ×10⁻⁵ offset squeezed beside the axis."""
+    for unit, scale in (("kWh", 1.0), ("Wh", 1e3), ("mWh", 1e6)):
+        if largest_kwh is None or pd.isna(largest_kwh) or largest_kwh * scale >= 1:
+            return unit, scale
+    return "mWh", 1e6
+
+
+def _hbars(ax: Axes, positions: list[float], values: list[float | None],
+           errors: list[float | None], colors: list[str], height: float, number: str,
+           hatches: list[str | None] | None = None) -> None:
+    """Horizontal bars where a value exists, each labelled with it at its end."""
     hatches = hatches or [None] * len(positions)
-    for x, v, e, color, why, hatch in zip(positions, values, errors, colors, missing, hatches,
-                                          strict=True):
+    for y, v, e, color, hatch in zip(positions, values, errors, colors, hatches, strict=True):
         if pd.isna(v):
-            ax.text(x, 0, why, rotation=90, ha="center", va="bottom", fontsize=8, color="dimgray")
             continue
         error = None if pd.isna(e) else e
-        ax.bar(x, v, width, yerr=error, capsize=3, color=color, hatch=hatch, edgecolor="black",
-               linewidth=0.6)
-        # Above the error bar, which would otherwise strike through the number.
-        ax.annotate(format(v, number), (x, v + (error or 0)), xytext=(0, 2),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.barh(y, v, height, xerr=error, capsize=1.5, color=color, hatch=hatch,
+                edgecolor="black", linewidth=0.4, error_kw={"elinewidth": 0.6})
+        # Past the error bar, which would otherwise strike through the number.
+        ax.annotate(format(v, number), (v + (error or 0), y), xytext=(1.5, 0),
+                    textcoords="offset points", ha="left", va="center", fontsize=VALUE_PT)
+
+
+def _missing_text(ax: Axes, y: float, text: str) -> None:
+    ax.text(0, y, f" {text}", ha="left", va="center", fontsize=VALUE_PT, color="dimgray")
+
+
+def _style(ax: Axes, xlabel: str) -> None:
+    ax.set_xlabel(xlabel, fontsize=FONT_PT)
+    ax.tick_params(labelsize=FONT_PT, length=2, pad=1.5)
+    # Three ticks at most: more would touch at a column's width.
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=3, min_n_ticks=2))
+    ax.grid(axis="x", alpha=0.3, linewidth=0.4)
+    ax.set_axisbelow(True)
+    # Bars start at 0 and nothing is negative: the axis never shows what no value can be.
+    if ax.has_data():
+        ax.set_xlim(0, ax.get_xlim()[1] * 1.3)  # room for the numbers at the bars' ends
+    else:  # nothing to measure: no scale either
+        ax.set_xlim(0, 1)
+        ax.set_xticks([])
+
+
+def _rows(ax: Axes, labels: list[str], width: int) -> None:
+    """The rows' labels, once, at the left, in the table's order top to bottom; room below the
+    last row so that its label (two or three lines) stays clear of the x axis' first number."""
+    ax.set_yticks(range(len(labels)), [_wrap(label, width) for label in labels])
+    ax.set_ylim(len(labels) - 0.1, -0.6)
+
+
+def _figure(height_in: float) -> Figure:
+    return Figure(figsize=(COLUMN_WIDTH_IN, height_in), layout="constrained", dpi=DPI)
+
+
+def _footer(fig: Figure, title: str, caption: str) -> None:
+    """The title and provenance below the plot, inside the figure (supxlabel takes part in the
+    constrained layout): a paper sets its own caption, and a title above would meet the legend."""
+    fig.supxlabel(f"{title}\n{caption}", fontsize=VALUE_PT, x=0.0, ha="left", color="dimgray",
+                  multialignment="left")
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Render with Agg (no display needed) to a temp file renamed into place."""
+    """Render with Agg (no display needed) to a temp file renamed into place, at the size drawn
+    (the column width), not cropped or grown."""
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        # "tight" grows the canvas to take in the caption placed below the axes.
-        fig.savefig(tmp, format=path.suffix[1:], dpi=150, bbox_inches="tight")
+        fig.savefig(tmp, format=path.suffix[1:], dpi=DPI)
 
 
 # -- Fig. 5 ------------------------------------------------------------------------------------
 
 
 def plot_figure5(frame: pd.DataFrame, title: str, caption: str) -> Figure:
-    fig = Figure(figsize=(11, 5.2), layout="constrained")
-    ax_energy, ax_time = fig.subplots(1, 2)
-    x = list(range(len(frame)))
-    colors = [COLORS[i % len(COLORS)] for i in x]
+    """Energy and time panels side by side, one horizontal bar per method (labels read
+    across, once, at the left); a method without a bar says why in its row."""
+    fig = _figure(1.6 + 0.25 * len(frame))
+    ax_energy, ax_time = fig.subplots(1, 2, sharey=True)
+    y = list(range(len(frame)))
+    colors = [COLORS[i % len(COLORS)] for i in y]
     hatches = [ESTIMATED_HATCH if s == "estimated" else None for s in frame["energy_source"]]
-    _bars(ax_energy, x, list(frame["energy_kwh"]), list(frame["energy_ci95"]), colors,
-          list(frame["note"]), 0.7, ".3g", hatches)
-    _bars(ax_time, x, list(frame["train_wall_s"]), list(frame["train_wall_ci95"]), colors,
-          list(frame["note"]), 0.7, ".3g")
-    for ax, ylabel in ((ax_energy, "training energy (kWh)"), (ax_time, "training time (s)")):
-        ax.set_xticks(x, [_wrap(m) for m in frame["method"]], fontsize=9)
-        ax.set_ylabel(ylabel)
-        ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.15)
-    ax_energy.set_title("Energy")
-    ax_time.set_title("Time (wall clock, measured)")
+    unit, scale = energy_unit(frame["energy_kwh"].max())
+    _hbars(ax_energy, y, list(frame["energy_kwh"] * scale), list(frame["energy_ci95"] * scale),
+           colors, 0.7, ".3g", hatches)
+    _hbars(ax_time, y, list(frame["train_wall_s"]), list(frame["train_wall_ci95"]), colors, 0.7,
+           ".3g")
+    for ax, column in ((ax_energy, "energy_kwh"), (ax_time, "train_wall_s")):
+        for row, value, note in zip(y, frame[column], frame["note"], strict=True):
+            if pd.isna(value):
+                _missing_text(ax, row, note or "unavailable")
+    _style(ax_energy, f"training energy ({unit})")
+    _style(ax_time, "training time (s)")
+    _rows(ax_energy, list(frame["method"]), 16)
     fig.legend(handles=[
-        Patch(facecolor="white", edgecolor="black", label="energy measured\n(NVML / RAPL)"),
+        Patch(facecolor="white", edgecolor="black", label="measured (NVML / RAPL)"),
         Patch(facecolor="white", edgecolor="black", hatch=ESTIMATED_HATCH,
-              label="energy estimated\n(CodeCarbon model)")],
-        fontsize=8, loc="outside right upper")
-    fig.suptitle(title)
-    fig.text(0.01, 0.0, caption, fontsize=7.5, va="top", ha="left", color="dimgray")
+              label="estimated (CodeCarbon)")],
+        fontsize=VALUE_PT, loc="outside upper center", ncols=2, frameon=False,
+        title="energy", title_fontsize=VALUE_PT)
+    _footer(fig, title, caption)
     return fig
 
 
@@ -176,6 +244,8 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
                   out_dir: Path) -> list[Path]:
     """reports/figure5.{png,pdf,csv,md}: training energy and time per method."""
     frame = figure5_frame(table, profile, seeds, store)
+    if frame["train_wall_s"].isna().all():
+        raise _no_data(table, profile, seeds, store, "trained run records")
     cells = tidy_frame(collect_cells(table, profile, seeds, store))  # what the records say
     paths = [out_dir / f"{table.name}.{ext}" for ext in ("png", "pdf", "csv", "md")]
     fig = plot_figure5(frame, f"{table.title} ({table.task})",
@@ -210,28 +280,37 @@ def write_figure5(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
 
 
 def plot_figure6(table: TableSpec, tidy: pd.DataFrame, caption: str) -> Figure:
-    """One panel per column; per variant our bar (mean, 95% CI) beside the paper's."""
-    fig = Figure(figsize=(12, 5.2), layout="constrained")
-    axes = fig.subplots(1, len(table.columns), sharey=True, squeeze=False)[0]
+    """Two panels, ours and the paper's, each with a group of horizontal bars per variant (one
+    bar per column). Scores of stand-in tasks get their own axis: they measure something else
+    than the paper's, so no axis puts them side by side; real tasks share the paper's axis."""
+    stand_in = bool((tidy["stand_in"] == True).any())  # noqa: E712
     labels = [r.label for r in table.rows]
-    x = list(range(len(labels)))
-    width = 0.38
-    for ax, column in zip(axes, table.columns, strict=True):
+    fig = _figure(1.5 + 0.32 * len(labels))
+    ax_ours, ax_paper = fig.subplots(1, 2, sharey=True, sharex=not stand_in)
+    n = len(table.columns)
+    height = 0.8 / n
+    for k, column in enumerate(table.columns):
         part = tidy[tidy["column"] == column.label].set_index("row").reindex(labels)
-        _bars(ax, [p - width / 2 for p in x], list(part["value"]), list(spread_of(part)),
-              [COLORS[0]] * len(x), ["no run"] * len(x), width, ".1f")
-        _bars(ax, [p + width / 2 for p in x], list(part["paper_value"]), [None] * len(x),
-              [PAPER_COLOR] * len(x), ["not in paper"] * len(x), width, ".1f")
-        ax.set_title(column.label)
-        ax.set_xticks(x, [_wrap(label) for label in labels], fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
-        ax.margins(y=0.12)
-    axes[0].set_ylabel("score (%)")
-    fig.legend(handles=[Patch(facecolor=COLORS[0], edgecolor="black", label="ours"),
-                        Patch(facecolor=PAPER_COLOR, edgecolor="black", label="paper")],
-               fontsize=8, loc="outside right upper")
-    fig.suptitle(table.title)
-    fig.text(0.01, 0.0, caption, fontsize=7.5, va="top", ha="left", color="dimgray")
+        y = [i - 0.4 + height * (k + 0.5) for i in range(len(labels))]
+        color = [COLORS[k % len(COLORS)]] * len(labels)
+        _hbars(ax_ours, y, list(part["value"]), list(spread_of(part)), color, height, ".1f")
+        _hbars(ax_paper, y, list(part["paper_value"]), [None] * len(labels), color, height,
+               ".1f")
+    for ax, key, why in ((ax_ours, "value", "no run"), (ax_paper, "paper_value", "not in paper")):
+        have = tidy.pivot_table(index="row", columns="column", values=key, aggfunc="count",
+                                dropna=False).reindex(labels).fillna(0).sum(axis=1)
+        for i, label in enumerate(labels):
+            if have[label] == 0:
+                _missing_text(ax, i, why)
+    _style(ax_ours, "stand-in score (%)" if stand_in else "score (%)")
+    _style(ax_paper, "score (%)")
+    ax_ours.set_title("ours, stand-in tasks" if stand_in else "ours", fontsize=FONT_PT)
+    ax_paper.set_title("paper", fontsize=FONT_PT)
+    _rows(ax_ours, labels, 18)
+    fig.legend(handles=[Patch(facecolor=COLORS[k % len(COLORS)], edgecolor="black",
+                              label=column.label) for k, column in enumerate(table.columns)],
+               fontsize=VALUE_PT, loc="outside upper center", ncols=n, frameon=False)
+    _footer(fig, table.title, caption)
     return fig
 
 
@@ -239,9 +318,11 @@ def write_figure6(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
                   out_dir: Path) -> list[Path]:
     """reports/figure6.{md,csv,tex} (the numbers, as a table report) plus .png and .pdf."""
     tidy = tidy_frame(collect_cells(table, profile, seeds, store))
-    paths = write_table_files(table, tidy, profile, seeds, out_dir)
+    if tidy["value"].isna().all():
+        raise _no_data(table, profile, seeds, store, "scored run records")
     fig = plot_figure6(table, tidy, _caption(table, profile, seeds,
                                              "95% CI over seeds (one seed: lm-eval stderr)", tidy))
+    paths = write_table_files(table, tidy, profile, seeds, out_dir)
     for ext in ("png", "pdf"):
         paths.append(out_dir / f"{table.name}.{ext}")
         _save(fig, paths[-1])
