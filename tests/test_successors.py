@@ -430,3 +430,12 @@ def test_flylora_bad_input_is_one_line(flags: list[str], message: str, store_env
                                        capsys: pytest.CaptureFixture) -> None:
     assert_refused_in_one_line(["run", "--method", "flylora", "--task", "medical", *flags],
                                message, store_env / "results", capsys)
+
+
+def test_r_lora_keeps_hydraloras_approximate_merges() -> None:
+    """Its adapter is HydraLoRA's, so `--merge-gap` scores the same uniform and router-mean
+    merges (tests/test_bad_input.py's list of such methods needs `r-lora` added)."""
+    assert set(METHODS["r-lora"].approximate_merges) == {"uniform", "router-mean"}
+    assert resolve_spec("r-lora", "medical", overrides={"eval": {"merge_gap": True}}
+                        ).eval.merge_gap
+    assert not METHODS["molora"].approximate_merges and not METHODS["flylora"].approximate_merges
