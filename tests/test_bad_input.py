@@ -181,12 +181,12 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv: list, message: str, 
 
 
 def test_merge_gap_is_accepted_where_the_method_has_approximate_merges() -> None:
-    # LoRAMoE and LoRA-Split train HydraLoRA adapters (an A per head): the same merges apply.
+    # LoRAMoE, LoRA-Split and R-LoRA train HydraLoRA adapters (an A per head): the same merges.
     from hydrabench.methods import METHODS
     from hydrabench.resolve import resolve_spec
 
     having = [m.name for m in METHODS.values() if m.approximate_merges]
-    assert having == ["lora-split", "hydralora", "hydralora-uniform", "loramoe"]
+    assert having == ["lora-split", "hydralora", "hydralora-uniform", "loramoe", "r-lora"]
     for method in having:
         assert resolve_spec(method, "medical", overrides={"eval": {"merge_gap": True}}
                             ).eval.merge_gap
