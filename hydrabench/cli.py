@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("table", help="a table or figure (`hydrabench list tables`), or all")
     report.add_argument("--profile", default="tiny")
     _add_include_path(report)
-    report.add_argument("--seeds", default="0")
+    report.add_argument("--seeds", default=None,
+                        help="comma-separated (default: every seed the table's records have)")
     report.add_argument("--delta-vs", dest="reference", metavar="ROW", default=None,
                         help='a row label of the table, e.g. "LoRA (r=8)": add a column per '
                         "score of the paired difference to that row, with its 95%% interval")
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", help="list methods, tasks, profiles, tables or finished runs")
     lister.add_argument("what", choices=["methods", "tasks", "profiles", "tables", "runs"])
     lister.add_argument("--profile", default="tiny")
+    lister.add_argument("--method", default=None, help="runs: only this method's")
+    lister.add_argument("--task", default=None, help="runs: only this column's")
     _add_include_path(lister)
     return parser
 
@@ -236,11 +239,21 @@ def _seeds(text: str) -> tuple[int, ...]:
     return _ints(text, "--seeds")
 
 
+def _one_column(task: str) -> str:
+    """A run scores one column (the mean of its tasks): a list, as lm-eval's --tasks takes, is
+    refused before any work rather than taken as a task (or run id) with a comma in it."""
+    if "," in task:
+        raise SpecError(f"--task takes one column per run, got {task!r}: run each on its own, "
+                        "or score them together as one lm-eval group (lm-eval:GROUP, or your "
+                        "own group YAML via --include-path)")
+    return task
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from hydrabench.resolve import resolve_spec
     from hydrabench.runner import execute
 
-    spec = resolve_spec(args.method, args.task, args.profile, args.seed, args.model,
+    spec = resolve_spec(args.method, _one_column(args.task), args.profile, args.seed, args.model,
                         _overrides(args),
                         trust_remote_code=args.trust_remote_code)
     record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
@@ -254,6 +267,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _eval_spec(args: argparse.Namespace):
     from hydrabench.resolve import resolve_spec, retarget
 
+    _one_column(args.task)
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
                           "allow_code_execution": args.allow_code_execution}}
     for flag in ("backend", "gen_kwargs"):
@@ -355,9 +369,15 @@ def _cmd_report(args: argparse.Namespace) -> None:
     if args.reference is not None and args.table == "all":
         raise SpecError("--delta-vs names a row of one table; give that table, not all")
     for name in table_names() if args.table == "all" else [args.table]:
-        for path in write_report(name, args.profile, _seeds(args.seeds),
-                                 reference=args.reference):
+        for path in write_report(name, args.profile,
+                                 _seeds(args.seeds) if args.seeds else None,
+                                 reference=args.reference, say=_say):
             print(path)
+
+
+def _say(line: str) -> None:
+    """A report's note to the person running it (seeds left out), on stderr."""
+    print(f"hydrabench: {line}", file=sys.stderr)
 
 
 def _cmd_claims(args: argparse.Namespace) -> None:
@@ -407,6 +427,8 @@ def _cmd_doctor(args: argparse.Namespace) -> None:
 
 
 def _cmd_list(args: argparse.Namespace) -> None:
+    if args.what != "runs" and (args.method or args.task):
+        raise SpecError("--method and --task filter `list runs` only")
     if args.what == "methods":
         from hydrabench.methods import METHODS
 
@@ -425,10 +447,11 @@ def _cmd_list(args: argparse.Namespace) -> None:
         for name in profile_names():
             print(f"{name:10s} {load_profile(name).description}")
     elif args.what == "runs":
-        from hydrabench.store import RunStore, run_line
+        from hydrabench.store import RunStore, matching_runs, run_lines
 
-        for record in RunStore().records():
-            print(run_line(record))
+        records = matching_runs(RunStore().records(), args.method, args.task)
+        print("\n".join(run_lines(records)) if records else "no finished runs"
+              + (" matching --method/--task" if args.method or args.task else ""))
     else:
         from hydrabench.tables import load_table, table_names
 

@@ -3,20 +3,27 @@ the figure specs, a figure (hydrabench.figures, built on report): the dispatcher
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from hydrabench.figures import FIGURES
 from hydrabench.paths import reports_root
-from hydrabench.report import write_table_report
+from hydrabench.report import choose_seeds, write_table_report
 from hydrabench.store import RunStore
 from hydrabench.tables import load_table
 
 
-def write_report(name: str, profile: str = "tiny", seeds: tuple[int, ...] = (0,),
+def write_report(name: str, profile: str = "tiny", seeds: tuple[int, ...] | None = None,
                  store: RunStore | None = None, out_dir: Path | None = None,
-                 reference: str | None = None) -> list[Path]:
-    """The report of one spec in tasks/tables: a table, or a figure for the figure specs."""
+                 reference: str | None = None,
+                 say: Callable[[str], None] | None = None) -> list[Path]:
+    """The report of one spec in tasks/tables: a table, or a figure for the figure specs.
+    Seeds None: every seed its records have; seeds with records left out are said to `say`."""
     table = load_table(name)
+    store = store or RunStore()
     if name in FIGURES:
-        return FIGURES[name](table, profile, seeds, store or RunStore(), out_dir or reports_root())
-    return write_table_report(table, profile, seeds, store, out_dir, reference)
+        seeds, note = choose_seeds(table, profile, store, seeds)
+        if say is not None and "left out" in note:
+            say(f"{name}: seeds {', '.join(map(str, seeds))} {note}")
+        return FIGURES[name](table, profile, seeds, store, out_dir or reports_root())
+    return write_table_report(table, profile, seeds, store, out_dir, reference, say)

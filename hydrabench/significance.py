@@ -5,13 +5,15 @@ their means: the paired bootstrap interval of the difference and McNemar's exact
 discordant documents use that pairing, and are far sharper than comparing two intervals.
 
 A column of several lm-eval tasks is scored as the mean of its tasks' means, so its difference
-is bootstrapped per task (documents resampled within each task). With several seeds, each
-document's difference is first averaged over the seeds both sides have (the same documents
-are resampled for every seed), and McNemar's test pools the discordant (document, seed) pairs.
+is bootstrapped per task (documents resampled within each task). With several seeds, McNemar's
+test pools the discordant (document, seed) pairs, and the interval of the difference counts
+both sources of its variance (`seeds_and_items_interval`): the seed-to-seed spread of the
+per-seed differences and the documents' (docs/statistics.md).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,9 @@ class PairedComparison:
     p_value: float | None  # McNemar's exact test; None when outcomes are not all 0 or 1
     a_only: int  # discordant pairs: A right and B wrong
     b_only: int  # and B right, A wrong
+    # How the interval was made: "items" (paired bootstrap over documents, one seed) or
+    # "seeds+items" (t-interval over seeds and documents, several seeds).
+    interval: str = "items"
 
     @property
     def significant(self) -> bool:
@@ -73,16 +78,67 @@ def _bootstrap_deltas(per_item: Sequence[np.ndarray], iterations: int, seed: int
     return total / len(per_item)
 
 
+@dataclass(frozen=True)
+class SeedsAndItems:
+    """The difference over seeds and documents, in fractions: its mean, its standard error's
+    two parts, the Welch-Satterthwaite degrees of freedom and the 95% t-interval."""
+
+    delta: float
+    var_seeds: float  # variance of the per-seed differences / seeds
+    var_items: float  # variance of the seed-averaged per-document differences / documents
+    df: float
+    low: float
+    high: float
+
+
+def seeds_and_items_interval(a: Sequence[np.ndarray], b: Sequence[np.ndarray]
+                             ) -> SeedsAndItems:
+    """95% interval of the column's difference A − B over S >= 2 seeds, a[t], b[t] of shape
+    (seeds, items) per stratum t (T strata; a column's score is the mean over its strata).
+
+    d_s, seed s's difference, varies from seed to seed (training noise), and every seed scored
+    the same documents (a sample of the benchmark's). Its variance is taken as the sum of the
+    two: var(d_s)/S (sample variance over seeds, S − 1 degrees of freedom) plus, per stratum,
+    var_i(m_ti)/n_t/T² where m_ti is document i's difference averaged over the seeds (n_t − 1
+    degrees of freedom). The interval is mean ± t(0.975, df)·SE, df by Welch-Satterthwaite.
+    It is conservative: var(d_s) already holds part of the documents' noise.
+    """
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    seeds, strata = diffs[0].shape[0], len(diffs)
+    if seeds < 2:
+        raise ValueError("the seeds-and-items interval needs two seeds or more")
+    per_seed = np.mean([d.mean(axis=1) for d in diffs], axis=0)  # d_s
+    var_seeds = float(per_seed.var(ddof=1)) / seeds
+    parts = [float(d.mean(axis=0).var(ddof=1)) / d.shape[1] / strata**2 if d.shape[1] > 1
+             else 0.0 for d in diffs]
+    var_items = sum(parts)
+    delta, total = float(per_seed.mean()), var_seeds + var_items
+    if total == 0:
+        return SeedsAndItems(delta, 0.0, 0.0, math.inf, delta, delta)
+    df = total**2 / (var_seeds**2 / (seeds - 1) + sum(
+        p**2 / (d.shape[1] - 1) for p, d in zip(parts, diffs, strict=True) if d.shape[1] > 1))
+    half = float(stats.t.ppf(0.975, df)) * math.sqrt(total)
+    return SeedsAndItems(delta, var_seeds, var_items, df, delta - half, delta + half)
+
+
 def paired_comparison(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
                       iterations: int = BOOTSTRAP_ITERATIONS, seed: int = 0) -> PairedComparison:
     """Compare aligned outcomes: a[t] and b[t] have shape (seeds, items) for stratum (task) t.
 
-    Scores are the mean over strata of the mean over seeds and items (a column's score).
+    Scores are the mean over strata of the mean over seeds and items (a column's score). The
+    interval: one seed, the paired bootstrap over documents; several, seeds_and_items_interval.
     """
     if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=True)):
         raise ValueError("paired outcomes need the same strata, seeds and items on both sides")
-    per_item = [(x - y).mean(axis=0) for x, y in zip(a, b, strict=True)]
-    low, high = np.percentile(_bootstrap_deltas(per_item, iterations, seed), [2.5, 97.5])
+    if a[0].shape[0] > 1:
+        both = seeds_and_items_interval(a, b)
+        low, high, interval = both.low, both.high, "seeds+items"
+    else:
+        per_item = [(x - y).mean(axis=0) for x, y in zip(a, b, strict=True)]
+        low, high = np.percentile(_bootstrap_deltas(per_item, iterations, seed), [2.5, 97.5])
+        interval = "items"
     binary = all(np.isin(x, (0.0, 1.0)).all() for x in (*a, *b))
     a_only = sum(int(((x == 1) & (y == 0)).sum()) for x, y in zip(a, b, strict=True))
     b_only = sum(int(((x == 0) & (y == 1)).sum()) for x, y in zip(a, b, strict=True))
@@ -92,7 +148,7 @@ def paired_comparison(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
         n_items=sum(x.shape[1] for x in a), n_seeds=a[0].shape[0], score_a=score_a,
         score_b=score_b, delta=score_a - score_b, ci_low=100 * float(low),
         ci_high=100 * float(high), p_value=mcnemar_exact(a_only, b_only) if binary else None,
-        a_only=a_only, b_only=b_only)
+        a_only=a_only, b_only=b_only, interval=interval)
 
 
 def samples_dir(store: RunStore, run_id: str) -> Path:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -509,10 +509,75 @@ class RunStore:
                             os.replace(copy, final_dir)
 
 
+# The settings `list runs` always shows (rank, training steps, eval limit); any other setting is
+# shown where runs of one method and column differ in it, so that no two rows read the same.
+ALWAYS_SHOWN = ("adapter.rank", "train.max_steps", "eval.limit")
+SHORT = {"adapter.rank": "r", "adapter.num_heads": "N", "adapter.num_splits": "splits",
+         "train.max_steps": "steps", "eval.limit": "limit"}
+# Not settings a person chose per run (they follow from the others, or are long).
+NOT_SHOWN = ("train.sharding", "adapter.target_modules", "adapter.blc_knowledge")
+
+
+def run_settings(record: RunRecord) -> dict[str, Any]:
+    """The record's adapter, train and eval settings, flat ("adapter.rank": 8); an untrained
+    run (the base model) has no adapter or training settings that matter."""
+    spec = record.spec or {}
+    sections = ("eval",) if record.training.trained is False else ("adapter", "train", "eval")
+    return {f"{section}.{key}": value for section in sections
+            for key, value in (spec.get(section) or {}).items()
+            if f"{section}.{key}" not in NOT_SHOWN}
+
+
+def _setting_text(key: str, value: Any) -> str:
+    if key == "train.max_steps" and value == 0:
+        value = "epochs"  # 0: the whole epochs
+    elif key == "eval.limit" and value is None:
+        value = "all"
+    return f"{SHORT.get(key, key.split('.', 1)[1])}={value}"
+
+
+def distinguishing_settings(records: Sequence[RunRecord]) -> dict[str, str]:
+    """run id → the settings that tell it apart: rank, steps and limit always, and every other
+    setting in which runs of the same method and column differ."""
+    groups: dict[tuple[str, str], list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault((record.method, record.task), []).append(record)
+    out = {}
+    for group in groups.values():
+        settings = [run_settings(r) for r in group]
+        keys = sorted({k for s in settings for k in s})
+        varying = [k for k in keys
+                   if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
+        shown = [k for k in ALWAYS_SHOWN if any(k in s for s in settings)] + [
+            k for k in varying if k not in ALWAYS_SHOWN]
+        for record, values in zip(group, settings, strict=True):
+            out[record.run_id] = " ".join(_setting_text(k, values.get(k)) for k in shown
+                                          if k in values)
+    return out
+
+
+def matching_runs(records: Iterable[RunRecord], method: str | None = None,
+                  task: str | None = None) -> list[RunRecord]:
+    """`list runs --method M --task T`: the records of that method and column."""
+    return [r for r in records if method in (None, r.method) and task in (None, r.task)]
+
+
+def run_lines(records: Sequence[RunRecord]) -> list[str]:
+    """`hydrabench list runs`: a header, then one line per finished run with the settings
+    that tell it apart and its score (percent, the mean of its column's tasks)."""
+    settings = distinguishing_settings(records)
+    lines = [f"{'run id':44s} {'method':18s} {'task':9s} {'seed':4s} {'score':>6s}  "
+             f"{'settings':40s} finished"]
+    for record in records:
+        lines.append(f"{record.run_id:44s} {record.method:18s} {record.task:9s} "
+                     f"s{record.seed:<3d} {100 * record.score:6.2f}  "
+                     f"{settings[record.run_id]:40s} {record.finished_at or ''}")
+    return lines
+
+
 def run_line(record: RunRecord) -> str:
-    """One line per finished run, for `hydrabench list runs`."""
-    return (f"{record.run_id:44s} {record.method:18s} {record.task:9s} "
-            f"s{record.seed:<3d} {record.score:.4f}  {record.finished_at or ''}")
+    """One finished run's line of `hydrabench list runs` (alone: rank, steps and limit)."""
+    return run_lines([record])[1]
 
 
 def base_record(store: RunStore, record: RunRecord) -> RunRecord | None:
@@ -530,22 +595,59 @@ def base_record(store: RunStore, record: RunRecord) -> RunRecord | None:
     return None
 
 
+def rounded(value: Any, digits: int = 4) -> str:
+    """A figure as `show` prints it: 4 significant digits (a loss, a time), "?" when absent."""
+    return "?" if not isinstance(value, (int, float)) or isinstance(value, bool) \
+        else f"{value:.{digits}g}"
+
+
+def hardware_text(hardware: dict[str, Any] | None) -> str | None:
+    """The machine a record came from, in one phrase: CPU model, torch's threads (intra-op /
+    inter-op), OMP_NUM_THREADS / MKL_NUM_THREADS, the BLAS, and its GPUs; None for records that
+    predate those fields (no CPU model and no thread count recorded)."""
+    if not hardware or (hardware.get("cpu_model") is None
+                        and hardware.get("torch_threads") is None):
+        return None
+    gpus = hardware.get("gpus") or []
+    names = sorted({str(g.get("name", "?")) if isinstance(g, dict) else str(g) for g in gpus})
+    gpu = f"{len(gpus)}× {', '.join(names)}" if gpus else "no GPU"
+    return (f"{hardware.get('cpu_model') or 'CPU not recorded'} "
+            f"({hardware.get('logical_cores', '?')} logical cores); torch threads "
+            f"{hardware.get('torch_threads', '?')} intra-op / "
+            f"{hardware.get('torch_interop_threads', '?')} inter-op; OMP_NUM_THREADS "
+            f"{hardware.get('omp_num_threads') or 'unset'}, MKL_NUM_THREADS "
+            f"{hardware.get('mkl_num_threads') or 'unset'}; BLAS {hardware.get('blas') or '?'}; "
+            f"{gpu}")
+
+
 def describe_run(record: RunRecord, path: Path) -> list[str]:
-    """What `hydrabench show RUN` prints: what ran, its scores (value ± stderr, n), its training
-    and where its files are."""
+    """What `hydrabench show RUN` prints: what ran, its hyper-parameters, its scores (value ±
+    stderr, n), its training (figures rounded), the hardware, and where its files are."""
     spec = record.spec or {}
     lines = [f"run       {record.run_id}", f"record    {path}",
              f"what      {record.method} on {record.task}, seed {record.seed}, profile "
              f"{spec.get('profile', '?')}, model {spec.get('model', '?')}, "
              f"backend {record.backend or '?'}"]
+    settings = run_settings(record)
+    for section in ("adapter", "train", "eval"):
+        values = [f"{k.split('.', 1)[1]}={v}" for k, v in settings.items()
+                  if k.startswith(section + ".") and v is not None]
+        if values:
+            lines.append(f"{section:9s} {' '.join(values)}")
     for task, metrics in record.metrics.items():
         stderr = metrics.stderr.get(metrics.primary)
         spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
         lines.append(f"score     {task:24s} {metrics.primary:24s} "
                      f"{metrics.value:.4f}{spread}  (n={metrics.n})")
     train = record.training.train or {}
-    lines.append(f"training  {train.get('steps')} steps, loss {train.get('first_loss')} → "
-                 f"{train.get('final_loss')}" if record.training.trained
-                 else "training  none (the base model)")
-    lines += [f"artifact  {record.artifact or '?'}", f"finished  {record.finished_at or '?'}"]
+    lines.append(f"training  {train.get('steps')} steps, loss {rounded(train.get('first_loss'))} "
+                 f"→ {rounded(train.get('final_loss'))}, "
+                 f"{rounded(record.training.percent_param)} %Param"
+                 if record.training.trained else "training  none (the base model)")
+    wall = (record.wall_s or {}).get("total")
+    machine = hardware_text(record.provenance.hardware if record.provenance else None)
+    lines += [f"hardware  {machine or 'not recorded'}",
+              f"artifact  {record.artifact or '?'}",
+              f"finished  {record.finished_at or '?'}"
+              + (f" in {rounded(wall, 3)} s" if wall is not None else "")]
     return lines

@@ -18,7 +18,7 @@ from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.profiles import load_yaml
 from hydrabench.resolve import resolve_spec
 from hydrabench.spec import RunSpec
-from hydrabench.store import RunRecord, RunStore
+from hydrabench.store import RunRecord, RunStore, hardware_text
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,25 @@ def find_records(table: TableSpec, profile: str, seeds: tuple[int, ...],
     return found
 
 
+def seeds_with_records(table: TableSpec, profile: str, store: RunStore) -> tuple[int, ...]:
+    """The seeds for which the store holds a finished record of at least one of the table's
+    runs: what a report with no --seeds covers (records of other tables' seeds not counted)."""
+    methods = {row.method for row in table.rows}
+    candidates = sorted({rec.seed for rec in store.records() if rec.method in methods})
+    return tuple(seed for seed in candidates
+                 if any(store.has(spec.run_id) for _, _, spec in table.run_specs(profile,
+                                                                                  (seed,))))
+
+
+def hardware_of(record: RunRecord) -> str:
+    """The machine a record came from (store.hardware_text), or that it does not say."""
+    text = hardware_text(record.provenance.hardware if record.provenance else None)
+    return text or NOT_RECORDED
+
+
+NOT_RECORDED = "hardware not recorded"
+
+
 # Every score column is a percentage: intervals are shown within it.
 SCORE_RANGE = (0.0, 100.0)
 
@@ -128,6 +147,7 @@ class Cell:
     delta_vs_ref: float | None = None  # minus the reference row, with its 95% paired interval
     delta_vs_ref_low: float | None = None
     delta_vs_ref_high: float | None = None
+    hardware: list[str] = field(default_factory=list)  # hardware_of each record, as run_ids
 
     @property
     def delta(self) -> float | None:
@@ -224,7 +244,8 @@ def _score_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
         if len(scores) == 1:
             stderr = scores[0][1]
     return Cell(row.label, column.label, value, stderr, n, row.paper.get(column.key),
-                [rec.run_id for rec in records], ci95, len(scores), *_cell_labels(records))
+                [rec.run_id for rec in records], ci95, len(scores), *_cell_labels(records),
+                hardware=[hardware_of(rec) for rec in records])
 
 
 def _param_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
@@ -234,7 +255,7 @@ def _param_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
     stand_in, data_source = _cell_labels(records)
     return Cell(row.label, column.label, value, None, None, row.paper.get(column.key),
                 [rec.run_id for rec in records], n_seeds=len(trained), stand_in=stand_in,
-                data_source=data_source)
+                data_source=data_source, hardware=[hardware_of(rec) for rec in records])
 
 
 def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...], store: RunStore,

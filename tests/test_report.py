@@ -127,8 +127,8 @@ def table2() -> TableSpec:
 def test_table2_every_cell_value_delta_and_dash(store: RunStore, table2: TableSpec,
                                                 tmp_path: Path) -> None:
     fill(store, table2)
-    md, csv, _ = write_table_report(table2, PROFILE, (0,), store, tmp_path / "reports")
-    tidy = pd.read_csv(csv).set_index(["row", "column"])
+    md, _, _, raw = write_table_report(table2, PROFILE, (0,), store, tmp_path / "reports")
+    tidy = pd.read_csv(raw).set_index(["row", "paper_column"])
     shown = markdown_table(md.read_text()).set_index("Method")
     for index, row in enumerate(table2.rows):
         for column in table2.columns:
@@ -175,7 +175,7 @@ def test_nothing_is_bold_without_per_item_outputs(store: RunStore, table2: Table
     # These records have no lm-eval per-sample outputs: no paired test, so no bold (the rule
     # is tested with planted outcomes in test_bold_only_for_a_paired_win).
     fill(store, table2)
-    md, _, tex = write_table_report(table2, PROFILE, (0,), store, tmp_path)
+    md, _, tex, _ = write_table_report(table2, PROFILE, (0,), store, tmp_path)
     shown = markdown_table(md.read_text()).set_index("Method")
     for column in table2.columns:
         assert not shown[f"{column.label} (ours)"].str.startswith("**").any(), column.label
@@ -196,14 +196,16 @@ def test_csv_round_trip_equals_cells(store: RunStore, table2: TableSpec, tmp_pat
     from hydrabench.tables import collect_cells
 
     fill(store, table2)
-    _, csv, _ = write_table_report(table2, PROFILE, (0,), store, tmp_path)
-    back = pd.read_csv(csv, keep_default_na=False,
+    raw = write_table_report(table2, PROFILE, (0,), store, tmp_path)[3]
+    back = pd.read_csv(raw, keep_default_na=False,
                        na_values=[""])
     direct = tidy_frame(collect_cells(table2, PROFILE, (0,), store))
-    assert list(back.columns) == ["row", "column", "value", "stderr", "ci95", "n", "n_seeds",
+    assert list(back.columns) == ["row", "column", "paper_column", "value", "stderr", "ci95",
+                                  "n", "n_seeds",
                                   "paper_value", "delta", "run_id", "ci_low", "ci_high",
                                   "stand_in", "data_source", "bold", "p_vs_runner_up",
-                                  "delta_vs_ref", "delta_vs_ref_low", "delta_vs_ref_high"]
+                                  "delta_vs_ref", "delta_vs_ref_low", "delta_vs_ref_high",
+                                  "hardware"]
     numeric = ["value", "stderr", "ci95", "n", "n_seeds", "paper_value", "delta", "ci_low",
                "ci_high", "p_vs_runner_up", "delta_vs_ref"]
     pd.testing.assert_frame_equal(back[numeric].astype(float), direct[numeric].astype(float))
@@ -229,8 +231,8 @@ def test_three_seeds_give_mean_and_t_interval(store: RunStore, tmp_path: Path) -
     seeds = (0, 1, 2)
     # LoRA-Split (16×2) misses seed 2: its cell averages the two seeds it has.
     fill(store, table, seeds, skip={("LoRA-Split (16×2)", 2)})
-    md, csv, tex = write_table_report(table, PROFILE, seeds, store, tmp_path)
-    tidy = pd.read_csv(csv).set_index(["row", "column"])
+    md, _, tex, raw = write_table_report(table, PROFILE, seeds, store, tmp_path)
+    tidy = pd.read_csv(raw).set_index(["row", "column"])
     shown = markdown_table(md.read_text()).set_index("Method")
     for label, have in (("LoRA (r=16)", seeds), ("LoRA-Split (16×2)", (0, 1))):
         values = [expected_score(table, label, "general", s) for s in have]
@@ -274,6 +276,9 @@ def test_latex_is_booktabs_rectangular_and_escaped(store: RunStore, table2: Tabl
                                                    tmp_path: Path) -> None:
     fill(store, table2)
     tex = write_table_report(table2, PROFILE, (0,), store, tmp_path)[2].read_text()
+    assert tex.startswith("% hydrabench report table2")
+    assert r"% requires \usepackage{booktabs}" in tex
+    tex = "\n".join(line for line in tex.splitlines() if not line.startswith("%"))
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1, rule
     rows = tabular_rows(tex)
@@ -387,16 +392,20 @@ def test_figure6_files_and_numbers(store: RunStore, tmp_path: Path) -> None:
 
 def test_cli_report_all_writes_every_report(store_env: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Figure 5 refuses to plot nothing: its runs (Table 2's) get records with a metering.
+    for _, _, spec in load_table("figure5").run_specs(PROFILE, (0, 1)):
+        write_json_atomic(RunStore().record_path(spec.run_id), make_record(
+            spec, 0, metering=train_metering(1e-4, 10.0, False)))
     assert main(["report", "all", "--seeds", "0,1"]) == 0
     printed = capsys.readouterr().out.split()
     reports = store_env / "reports"
     expected = {f"{name}.{ext}" for name in ("table1", "table2", "table3")
-                for ext in ("md", "csv", "tex")}
+                for ext in ("md", "csv", "tex", "raw.csv")}
     expected |= {f"figure5.{ext}" for ext in ("png", "pdf", "csv", "md")}
-    expected |= {f"figure6.{ext}" for ext in ("md", "csv", "tex", "png", "pdf")}
+    expected |= {f"figure6.{ext}" for ext in ("md", "csv", "tex", "raw.csv", "png", "pdf")}
     assert {p.name for p in reports.iterdir() if not p.name.startswith(".")} == expected
     assert sorted(Path(p).name for p in printed) == sorted(expected)
-    assert "Runs: none" in (reports / "table2.md").read_text()
+    assert "Runs: none" in (reports / "table3.md").read_text()
 
 
 def test_reproduce_runs_every_row_and_code_only_when_approved(store_env: Path) -> None:
@@ -487,7 +496,7 @@ def test_bold_only_for_a_paired_win(store: RunStore, tmp_path: Path) -> None:
     k = len(eval_tasks("general"))
     # HydraLoRA right on 10 more items per task than LoRA r=32: a significant paired win.
     fill_scored(store, table, {"LoRA (r=8)": 20, "LoRA (r=32)": 30, "HydraLoRA (r=8, N=4)": 40})
-    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path / "win")
+    md, csv, tex, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "win")
     assert _bold_rows(md) == ["HydraLoRA (r=8, N=4)"]
     tidy = pd.read_csv(csv).set_index(["row", "column"])
     p = tidy.loc[("HydraLoRA (r=8, N=4)", "MMLU"), "p_vs_runner_up"]
@@ -497,7 +506,7 @@ def test_bold_only_for_a_paired_win(store: RunStore, tmp_path: Path) -> None:
 
     # One more item per task than the runner-up: within noise, so nothing is bold.
     fill_scored(store, table, {"LoRA (r=32)": 39})
-    md, csv, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "close")
+    md, csv, _, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "close")
     assert _bold_rows(md) == []
     assert pd.read_csv(csv).set_index(["row", "column"]).loc[
         ("HydraLoRA (r=8, N=4)", "MMLU"), "p_vs_runner_up"] == pytest.approx(
@@ -505,7 +514,7 @@ def test_bold_only_for_a_paired_win(store: RunStore, tmp_path: Path) -> None:
 
     # A tie at the top (here at 0.00): never bold, let alone twice.
     fill_scored(store, table, {"LoRA (r=8)": 0, "LoRA (r=32)": 0, "HydraLoRA (r=8, N=4)": 0})
-    md, _, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "tie")
+    md, *_ = write_table_report(table, PROFILE, (0,), store, tmp_path / "tie")
     assert _bold_rows(md) == []
 
 
@@ -518,9 +527,9 @@ def test_two_seeds_pool_pairs_clip_intervals_and_delta_vs_reference(store: RunSt
     # HydraLoRA on 10 then 60, so +10 items per task and seed over LoRA r=8.
     fill_scored(store, table, {"LoRA (r=8)": 0, "HydraLoRA (r=8, N=4)": 10}, seeds,
                 per_seed=50)
-    md, csv, tex = write_table_report(table, PROFILE, seeds, store, tmp_path,
-                                      reference="LoRA (r=8)")
-    tidy = pd.read_csv(csv).set_index(["row", "column"])
+    md, _, tex, raw = write_table_report(table, PROFILE, seeds, store, tmp_path,
+                                         reference="LoRA (r=8)")
+    tidy = pd.read_csv(raw).set_index(["row", "column"])
     lora, hydra = tidy.loc[("LoRA (r=8)", "MMLU")], tidy.loc[("HydraLoRA (r=8, N=4)", "MMLU")]
     values = [0.0, 100 * 50 / N_ITEMS]
     low, high = stats.t.interval(0.95, 1, loc=sum(values) / 2, scale=stats.sem(values))
@@ -549,7 +558,7 @@ def test_labels_come_from_the_records(store: RunStore, tmp_path: Path,
     fill_scored(store, table, {"LoRA (r=8)": 20}, labels=synthetic)
     # What the environment says at report time changes nothing.
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(tmp_path / "elsewhere"))
-    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path)
+    md, csv, tex, _ = write_table_report(table, PROFILE, (0,), store, tmp_path)
     text = md.read_text()
     assert "stand-in tasks (their records say so)" in text
     assert synthetic["data_source"] in text and "elsewhere" not in text
@@ -561,7 +570,7 @@ def test_labels_come_from_the_records(store: RunStore, tmp_path: Path,
 
     real = {"stand_in": False, "data_source": "train: local copy d/x.json; eval: local copies in d"}
     fill_scored(store, table, {"LoRA (r=8)": 20}, labels=real)
-    md, csv, tex = write_table_report(table, PROFILE, (0,), store, tmp_path / "real")
+    md, csv, tex, _ = write_table_report(table, PROFILE, (0,), store, tmp_path / "real")
     assert "their records say so" not in md.read_text() and "Stand-in" not in tex.read_text()
     assert "(stand-in for" not in md.read_text() + tex.read_text()
     assert not pd.read_csv(csv)["stand_in"].dropna().astype(bool).any()
@@ -591,7 +600,7 @@ def test_a_profile_extending_tiny_is_labelled_a_stand_in(store_env: Path,
     md = (reports / "table2.md").read_text()
     assert "stand-in tasks (their records say so)" in md and "Hugging Face hub" not in md
     assert "medical (stand-in for Medical) (ours)" in md
-    tidy = pd.read_csv(reports / "table2.csv").set_index(["row", "column"])
+    tidy = pd.read_csv(reports / "table2.csv").set_index(["row", "paper_column"])
     assert bool(tidy.loc[("Base", "Medical"), "stand_in"]) is True
     tex = (reports / "table2.tex").read_text()
     assert "Stand-in tasks" in tex and "medical (stand-in for Medical)" in tex
