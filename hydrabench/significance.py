@@ -48,6 +48,11 @@ class PairedComparison:
     # How the interval was made: "items" (paired bootstrap over documents, one seed) or
     # "seeds+items" (t-interval over seeds and documents, several seeds).
     interval: str = "items"
+    # The standard error of delta behind the interval (points): the bootstrap replicates'
+    # standard deviation, or seeds_and_items_interval's; df: its degrees of freedom (None: the
+    # bootstrap's percentiles, no t).
+    se: float | None = None
+    df: float | None = None
 
     @property
     def significant(self) -> bool:
@@ -135,10 +140,12 @@ def paired_comparison(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
     if a[0].shape[0] > 1:
         both = seeds_and_items_interval(a, b)
         low, high, interval = both.low, both.high, "seeds+items"
+        se, df = math.sqrt(both.var_seeds + both.var_items), both.df
     else:
         per_item = [(x - y).mean(axis=0) for x, y in zip(a, b, strict=True)]
-        low, high = np.percentile(_bootstrap_deltas(per_item, iterations, seed), [2.5, 97.5])
-        interval = "items"
+        replicates = _bootstrap_deltas(per_item, iterations, seed)
+        low, high = np.percentile(replicates, [2.5, 97.5])
+        interval, se, df = "items", float(replicates.std(ddof=1)), None
     binary = all(np.isin(x, (0.0, 1.0)).all() for x in (*a, *b))
     a_only = sum(int(((x == 1) & (y == 0)).sum()) for x, y in zip(a, b, strict=True))
     b_only = sum(int(((x == 0) & (y == 1)).sum()) for x, y in zip(a, b, strict=True))
@@ -148,7 +155,7 @@ def paired_comparison(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *,
         n_items=sum(x.shape[1] for x in a), n_seeds=a[0].shape[0], score_a=score_a,
         score_b=score_b, delta=score_a - score_b, ci_low=100 * float(low),
         ci_high=100 * float(high), p_value=mcnemar_exact(a_only, b_only) if binary else None,
-        a_only=a_only, b_only=b_only, interval=interval)
+        a_only=a_only, b_only=b_only, interval=interval, se=100 * se, df=df)
 
 
 def samples_dir(store: RunStore, run_id: str) -> Path:

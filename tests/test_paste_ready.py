@@ -222,7 +222,8 @@ def test_seeds_and_items_interval_by_hand() -> None:
     half = stats.t.ppf(0.975, df) * math.sqrt(se2)
     assert (got.low, got.high) == pytest.approx((0.5 - half, 0.5 + half))
     result = significance.paired_comparison(a, b)
-    assert result.interval == "seeds+items"
+    assert result.interval == "seeds+items" and result.df == pytest.approx(df)
+    assert result.se == pytest.approx(100 * math.sqrt(se2))
     assert (result.ci_low, result.ci_high) == pytest.approx((100 * (0.5 - half),
                                                              100 * (0.5 + half)))
     # One seed keeps the paired bootstrap over items.

@@ -392,10 +392,11 @@ def test_figure6_files_and_numbers(store: RunStore, tmp_path: Path) -> None:
 
 def test_cli_report_all_writes_every_report(store_env: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    # Figure 5 refuses to plot nothing: its runs (Table 2's) get records with a metering.
+    # Figures refuse to plot nothing: Figure 5's runs (Table 2's) get records with a metering.
     for _, _, spec in load_table("figure5").run_specs(PROFILE, (0, 1)):
         write_json_atomic(RunStore().record_path(spec.run_id), make_record(
             spec, 0, metering=train_metering(1e-4, 10.0, False)))
+    fill(RunStore(), load_table("figure6"), (0, 1))  # and Figure 6 scores
     assert main(["report", "all", "--seeds", "0,1"]) == 0
     printed = capsys.readouterr().out.split()
     reports = store_env / "reports"
