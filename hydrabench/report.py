@@ -219,9 +219,9 @@ BOLD_RULE = ("bold: a column's best score, only where it beats the runner-up wit
 
 def delta_rule(reference: str, n_seeds: int) -> str:
     """What the Δ column's interval is (significance.paired_comparison)."""
-    how = ("a t-interval over seeds and items: the variance of the per-seed differences over "
+    how = ("t-interval over seeds and items: the variance of the per-seed differences over "
            "the seeds plus that of the items' seed-averaged differences (docs/statistics.md)"
-           if n_seeds >= 2 else "the paired bootstrap interval over items")
+           if n_seeds >= 2 else "paired bootstrap interval over items")
     return f"Δ vs {reference}: our score minus {reference}'s in points, with its 95% {how}"
 
 
