@@ -368,10 +368,18 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
     if args.reference is not None and args.table == "all":
         raise SpecError("--delta-vs names a row of one table; give that table, not all")
+    from hydrabench.figures import NoFigureData
+
     for name in table_names() if args.table == "all" else [args.table]:
-        for path in write_report(name, args.profile,
-                                 _seeds(args.seeds) if args.seeds else None,
-                                 reference=args.reference, say=_say):
+        try:
+            paths = write_report(name, args.profile, _seeds(args.seeds) if args.seeds else None,
+                                 reference=args.reference, say=_say)
+        except NoFigureData as err:
+            if args.table != "all":
+                raise
+            _say(f"skipped {err}")  # `all` writes what there is data for
+            continue
+        for path in paths:
             print(path)
 
 

@@ -409,6 +409,17 @@ def test_cli_report_all_writes_every_report(store_env: Path,
     assert "Runs: none" in (reports / "table3.md").read_text()
 
 
+def test_cli_report_all_skips_figures_without_records_and_writes_the_tables(
+        store_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "all"]) == 0
+    captured = capsys.readouterr()
+    written = {p.name for p in (store_env / "reports").iterdir()}
+    assert {"table1.md", "table2.csv", "table3.tex"} <= written
+    assert not any(name.startswith("figure5") for name in written)
+    assert "hydrabench: skipped figure5: no trained run records" in captured.err
+    assert main(["report", "figure5"]) == 2  # asked for alone, it is the one-line refusal
+
+
 def test_reproduce_runs_every_row_and_code_only_when_approved(store_env: Path) -> None:
     # A stand-in for runner.execute, passed to the sweep as `reproduce` passes the real one:
     # this checks what reproduce asks to run, fast (resolution checks method names for real).
