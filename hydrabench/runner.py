@@ -301,15 +301,46 @@ def served_on_base(spec: RunSpec, artifact: Path) -> dict | None:
 
 
 def _base_server(spec: RunSpec, log_dir: Path, max_model_len: int,
-                 lora: LoraSlots | None) -> VllmServer:
-    """A (not yet started) server of the spec's base model, as the spec's eval settings ask;
-    the base stays where it is, so its compiled graphs are kept for its next server."""
+                 lora: LoraSlots | None, gpu_share: float | None = None) -> VllmServer:
+    """A (not yet started) server of the spec's base model, as the spec's eval settings ask
+    (`gpu_share`: the GPU share decided for a shared server); the base stays where it is, so
+    its compiled graphs are kept for its next server."""
     return VllmServer(_served_model(spec), dtype=spec.dtype, log_dir=log_dir,
                       max_model_len=max_model_len, lora=lora,
                       compile_cache=kept_compile_cache(),
                       tensor_parallel_size=spec.eval.tensor_parallel_size,
                       data_parallel_size=spec.eval.data_parallel_size,
-                      gpu_memory_utilization=spec.eval.gpu_memory_utilization)
+                      gpu_memory_utilization=gpu_share or spec.eval.gpu_memory_utilization)
+
+
+VLLM_DEFAULT_SHARE = 0.9  # vLLM's own gpu_memory_utilization
+MIN_SERVER_SHARE = 0.2
+SERVER_MARGIN_BYTES = 2 * 2**30  # CUDA context, activations of the run's checks
+
+
+def shared_server_share(model_bytes: int, gpu_bytes: int, asked: float | None) -> float | None:
+    """The GPU share of a base-model server that a sweep's runs share. Each later run loads its
+    own copy of the model beside it (its checks, an hf fallback), so the server leaves room for
+    that copy and a margin instead of taking vLLM's default 0.9 (a 7B run then cannot load).
+    `asked`: the spec's own setting, which stands."""
+    if asked is not None:
+        return asked
+    share = min(VLLM_DEFAULT_SHARE, 1 - (1.25 * model_bytes + SERVER_MARGIN_BYTES) / gpu_bytes)
+    if share < MIN_SERVER_SHARE:
+        raise SpecError(f"a server of the base model shared by the runs and each run's own copy "
+                        f"of it ({model_bytes / 2**30:.1f} GiB) do not both fit in the GPU's "
+                        f"{gpu_bytes / 2**30:.0f} GiB: use eval.serving: merged, or set "
+                        f"eval.gpu_memory_utilization")
+    return round(share, 2)
+
+
+def _shared_server_share(spec: RunSpec, model: torch.nn.Module) -> float | None:
+    device = torch.device(runtime_device(spec))
+    if device.type != "cuda":
+        return spec.eval.gpu_memory_utilization
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return shared_server_share(model_bytes, torch.cuda.get_device_properties(device).total_memory,
+                               spec.eval.gpu_memory_utilization)
 
 
 def _served_model(spec: RunSpec) -> str:
@@ -348,13 +379,14 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
             log(f"{spec.run_id}: its adapter does not fit the shared server's LoRA slots; "
                 f"served on its own")
             return None
+    gpu_share = None if servers is None else _shared_server_share(spec, model)
     offload(model)  # served from the files, not from this copy
     with contextlib.ExitStack() as stack:
         if servers is None:
             server = stack.enter_context(_base_server(spec, out, context, slots))
         else:
             server = servers.get(key, lambda log_dir: _base_server(spec, log_dir, context,
-                                                                   slots))
+                                                                   slots, gpu_share))
         name = spec.run_id if lora else server.model_name
         with Meter(phase="eval", country_iso_code=spec.country_iso_code,
                    device=runtime_device(spec)) as meter:

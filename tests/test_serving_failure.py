@@ -26,7 +26,7 @@ from hydrabench import resolve, runner
 from hydrabench.cli import main
 from hydrabench.errors import SpecError
 from hydrabench.resolve import auto_fallback, resolve_spec, vllm_import_error
-from hydrabench.runner import execute, free_memory, kept_if_serving_fails
+from hydrabench.runner import execute, free_memory, kept_if_serving_fails, shared_server_share
 from hydrabench.serving import ServerError
 from hydrabench.store import ARTIFACT_INFO, RunStore
 
@@ -243,3 +243,21 @@ def test_engine_failing_after_training_keeps_the_artifact_and_the_rerun_trains_n
     assert artifact_info(results) == info  # the same artifact, not trained again
     assert record["training"]["train"]["steps"] == 2
     assert results / record["artifact"] == next(results.glob("artifacts/*/artifact.json")).parent
+
+
+# -- a shared server leaves room for each run's own model (no CUDA here: sizes given directly) ---
+
+def test_a_shared_server_leaves_room_for_a_runs_own_model() -> None:
+    gib = 2**30
+    # LLaMA-2-7B in bf16 (13.5 GiB) on an 80 GiB H100: vLLM's 0.9 would leave 8 GiB.
+    share = shared_server_share(int(13.5 * gib), 80 * gib, None)
+    assert share == round(1 - (1.25 * 13.5 + 2) / 80, 2) == 0.76
+    assert (1 - share) * 80 >= 13.5  # the run's copy fits beside the server
+    assert shared_server_share(int(0.5 * gib), 80 * gib, None) == 0.9  # small: vLLM's default
+    assert shared_server_share(int(13.5 * gib), 80 * gib, 0.5) == 0.5  # asked for: it stands
+
+
+def test_a_shared_server_that_cannot_fit_beside_a_run_is_one_line() -> None:
+    with pytest.raises(SpecError, match=r"do not both fit in the GPU's 16 GiB: use "
+                                        r"eval.serving: merged"):
+        shared_server_share(int(13.5 * 2**30), 16 * 2**30, None)
