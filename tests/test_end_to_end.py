@@ -111,13 +111,13 @@ def test_table1_report_fills_only_cells_with_records(finished: tuple[RunStore, R
     target = store.runs / r8.run_id
     if not target.exists():
         target.symlink_to(store.runs / record.run_id, target_is_directory=True)
-    md, csv, tex = write_table_report(table, "tiny", (0,), store, tmp_path)
+    md, _, tex, raw = write_table_report(table, "tiny", (0,), store, tmp_path)
     text = md.read_text()
     assert "stand-in tasks" in text
     import pandas as pd
 
-    frame = pd.read_csv(csv)
-    mmlu = frame[frame["column"] == "MMLU"].set_index("row")
+    frame = pd.read_csv(raw)  # full precision (the .csv is rounded)
+    mmlu = frame[frame["paper_column"] == "MMLU"].set_index("row")
     expected = 100 * sum(m.value for m in record.metrics.values()) / 5
     assert mmlu.loc["LoRA (r=8)", "value"] == pytest.approx(expected)
     assert mmlu.loc["LoRA (r=8)", "paper_value"] == 43.22
