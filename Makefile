@@ -74,6 +74,13 @@ reproduce-figures: install
 
 reproduce: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-figures
 
+# Each of the paper's claims as a test with a verdict (tasks/claims/hydralora.yaml), three seeds:
+# reports/claims.{md,csv,tex}; reuses the table runs' records (same run ids).
+CLAIM_SEEDS ?= 0,1,2
+.PHONY: reproduce-claims
+reproduce-claims: install
+	$(BIN)/hydrabench claims --profile $(PROFILE) --seeds $(CLAIM_SEEDS)
+
 # The 20 slowest tests close the output: where the suite's time goes.
 test: install
 	$(BIN)/pytest -q --durations=20

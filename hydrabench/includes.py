@@ -87,10 +87,15 @@ def table_files() -> dict[str, Path]:
                                     for name, path in folder.tables.items()}}
 
 
+# Subfolders of an included folder that hold table specs and claims files, not lm-eval tasks.
+NOT_TASKS = ("tables", "claims")
+
+
 def _read_folder(root: Path) -> IncludedFolder:
     tasks: dict[str, Path] = {}
     for path in sorted(root.rglob("*.yaml")):
-        if "__pycache__" in path.parts or path.is_relative_to(root / "tables"):
+        if "__pycache__" in path.parts or any(path.is_relative_to(root / apart)
+                                              for apart in NOT_TASKS):
             continue
         for name in task_names(load_yaml(path, TaskYamlLoader)):
             require(name not in tasks, f"{path}: task {name} is also defined by {tasks.get(name)}")

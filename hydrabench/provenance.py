@@ -250,12 +250,12 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 def _included_task_fingerprint(task: str, folder: includes.IncludedFolder) -> dict[str, str]:
     """Config: the task files of its family (its top-level folder, or the whole folder but
-    tables/) and of the folder's top level. Data: the local files its config names and the
-    family's other files (a JSONL beside the YAML)."""
+    tables/ and claims/, which reports read, not runs) and of the folder's top level. Data: the
+    local files its config names and the family's other files (a JSONL beside the YAML)."""
     family, root = folder.family(task), folder.root
 
     def outside_tables(path: Path) -> bool:
-        return not path.is_relative_to(root / "tables")
+        return not any(path.is_relative_to(root / apart) for apart in includes.NOT_TASKS)
 
     shared = "".join(file_digest(f) for f in sorted(root.iterdir())
                      if f.is_file() and _is_task_file(f))

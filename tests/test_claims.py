@@ -423,9 +423,6 @@ def test_run_claims_report_only_with_no_records(store_env: Path) -> None:
     assert set(frame["verdict"]) == {"not tested"}
 
 
-@pytest.mark.xfail(strict=True, reason="provenance fingerprints every task file of an included "
-                   "folder outside tables/, claims/ too: the fix (claims/ beside tables/ in "
-                   "provenance._included_task_fingerprint) is the lead's")
 def test_a_claims_folder_in_an_included_folder_does_not_move_its_run_ids(tmp_path: Path) -> None:
     """An included task at the folder's top level (as docs/custom-tasks.md's example) keeps its
     fingerprint when the folder gains claims/."""

@@ -46,3 +46,10 @@ def test_make_reproduce_passes_the_seeds_on() -> None:
                          capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "reproduce table1 --profile tiny --seeds 0,1,2" in dry.stdout
+
+
+def test_make_reproduce_claims_runs_the_claims_on_three_seeds() -> None:
+    dry = subprocess.run(["make", "-n", "reproduce-claims"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert "hydrabench claims --profile tiny --seeds 0,1,2" in dry.stdout
