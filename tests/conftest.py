@@ -31,6 +31,14 @@ def store_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def store(tmp_path: Path):
+    """An empty run store of this test's own."""
+    from hydrabench.store import RunStore
+
+    return RunStore(tmp_path / "results")
+
+
 def torchrun(processes: int) -> list[str]:
     """The real launcher, on a free local port."""
     with socket.socket() as sock:

@@ -95,11 +95,6 @@ def paired(id_: str, a: str, b: str, margin: float = 0.0, direction: str = "high
             "direction": direction}
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> RunStore:
-    return RunStore(tmp_path / "results")
-
-
 # -- Holm ---------------------------------------------------------------------------------------
 
 

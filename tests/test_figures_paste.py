@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.text import Text
-from test_report import PROFILE, fill, make_record, train_metering
+from test_report import PROFILE, STAND_IN, fill, make_record, train_metering
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
@@ -31,14 +31,6 @@ from hydrabench.figures import (
 from hydrabench.report import tidy_frame
 from hydrabench.store import RunStore
 from hydrabench.tables import TableSpec, collect_cells, load_table
-
-STAND_IN = {"stand_in": True, "data_source": "train: synthetic suite (generated); "
-                                             "eval: synthetic suite (generated)"}
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> RunStore:
-    return RunStore(tmp_path / "results")
 
 
 def fill_stand_ins(store: RunStore, table: TableSpec, skip: set[str] = frozenset()) -> None:

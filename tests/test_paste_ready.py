@@ -20,6 +20,7 @@ from scipy import stats
 from test_report import (
     N_ITEMS,
     PROFILE,
+    STAND_IN,
     eval_tasks,
     fill,
     fill_scored,
@@ -34,21 +35,12 @@ from hydrabench.report import write_table_report
 from hydrabench.store import RunStore
 from hydrabench.tables import load_table
 
-SYNTHETIC = {"stand_in": True, "data_source": "train: synthetic suite (generated); "
-                                              "eval: synthetic suite (generated)"}
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> RunStore:
-    return RunStore(tmp_path / "results")
-
-
 # -- 1. paper-ready tables ---------------------------------------------------------------------
 
 
 def test_stand_in_table_says_so_in_title_csv_and_caption(store: RunStore, tmp_path: Path) -> None:
     table = load_table("table1")
-    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=SYNTHETIC)
+    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=STAND_IN)
     md, csv, tex, raw = write_table_report(table, PROFILE, (0,), store, tmp_path)
     title = md.read_text().splitlines()[0]
     assert title == ("# Table 1: LoRA vs LoRA-Split (general instruction tuning, scored on "
@@ -65,7 +57,7 @@ def test_stand_in_table_says_so_in_title_csv_and_caption(store: RunStore, tmp_pa
 
 def test_title_without_a_column_label_is_marked(store: RunStore, tmp_path: Path) -> None:
     table = load_table("table2")  # "PEFT methods on single domains": names no column
-    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=SYNTHETIC)
+    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=STAND_IN)
     md = write_table_report(table, PROFILE, (0,), store, tmp_path)[0]
     assert md.read_text().startswith("# Table 2: PEFT methods on single domains (stand-in tasks)")
 
@@ -101,7 +93,7 @@ def _compile(tmp_path: Path, inputs: list[str]) -> subprocess.CompletedProcess[s
 
 def test_tex_has_one_title_and_names_booktabs(store: RunStore, tmp_path: Path) -> None:
     table = load_table("table1")
-    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=SYNTHETIC)
+    fill_scored(store, table, {"LoRA (r=8)": 20}, labels=STAND_IN)
     tex = write_table_report(table, PROFILE, (0,), store, tmp_path)[2].read_text()
     assert tex.splitlines()[1] == r"% requires \usepackage{booktabs}"
     caption = re.search(r"\\caption\{(.*)\}", tex).group(1)
