@@ -235,8 +235,11 @@ def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2"]) == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "--trust-remote-code" in errors[0], errors
+    # With the flag the planted record is still refused: its spec no longer gives its train id.
     assert main(["eval", "--run", run_id, "--task", "law", "--limit", "2",
-                 "--trust-remote-code"]) == 0
+                 "--trust-remote-code"]) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "is not its spec's" in errors[0], errors
 
 
 @pytest.mark.slow
