@@ -1,7 +1,7 @@
 """The lm-eval client hydrabench scores a vLLM server with: lm-eval's `local-completions`,
 asking the server only for what lm-eval uses, in a few large requests.
 
-Where the time went (tiny model, 2 cores, measured; README "Performance"): not HTTP round trips nor
+Where the time went (tiny model, 2 cores, measured; benchmarks/README.md): not HTTP round trips nor
 tokenisation (requests go pre-tokenized), but vLLM's per-token work around prompt logprobs.
 lm-eval's loglikelihood request (`echo` + `logprobs=1`) makes vLLM detokenize every prompt
 position and its top-1 alternative and return both twice (the OpenAI logprobs block and the raw
