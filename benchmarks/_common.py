@@ -30,8 +30,8 @@ from tabulate import tabulate
 from torch.utils.benchmark import Timer
 
 from hydrabench.atomic import write_json_atomic
-from hydrabench.metering import hardware_summary
 from hydrabench.paths import reports_root
+from hydrabench.training.metering import hardware_summary
 
 REPORT_DIR = reports_root().resolve() / "bench"  # HYDRABENCH_REPORTS, as hydrabench's reports
 

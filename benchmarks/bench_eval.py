@@ -9,15 +9,15 @@ loglikelihood) + generated tokens, counted with the model's tokenizer. Each eval
 ``--rounds`` times and the fastest is kept.
 
 The hf backend always runs. When vllm is installed, the same checkpoint is also served the way
-the harness's ``--backend vllm`` does it (``hydrabench.serving.VllmServer``, scored through
-``hydrabench.served_lm``); the server's start-up (about a minute on 2 cores) is reported apart,
+the harness's ``--backend vllm`` does it (``hydrabench.serving.server.VllmServer``, scored through
+``hydrabench.serving.client``); the server's start-up (about a minute on 2 cores) is reported apart,
 not counted in the rates: the first start on an empty compile cache (``*_startup_s``) and a
 second start of the same model on the cache the first one kept (``*_restart_s``), as the harness
 keeps it for a model that stays where it is (a base model, an export). Otherwise the reason is
 printed and the run goes on. Beside it, lm-eval's own in-process ``vllm`` backend scores the same
 checkpoints (``vllm-inprocess``, ``vllm-plugin-inprocess``) on an empty compile cache of its own,
 in a spawned process, as the harness scores a run with a checkpoint of its own
-(``hydrabench.inprocess_vllm``; the server stays for base-model servers). Its start-up counts
+(``hydrabench.serving.inprocess``; the server stays for base-model servers). Its start-up counts
 from the spawn, imports included, as the server's does. Beside the rates, one run's whole wall
 (``*_wall_s``, ``*_served_over_inprocess_wall``): a server started on an empty cache, the rounds
 scored, the server stopped, against the spawned process from spawn to exit, the same rounds
@@ -73,12 +73,12 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from peft import LoraConfig, get_peft_model
 
-from hydrabench.export import save_plugin_checkpoint
-from hydrabench.metering import hardware_summary
 from hydrabench.methods.hydralora import METHOD
 from hydrabench.methods.hydralora_layer import HydraLoraConfig, apply_hydralora, hydralora_layers
 from hydrabench.models import BUILTIN_TINY, load_base_model
 from hydrabench.paths import TASKS_DIR
+from hydrabench.serving.export import save_plugin_checkpoint
+from hydrabench.training.metering import hardware_summary
 
 TASKS = ("tiny_medical", "tiny_arithmetic")
 
@@ -171,8 +171,8 @@ def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
     if importlib.util.find_spec("vllm") is None:
         return [], "unavailable: vllm is not installed", [], None
     try:
-        from hydrabench.served_lm import served_lm
-        from hydrabench.serving import VllmServer
+        from hydrabench.serving.client import served_lm
+        from hydrabench.serving.server import VllmServer
     except ImportError as err:
         return [], f"unavailable: hydrabench's serving is not importable ({err})", [], None
     def server() -> VllmServer:
@@ -196,7 +196,7 @@ def vllm_rows(name: str, model_dir: Path, tokenizer: Any, manager: TaskManager,
 def inprocess_child(name: str, model_dir: str, settings: dict[str, Any], spawned_at: float,
                     log_path: str, result_path: str) -> None:
     """In a fresh interpreter (spawned): lm-eval's in-process `vllm` backend scores `model_dir`
-    in the environment the harness gives its engine child (`hydrabench.inprocess_vllm`). Its
+    in the environment the harness gives its engine child (`hydrabench.serving.inprocess`). Its
     output goes to `log_path`; its rows and the seconds from spawn to a ready engine to
     `result_path`."""
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -204,8 +204,8 @@ def inprocess_child(name: str, model_dir: str, settings: dict[str, Any], spawned
     os.dup2(log, 2)
     from transformers import AutoTokenizer
 
-    from hydrabench.inprocess_vllm import point_version_lookup_at_cpu_build
-    from hydrabench.serving import vllm_env
+    from hydrabench.serving.inprocess import point_version_lookup_at_cpu_build
+    from hydrabench.serving.server import vllm_env
 
     os.environ.update(vllm_env(1, Path(settings["scratch"])))
     point_version_lookup_at_cpu_build()
@@ -230,7 +230,7 @@ def inprocess_rows(name: str, model_dir: Path, args: argparse.Namespace
     spawn to exit. Never raises, as `vllm_rows`."""
     if importlib.util.find_spec("vllm") is None:
         return [], "unavailable: vllm is not installed", None, None
-    from hydrabench.serving import last_error_line, vllm_scratch
+    from hydrabench.serving.server import last_error_line, vllm_scratch
 
     log_path = REPORT_DIR / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def lora_runs(n: int, root: Path) -> list[tuple[Path, Path]]:
 
 def score_served(server: Any, model_dir: Path, model_name: str | None, tokenizer: Any,
                  manager: TaskManager, args: argparse.Namespace) -> dict[str, Any]:
-    from hydrabench.served_lm import served_lm
+    from hydrabench.serving.client import served_lm
 
     return evaluate_once(served_lm(server, model_dir, model_name), tokenizer, "tiny_medical",
                          manager, args.limit)
@@ -307,7 +307,7 @@ def server_cpu_s(server: Any) -> float:
 def shared_vs_per_run(base_dir: Path, tokenizer: Any, manager: TaskManager,
                       args: argparse.Namespace) -> dict[str, Any]:
     """N runs scored on one server vs one server per run (see the module's docstring)."""
-    from hydrabench.serving import LoraSlots, VllmServer, served_lora_config
+    from hydrabench.serving.server import LoraSlots, VllmServer, served_lora_config
 
     root = Path(tempfile.mkdtemp(prefix="bench-eval-shared-"))
     try:

@@ -4,13 +4,14 @@ Variants, timed in interleaved rounds (each keeps its fastest and its median run
 
 - ``python start-up``: the sandbox's interpreter running nothing (``python -I -S -c pass``),
   the floor under any per-program process;
-- ``sandbox``: ``hydrabench.sandbox.run_program`` on a one-function program and a one-assert
+- ``sandbox``: ``hydrabench.evaluation.sandbox.run_program`` on a one-function program and a
+one-assert
   test: two bubblewrap sandboxes (the program and the judge), both interpreters, the pipes;
 - ``sandbox, HumanEval/0``: ``check_completion`` with the canonical solution;
 - ``old sandbox``: the sandbox as it was before the judge (one process under util-linux
   ``unshare``, which decided its own verdict), loaded from git: the parent of the commit that
-  added ``hydrabench/sandbox_child.py``. Skipped, with the reason, where git or that history is
-  missing.
+  added ``hydrabench/evaluation/sandbox_child.py``. Skipped, with the reason, where git or that
+  history is missing.
 
 Then HumanEval's canonical solutions (all 164, ``--quick``: the first 24) scored the way lm-eval
 scores them, as many runs at once as there are cores, by each sandbox: ms per program there is
@@ -37,7 +38,7 @@ from types import ModuleType
 
 from _common import finish, parse_args, print_table, ratio
 
-from hydrabench import sandbox
+from hydrabench.evaluation import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 HUMANEVAL = REPO.parent / "shared" / "data" / "humaneval" / "HumanEval.jsonl.gz"
@@ -52,8 +53,8 @@ def old_sandbox() -> tuple[ModuleType | None, str]:
 
     try:
         added = git("log", "--diff-filter=A", "--format=%H", "--",
-                    "hydrabench/sandbox_child.py").split()[-1]
-        source = git("show", f"{added}^:hydrabench/sandbox.py")
+                    "hydrabench/evaluation/sandbox_child.py").split()[-1]
+        source = git("show", f"{added}^:hydrabench/evaluation/sandbox.py")
     except (OSError, subprocess.CalledProcessError, IndexError) as e:
         return None, f"old sandbox unavailable (needs git history): {e}"
     with tempfile.TemporaryDirectory(prefix="hydrabench-bench-") as folder:

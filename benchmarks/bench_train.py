@@ -2,7 +2,7 @@
 
 Each method is built by hydrabench's own registry (``get_method(name).adapt``) from the tiny
 profile's settings, so what is timed is what the harness trains. A step is the work of one
-step of ``hydrabench.train.train`` (forward with labels, backward, loss read-out, gradient
+step of ``hydrabench.training.loop.train`` (forward with labels, backward, loss read-out, gradient
 clipping, AdamW step, zero grad) on a fixed batch of full-length sequences. LoRA-Split 4x8
 trains one of its four adapters at a time, so its step is timed with ``split_0`` active.
 
@@ -23,10 +23,10 @@ import torch
 from _common import finish, parse_args, peak_memory_mib, print_table, ratio, time_interleaved
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.methods import get_method
 from hydrabench.models import load_base_model
-from hydrabench.resolve import resolve_spec
-from hydrabench.spec import RunSpec
+from hydrabench.pipeline.resolve import resolve_spec
 
 # (row label, registry name, adapter overrides on top of the tiny profile)
 METHODS: list[tuple[str, str, dict[str, Any]]] = [
@@ -59,7 +59,7 @@ def method_spec(method: str, adapter: dict[str, Any]) -> RunSpec:
 
 
 def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One optimizer step as hydrabench.train.train does it (grad_accum 1; the LR schedule,
+    """One optimizer step as hydrabench.training.loop.train does it (grad_accum 1; the LR schedule,
     a scalar update, left out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=2e-4)

@@ -6,8 +6,8 @@ torch, and NVML's energy counter around a bf16 matmul burst); Table 1's LoRA (r=
 tokens/s, ``gpu_source`` measured); ``bench_layer`` at LLaMA-2-7B's 4096x4096 projection in
 bf16; ``--merge-gap`` on CUDA; the bf16 ``small`` profile's path on a randomly initialised
 Qwen2-shaped model (hf backend); HydraLoRA served by hydrabench's vLLM plugin against hf, when
-vLLM imports. Each step calls the harness itself (``hydrabench.runner.execute``, a sweep of the
-shipped table spec, the benchmark's own functions), with profiles of its own written as the
+vLLM imports. Each step calls the harness itself (``hydrabench.pipeline.run.execute``, a sweep of
+the shipped table spec, the benchmark's own functions), with profiles of its own written as the
 user's profile files are (``extends: tiny`` with ``device: cuda``; ``extends: small`` with a
 local model). No hub access: everything is built here.
 
@@ -212,9 +212,9 @@ def overrides(ctx: Context) -> dict[str, dict[str, Any]]:
 def table1_runs(ctx: Context, labels: Sequence[str]) -> Any:
     """The sweep of Table 1's rows `labels` on the tiny CUDA profile (planned from the shipped
     table spec as `hydrabench sweep table1 --rows ...` plans it; `.runs` its runs)."""
-    from hydrabench.runner import execute
-    from hydrabench.sweep import plan_sweep
-    from hydrabench.tables import load_table
+    from hydrabench.config.tables import load_table
+    from hydrabench.pipeline.run import execute
+    from hydrabench.pipeline.sweep import plan_sweep
 
     table = load_table("table1")
     numbers = [n for n, row in enumerate(table.rows, 1) if row.label in labels]
@@ -229,7 +229,7 @@ def check_cuda_training(record: Any, loss_must_fall: bool = True) -> dict[str, A
     CheckFailed naming what is off (CPU memory counter, unmeasured energy, a loss that rose or
     is not finite). A random base model's loss need not fall in a few steps: `loss_must_fall`
     False checks only that it is finite."""
-    from hydrabench.tables import score_of
+    from hydrabench.config.tables import score_of
 
     train = record.metering.train or {}
     throughput, energy = train.get("throughput", {}), train.get("energy", {})
@@ -278,7 +278,7 @@ def facts(ctx: Context) -> Outcome:
     import torch
     import transformers
 
-    from hydrabench.metering import Meter, gpu_inventory
+    from hydrabench.training.metering import Meter, gpu_inventory
 
     props = torch.cuda.get_device_properties(0)
     inventory = gpu_inventory()
@@ -327,7 +327,7 @@ def tiny_model(ctx: Context) -> Outcome:
 
 
 def table1(ctx: Context) -> Outcome:
-    from hydrabench.store import RunStore
+    from hydrabench.records.store import RunStore
 
     sweep = table1_runs(ctx, TABLE1_ROWS)
     sweep.run_local()
@@ -353,8 +353,8 @@ def table1(ctx: Context) -> Outcome:
 
 
 def merge_gap(ctx: Context) -> Outcome:
-    from hydrabench.runner import execute
-    from hydrabench.sweep import with_overrides
+    from hydrabench.pipeline.run import execute
+    from hydrabench.pipeline.sweep import with_overrides
 
     [hydra] = table1_runs(ctx, [HYDRA_ROW]).runs
     # The same training (its artifact is reused when table1 ran), scored with the merges.
@@ -425,8 +425,8 @@ def small_profile(ctx: Context) -> Path:
 
 def small(ctx: Context) -> Outcome:
     from hydrabench.models import BUILTIN_TINY, resolve_model_dir
-    from hydrabench.resolve import resolve_spec
-    from hydrabench.runner import execute
+    from hydrabench.pipeline.resolve import resolve_spec
+    from hydrabench.pipeline.run import execute
 
     model_dir = qwen2_shaped_model(ctx.root / "qwen2-random", resolve_model_dir(BUILTIN_TINY),
                                    {}, "cuda")
@@ -443,9 +443,9 @@ def small(ctx: Context) -> Outcome:
 
 
 def plugin(ctx: Context) -> Outcome:
-    from hydrabench.resolve import vllm_import_error
-    from hydrabench.runner import execute
-    from hydrabench.sweep import with_overrides
+    from hydrabench.pipeline.resolve import vllm_import_error
+    from hydrabench.pipeline.run import execute
+    from hydrabench.pipeline.sweep import with_overrides
 
     error = vllm_import_error()  # the harness's own check, in a child process
     if error is not None:

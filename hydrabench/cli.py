@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from hydrabench.errors import SpecError
 
 if TYPE_CHECKING:  # the CLI imports its commands' modules lazily, to start fast
-    from hydrabench.store import RunRecord
-    from hydrabench.sweep import Sweep
+    from hydrabench.pipeline.sweep import Sweep
+    from hydrabench.records.store import RunRecord
 
 
 def _heads(value: str) -> int | str:
@@ -250,22 +250,22 @@ def _one_column(task: str) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from hydrabench.resolve import resolve_spec
-    from hydrabench.runner import execute
+    from hydrabench.pipeline.resolve import resolve_spec
+    from hydrabench.pipeline.run import execute
 
     spec = resolve_spec(args.method, _one_column(args.task), args.profile, args.seed, args.model,
                         _overrides(args),
                         trust_remote_code=args.trust_remote_code)
     record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
     if record:  # None on the worker processes of a torchrun launch, and for a dry run
-        from hydrabench.store import RunStore, base_record
+        from hydrabench.records.store import RunStore, base_record
 
         base = base_record(RunStore(), record) if spec.method != "base" else None
         _print_metrics(record, base)
 
 
 def _eval_spec(args: argparse.Namespace):
-    from hydrabench.resolve import resolve_spec, retarget
+    from hydrabench.pipeline.resolve import resolve_spec, retarget
 
     _one_column(args.task)
     overrides = {"eval": {"limit": args.limit, "num_fewshot": args.num_fewshot,
@@ -276,9 +276,9 @@ def _eval_spec(args: argparse.Namespace):
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
                             lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
-    from hydrabench.export import checked_run
-    from hydrabench.includes import recorded_folders, refuse_folders_not_named
-    from hydrabench.store import RunStore
+    from hydrabench.config.includes import recorded_folders, refuse_folders_not_named
+    from hydrabench.records.store import RunStore
+    from hydrabench.serving.export import checked_run
 
     # The record is data: code (remote code, task folders) only as this command line allows.
     store = RunStore()
@@ -291,13 +291,13 @@ def _eval_spec(args: argparse.Namespace):
 def _cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from hydrabench.runner import execute
+    from hydrabench.pipeline.run import execute
 
     record = execute(_eval_spec(args), force=args.force)
     if record is None:  # a worker process of a torchrun launch: rank 0 reports
         return
     if args.json:
-        from hydrabench.store import RunStore
+        from hydrabench.records.store import RunStore
 
         print(json.dumps({
             "run_id": record.run_id, "record": str(RunStore().record_path(record.run_id)),
@@ -316,16 +316,16 @@ def _print_metrics(record: RunRecord, base: RunRecord | None = None) -> None:
         baseline = f"  base {base.metrics[task].value:.4f}" if base else ""
         print(f"{task:24s} {metrics.primary:28s} {metrics.value:.4f}{spread}  "
               f"(n={metrics.n}){baseline}")
-    from hydrabench.store import RunStore
+    from hydrabench.records.store import RunStore
 
     print(f"record: {RunStore().record_path(record.run_id)}")
 
 
 def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
                 rows: list[int] | None = None) -> Sweep:
-    from hydrabench.runner import execute
-    from hydrabench.sweep import plan_sweep
-    from hydrabench.tables import load_table
+    from hydrabench.config.tables import load_table
+    from hydrabench.pipeline.run import execute
+    from hydrabench.pipeline.sweep import plan_sweep
 
     return plan_sweep(load_table(args.table), args.profile, _seeds(args.seeds), execute,
                       overrides=overrides, rows=rows,
@@ -333,7 +333,7 @@ def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] |
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> None:
-    from hydrabench.reporting import write_report
+    from hydrabench.reports import write_report
 
     _plan_sweep(args).run_local()
     for path in write_report(args.table, args.profile, _seeds(args.seeds)):
@@ -341,7 +341,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from hydrabench.sweep import format_status
+    from hydrabench.pipeline.sweep import format_status
 
     overrides: dict[str, dict[str, Any]] = {}
     for dest in SWEEP_OVERRIDES:
@@ -363,12 +363,12 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from hydrabench.reporting import write_report
-    from hydrabench.tables import table_names
+    from hydrabench.config.tables import table_names
+    from hydrabench.reports import write_report
 
     if args.reference is not None and args.table == "all":
         raise SpecError("--delta-vs names a row of one table; give that table, not all")
-    from hydrabench.figures import NoFigureData
+    from hydrabench.reports.figures import NoFigureData
 
     for name in table_names() if args.table == "all" else [args.table]:
         try:
@@ -389,7 +389,7 @@ def _say(line: str) -> None:
 
 
 def _cmd_claims(args: argparse.Namespace) -> None:
-    from hydrabench.claims import run_claims
+    from hydrabench.reports.claims import run_claims
 
     for path in run_claims(args.file, args.profile, _seeds(args.seeds) if args.seeds else None,
                            report_only=args.report_only,
@@ -398,19 +398,19 @@ def _cmd_claims(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from hydrabench.export import export_run
+    from hydrabench.serving.export import export_run
 
     print(export_run(args.run_id, args.merge, trust_remote_code=args.trust_remote_code))
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
-    from hydrabench.significance import compare_runs, format_comparisons
+    from hydrabench.evaluation.significance import compare_runs, format_comparisons
 
     print(format_comparisons(args.run_a, args.run_b, compare_runs(args.run_a, args.run_b)))
 
 
 def _cmd_protocols(args: argparse.Namespace) -> None:
-    from hydrabench.protocols import run_protocols
+    from hydrabench.reports.protocols import run_protocols
 
     names = [n.strip() for n in args.protocols.split(",")] if args.protocols else None
     for path in run_protocols(model=args.model, run_id=args.run_id, benchmark=args.benchmark,
@@ -422,7 +422,7 @@ def _cmd_protocols(args: argparse.Namespace) -> None:
 def _cmd_profile(args: argparse.Namespace) -> None:
     import yaml
 
-    from hydrabench.profiles import load_profile
+    from hydrabench.config.profiles import load_profile
 
     print(yaml.safe_dump(load_profile(args.name).to_dict(), sort_keys=False, allow_unicode=True),
           end="")
@@ -445,23 +445,23 @@ def _cmd_list(args: argparse.Namespace) -> None:
                        if m.served_by_plugin else "  [hf backend only]")
             print(f"{m.name:20s} {m.description}{serving}")
     elif args.what == "tasks":
-        from hydrabench.profiles import load_profile
+        from hydrabench.config.profiles import load_profile
 
         for name, task in load_profile(args.profile).tasks.items():
             print(f"{name:10s} corpus={task.corpus:40s} eval={','.join(task.eval)}")
     elif args.what == "profiles":
-        from hydrabench.profiles import load_profile, profile_names
+        from hydrabench.config.profiles import load_profile, profile_names
 
         for name in profile_names():
             print(f"{name:10s} {load_profile(name).description}")
     elif args.what == "runs":
-        from hydrabench.store import RunStore, matching_runs, run_lines
+        from hydrabench.records.store import RunStore, matching_runs, run_lines
 
         records = matching_runs(RunStore().records(), args.method, args.task)
         print("\n".join(run_lines(records)) if records else "no finished runs"
               + (" matching --method/--task" if args.method or args.task else ""))
     else:
-        from hydrabench.tables import load_table, table_names
+        from hydrabench.config.tables import load_table, table_names
 
         for name in table_names():
             print(f"{name:10s} {load_table(name).title}")
@@ -470,7 +470,7 @@ def _cmd_list(args: argparse.Namespace) -> None:
 def _cmd_show(args: argparse.Namespace) -> None:
     import json
 
-    from hydrabench.store import RunStore, describe_run
+    from hydrabench.records.store import RunStore, describe_run
 
     store = RunStore()
     record = store.load(args.run_id)
@@ -481,11 +481,11 @@ def _cmd_show(args: argparse.Namespace) -> None:
 def _use_included_folders(args: argparse.Namespace) -> None:
     """This command's own task folders: --include-path's and the profile's include_path, each
     checked before any work (a process running main again starts from none)."""
-    from hydrabench.includes import include, use_only
+    from hydrabench.config.includes import include, use_only
 
     use_only(getattr(args, "include_path", []), "--include-path")
     if hasattr(args, "include_path"):
-        from hydrabench.profiles import load_profile
+        from hydrabench.config.profiles import load_profile
 
         include(load_profile(args.profile).include_path, f"profile {args.profile}: include_path")
 
@@ -519,8 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hydrabench: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
     finally:
-        from hydrabench import distributed
-
+        from hydrabench.training import distributed
         distributed.shutdown()
     return 0
 

@@ -5,7 +5,8 @@ They replace lm-eval's built-in humaneval `utils.py`, whose metric is HF evaluat
 the same scoring: each sample is `prompt + completion` (the `build_predictions` filter), the test
 program is that sample, a newline and the target (`{{test}}\\ncheck({{entry_point}})`), a sample
 passes when that program runs to its end within 3 s (code_eval's default timeout), and pass@k is
-the unbiased estimator over a doc's samples. Samples run in `hydrabench.sandbox`, which refuses
+the unbiased estimator over a doc's samples. Samples run in `hydrabench.evaluation.sandbox`, which
+refuses
 to run anything unless the user opted in (HF_ALLOW_CODE_EVAL=1) and where the sandbox's walls
 cannot be put up; it runs the target apart from the sample, in a judge that calls the sample's
 functions, so that a sample cannot decide its own verdict (see its docstring).
@@ -17,7 +18,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from statistics import mean
 
-from hydrabench import sandbox
+from hydrabench.evaluation import sandbox
 
 # HF evaluate's code_eval default, which the built-in humaneval task uses.
 TIMEOUT_S = 3.0

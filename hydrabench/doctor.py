@@ -6,8 +6,7 @@ import shutil
 from importlib.util import find_spec
 from pathlib import Path
 
-from hydrabench import provenance
-from hydrabench.metering import gpu_inventory, hardware_summary
+from hydrabench.config.profiles import load_profile, profile_names
 from hydrabench.paths import (
     cache_root,
     data_dir,
@@ -15,7 +14,8 @@ from hydrabench.paths import (
     hub_offline,
     results_root,
 )
-from hydrabench.profiles import load_profile, profile_names
+from hydrabench.records import provenance
+from hydrabench.training.metering import gpu_inventory, hardware_summary
 
 
 def vllm_flavour() -> str:

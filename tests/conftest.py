@@ -34,7 +34,7 @@ def store_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def store(tmp_path: Path):
     """An empty run store of this test's own."""
-    from hydrabench.store import RunStore
+    from hydrabench.records.store import RunStore
 
     return RunStore(tmp_path / "results")
 

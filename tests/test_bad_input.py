@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, SHARED, assert_refused_in_one_line, child_env, error_lines
 
 from hydrabench.cli import main
-from hydrabench.train import TrainingOutOfMemory, train
+from hydrabench.training.loop import TrainingOutOfMemory, train
 
 STORIES = str(SHARED / "models" / "stories260K")
 RUN = ["run", "--method", "lora", "--task", "general"]
@@ -183,7 +183,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(argv: list, message: str, 
 def test_merge_gap_is_accepted_where_the_method_has_approximate_merges() -> None:
     # LoRAMoE, LoRA-Split and R-LoRA train HydraLoRA adapters (an A per head): the same merges.
     from hydrabench.methods import METHODS
-    from hydrabench.resolve import resolve_spec
+    from hydrabench.pipeline.resolve import resolve_spec
 
     having = [m.name for m in METHODS.values() if m.approximate_merges]
     assert having == ["lora-split", "hydralora", "hydralora-uniform", "loramoe", "r-lora"]
@@ -194,8 +194,8 @@ def test_merge_gap_is_accepted_where_the_method_has_approximate_merges() -> None
 
 def test_out_of_memory_names_the_batch_that_failed() -> None:
     """CUDA OOM cannot happen on this CPU machine, so the model raises it (a stand-in)."""
+    from hydrabench.config.spec import TrainSettings
     from hydrabench.data.records import InstructionRecord
-    from hydrabench.spec import TrainSettings
 
     class Exploding(torch.nn.Module):
         def __init__(self) -> None:
@@ -218,8 +218,7 @@ def test_code_execution_without_its_sandbox_is_refused_before_any_work(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """A machine without bubblewrap (a PATH without `bwrap` stands in for one): the run stops
     before training, not after the model wrote its programs."""
-    from hydrabench import sandbox
-
+    from hydrabench.evaluation import sandbox
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
     monkeypatch.setenv("PATH", str(tmp_path))
     sandbox._probe_walls.cache_clear()

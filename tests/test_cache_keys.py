@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SHARED, finish, start
 
-from hydrabench import provenance
-from hydrabench.resolve import resolve_spec
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records import provenance
 
 STORIES = SHARED / "models" / "stories260K"
 

@@ -22,7 +22,13 @@ import yaml
 from conftest import REPO
 
 from hydrabench.atomic import write_json_atomic
-from hydrabench.claims import (
+from hydrabench.cli import main
+from hydrabench.config.includes import use_only
+from hydrabench.config.spec import RunSpec
+from hydrabench.config.tables import load_table
+from hydrabench.errors import SpecError
+from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.reports.claims import (
     Claim,
     Verdict,
     claim_row,
@@ -33,12 +39,6 @@ from hydrabench.claims import (
     plan_claim_runs,
     run_claims,
 )
-from hydrabench.cli import main
-from hydrabench.errors import SpecError
-from hydrabench.includes import use_only
-from hydrabench.spec import RunSpec
-from hydrabench.store import RunRecord, RunStore
-from hydrabench.tables import load_table
 
 PROFILE = "tiny"
 N_ITEMS = 400
@@ -333,7 +333,7 @@ def test_a_claims_folder_does_not_move_run_ids(tmp_path: Path) -> None:
     The copy is read through HYDRABENCH_TASKS_DIR in a fresh process (read at import)."""
     copy = tmp_path / "tasks"
     shutil.copytree(REPO / "tasks", copy, ignore=shutil.ignore_patterns("claims", "__pycache__"))
-    script = ("from hydrabench.tables import load_table\n"
+    script = ("from hydrabench.config.tables import load_table\n"
               "print(' '.join(s.run_id for _, _, s in load_table('table1').run_specs('tiny')))")
     ids = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env={**os.environ, **env}).stdout.split()
@@ -421,7 +421,7 @@ def test_run_claims_report_only_with_no_records(store_env: Path) -> None:
 def test_a_claims_folder_in_an_included_folder_does_not_move_its_run_ids(tmp_path: Path) -> None:
     """An included task at the folder's top level (as docs/custom-tasks.md's example) keeps its
     fingerprint when the folder gains claims/."""
-    from hydrabench.provenance import task_fingerprints
+    from hydrabench.records.provenance import task_fingerprints
 
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -463,7 +463,7 @@ def test_cli_claims_runs_what_they_need_then_reports(store_env: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`hydrabench claims --seeds 0` with a stand-in for runner.execute (training is what it
     would run): every planned run once, then the report from their records."""
-    import hydrabench.runner
+    import hydrabench.pipeline.run
 
     executed: list[str] = []
 
@@ -475,7 +475,7 @@ def test_cli_claims_runs_what_they_need_then_reports(store_env: Path,
                          metering(20.0 if spec.method == "lora" else 10.0))
         return runs.load(spec.run_id)
 
-    monkeypatch.setattr(hydrabench.runner, "execute", execute)
+    monkeypatch.setattr(hydrabench.pipeline.run, "execute", execute)
     assert main(["claims", "--seeds", "0"]) == 0
     assert len(executed) == len(set(executed)) == 11
     frame = pd.read_csv(store_env / "reports" / "claims.csv").set_index("id")

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from hydrabench import distributed, train
 from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
     apply_hydralora,
     mean_router_gates,
     model_device,
 )
+from hydrabench.training import distributed
+from hydrabench.training import loop as train
 
 
 class _Tiny(nn.Module):

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from conftest import child_env
 
-from hydrabench.metering import RaplReader
-from hydrabench.report import write_table_report
-from hydrabench.resolve import resolve_spec
-from hydrabench.runner import execute
-from hydrabench.store import RunRecord, RunStore
-from hydrabench.tables import load_table
+from hydrabench.config.tables import load_table
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.run import execute
+from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.reports.tables import write_table_report
+from hydrabench.training.metering import RaplReader
 
 # Trains, scores and starts the CLI as a process: `make test`, not the fast tier.
 pytestmark = pytest.mark.slow
@@ -131,9 +131,9 @@ def test_exported_lora_checkpoint_equals_the_adapter(finished: tuple[RunStore, R
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hydrabench.export import export_run
     from hydrabench.methods import get_method
     from hydrabench.models import load_base_model
+    from hydrabench.serving.export import export_run
 
     store, record = finished
     merged = AutoModelForCausalLM.from_pretrained(export_run(record.run_id, store=store))

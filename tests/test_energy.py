@@ -16,8 +16,8 @@ import pynvml
 import pytest
 import torch
 
-from hydrabench import metering
-from hydrabench.metering import Meter, PhaseMetrics
+from hydrabench.training import metering
+from hydrabench.training.metering import Meter, PhaseMetrics
 
 _MJ_PER_KWH = 3.6e9
 
@@ -253,7 +253,7 @@ def test_mig_is_labelled_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyP
 def test_per_device_energy_survives_the_record(node: FakeNode, tmp_path: Path) -> None:
     """Fake 8-GPU node: the phase dict a record keeps is JSON and names the source per device,
     and an older record's metering (no per-device UUIDs) still loads."""
-    from hydrabench.store import Metering
+    from hydrabench.records.store import Metering
 
     data = json.loads(json.dumps(_phase(tmp_path, "cuda:1").to_dict(), allow_nan=False))
     assert data["energy"]["gpu_source"] == "measured:nvml"

@@ -18,7 +18,9 @@ from test_report import PROFILE, STAND_IN, fill, make_record, train_metering
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
-from hydrabench.figures import (
+from hydrabench.config.tables import TableSpec, collect_cells, load_table
+from hydrabench.records.store import RunStore
+from hydrabench.reports.figures import (
     COLUMN_WIDTH_IN,
     DPI,
     NoFigureData,
@@ -28,9 +30,7 @@ from hydrabench.figures import (
     write_figure5,
     write_figure6,
 )
-from hydrabench.report import tidy_frame
-from hydrabench.store import RunStore
-from hydrabench.tables import TableSpec, collect_cells, load_table
+from hydrabench.reports.tables import tidy_frame
 
 
 def fill_stand_ins(store: RunStore, table: TableSpec, skip: set[str] = frozenset()) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hydrabench import provenance
-from hydrabench.provenance import digest_cache_path, file_digest, fingerprint_path
+from hydrabench.records import provenance
+from hydrabench.records.provenance import digest_cache_path, file_digest, fingerprint_path
 
 BIG = 65 * 2**20  # over the 64 MiB that used to be hashed by size and first/last MiB only
 

@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def shipped_ids() -> dict[str, list[str]]:
     """'table/row label/task' → [run id, train id] for seed 0 on tiny, every shipped table."""
-    from hydrabench.tables import load_table, table_names
+    from hydrabench.config.tables import load_table, table_names
 
     return {f"{name}/{row.label}/{task}": [spec.run_id, spec.train_id]
             for name in table_names()

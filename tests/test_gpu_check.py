@@ -181,7 +181,7 @@ def test_report_prints_table_then_json_last_and_writes_both_files(
 
 def cuda_record(**changes) -> SimpleNamespace:
     """A record's fields as a CUDA run writes them (CUDA and NVML cannot exist here)."""
-    from hydrabench.store import TaskMetrics
+    from hydrabench.records.store import TaskMetrics
 
     throughput = {"tokens_per_s": 52000.0, "peak_memory_source": "cuda_max_memory_allocated"}
     energy = {"gpu_source": "measured:nvml", "gpu_kwh": 1e-4}
@@ -217,9 +217,9 @@ def test_cuda_training_figures_and_what_fails_them(gpu_check) -> None:
 def test_step_profiles_resolve_as_the_harness_reads_them(gpu_check, tmp_path: Path) -> None:
     """The tiny profile on CUDA and the small profile's column of synthetic tasks, as the steps
     write them, and a Qwen2-shaped model (shrunk here) given as --model gives one."""
+    from hydrabench.config.profiles import load_profile
     from hydrabench.models import BUILTIN_TINY, resolve_model_dir
-    from hydrabench.profiles import load_profile
-    from hydrabench.resolve import resolve_spec
+    from hydrabench.pipeline.resolve import resolve_spec
 
     ctx = gpu_check.Context(root=tmp_path)
     tiny = load_profile(str(gpu_check.tiny_cuda_profile(ctx)))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hydrabench import metering
+from hydrabench.training import metering
 
 
 def test_hardware_summary_names_threads_blas_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from conftest import SHARED, error_lines
 
-from hydrabench import profiles
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
-from hydrabench.profiles import load_profile
-from hydrabench.resolve import resolve_spec
-from hydrabench.spec import RunSpec
-from hydrabench.store import RunStore
+from hydrabench.config import profiles
+from hydrabench.config.profiles import load_profile
+from hydrabench.config.spec import RunSpec
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records.store import RunStore
 
 STORIES = SHARED / "models" / "stories260K"
 pytestmark = pytest.mark.skipif(not (STORIES.is_dir() and (SHARED / "data").is_dir()),
@@ -263,8 +263,7 @@ class _RunsCode:
 def sweep_status(results: Path, monkeypatch: pytest.MonkeyPatch,
                  capsys: pytest.CaptureFixture) -> tuple[str, str]:
     """`sweep table1 --status --rows 1` (no Slurm here: the queue is empty), its out and err."""
-    from hydrabench import sweep as sweeps
-
+    from hydrabench.pipeline import sweep as sweeps
     monkeypatch.setattr(sweeps, "queued_jobs", dict)
     capsys.readouterr()
     assert main(["sweep", "table1", "--status", "--rows", "1"]) == 0
@@ -274,9 +273,9 @@ def sweep_status(results: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def first_run_id() -> str:
-    from hydrabench.runner import execute
-    from hydrabench.sweep import plan_sweep
-    from hydrabench.tables import load_table
+    from hydrabench.config.tables import load_table
+    from hydrabench.pipeline.run import execute
+    from hydrabench.pipeline.sweep import plan_sweep
 
     return plan_sweep(load_table("table1"), "tiny", (0,), execute, rows=[1]).runs[0].spec.run_id
 

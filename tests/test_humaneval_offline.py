@@ -24,7 +24,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hydrabench import code_eval, sandbox
+from hydrabench import code_eval
+from hydrabench.evaluation import sandbox
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -27,7 +27,7 @@ from hydrabench.methods.hydralora_layer import (
     recording_gates,
     save_hydralora,
 )
-from hydrabench.resolve import resolve_spec
+from hydrabench.pipeline.resolve import resolve_spec
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 TARGETS = ("q_proj", "v_proj", "down_proj")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, child_env
 
-from hydrabench import includes
-from hydrabench.provenance import task_fingerprints
-from hydrabench.resolve import resolve_spec
-from hydrabench.spec import spec_from_dict
+from hydrabench.config import includes
+from hydrabench.config.spec import spec_from_dict
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records.provenance import task_fingerprints
 
 # The README example runs the CLI (training included): `make test`, not the fast tier.
 pytestmark = pytest.mark.slow

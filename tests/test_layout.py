@@ -46,7 +46,7 @@ def test_no_import_circle() -> None:
 
 
 def test_light_modules_load_neither_torch_nor_peft() -> None:
-    code = ("import sys, hydrabench.spec, hydrabench.errors, hydrabench.tables\n"
+    code = ("import sys, hydrabench.config.spec, hydrabench.errors, hydrabench.config.tables\n"
             "print(sorted(m for m in ('torch', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

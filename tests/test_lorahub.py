@@ -5,13 +5,13 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hydrabench.config.spec import AdapterSettings
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.lora import lora_config
 from hydrabench.methods.lora_split import COMBINED
 from hydrabench.methods.lorahub import compose
 from hydrabench.models import load_base_model
-from hydrabench.spec import AdapterSettings
-from hydrabench.train import collate, encode_record, mean_loss
+from hydrabench.training.loop import collate, encode_record, mean_loss
 
 
 def test_compose_is_the_weighted_sum_of_a_and_b() -> None:

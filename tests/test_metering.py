@@ -1,4 +1,5 @@
-"""Tests for hydrabench.metering: one real Meter run on this machine, fakes for hardware."""
+"""Tests for hydrabench.training.metering: one real Meter run on this machine, fakes for
+hardware."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pynvml
 import pytest
 import torch
 
-from hydrabench import metering
-from hydrabench.metering import Meter, PhaseMetrics, RaplReader, rapl_delta_uj
+from hydrabench.training import metering
+from hydrabench.training.metering import Meter, PhaseMetrics, RaplReader, rapl_delta_uj
 
 STEPS = 4
 BATCH = 8

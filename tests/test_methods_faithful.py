@@ -23,8 +23,8 @@ from hydrabench.methods.lora_split import (
     split_text,
 )
 from hydrabench.models import load_base_model
-from hydrabench.resolve import resolve_spec
-from hydrabench.store import RunStore
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records.store import RunStore
 
 HIDDEN = 128  # the tiny Llama: 2 layers, hidden 128
 
@@ -204,7 +204,7 @@ def test_loramoe_sits_in_the_ffn_unless_told_otherwise() -> None:
 def test_loramoe_loss_adds_the_constraint_of_every_layer_by_sample_type(tiny) -> None:
     from hydrabench.methods.hydralora_layer import recording_gates
     from hydrabench.methods.loramoe import localized_balancing_term
-    from hydrabench.train import collate, encode_record
+    from hydrabench.training.loop import collate, encode_record
 
     spec = resolve_spec("loramoe", "general", overrides={"adapter": {
         "num_heads": 4, "blc_knowledge": ["facts"], "blc_weight": 0.5, "blc_alpha": 0.2}})
@@ -282,7 +282,7 @@ def test_reference_template_is_the_reference_codes(tiny) -> None:
     """build_dataset.py: source "{instruction}</s>" (input after a newline), target
     "{output}</s>", loss on the target only."""
     from hydrabench.data.records import InstructionRecord, render_prompt
-    from hydrabench.train import IGNORE_INDEX, encode_record
+    from hydrabench.training.loop import IGNORE_INDEX, encode_record
 
     with_input = InstructionRecord("Add the numbers.", "5", input="2, 3")
     assert render_prompt(with_input, "reference") == "Add the numbers.\n2, 3</s>"
@@ -298,7 +298,7 @@ def test_reference_pipeline_runs_on_cpu_with_local_data(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import SHARED
 
-    from hydrabench.runner import execute
+    from hydrabench.pipeline.run import execute
 
     model = SHARED / "models" / "stories260K"
     if not model.is_dir():

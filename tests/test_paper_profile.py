@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import REPO, SHARED, finish, start
 
+from hydrabench.config.profiles import load_profile
 from hydrabench.errors import SpecError
-from hydrabench.profiles import load_profile
-from hydrabench.resolve import resolve_spec
-from hydrabench.runner import execute
-from hydrabench.store import RunStore
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.run import execute
+from hydrabench.records.store import RunStore
 
 MODEL = SHARED / "models" / "stories260K"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models not present")

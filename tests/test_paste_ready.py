@@ -28,12 +28,12 @@ from test_report import (
     markdown_table,
 )
 
-from hydrabench import significance
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
-from hydrabench.report import write_table_report
-from hydrabench.store import RunStore
-from hydrabench.tables import load_table
+from hydrabench.config.tables import load_table
+from hydrabench.evaluation import significance
+from hydrabench.records.store import RunStore
+from hydrabench.reports.tables import write_table_report
 
 # -- 1. paper-ready tables ---------------------------------------------------------------------
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydrabench import runner
 from hydrabench.cli import main
 from hydrabench.errors import SpecError
 from hydrabench.methods import METHODS, get_method
 from hydrabench.methods.adalora import adalora_config
 from hydrabench.methods.api import Method
 from hydrabench.models import load_base_model
-from hydrabench.resolve import resolve_spec
-from hydrabench.store import RunStore
+from hydrabench.pipeline import run as runner
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records.store import RunStore
 
 QUICK = {"train": {"max_steps": 3}, "eval": {"limit": 4}}
 PROMPT_LEARNING = ("prompt-tuning", "p-tuning", "prefix-tuning")

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hydrabench.config.profiles import PROFILE_DIR, Profile, TaskColumn, load_profile
+from hydrabench.config.tables import scores_stand_ins
 from hydrabench.errors import SpecError
-from hydrabench.profiles import PROFILE_DIR, Profile, TaskColumn, load_profile
-from hydrabench.resolve import resolve_spec
-from hydrabench.tables import scores_stand_ins
+from hydrabench.pipeline.resolve import resolve_spec
 
 
 def write(folder: Path, text: str, name: str = "mine.yaml") -> str:

@@ -9,10 +9,10 @@ import pytest
 from test_report import make_record
 
 from hydrabench.atomic import write_json_atomic
+from hydrabench.config.tables import load_table
+from hydrabench.pipeline.sweep import plan_sweep
 from hydrabench.progress import LogProgress, duration, eta, rate, report_progress
-from hydrabench.store import RunStore
-from hydrabench.sweep import plan_sweep
-from hydrabench.tables import load_table
+from hydrabench.records.store import RunStore
 
 
 @pytest.mark.parametrize(("seconds", "text"), [

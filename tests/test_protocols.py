@@ -15,7 +15,7 @@ from conftest import SHARED
 
 from hydrabench.cli import main
 from hydrabench.paths import TASKS_DIR
-from hydrabench.protocols import PROTOCOLS, protocol_task_folders
+from hydrabench.reports.protocols import PROTOCOLS, protocol_task_folders
 
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
@@ -240,7 +240,7 @@ def test_hub_protocol_tasks_are_the_offline_ones_over_cais_mmlu(
 def test_protocols_of_a_run_score_its_adapter(store_env: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """`--run RUN` scores the run's trained artifact on its base model, labelled by the run."""
-    from hydrabench.store import RunStore
+    from hydrabench.records.store import RunStore
 
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(DATA))
     assert main(["run", "--model", str(MODEL), "--method", "lora", "--task", "general",

@@ -69,7 +69,6 @@ def test_sigkill_during_evaluation_leaves_no_record_and_rerun_finishes(tmp_path:
 def test_report_files_are_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
     """A crash while writing a report (here: the rename fails) leaves the old file intact."""
     from hydrabench import atomic
-
     target = tmp_path / "table1.md"
     target.write_text("previous report")
 
@@ -99,7 +98,7 @@ def whole_runs(results: Path) -> list[Path]:
 @pytest.mark.slow
 def test_force_killed_at_each_step_of_the_replacement_keeps_a_whole_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hydrabench.store import RunStore
+    from hydrabench.records.store import RunStore
 
     results = tmp_path / "results"
     run = [*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]
@@ -141,8 +140,8 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
         store_env: Path, capsys: pytest.CaptureFixture) -> None:
     """A real finished run, its record.json then broken in each way; the CLI in-process."""
     from hydrabench.cli import main
-    from hydrabench.store import RunStore
-    from hydrabench.tables import load_table
+    from hydrabench.config.tables import load_table
+    from hydrabench.records.store import RunStore
 
     run = [*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]
     assert main(run) == 0
@@ -209,8 +208,8 @@ def test_records_and_artifacts_are_readable_as_the_umask_allows(store_env: Path)
 @pytest.mark.slow
 def test_a_record_carries_its_profile_and_remote_code_needs_the_flag_each_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from hydrabench import profiles
     from hydrabench.cli import main
+    from hydrabench.config import profiles
 
     results, made, elsewhere = tmp_path / "results", tmp_path / "made", tmp_path / "elsewhere"
     made.mkdir()

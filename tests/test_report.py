@@ -22,14 +22,14 @@ from scipy import stats
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
-from hydrabench.figures import write_figure5, write_figure6
-from hydrabench.report import latex_escape, write_table_report
-from hydrabench.reporting import write_report
-from hydrabench.resolve import resolve_spec
-from hydrabench.spec import RunSpec
-from hydrabench.store import RunRecord, RunStore, TaskMetrics
-from hydrabench.sweep import plan_sweep
-from hydrabench.tables import Column, TableSpec, load_table, mean_ci
+from hydrabench.config.spec import RunSpec
+from hydrabench.config.tables import Column, TableSpec, load_table, mean_ci
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.sweep import plan_sweep
+from hydrabench.records.store import RunRecord, RunStore, TaskMetrics
+from hydrabench.reports import write_report
+from hydrabench.reports.figures import write_figure5, write_figure6
+from hydrabench.reports.tables import latex_escape, write_table_report
 
 PROFILE = "tiny"
 # The labels of a record scored on the synthetic suite (what the runner writes on tiny).
@@ -156,7 +156,7 @@ def test_table2_every_cell_value_delta_and_dash(store: RunStore, table2: TableSp
 
 def test_one_seed_shows_lm_eval_stderr_and_sample_count(store: RunStore,
                                                         table2: TableSpec) -> None:
-    from hydrabench.tables import collect_cells
+    from hydrabench.config.tables import collect_cells
 
     fill(store, table2)
     cells = {(c.row, c.column): c for c in collect_cells(table2, PROFILE, (0,), store)}
@@ -190,8 +190,8 @@ def _stderr_for(table: TableSpec, column: Column) -> float:
 
 
 def test_csv_round_trip_equals_cells(store: RunStore, table2: TableSpec, tmp_path: Path) -> None:
-    from hydrabench.report import tidy_frame
-    from hydrabench.tables import collect_cells
+    from hydrabench.config.tables import collect_cells
+    from hydrabench.reports.tables import tidy_frame
 
     fill(store, table2)
     raw = write_table_report(table2, PROFILE, (0,), store, tmp_path)[3]

@@ -102,7 +102,7 @@ def test_lm_eval_says_a_truncation_once(caplog) -> None:
     real lm-eval evaluations here, and the log says so once per evaluation."""
     import logging
 
-    from hydrabench.evaluate import TRUNCATION, evaluate_model
+    from hydrabench.evaluation.harness import TRUNCATION, evaluate_model
     from hydrabench.models import load_base_model
 
     base = load_base_model("builtin:tiny")

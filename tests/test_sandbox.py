@@ -1,5 +1,5 @@
-"""hydrabench.sandbox: hostile programs stay contained and cannot forge their verdict, real
-HumanEval code is scored right.
+"""hydrabench.evaluation.sandbox: hostile programs stay contained and cannot forge their verdict,
+real HumanEval code is scored right.
 
 Each wall is tested with a program that first bypasses the Python-level guard (`posix`,
 `_socket` instead of `os`, `socket`), so a pass shows that the wall itself holds. Where
@@ -22,7 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hydrabench import code_eval, sandbox
+from hydrabench import code_eval
+from hydrabench.evaluation import sandbox
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared/data/humaneval/HumanEval.jsonl.gz"
 # A one-line problem for the hostile completions, which act at module level, before check() runs.

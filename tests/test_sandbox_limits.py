@@ -1,4 +1,4 @@
-"""hydrabench.sandbox: the limits hold against the escapes of issue 32 (item 7).
+"""hydrabench.evaluation.sandbox: the limits hold against the escapes of issue 32 (item 7).
 
 Each escape is tried by a real program in the real sandbox, through ctypes and raw system calls
 (past the Python-level guard): pinning memory outside RLIMIT_AS with memfd_create + write or with
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from hydrabench import sandbox
+from hydrabench.evaluation import sandbox
 
 UNAVAILABLE = sandbox.unavailable_reason()
 needs_walls = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))

@@ -22,13 +22,14 @@ import pytest
 import torch
 from conftest import artifact_info, assert_refused_in_one_line, error_lines
 
-from hydrabench import resolve, runner
 from hydrabench.cli import main
 from hydrabench.errors import SpecError
-from hydrabench.resolve import auto_fallback, resolve_spec, vllm_import_error
-from hydrabench.runner import execute, free_memory, kept_if_serving_fails, shared_server_share
-from hydrabench.serving import ServerError
-from hydrabench.store import ARTIFACT_INFO, RunStore
+from hydrabench.pipeline import resolve
+from hydrabench.pipeline import run as runner
+from hydrabench.pipeline.resolve import auto_fallback, resolve_spec, vllm_import_error
+from hydrabench.pipeline.run import execute, free_memory, kept_if_serving_fails, shared_server_share
+from hydrabench.records.store import ARTIFACT_INFO, RunStore
+from hydrabench.serving.server import ServerError
 
 STORIES = str(Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K")
 QUICK = ["--method", "lora", "--task", "medical", "--max-steps", "2", "--limit", "2"]

@@ -12,8 +12,8 @@ from conftest import SHARED
 from scipy import stats
 
 from hydrabench.cli import main
-from hydrabench.significance import mcnemar_exact, paired_comparison
-from hydrabench.store import RunStore
+from hydrabench.evaluation.significance import mcnemar_exact, paired_comparison
+from hydrabench.records.store import RunStore
 
 MODEL = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from hydrabench.config.profiles import load_yaml
+from hydrabench.config.spec import spec_from_dict
 from hydrabench.errors import SpecError
-from hydrabench.profiles import load_yaml
-from hydrabench.resolve import resolve_spec
-from hydrabench.spec import spec_from_dict
+from hydrabench.pipeline.resolve import resolve_spec
 
 
 def test_profile_values_and_overrides_are_resolved() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hydrabench.store import CorruptRecord, RunRecord, RunStore
+from hydrabench.records.store import CorruptRecord, RunRecord, RunStore
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hydrabench"
 

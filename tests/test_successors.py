@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import assert_refused_in_one_line
 
+from hydrabench.config.spec import AdapterSettings, InputFingerprints, RunSpec
 from hydrabench.methods import METHODS, get_method
 from hydrabench.models import load_base_model
-from hydrabench.resolve import resolve_spec
-from hydrabench.runner import execute
-from hydrabench.spec import AdapterSettings, InputFingerprints, RunSpec
-from hydrabench.store import RunStore
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.run import execute
+from hydrabench.records.store import RunStore
 
 HIDDEN = 128  # the tiny Llama: 2 layers, hidden 128
 QUICK = {"train": {"max_steps": 4}, "eval": {"limit": 4}}
@@ -129,7 +129,7 @@ def test_moslora_forward_is_b_m_a_and_merges_exactly(tmp_path: Path) -> None:
         assert not any("lora" in n for n, _ in merged.named_parameters())
         assert torch.allclose(merged(ids).logits, adapted_logits, atol=1e-4)
     # the saved adapter is the plain LoRA vLLM's own LoRA serving computes exactly
-    from hydrabench.serving import served_lora_config
+    from hydrabench.serving.server import served_lora_config
 
     assert served_lora_config(tmp_path / "adapter")["r"] == 4
 

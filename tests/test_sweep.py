@@ -18,13 +18,13 @@ import pytest
 from conftest import child_env
 from submitit.core.utils import JobPaths, cloudpickle_dump
 
-from hydrabench import sweep as sweeps
 from hydrabench.atomic import write_json_atomic
-from hydrabench.runner import execute
-from hydrabench.spec import spec_from_dict
-from hydrabench.store import RunStore
-from hydrabench.sweep import Sweep, plan_sweep, read_pointer, slurm_parameters
-from hydrabench.tables import load_table
+from hydrabench.config.spec import spec_from_dict
+from hydrabench.config.tables import load_table
+from hydrabench.pipeline import sweep as sweeps
+from hydrabench.pipeline.run import execute
+from hydrabench.pipeline.sweep import Sweep, plan_sweep, read_pointer, slurm_parameters
+from hydrabench.records.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ("--max-steps", "5", "--limit", "4")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from hydrabench import inprocess_vllm
-from hydrabench.inprocess_vllm import ENGINE_LOG, SCORES, Engine, score_in_child
-from hydrabench.serving import LOG_NAME, ServerError, VllmServer
+from hydrabench.serving import inprocess as inprocess_vllm
+from hydrabench.serving.inprocess import ENGINE_LOG, SCORES, Engine, score_in_child
+from hydrabench.serving.server import LOG_NAME, ServerError, VllmServer
 
 TASKS = ["mmlu_high_school_geography", "tiny_medical"]
 
@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hydrabench import inprocess_vllm
-from hydrabench.evaluate import TaskScore
+from hydrabench.serving import inprocess as inprocess_vllm
+from hydrabench.evaluation.harness import TaskScore
 
 mode = sys.argv[2]
 

@@ -29,12 +29,13 @@ import pytest
 import torch
 from conftest import child_env
 
-from hydrabench.evaluate import evaluate_model, evaluate_served
-from hydrabench.export import export_run
-from hydrabench.inprocess_vllm import ENGINE_LOG
-from hydrabench.resolve import resolve_spec
-from hydrabench.runner import _base_server, execute
-from hydrabench.serving import (
+from hydrabench.evaluation.harness import evaluate_model, evaluate_served
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.run import _base_server, execute
+from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.serving.export import export_run
+from hydrabench.serving.inprocess import ENGINE_LOG
+from hydrabench.serving.server import (
     LOG_NAME,
     SOCKET_PATH_MAX,
     VllmServer,
@@ -42,7 +43,6 @@ from hydrabench.serving import (
     vllm_env,
     vllm_scratch,
 )
-from hydrabench.store import RunRecord, RunStore
 
 # The CLI flags that give the same spec as RUN_OVERRIDES (and hence the same trained artifact).
 RUN_FLAGS = ["--method", "lora", "--task", "bbh", "--max-steps", "6", "--limit", "10"]
@@ -291,7 +291,7 @@ def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
 STARTING = {
     "in-process": (ENGINE_LOG, """
 from pathlib import Path
-from hydrabench.inprocess_vllm import Engine, score_in_child
+from hydrabench.serving.inprocess import Engine, score_in_child
 from hydrabench.models import BUILTIN_TINY, resolve_model_dir
 score_in_child(resolve_model_dir(BUILTIN_TINY), ["tiny_medical"], Engine(),
                log_dir=Path({log_dir!r}), limit=2, seed=0)
@@ -299,7 +299,7 @@ score_in_child(resolve_model_dir(BUILTIN_TINY), ["tiny_medical"], Engine(),
     "server": (LOG_NAME, """
 from pathlib import Path
 from hydrabench.models import BUILTIN_TINY, resolve_model_dir
-from hydrabench.serving import VllmServer
+from hydrabench.serving.server import VllmServer
 VllmServer(resolve_model_dir(BUILTIN_TINY), log_dir=Path({log_dir!r})).start()
 """),
 }
@@ -486,9 +486,9 @@ def test_which_runs_a_shared_lora_server_scores(finished_runs: tuple[Path, dict[
     serving); a HydraLoRA adapter, DoRA or hf scoring are not; slots fit every adapter."""
     from dataclasses import replace
 
-    from hydrabench.runner import served_on_base
-    from hydrabench.serving import LoraSlots, served_lora_config
-    from hydrabench.spec import spec_from_dict
+    from hydrabench.config.spec import spec_from_dict
+    from hydrabench.pipeline.run import served_on_base
+    from hydrabench.serving.server import LoraSlots, served_lora_config
 
     source, records = finished_runs
     lora_artifact = source / records["lora"]["artifact"]
@@ -526,8 +526,8 @@ def test_an_adapter_the_shared_slots_do_not_take_is_turned_away_before_any_work(
     merged checkpoint, a server of its own) exports from that model. No vLLM needed."""
     import torch
 
-    from hydrabench.runner import _evaluate_on_base
-    from hydrabench.serving import SharedServers
+    from hydrabench.pipeline.run import _evaluate_on_base
+    from hydrabench.serving.server import SharedServers
 
     spec = resolve_spec("lora", "bbh", overrides={"eval": {"backend": "vllm",
                                                            "serving": "adapters"}})

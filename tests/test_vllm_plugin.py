@@ -23,8 +23,6 @@ from conftest import assert_refused_in_one_line, error_lines, too_few_gpus
 from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
-from hydrabench.export import export_run, load_base_or_export, save_plugin_checkpoint
-from hydrabench.inprocess_vllm import ENGINE_LOG
 from hydrabench.methods.hydralora import METHOD
 from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
@@ -33,10 +31,12 @@ from hydrabench.methods.hydralora_layer import (
     load_hydralora,
 )
 from hydrabench.models import load_base_model
-from hydrabench.resolve import resolve_spec
-from hydrabench.runner import execute
-from hydrabench.serving_plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
-from hydrabench.store import RunRecord, RunStore
+from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.pipeline.run import execute
+from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.serving.export import export_run, load_base_or_export, save_plugin_checkpoint
+from hydrabench.serving.inprocess import ENGINE_LOG
+from hydrabench.serving.plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
 
 __all__ = ["vllm_available"]  # a fixture the slow tests use
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from peft import AdaLoraConfig, get_peft_model
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
 from hydrabench.methods.lora import load_peft, merge_peft, save_peft
-from hydrabench.spec import RunSpec
-from hydrabench.train import optimizer_steps
+from hydrabench.training.loop import optimizer_steps
 
 
 def adalora_config(spec: RunSpec, total_steps: int) -> AdaLoraConfig:

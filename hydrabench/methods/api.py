@@ -10,10 +10,10 @@ from typing import Any, Protocol
 
 import torch
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.models import BaseModel
-from hydrabench.spec import RunSpec
-from hydrabench.train import LossFn, StepCallback
+from hydrabench.training.loop import LossFn, StepCallback
 
 
 class TrainFn(Protocol):

@@ -39,10 +39,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from hydrabench.atomic import write_bytes_atomic
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method
-from hydrabench.spec import RunSpec
 
 RANK, TOP_K = 32, 8  # the paper's main setting, flylora.py's defaults
 BIAS_U = 0.01  # the code's bias_u

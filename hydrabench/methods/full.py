@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
-from hydrabench.spec import RunSpec
 
 
 def _adapt(model: torch.nn.Module, spec: RunSpec,

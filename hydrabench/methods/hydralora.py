@@ -16,6 +16,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.clustering import choose_num_clusters
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import ApproximateMerge, Method, TrainFn
@@ -31,8 +32,7 @@ from hydrabench.methods.hydralora_layer import (
     router_parameters,
     save_hydralora,
 )
-from hydrabench.spec import RunSpec
-from hydrabench.train import LossFn
+from hydrabench.training.loop import LossFn
 
 
 @lru_cache(maxsize=1)

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 import torch
 from peft import IA3Config, get_peft_model
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
 from hydrabench.methods.lora import load_peft, merge_peft, save_peft
-from hydrabench.spec import RunSpec
 
 
 def _adapt(model: torch.nn.Module, spec: RunSpec,

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from hydrabench.config.spec import AdapterSettings, RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
-from hydrabench.spec import AdapterSettings, RunSpec
 
 
 def lora_config(adapter: AdapterSettings, rank: int | None = None) -> LoraConfig:

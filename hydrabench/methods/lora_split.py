@@ -43,13 +43,13 @@ from safetensors.numpy import load_file, save_file
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import pairwise_distances_argmin
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.clustering import cluster_labels
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method, TrainFn
 from hydrabench.methods.hydralora import HeadedAdapter, balanced_loss, make_method
 from hydrabench.methods.lora import lora_config, merge_peft
-from hydrabench.spec import RunSpec
 
 COMBINED = "combined"
 ROUTER_CONFIG = "prompt_router.json"

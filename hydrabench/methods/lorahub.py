@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method, TrainFn
 from hydrabench.methods.lora import lora_config, merge_peft
@@ -32,7 +33,6 @@ from hydrabench.methods.lora_split import (
     save_combined,
     train_splits,
 )
-from hydrabench.spec import RunSpec
 
 EXAMPLES_PER_MODULE = 5
 SEARCH_BUDGET = 40  # LoraHub's default number of inference steps

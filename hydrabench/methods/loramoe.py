@@ -29,12 +29,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import TrainFn
 from hydrabench.methods.hydralora import HeadedAdapter, make_method
 from hydrabench.methods.hydralora_layer import recording_gates
-from hydrabench.spec import RunSpec
-from hydrabench.train import LossFn, encode_record
+from hydrabench.training.loop import LossFn, encode_record
 
 FFN = ("gate_proj", "up_proj", "down_proj")
 EXPERTS = HeadedAdapter(shared_a=False)  # the spec's N, each expert its own A

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from hydrabench.atomic import write_bytes_atomic
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method
@@ -48,8 +49,7 @@ from hydrabench.methods.hydralora_layer import (
     router_parameters,
     save_hydralora,
 )
-from hydrabench.spec import RunSpec
-from hydrabench.train import LossFn
+from hydrabench.training.loop import LossFn
 
 TOP_K = 2  # MixLoRA's template
 BALANCE_COEF = 0.01  # MixLoRA's router_aux_loss_coef

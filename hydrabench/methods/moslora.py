@@ -24,10 +24,10 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
 from hydrabench.methods.lora import load_peft, lora_config, merge_peft
-from hydrabench.spec import RunSpec
 
 ADAPTER = "default"  # peft's adapter name
 

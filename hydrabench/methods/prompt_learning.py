@@ -38,10 +38,10 @@ from peft import (
     get_peft_model,
 )
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.api import Method
 from hydrabench.methods.lora import load_peft, save_peft
-from hydrabench.spec import RunSpec
 
 PROMPT_TUNING_TOKENS = 20
 P_TUNING_TOKENS = 256

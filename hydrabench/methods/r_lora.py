@@ -34,10 +34,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.methods.hydralora import HeadedAdapter, balanced_loss, make_method
 from hydrabench.methods.hydralora_layer import HydraLoraConfig, hydralora_layers
-from hydrabench.spec import RunSpec
 
 STABLE_GAMMA = 64  # the code's stable_gamma
 

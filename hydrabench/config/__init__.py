@@ -1,0 +1,1 @@
+"""Settings as data: run specs, profiles, task folders a user includes, table specs."""

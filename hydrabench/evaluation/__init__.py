@@ -1,0 +1,1 @@
+"""Scoring with lm-eval: the harness, the code sandbox, paired statistics."""

@@ -1,0 +1,1 @@
+"""A run from spec to record: resolve, plan and run it, sweeps of many runs."""

@@ -1,0 +1,1 @@
+"""What a run leaves: the run store, its records, and their provenance."""

@@ -1,0 +1,1 @@
+"""vLLM: servers, the in-process engine, their client, exports and the plugin."""
