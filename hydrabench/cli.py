@@ -518,6 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"hydrabench: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the shell's 128 + SIGINT
+        print("hydrabench: interrupted; finished runs and trained artifacts are kept (a rerun "
+              "resumes a training from its last checkpoint)", file=sys.stderr)
+        return 130
     finally:
         from hydrabench.training import distributed
         distributed.shutdown()
