@@ -4,11 +4,13 @@ axis, and no figure at all (one line, exit 2, nothing written) where there are n
 
 import itertools
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,8 +20,12 @@ from test_report import PROFILE, STAND_IN, fill, make_record, train_metering
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
+from hydrabench.config import includes
 from hydrabench.config.tables import TableSpec, collect_cells, load_table
+from hydrabench.errors import SpecError
+from hydrabench.paths import TASKS_DIR
 from hydrabench.records.store import RunStore
+from hydrabench.reports import write_report
 from hydrabench.reports.figures import (
     COLUMN_WIDTH_IN,
     DPI,
@@ -182,3 +188,27 @@ def test_no_figure_from_untrained_records(store: RunStore, tmp_path: Path) -> No
     with pytest.raises(NoFigureData, match="figure5: no trained run records"):
         write_figure5(load_table("figure5"), PROFILE, (0,), store, tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "results"]
+
+
+
+def test_a_figure_is_chosen_by_the_spec_s_render_key_not_its_name(tmp_path: Path) -> None:
+    """Fig. 5's spec under another name, in a user's folder, is still drawn as Fig. 5: the
+    dispatcher reads `render:`, not the name (no records: the figure's own refusal)."""
+    raw = yaml.safe_load((TASKS_DIR / "tables" / "figure5.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "my_costs.yaml").write_text(
+        yaml.safe_dump({**raw, "name": "my_costs"}), encoding="utf-8")
+    includes.use_only([tmp_path], "--include-path")
+    try:
+        assert load_table("my_costs").render == "training-cost"
+        with pytest.raises(NoFigureData, match="my_costs: no "):
+            write_report("my_costs", PROFILE, (0,), RunStore(tmp_path / "results"),
+                         tmp_path / "out")
+    finally:
+        includes.use_only([], "--include-path")
+
+
+def test_an_unknown_render_kind_is_one_line() -> None:
+    with pytest.raises(SpecError, match="render must be one of table, training-cost, "
+                                        "ablation-bars, got 'pie'"):
+        replace(load_table("table1"), render="pie")

@@ -20,6 +20,10 @@ from hydrabench.paths import TASKS_DIR, data_dir, offline_mode
 from hydrabench.pipeline.resolve import resolve_spec
 from hydrabench.records.store import RunRecord, RunStore, hardware_text
 
+# `render:` values of a table spec: the table itself, Fig. 5's training energy and time bars,
+# Fig. 6's ablation bars (reports/figures.py draws the last two).
+RENDER_KINDS = ("table", "training-cost", "ablation-bars")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -55,6 +59,13 @@ class TableSpec:
     # Eval settings every run of a task needs, e.g. {code: {allow_code_execution: true}}. They
     # are part of the run id, so reproduce and report resolve the same runs from the spec.
     eval_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # What `report` draws from the cells: a table (md, csv, tex) or one of the figure kinds.
+    render: str = "table"
+
+    def __post_init__(self) -> None:
+        if self.render not in RENDER_KINDS:
+            raise SpecError(f"render must be one of {', '.join(RENDER_KINDS)}, "
+                            f"got {self.render!r}")
 
     def task_of(self, column: Column) -> str:
         return column.task or (column.key if column.kind == "score" else self.task)
@@ -87,7 +98,8 @@ def load_table(name: str) -> TableSpec:
                          rows=tuple(Row(**r) for r in raw["rows"]),
                          columns=tuple(Column(**c) for c in raw["columns"]),
                          notes=tuple(raw.get("notes", ())),
-                         eval_overrides=raw.get("eval_overrides", {}))
+                         eval_overrides=raw.get("eval_overrides", {}),
+                         render=raw.get("render", "table"))
     except (KeyError, TypeError, SpecError) as err:
         raise SpecError(f"malformed table spec {files[name]}: {err}") from None
 

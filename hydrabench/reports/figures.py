@@ -329,5 +329,6 @@ def write_figure6(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
     return paths
 
 
+# A table spec's `render:` kind → the writer of its figure.
 FIGURES: dict[str, Callable[[TableSpec, str, tuple[int, ...], RunStore, Path], list[Path]]] = {
-    "figure5": write_figure5, "figure6": write_figure6}
+    "training-cost": write_figure5, "ablation-bars": write_figure6}
