@@ -94,8 +94,10 @@ NOT_TASKS = ("tables", "claims")
 def _read_folder(root: Path) -> IncludedFolder:
     tasks: dict[str, Path] = {}
     for path in sorted(root.rglob("*.yaml")):
-        if "__pycache__" in path.parts or any(path.is_relative_to(root / apart)
-                                              for apart in NOT_TASKS):
+        # A folder named x.yaml is a folder, as lm-eval's index takes it (it skips what it
+        # cannot read as a file, and indexes the YAML inside).
+        if not path.is_file() or "__pycache__" in path.parts or any(
+                path.is_relative_to(root / apart) for apart in NOT_TASKS):
             continue
         for name in task_names(load_yaml(path, TaskYamlLoader)):
             require(name not in tasks, f"{path}: task {name} is also defined by {tasks.get(name)}")
@@ -131,31 +133,85 @@ def _shipped_tables() -> dict[str, Path]:
     return {path.stem: path for path in sorted((TASKS_DIR / "tables").glob("*.yaml"))}
 
 
-def task_config(task: str) -> dict[str, Any]:
-    """An included task's YAML with what it `include:`s (relative to the file) under it."""
+def task_config(task: str) -> tuple[dict[str, Any], list[Path]]:
+    """An included task's YAML merged over what it `include:`s, and the files that adds: each
+    included YAML, followed recursively, and the Python modules their `!function` tags name."""
     folder = folder_of(task)
     if folder is None:
         raise SpecError(f"task {task} is in no included folder")
-    return _with_includes(folder.tasks[task])
+    read: list[Path] = []
+    return _with_includes(folder.tasks[task].resolve(), read, set()), read
 
 
-def _with_includes(path: Path) -> dict[str, Any]:
+def _with_includes(path: Path, read: list[Path], seen: set[Path]) -> dict[str, Any]:
+    """`path`'s config as lm-eval's load_yaml merges it: each include (a name or a list,
+    relative to the including file's real folder, or absolute) under it, in order, local keys
+    winning, `task_list` not inherited. A missing include or a cycle is not followed further:
+    lm-eval refuses those itself, naming them, before any work."""
+    seen.add(path)
     config = load_yaml(path, TaskYamlLoader)
-    parent = config.pop("include", None)
-    if not isinstance(parent, str) or not (path.parent / parent).is_file():
-        return config  # lm-eval names a missing include itself, before any work
-    return {**_with_includes(path.parent / parent), **config}
+    parents = config.pop("include", None)
+    merged: dict[str, Any] = {}
+    for parent in parents if isinstance(parents, list) else [parents]:
+        if not isinstance(parent, str):
+            continue
+        target = (path.parent / parent).resolve()
+        if target in seen or not target.is_file():
+            continue
+        read += [target, *_function_modules(target)]
+        inherited = _with_includes(target, read, seen)
+        inherited.pop("task_list", None)
+        merged.update(inherited)
+    return {**merged, **config}
+
+
+def _function_modules(path: Path) -> list[Path]:
+    """The files lm-eval imports for the `!function a.b.f` tags of a task YAML: a/b.py beside it,
+    where that file exists (otherwise an installed module)."""
+    modules: list[Path] = []
+
+    class Loader(TaskYamlLoader):
+        pass
+
+    def function(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+        name = loader.construct_scalar(node)
+        module = path.parent / f"{name.rpartition('.')[0].replace('.', '/')}.py"
+        if module.is_file():
+            modules.append(module.resolve())
+        return name
+
+    Loader.add_constructor("!function", function)
+    load_yaml(path, Loader)
+    return modules
 
 
 def data_files(config: dict[str, Any]) -> list[Path]:
     """The local files a task's config reads as its data: `dataset_path` when it is a local
-    path, and `dataset_kwargs: data_files` (relative to the working directory, as `datasets`
-    reads them)."""
-    named: list[Any] = [config.get("dataset_path")]
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    for value in files.values() if isinstance(files, dict) else [files]:
-        named += value if isinstance(value, list) else [value]
-    return [Path(p) for p in named if isinstance(p, str) and Path(p).exists()]
+    path, and every file its `dataset_kwargs: data_files` match (a path or glob, a list of them,
+    or splits of them), found as `datasets` finds them: relative to `data_dir`, the dataset's
+    folder or the working directory, hidden files only when asked for, each pattern's matches
+    sorted. Remote files (a URL) are named by the config itself."""
+    from datasets.data_files import resolve_pattern, sanitize_patterns
+
+    path = config.get("dataset_path")
+    local = Path(path) if isinstance(path, str) and Path(path).exists() else None
+    kwargs = config.get("dataset_kwargs")
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    subfolder = kwargs.get("data_dir") if isinstance(kwargs.get("data_dir"), str) else ""
+    base = (local / subfolder if local and local.is_dir() else Path(subfolder)).resolve()
+    files = [local] if local else []
+    try:
+        splits = sanitize_patterns(kwargs["data_files"]) if kwargs.get("data_files") else {}
+    except (TypeError, ValueError):  # a shape `datasets` refuses itself when the task loads
+        return files
+    for pattern in (p for patterns in splits.values() for p in patterns):
+        if not isinstance(pattern, str) or "://" in pattern:
+            continue
+        try:
+            files += [Path(f) for f in sorted(resolve_pattern(pattern, str(base)))]
+        except FileNotFoundError:  # datasets names it when the task loads
+            continue
+    return files
 
 
 def spec_folders(spec: RunSpec) -> list[str]:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from hydrabench.config.includes import included
+from hydrabench.errors import SpecError
 from hydrabench.paths import TASKS_DIR, offline_mode
 from hydrabench.serving.server import VllmServer
 
@@ -41,7 +43,50 @@ def task_manager(offline: bool):
 def _task_manager(paths: tuple[Path, ...], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in paths], include_defaults=include_defaults)
+    with _overrides_reported() as overrides:
+        manager = TaskManager(include_path=[str(p) for p in paths],
+                              include_defaults=include_defaults)
+    if overrides:
+        raise _clash(*overrides[0])
+    return manager
+
+
+class _Overrides(logging.Filter):
+    """lm-eval's index warns, and goes on, when a later folder defines a name an earlier one
+    did (its own tasks come first): (name, the later definition, the earlier one) of each, the
+    warning held back (hydrabench refuses the clash in its own line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[tuple[str, Path | None, Path | None]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "overrides existing task" in str(record.msg) and len(record.args or ()) == 3:
+            self.found.append(record.args)  # type: ignore[arg-type]
+            return False
+        return True
+
+
+@contextmanager
+def _overrides_reported() -> Iterator[list[tuple[str, Path | None, Path | None]]]:
+    """The names lm-eval's index lets one task folder take from another while it is built
+    (heard at WARNING whatever the level set, then the level put back)."""
+    index_log = logging.getLogger("lm_eval.tasks._index")
+    overrides, level = _Overrides(), index_log.level
+    index_log.addFilter(overrides)
+    index_log.setLevel(min(index_log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield overrides.found
+    finally:
+        index_log.removeFilter(overrides)
+        index_log.setLevel(level)
+
+
+def _clash(name: str, mine: Path | None, theirs: Path | None) -> SpecError:
+    """An included task named like one of lm-eval's own (arc_easy), which lm-eval would
+    silently replace: refused as a clash with a shipped task is (hydrabench.config.includes)."""
+    return SpecError(f"{mine or 'a tag of an included task folder'}: {name} is already defined "
+                     f"by {theirs or 'lm-eval'}: give yours another name")
 
 
 def task_manager_paths(offline: bool) -> list[Path]:
@@ -85,7 +130,7 @@ def unreadable_task_file(task: str) -> str | None:
     defines = re.compile(rf"^task:\s*{re.escape(task)}\s*$", re.MULTILINE)
     for root in task_manager_paths(offline_mode()):
         for path in sorted(root.rglob("*.yaml")):
-            if not defines.search(path.read_text(errors="replace")):
+            if not path.is_file() or not defines.search(path.read_text(errors="replace")):
                 continue
             try:
                 load_yaml(path, resolve_func=False)

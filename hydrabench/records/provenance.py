@@ -250,18 +250,28 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 def _included_task_fingerprint(task: str, folder: includes.IncludedFolder) -> dict[str, str]:
     """Config: the task files of its family (its top-level folder, or the whole folder but
-    tables/ and claims/, which reports read, not runs) and of the folder's top level. Data: the
-    local files its config names and the family's other files (a JSONL beside the YAML)."""
+    tables/ and claims/, which reports read, not runs) and of the folder's top level, and what
+    its YAML includes from elsewhere (another family, outside the folder) with the Python those
+    files' `!function`s name. Data: the local files its config names or its `data_files` globs
+    match, and the family's other files (a JSONL beside the YAML)."""
     family, root = folder.family(task), folder.root
 
     def outside_tables(path: Path) -> bool:
         return not any(path.is_relative_to(root / apart) for apart in includes.NOT_TASKS)
 
+    def in_family(path: Path) -> bool:  # hashed below with the family or the folder's top level
+        return ((path.is_relative_to(family) and outside_tables(path))
+                or (path.parent == root and _is_task_file(path)))
+
+    config_of_task, read = includes.task_config(task)
+    # Only what the family's hash misses: a task whose includes stay in it keeps its run id.
+    elsewhere = "".join(fingerprint_path(f) for f in read if not in_family(f))
     shared = "".join(file_digest(f) for f in sorted(root.iterdir())
                      if f.is_file() and _is_task_file(f))
     config = hashlib.sha256((fingerprint_path(
-        family, lambda p: _is_task_file(p) and outside_tables(p)) + shared).encode()).hexdigest()
-    named = "".join(fingerprint_path(f) for f in includes.data_files(includes.task_config(task)))
+        family, lambda p: _is_task_file(p) and outside_tables(p)) + shared + elsewhere
+    ).encode()).hexdigest()
+    named = "".join(fingerprint_path(f) for f in includes.data_files(config_of_task))
     beside = fingerprint_path(family, lambda p: not _is_task_file(p) and outside_tables(p))
     return {"config": config, "data": hashlib.sha256((named + beside).encode()).hexdigest(),
             "include_path": str(root)}
