@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from hydrabench.evaluation.harness import TaskScore, run_lm_eval
 from hydrabench.serving.server import (
     end_with,
     failure,
+    remove_scratch,
     stop_process_group,
     teardown_note,
     vllm_env,
@@ -86,7 +86,7 @@ def score_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir
         try:
             code = child.wait()
         finally:  # the harness stopped (Ctrl-C, an error): nothing of the engine outlives it
-            stop_process_group(child, grace_s=30.0)
+            stop_process_group(child, grace_s=30.0)  # INTERRUPT_GRACE_S after a Ctrl-C
         scores = handed_over(scratch, tasks)
         if scores is None:
             when = ("while scoring" if (scratch / READY).exists() else "before it was ready"
@@ -99,7 +99,7 @@ def score_in_child(model_dir: Path, tasks: list[str], engine: Engine, *, log_dir
             info["teardown"] = teardown_note("engine", code,
                                              "after handing over complete scores", log_path)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_scratch(scratch)
     return scores, info
 
 
@@ -167,7 +167,7 @@ def main(scratch: Path) -> None:
     """The child: build the engine, say it is ready, score, hand the scores over, and only then
     tear the engine down (vLLM may abort there; the parent keeps the scores)."""
     request = json.loads((scratch / REQUEST).read_text())
-    end_with(request["parent"])
+    end_with(request["parent"], scratch)
     include(request["include"], "the run's task folders")
     lm = build_engine(request)
     write_text_atomic(scratch / READY, repr(time.time()))

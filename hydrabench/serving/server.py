@@ -11,6 +11,7 @@ the `vllm` command looks up the `vllm` package version, and vLLM's CPU build is 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import json
 import os
@@ -40,6 +41,10 @@ LOG_NAME = "vllm_server.log"
 # vLLM's log prefix, "(Worker pid=12) ERROR 12-01 21:42:41 [file.py:953] ", and an exception line.
 LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) (?:(\w+) [\d-]+ [\d:]+ \[[^\]]*\] ?)?")
 EXCEPTION = re.compile(r"^[\w.]*(?:Error|Exception)\b(?::.*)?$")
+# What a process that dies outside Python writes (C++'s std::terminate, CPython's fatal errors).
+FATAL = re.compile(r"^(?:terminate called|Fatal Python error)\b.*$")
+# Seconds a vLLM process group gets between SIGTERM and SIGKILL after Ctrl-C (someone waits).
+INTERRUPT_GRACE_S = 3.0
 
 
 class ServerError(SpecError):
@@ -105,19 +110,23 @@ def served_lora_config(adapter: Path) -> dict | None:
 
 def last_error_line(log: str) -> str:
     """The last exception a server log raised, passing over vLLM's wrappers that only point at
-    the root cause above them; else the log's last line. An exception whose message goes on
-    on an indented line (pydantic's validation errors) gets that line too."""
+    the root cause above them, or its last fatal error outside Python; never a line of
+    progress or INFO (a process killed by a signal logs nothing). An exception whose message
+    goes on on an indented line (pydantic's validation errors) gets that line too."""
     lines = [line.rstrip() for line in log.splitlines() if line.strip()]
     errors = []
     for k, line in enumerate(lines):
         prefix = LOG_PREFIX.match(line)
         level, message = (prefix.group(1), line[prefix.end():].strip()) if prefix else (None, line)
-        if level in (None, "ERROR") and EXCEPTION.match(message) and "root cause" not in message:
+        if FATAL.match(message):
+            errors.append(message)
+        elif (level in (None, "ERROR") and EXCEPTION.match(message)
+              and "root cause" not in message):
             following = lines[k + 1] if k + 1 < len(lines) else ""
             if following[:1].isspace() and not following.lstrip().startswith("File "):
                 message = f"{message}: {following.strip()}"
             errors.append(message)
-    return (errors or [line.strip() for line in lines] or ["(empty log)"])[-1]
+    return (errors or ["no error in its log"])[-1]
 
 
 def kept_compile_cache() -> Path:
@@ -166,17 +175,57 @@ def cpu_settings(ranks: int) -> dict[str, str]:
 SOCKET_PATH_MAX = 107  # bytes in a UNIX socket's path (sun_path less its closing NUL)
 
 
+SCRATCH_GLOB = "hydrabench-vllm-*"  # every scratch's name (and the kept logs of `failure`)
+# Scratch directory -> the descriptor whose flock says it is in use (held while it exists).
+_held_scratch: dict[Path, int] = {}
+
+
 def vllm_scratch(prefix: str) -> Path:
     """A new scratch directory for one vLLM process, holding the tmp/ that `vllm_env` makes its
     TMPDIR. vLLM binds its IPC sockets there (a uuid4 name, 36 characters) and a socket's path
-    may not exceed 107 bytes: under a TMPDIR too long for that the scratch goes to /tmp."""
+    may not exceed 107 bytes: under a TMPDIR too long for that the scratch goes to /tmp.
+
+    This process holds an flock on the directory until `remove_scratch`: a scratch nobody
+    holds was left by a killed process (~150 MB each) and is removed here first."""
     parent = tempfile.gettempdir()
     longest = os.path.join(parent, prefix + "x" * 8, "tmp", "x" * 36)  # mkdtemp adds 8
     if len(os.fsencode(longest)) > SOCKET_PATH_MAX:
         parent = "/tmp"
+    remove_abandoned_scratch(Path(parent))
     scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    _held_scratch[scratch] = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(_held_scratch[scratch], fcntl.LOCK_EX)
+    # Made once the lock is held: a directory without tmp/ is no scratch (or not one yet).
     (scratch / "tmp").mkdir()
     return scratch
+
+
+def remove_scratch(scratch: Path) -> None:
+    """Remove a scratch from `vllm_scratch`, then let go of its lock."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    held = _held_scratch.pop(scratch, None)
+    if held is not None:
+        os.close(held)
+
+
+def remove_abandoned_scratch(parent: Path) -> None:
+    """Remove the vLLM scratch directories in `parent` of this user that no live process holds
+    (see `vllm_scratch`): a harness killed with -9 runs no cleanup. The flock is the test, not
+    a process id: a pid may be reused, or belong to another pid namespace sharing the folder."""
+    for marker in parent.glob(f"{SCRATCH_GLOB}/tmp"):
+        scratch = marker.parent
+        try:
+            probe = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        try:
+            if os.fstat(probe).st_uid == os.getuid():
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError: in use
+                shutil.rmtree(scratch, ignore_errors=True)
+        except OSError:
+            pass
+        finally:
+            os.close(probe)
 
 
 def vllm_env(ranks: int, scratch: Path, compile_cache: Path | None = None) -> dict[str, str]:
@@ -201,6 +250,14 @@ def failure(kind: str, what: str, log_path: Path) -> ServerError:
     return ServerError(f"vLLM {kind} {what}: {last_error_line(text)} ({kind} log: {kept})")
 
 
+def ended(code: int) -> str:
+    """How a process with this return code ended: "killed by signal 9 (SIGKILL)" or "exit code
+    1" (the cause a log cannot say: the OOM killer, a kill -9)."""
+    if code < 0 and -code in signal.valid_signals():
+        return f"killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exit code {code}"
+
+
 def exit_name(code: int) -> str:
     """"code -6 (SIGABRT)" for a process's return code (negative: the signal that ended it)."""
     if code < 0 and -code in signal.valid_signals():
@@ -221,13 +278,15 @@ def teardown_note(kind: str, code: int, what: str, log_path: Path) -> dict[str, 
     return {"exit_code": code, "log": log_path.name}
 
 
-def end_with(parent: int) -> None:
+def end_with(parent: int, scratch: Path) -> None:
     """End this process's group (this process and the engine processes it starts; started with
-    start_new_session by `parent`) once `parent` is gone: kill -9 of the harness runs no
-    `finally`, and vLLM's processes do not end with their parent."""
+    start_new_session by `parent`) once `parent` is gone, removing its `scratch` first: kill -9
+    of the harness runs no `finally`, and vLLM's processes do not end with their parent.
+    (What the group writes there before it ends goes with the next `vllm_scratch`.)"""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
+        shutil.rmtree(scratch, ignore_errors=True)
         os.killpg(0, signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -243,16 +302,21 @@ def _group_alive(pgid: int) -> bool:
 
 def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM the process group `process` leads (started with start_new_session), SIGKILL what
-    is left after `grace_s`; wait for the processes it started too, not only for `process`."""
+    is left after `grace_s` (INTERRUPT_GRACE_S at most while a Ctrl-C unwinds the caller; at
+    once on a second Ctrl-C); wait for the processes it started too, not only for `process`."""
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        grace_s = min(grace_s, INTERRUPT_GRACE_S)
     pgid = process.pid
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while (process.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+    try:
+        if _group_alive(pgid):
+            os.killpg(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while (process.poll() is None or _group_alive(pgid)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+    finally:
         if _group_alive(pgid):
             os.killpg(pgid, signal.SIGKILL)
-    process.wait()
+        process.wait()
 
 
 class VllmServer:
@@ -305,8 +369,9 @@ class VllmServer:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "hydrabench.serving.server", str(os.getpid()),
-               "--model", self.model_name, "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+               str(self._scratch), "--model", self.model_name, "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", self.dtype,
+               "--max-model-len", str(self.max_model_len),
                "--tensor-parallel-size", str(self.tensor_parallel_size),
                "--data-parallel-size", str(self.data_parallel_size),
                # One line per request would bury start-up and errors in the kept log.
@@ -365,9 +430,18 @@ class VllmServer:
                    "failed its first request")
 
     def raise_if_dead(self) -> None:
-        """Raise ServerError (its log's last error) if the server has stopped serving."""
-        if self.process is not None and (self.process.poll() is not None or not self.healthy()):
-            self._fail("stopped while serving")
+        """Raise ServerError (how it ended, its log's last error) if the server has stopped
+        serving."""
+        if self.process is None or (self.process.poll() is None and self.healthy()):
+            return
+        # A process killed a moment ago fails its requests before it has exited: give it time
+        # to, so that the error names the signal rather than "no longer answers".
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+        code = self.process.poll()
+        if code is not None:
+            self._fail(f"stopped while serving ({ended(code)})")
+        self._fail("stopped while serving (its process runs but no longer answers)")
 
     def _fail(self, what: str) -> None:
         self._failed = True  # an error already says it; stop() adds no teardown note
@@ -425,7 +499,7 @@ class VllmServer:
                     "server", code, "before it was stopped" if exited else "when stopped",
                     self.log_path)
         if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
+            remove_scratch(self._scratch)
             self._scratch = None
 
     def __enter__(self) -> VllmServer:
@@ -473,6 +547,6 @@ class SharedServers:
         self._servers.clear()
 
 
-if __name__ == "__main__":  # a server process: `python -m hydrabench.serving.server PARENT ARGS...`
-    end_with(int(sys.argv.pop(1)))
+if __name__ == "__main__":  # `python -m hydrabench.serving.server PARENT SCRATCH ARGS...`
+    end_with(int(sys.argv.pop(1)), Path(sys.argv.pop(1)))
     runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
