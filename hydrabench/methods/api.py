@@ -64,6 +64,9 @@ class Method:
     # router_parameters(model): how many of the parameters the method added route between its
     # adapters rather than adapt; reported apart from the paper's %Param. None: none do.
     router_parameters: Callable[[torch.nn.Module], int] | None = None
+    # active_parameters(model): how many of the adapter parameters one token's forward uses, for
+    # a method that selects per token (top-k experts, FlyLoRA's top-k ranks). None: all of them.
+    active_parameters: Callable[[torch.nn.Module], int] | None = None
     # False: the method ignores the adapter's target modules and rank (base, full fine-tuning),
     # so they are not checked against the model
     adapts_target_modules: bool = True
@@ -83,7 +86,9 @@ class Method:
 
     def parameter_counts(self, model: torch.nn.Module, base_total: int) -> dict[str, Any]:
         """The paper's %Param of `model` (the base model of `base_total` parameters, adapted):
-        adapter parameters / base parameters; the router reported apart.
+        adapter parameters / base parameters; the router reported apart. `active` (its %:
+        percent_param_active) is what one token's forward uses of the adapter: all of it unless
+        the method selects per token.
 
         Adapter parameters are those the method added less its router's; for full fine-tuning,
         which adds none, they are the trainable parameters (all of them).
@@ -94,9 +99,12 @@ class Method:
         added = total - base_total
         trainable = sum(p.numel() for p in params if p.requires_grad)
         adapter = (added - router) if added > 0 else trainable
+        active = self.active_parameters(model) if self.active_parameters else adapter
         return {"base": base_total, "total": total, "trainable": trainable, "adapter": adapter,
-                "router": router, "percent_param": 100.0 * adapter / base_total,
-                "percent_param_with_router": 100.0 * (adapter + router) / base_total}
+                "router": router, "active": active,
+                "percent_param": 100.0 * adapter / base_total,
+                "percent_param_with_router": 100.0 * (adapter + router) / base_total,
+                "percent_param_active": 100.0 * active / base_total}
 
 
 def default_fit(model: torch.nn.Module, spec: RunSpec, records: Sequence[InstructionRecord],

@@ -21,6 +21,11 @@ which would make scores depend on the order of the evaluated documents), and gra
 through A to x (the fork computes A x under no_grad, which stops the adapter's gradient to the
 layers below; flylora.py does not). Padding tokens are counted in c, as in the code.
 
+%Param: the total is what trains, B (out · r per layer); the activated parameters, what one
+token's forward uses of it, are B's k chosen columns (out · k), the record's
+`percent_param_active`. The frozen sparse A (r · in · sparsity non-zero entries per layer, k · in
+at the default sparsity) is counted in neither: it is not trained (it is saved, as it is random).
+
 Merge status: none (the top-k mask depends on every token). Served by hf only: hydrabench's vLLM
 plugin serves HydraLoRA's layer, not this one.
 """
@@ -173,7 +178,13 @@ def load_flylora(model: nn.Module, directory: Path) -> nn.Module:
     return model
 
 
+def active_parameters(model: nn.Module) -> int:
+    """B's entries one token uses: its k chosen columns in every layer."""
+    return sum(layer.lora_B.shape[0] * layer.k for layer in flylora_layers(model).values())
+
+
 METHOD = Method(
     name="flylora", description="FlyLoRA: frozen sparse random A, top-k of A x (+ balancing "
     "bias) per token, only B trains", adapt=_adapt, save=save_flylora, load=load_flylora,
-    merge=None, check=_check, adapter_defaults={"rank": RANK, "top_k": TOP_K})
+    merge=None, check=_check, active_parameters=active_parameters,
+    adapter_defaults={"rank": RANK, "top_k": TOP_K})

@@ -22,6 +22,11 @@ LoRA-adapted FFN; here, as MoLoRA, every adapted linear layer routes its own exp
 method takes the spec's target modules like the rest of the table. All experts are computed and
 the unselected weighted by zero (the same numbers as a sparse dispatch, not its speed).
 
+%Param as MoLoRA and MixLoRA count it: the total is the N experts (N · r (in + out) per
+layer; the router, N · in, reported apart as for HydraLoRA); the activated parameters, what one
+token's forward uses, are k of the N experts (k · r (in + out)), the record's
+`percent_param_active`.
+
 Merge status: none (the gate depends on every token). Served by hf only: hydrabench's vLLM
 plugin serves HydraLoRA's dense gate, not this top-k one.
 """
@@ -137,6 +142,12 @@ def _load(model: nn.Module, directory: Path) -> nn.Module:
     return _to_molora(load_hydralora(model, directory), top_k)
 
 
+def active_parameters(model: nn.Module) -> int:
+    """The expert parameters one token uses: k of each layer's N equal experts."""
+    return sum((layer.lora_A.weight.numel() + layer.lora_B.numel()) * layer.top_k
+               // layer.num_heads for layer in molora_layers(model).values())
+
+
 def switch_balance_loss(model: nn.Module, mask: torch.Tensor | None) -> torch.Tensor:
     """N · sum_i f_i · P_i over the non-padding tokens of every MoLoRA layer pooled (from the
     gates of the last forward, run inside `recording_gates`)."""
@@ -176,4 +187,5 @@ METHOD = Method(
     name="molora", description="MoLoRA/MixLoRA: N LoRA experts, top-k softmax router "
     "(renormalised), Switch balance loss", adapt=_adapt, save=_save, load=_load, merge=None,
     fit=EXPERTS.fit, loss_fn=balanced_loss, check=_check, router_parameters=router_parameters,
+    active_parameters=active_parameters,
     adapter_defaults={"top_k": TOP_K, "balance_loss_coef": BALANCE_COEF})
