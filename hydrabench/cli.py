@@ -66,7 +66,8 @@ def _add_table_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("table")
     p.add_argument("--profile", default="tiny")
     _add_include_path(p)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default: the table's `seeds:`, else 0)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="also run the code columns (model-written code, sandboxed)")
 
@@ -321,13 +322,20 @@ def _print_metrics(record: RunRecord, base: RunRecord | None = None) -> None:
     print(f"record: {RunStore().record_path(record.run_id)}")
 
 
+def _table_seeds(args: argparse.Namespace) -> tuple[int, ...]:
+    """--seeds, else the table spec's `seeds:` (0 unless it names more)."""
+    from hydrabench.config.tables import load_table
+
+    return _seeds(args.seeds) if args.seeds else load_table(args.table).seeds
+
+
 def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None,
                 rows: list[int] | None = None) -> Sweep:
     from hydrabench.config.tables import load_table
     from hydrabench.pipeline.run import execute
     from hydrabench.pipeline.sweep import plan_sweep
 
-    return plan_sweep(load_table(args.table), args.profile, _seeds(args.seeds), execute,
+    return plan_sweep(load_table(args.table), args.profile, _table_seeds(args), execute,
                       overrides=overrides, rows=rows,
                       allow_code_execution=args.allow_code_execution)
 
@@ -336,7 +344,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
     from hydrabench.reports import write_report
 
     _plan_sweep(args).run_local()
-    for path in write_report(args.table, args.profile, _seeds(args.seeds)):
+    for path in write_report(args.table, args.profile, _table_seeds(args)):
         print(path)
 
 

@@ -1,9 +1,11 @@
 """Table specs (tasks/tables/*.yaml): the runs a paper table needs and its cells from records.
 
-A row names a method and its adapter settings; a column names a task (a column of the paper's
-tables), optionally one metric of it, or a parameter count. The run id of every cell follows from
-the spec, so a report finds its records without searching, and a cell without a record stays
-empty ("—"), never invented. Figures are specs too: their runs are listed the same way.
+A row names a method and its adapter settings, and, where its paper numbers come from another
+paper, model or protocol than the table's, that source; a column names a task (a column of the
+paper's tables), optionally one metric of it, or a parameter count (total, or what one token
+activates). The run id of every cell follows from the spec, so a report finds its records
+without searching, and a cell without a record stays empty ("—"), never invented. Figures are
+specs too: their runs are listed the same way.
 """
 
 from __future__ import annotations
@@ -31,21 +33,32 @@ class Row:
     method: str
     adapter: dict[str, Any] = field(default_factory=dict)
     paper: dict[str, float] = field(default_factory=dict)
+    # Where `paper` comes from when not from the table's own paper: "paper, table, model,
+    # protocol". Reports mark the row's paper numbers and print the source under the table.
+    source: str = ""
+
+
+# Column kinds: a task's score; the adapter's %Param (its total); the %Param one token's forward
+# uses (differs from the total for methods that select per token: top-k experts, FlyLoRA).
+COLUMN_KINDS = ("score", "param", "param-active")
+# The record's parameter count each parameter column reads (Method.parameter_counts).
+PARAM_KEYS = {"param": "percent_param", "param-active": "percent_param_active"}
 
 
 @dataclass(frozen=True)
 class Column:
     key: str  # names the column in rows' `paper` values
     label: str
-    kind: str  # "score": a task column scored by lm-eval; "param": %Param of the adapter
+    kind: str  # one of COLUMN_KINDS
     task: str | None = None  # the task whose runs score it (default: key; param: the table's)
     # An lm-eval metric name ("pass@10") or "metric,filter" key, instead of each task's primary
     # metric: one task can then fill several columns (HumanEval P@1 and P@10).
     metric: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("score", "param"):
-            raise SpecError(f"column {self.key!r}: kind must be score or param, got {self.kind!r}")
+        if self.kind not in COLUMN_KINDS:
+            raise SpecError(f"column {self.key!r}: kind must be one of {', '.join(COLUMN_KINDS)}"
+                            f", got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -61,14 +74,26 @@ class TableSpec:
     eval_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     # What `report` draws from the cells: a table (md, csv, tex) or one of the figure kinds.
     render: str = "table"
+    # The seeds `reproduce` and `sweep` run when --seeds is not given.
+    seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         if self.render not in RENDER_KINDS:
             raise SpecError(f"render must be one of {', '.join(RENDER_KINDS)}, "
                             f"got {self.render!r}")
+        if len({row.source for row in self.rows if row.source}) > len(SOURCE_MARKS):
+            raise SpecError(f"at most {len(SOURCE_MARKS)} distinct row sources")
+        if not self.seeds or not all(type(s) is int and s >= 0 for s in self.seeds):
+            raise SpecError(f"seeds must be a non-empty list of integers >= 0, got "
+                            f"{list(self.seeds)}")
 
     def task_of(self, column: Column) -> str:
         return column.task or (column.key if column.kind == "score" else self.task)
+
+    def sources(self) -> dict[str, str]:
+        """Each distinct row source → its mark (a, b, ...), in row order."""
+        found = dict.fromkeys(row.source for row in self.rows if row.source)
+        return {source: SOURCE_MARKS[i] for i, source in enumerate(found)}
 
     def tasks(self) -> list[str]:
         """The tasks the table's runs cover, in column order, each once."""
@@ -81,6 +106,11 @@ class TableSpec:
                                          overrides={"adapter": row.adapter,
                                                     "eval": self.eval_overrides.get(task, {})}))
                 for row in self.rows for task in self.tasks() for seed in seeds]
+
+
+# What marks a row's paper numbers taken from another paper or setup: a superscript letter,
+# which reads in Markdown and LaTeX alike.
+SOURCE_MARKS = "ᵃᵇᶜᵈᵉᶠᵍʰⁱʲᵏˡᵐⁿᵒᵖʳˢᵗᵘᵛʷˣʸᶻ"
 
 
 def table_names() -> list[str]:
@@ -99,7 +129,8 @@ def load_table(name: str) -> TableSpec:
                          columns=tuple(Column(**c) for c in raw["columns"]),
                          notes=tuple(raw.get("notes", ())),
                          eval_overrides=raw.get("eval_overrides", {}),
-                         render=raw.get("render", "table"))
+                         render=raw.get("render", "table"),
+                         seeds=tuple(raw.get("seeds", (0,))))
     except (KeyError, TypeError, SpecError) as err:
         raise SpecError(f"malformed table spec {files[name]}: {err}") from None
 
@@ -262,8 +293,9 @@ def _score_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
 
 def _param_cell(row: Row, column: Column, records: list[RunRecord]) -> Cell:
     # An untrained model (the base row) has no adapter: its %Param is not applicable, not 100.
+    # A record that predates a count (percent_param_active) leaves the cell empty, not guessed.
     trained = [rec for rec in records if rec.training.trained is not False]
-    value = trained[0].training.percent_param if trained else None
+    value = trained[0].training.parameters.get(PARAM_KEYS[column.kind]) if trained else None
     stand_in, data_source = _cell_labels(records)
     return Cell(row.label, column.label, value, None, None, row.paper.get(column.key),
                 [rec.run_id for rec in records], n_seeds=len(trained), stand_in=stand_in,
@@ -278,7 +310,7 @@ def collect_cells(table: TableSpec, profile: str, seeds: tuple[int, ...], store:
     if reference is not None and reference not in labels:
         raise did_you_mean(f"reference row of {table.name}", reference, labels)
     found = find_records(table, profile, seeds, store)
-    make = {"score": _score_cell, "param": _param_cell}
+    make = {"score": _score_cell, "param": _param_cell, "param-active": _param_cell}
     cells = [make[column.kind](row, column, found[(row.label, table.task_of(column))])
              for row in table.rows for column in table.columns]
     judge_columns(table, cells, found, store, reference)

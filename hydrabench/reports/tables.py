@@ -14,6 +14,7 @@ from hydrabench.config.profiles import load_profile
 from hydrabench.config.tables import (
     NOT_RECORDED,
     SCORE_RANGE,
+    SOURCE_MARKS,
     Cell,
     TableSpec,
     collect_cells,
@@ -46,7 +47,7 @@ def _missing(value: float | None) -> bool:
 
 
 # Scores with 2 decimals as the paper; %Param with 4 significant digits, as it spans 0.001–100.
-NUMBER_FORMAT = {"score": ".2f", "param": ".4g"}
+NUMBER_FORMAT = {"score": ".2f", "param": ".4g", "param-active": ".4g"}
 
 
 def fmt(value: float | None, spread: float | None = None, number: str = ".2f") -> str:
@@ -129,6 +130,8 @@ def wide_frame(table: TableSpec, tidy: pd.DataFrame, n_seeds: int,
     (column label, its sub-columns) for the LaTeX header.
     """
     out = pd.DataFrame({"Method": [r.label for r in table.rows]})
+    marks = table.sources()
+    row_marks = [marks.get(r.source, "") for r in table.rows]
     groups = []
     # Only scores stand in for the paper's; %Param is the tiny model's own, labelled as is.
     labels = stand_in_labels(table, tidy)
@@ -143,8 +146,13 @@ def wide_frame(table: TableSpec, tidy: pd.DataFrame, n_seeds: int,
                 for v, s, k in zip(part["value"], spread, part["n_seeds"], strict=True)]
         out[f"{label} (ours)"] = [f"**{text}**" if bold is True else text
                                   for text, bold in zip(ours, part["bold"], strict=True)]
-        out[f"{label} (paper)"] = [fmt(v, None, number) for v in part["paper_value"]]
-        sub = ["ours", "paper"]
+        sub = ["ours"]
+        if column.kind != "param-active" or part["paper_value"].notna().any():
+            # papers rarely count activated parameters: no column of dashes for them
+            out[f"{label} (paper)"] = [fmt(v, None, number) + ("" if _missing(v) else mark)
+                                       for v, mark in zip(part["paper_value"], row_marks,
+                                                          strict=True)]
+            sub.append("paper")
         if reference is not None and column.kind == "score":
             out[f"{label} Δ vs {reference} [95% CI]"] = [
                 DASH if _missing(d) else f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
@@ -231,6 +239,18 @@ def runs_lines(run_ids: Iterable[str]) -> list[str]:
     return ["", "Runs: " + (", ".join(f"`{r}`" for r in ids) if ids else "none"), ""]
 
 
+SOURCES_NOTE = ("paper numbers marked with a letter come from the paper, model and protocol "
+                "its note names, not from one setup: compare a marked number only with numbers "
+                "of the same mark, never across marks or with ours")
+
+
+def source_lines(table: TableSpec) -> list[str]:
+    """What a report says beside rows' paper numbers taken from other papers or setups: that
+    they do not compare across sources, then each mark's source."""
+    marks = table.sources()
+    return [SOURCES_NOTE, *(f"{mark} {source}" for source, mark in marks.items())] if marks else []
+
+
 def skipped_lines(skipped: Sequence[str]) -> list[str]:
     """What a report says of the corrupt records it left out (each line names the file)."""
     return [f"{len(skipped)} corrupt record(s) skipped, as if unfinished: {'; '.join(skipped)}"
@@ -252,7 +272,8 @@ def header_lines(table: TableSpec, profile: str, seeds: tuple[int, ...],
             f"- {PARTIAL}: fewer seeds than requested had a record (n_seeds in the CSV)",
             "- CSV: rounded as shown (scores 2 decimals, %Param 4 significant digits, p 3); "
             f"full precision in {table.name}.raw.csv",
-            *(f"- {note}" for note in table.notes), *runs_lines(tidy["run_id"]),
+            *(f"- {note}" for note in table.notes),
+            *(f"- {line}" for line in source_lines(table)), *runs_lines(tidy["run_id"]),
             *(f"- {line}" for line in skipped_lines(skipped))]
 
 
@@ -260,7 +281,9 @@ _LATEX = {"\\": r"\textbackslash{}", "%": r"\%", "&": r"\&", "#": r"\#", "_": r"
           "$": r"\$", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
           "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "→": r"$\rightarrow$",
           "—": "---", "†": r"\dag{}", "Δ": r"$\Delta$", "³": r"\textsuperscript{3}",
-          "<": r"$<$", ">": r"$>$", "−": "-"}
+          "<": r"$<$", ">": r"$>$", "−": "-",
+          **{mark: rf"\textsuperscript{{{letter}}}"
+             for mark, letter in zip(SOURCE_MARKS, "abcdefghijklmnoprstuvwxyz", strict=True)}}
 
 
 def latex_escape(text: str) -> str:
@@ -325,6 +348,10 @@ def csv_frames(table: TableSpec, tidy: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     kinds = {c.label: c.kind for c in table.columns}
     raw = tidy.assign(column=tidy["column"].map(labels))
     raw.insert(2, "paper_column", tidy["column"])
+    if table.sources():  # only then, so that other tables' CSV columns stay as they are
+        source = {row.label: row.source for row in table.rows}
+        raw.insert(raw.columns.get_loc("paper_value") + 1, "paper_source",
+                   tidy["row"].map(source))
     rounded = raw.copy()
     score = tidy["column"].map(kinds) == "score"
     for name in SCORE_FIELDS:
@@ -367,10 +394,14 @@ def write_table_files(table: TableSpec, tidy: pd.DataFrame, profile: str,
                                  else frame).to_csv(index=False))
     stand_in = (tidy["stand_in"] == True).any()  # noqa: E712
     hardware = hardware_text_line(tidy[tidy["run_id"] != ""])
+    sources = source_lines(table)
     notes = [*([STAND_IN_NOTE[0].upper() + STAND_IN_NOTE[1:] + "."] if stand_in else []),
              BOLD_RULE[0].upper() + BOLD_RULE[1:] + ".",
              *([delta_rule(reference, len(seeds)) + "."] if reference else []),
              *([hardware[0].upper() + hardware[1:] + "."] if hardware else []),
+             *table.notes,
+             *([SOURCES_NOTE[0].upper() + SOURCES_NOTE[1:] + ".", *sources[1:]] if sources
+               else []),
              *skipped_lines(skipped)]
     write_text_atomic(paths[2], latex_table(table, wide, notes, display_title(table, tidy),
                                             plus_minus_line(len(seeds))))
