@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hydrabench.atomic import atomic_path, write_text_atomic
 from hydrabench.config.includes import included
 from hydrabench.errors import SpecError
 from hydrabench.paths import TASKS_DIR, offline_mode
@@ -369,10 +370,12 @@ def run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: 
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         samples = results.pop("samples", {})
-        (output_dir / "lm_eval_results.json").write_text(
-            json.dumps(results, indent=1, default=handle_non_serializable))
+        # Atomic writes: a full disk is one line naming the file.
+        write_text_atomic(output_dir / "lm_eval_results.json",
+                          json.dumps(results, indent=1, default=handle_non_serializable))
         for task, rows in samples.items():
-            with open(output_dir / f"{SAMPLES_PREFIX}{task}.jsonl", "w") as fh:
+            with atomic_path(output_dir / f"{SAMPLES_PREFIX}{task}.jsonl") as tmp, \
+                    open(tmp, "w") as fh:
                 for row in rows:
                     fh.write(json.dumps(row, default=handle_non_serializable) + "\n")
     return _scores(results)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from hydrabench.atomic import atomic_path
+from hydrabench.atomic import atomic_path, remove_stale_temps
 from hydrabench.config.spec import TrainSettings
 from hydrabench.data.records import InstructionRecord, render_prompt
 from hydrabench.errors import SpecError
@@ -187,16 +187,20 @@ def _save_checkpoint(path: Path, owner, optim, sched, step: int, result: TrainRe
     state = {"format": CHECKPOINT_FORMAT, "step": step, "params": params, "optim": optim_state,
              "sched": sched.state_dict(), "rng": rng, "losses": result.losses,
              "lrs": result.lrs, "tokens": result.trained_tokens}
-    try:  # written through Python: a full disk is an OSError then
-        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
-            torch.save(state, fh)
-    except (OSError, RuntimeError) as err:
-        # torch's writer may fail closing the file after the OSError (then its context); the
-        # OSError names no file: name the checkpoint.
-        failed = err if isinstance(err, OSError) else err.__context__
-        if not isinstance(failed, OSError):
-            raise
-        raise OSError(failed.errno, failed.strerror, str(path)) from None
+    # Written through Python, so a full disk is an OSError naming the checkpoint and its size.
+    with atomic_path(path, durable=True, size=_tensor_bytes(state)) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
+
+
+def _tensor_bytes(state) -> int:
+    """The bytes of the tensors in a (nested) state: about what saving it writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
 
 
 def _load_checkpoint(path: Path, owner, optim, sched, result: TrainResult, device: str) -> int:
@@ -241,6 +245,9 @@ def train(model: torch.nn.Module, tokenizer, records: Sequence[InstructionRecord
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(settings, total_steps))
     result = TrainResult(processes=processes, strategy=distributed.strategy(settings.sharding))
     start = 0
+    if checkpoint_path is not None and distributed.is_main():
+        # A killed process's half-written checkpoint: this process holds the train lock.
+        remove_stale_temps(checkpoint_path, every=True)
     if checkpoint_path is not None and checkpoint_path.exists():
         start = _load_checkpoint(checkpoint_path, owner, optim, sched, result, device)
     steps = report_progress(range(start, total_steps), desc, total=total_steps, initial=start)
