@@ -13,7 +13,9 @@ published LLaMA-2-7B figures beside them, marked as external.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
+import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -277,6 +279,31 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-")
 
 
+# Beside a model's per-sample outputs: which model they are of (its content fingerprint).
+SCORED_MODEL = "scored_model.json"
+
+
+def output_name(benchmark: str, label: str, limit: int | None, root: Path,
+                fingerprint: str | None = None) -> str:
+    """The name of the report and of the outputs folder under `root`: the model's folder name
+    (or the run id), readable; a model (its `fingerprint`) other than the one whose outputs
+    hold that name (another folder or hub organisation, same name) gets a digest of its
+    fingerprint added, so neither overwrites the other."""
+    tail = f"-limit{limit}" if limit else ""
+    name = f"protocols-{benchmark}-{slug(label)}"
+    if fingerprint is None:
+        return name + tail
+    try:
+        free = json.loads((root / f"{name}{tail}" / SCORED_MODEL).read_text())[
+            "fingerprint"] == fingerprint
+    except FileNotFoundError:
+        free = True
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: not known to be this model
+        free = False
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+    return f"{name}{tail}" if free else f"{name}-{digest}{tail}"
+
+
 def run_protocols(*, model: str | None = None, run_id: str | None = None,
                   benchmark: str = "mmlu", limit: int | None = None,
                   names: list[str] | None = None, store: RunStore | None = None,
@@ -285,8 +312,15 @@ def run_protocols(*, model: str | None = None, run_id: str | None = None,
     protocols = check_request(benchmark, names or list(PROTOCOLS), limit)
     store = store or RunStore()
     loaded, tokenizer, tokenizer_name, label = _load(model, run_id, store, trust_remote_code)
-    name = f"protocols-{benchmark}-{slug(model or run_id or '')}" + (
-        f"-limit{limit}" if limit else "")
-    scores = score_protocols(protocols, loaded, tokenizer, tokenizer_name, limit,
-                             store.root / "protocols" / name)
+    root = store.root / "protocols"
+    if model is None:
+        name = output_name(benchmark, run_id or "", limit, root)
+    else:
+        from hydrabench.atomic import write_json_atomic
+        from hydrabench.records.provenance import model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+        name = output_name(benchmark, model, limit, root, fingerprint)
+        write_json_atomic(root / name / SCORED_MODEL, {"model": model, "fingerprint": fingerprint})
+    scores = score_protocols(protocols, loaded, tokenizer, tokenizer_name, limit, root / name)
     return write_protocols_report(scores, label, limit, out_dir or reports_root(), name)

@@ -196,12 +196,40 @@ def load_trained(method: Method, model: torch.nn.Module, artifact: Path) -> torc
     """`method.load` of a trained artifact; a damaged one (a file cut short, a config whose
     shapes do not match its tensors) is one line naming it."""
     try:
-        return method.load(model, artifact)
+        loaded = method.load(model, artifact)
+        check_adapter_matches(loaded, artifact)
+        return loaded
     except torch.OutOfMemoryError:
         raise
     except ADAPTER_ERRORS as err:
         raise SpecError(f"cannot load the trained artifact in {artifact}: "
                         f"{type(err).__name__}: {_first_line(err)}") from None
+
+
+def check_adapter_matches(model: torch.nn.Module, artifact: Path) -> None:
+    """A peft artifact's tensors are the adapters its configs build: each tensor lands on a
+    module its config targets, each targeted module gets its tensors. peft loads a mismatch
+    with a warning, leaving the base model's weights where the adapter should be."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import safe_open
+
+    if not isinstance(model, PeftModel):
+        return
+    for name in model.peft_config:  # peft saves a non-default adapter in a folder of its name
+        weights = artifact / ("" if name == "default" else name) / SAFETENSORS_WEIGHTS_NAME
+        if not weights.is_file():
+            continue
+        with safe_open(str(weights), "pt") as fh:
+            saved = set(fh.keys())
+        built = set(get_peft_model_state_dict(model, adapter_name=name))
+        if saved != built:
+            stray, missing = sorted(saved - built), sorted(built - saved)
+            said = (f"{len(stray)} of its tensors match no module its adapter_config.json "
+                    f"targets (e.g. {stray[0]})" if stray else
+                    f"{len(missing)} adapter weights its adapter_config.json asks for are "
+                    f"missing (e.g. {missing[0]})")
+            raise ValueError(f"the adapter does not match its config: {said}")
 
 
 def write_servable(spec: RunSpec, model: torch.nn.Module, tokenizer, directory: Path,
