@@ -475,3 +475,23 @@ def test_seccomp_filter_answers_alike_on_both_machines(machine):
         "internet sockets": {eperm}, "thread": allow, "user namespace": eperm,
         "clone3": 0x00050000 | 38, "denied": {eperm}, "SO_RCVBUF": eperm, "F_SETPIPE_SZ": eperm,
     }
+
+
+@needs_walls
+def test_sysv_message_queues_and_semaphores_cannot_hold_kernel_memory():
+    # An IPC namespace allows 32000 message queues of 16 KiB: 62 MiB sat in 4000 of them under
+    # memory_mb=128 (kernel memory, outside RLIMIT_AS); semaphore sets are kernel memory too.
+    program = PRELUDE + (
+        "def queue():\n"
+        "    buf, total = ctypes.create_string_buffer(b'\\x01' + b'\\x00' * 8199), 0\n"
+        "    for _ in range(4000):\n"
+        "        queue = libc.msgget(0, 0o1600)\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+        "        if queue < 0:\n            return failed('msgget')\n"
+        "        while libc.msgsnd(queue, buf, 8192, 0o4000) == 0:\n"  # IPC_NOWAIT
+        "            total += 8192\n"
+        "    return 'queued %d MiB' % (total >> 20)\n"
+        "semaphores = libc.semget(0, 32000, 0o1600)\n"
+        "outcome = queue() + '; ' + (failed('semget') if semaphores < 0 else 'semget made a set')\n"
+    )
+    assert outcome_of(program, timeout_s=20.0, memory_mb=MEMORY_MB) == \
+        "msgget denied: EPERM; semget denied: EPERM"

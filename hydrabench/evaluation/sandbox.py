@@ -42,8 +42,9 @@ with weaker walls.
   its own, whose tasks Linux (5.14 and later) counts apart for RLIMIT_NPROC.
 - system calls: a seccomp filter (`seccomp_filter`, loaded by bwrap before the command runs,
   inherited by every process inside) answers EPERM to what would hold memory outside RLIMIT_AS
-  or state outside the sandbox: memfd_create and memfd_secret, System V shmget (a segment keeps
-  its pages after shmdt), new namespaces (unshare, setns, clone with a CLONE_NEW* flag: a user
+  or state outside the sandbox: memfd_create and memfd_secret, System V IPC (a shmget segment
+  keeps its pages after shmdt; msgget and semget queues and sets are kernel memory, ~500 MiB of
+  queues in an IPC namespace), new namespaces (unshare, setns, clone with a CLONE_NEW* flag: a user
   namespace would let the program mount a tmpfs of any size), mount and its new API, the kernel
   keyrings (add_key, keyctl, request_key: a uid's keyring outlives every run), io_uring
   (its work bypasses the filter), bpf, perf_event_open and userfaultfd; kernel buffers that
@@ -225,21 +226,23 @@ _CLONE_NEW_NAMESPACES = 0x7E020000
 _X32_BIT = 0x40000000
 # Denied with EPERM (the module docstring says why each).
 _DENIED = (
-    "memfd_create", "memfd_secret", "shmget", "unshare", "setns", "mount", "umount2",
-    "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
+    "memfd_create", "memfd_secret", "shmget", "msgget", "semget", "unshare", "setns", "mount",
+    "umount2", "pivot_root", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
     "mount_setattr", "add_key", "request_key", "keyctl", "io_uring_setup", "io_uring_enter",
     "io_uring_register", "bpf", "perf_event_open", "userfaultfd", "bind", "listen",
 )
 # Per machine: AUDIT_ARCH_*, and the numbers of _DENIED's calls and of clone and clone3.
 _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (0xC000003E, {
-        "memfd_create": 319, "memfd_secret": 447, "shmget": 29, "unshare": 272, "setns": 308,
+        "memfd_create": 319, "memfd_secret": 447, "shmget": 29, "msgget": 68, "semget": 64,
+        "unshare": 272, "setns": 308,
         "mount": 165, "umount2": 166, "pivot_root": 155, "add_key": 248, "request_key": 249,
         "keyctl": 250, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323, "clone": 56,
         "socket": 41, "setsockopt": 54, "fcntl": 72, "bind": 49, "listen": 50,
     }),
     "aarch64": (0xC00000B7, {
-        "memfd_create": 279, "memfd_secret": 447, "shmget": 194, "unshare": 97, "setns": 268,
+        "memfd_create": 279, "memfd_secret": 447, "shmget": 194, "msgget": 186, "semget": 190,
+        "unshare": 97, "setns": 268,
         "mount": 40, "umount2": 39, "pivot_root": 41, "add_key": 217, "request_key": 218,
         "keyctl": 219, "bpf": 280, "perf_event_open": 241, "userfaultfd": 282, "clone": 220,
         "socket": 198, "setsockopt": 208, "fcntl": 25, "bind": 200, "listen": 201,
