@@ -37,6 +37,11 @@ def to_record(row: dict, where: str) -> InstructionRecord | None:
     for role, names in FIELD_ALIASES.items():
         found = next((name for name in names if row.get(name) not in (None, "")), None)
         values[role] = str(row[found]) if found else ""
+        try:  # JSON's "\ud800" decodes to a lone surrogate, which no tokenizer can encode
+            values[role].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise SpecError(f"{where}: {found} holds {err.object[err.start:err.end]!a}, a lone "
+                            "surrogate (not Unicode text)") from None
     if not values["output"] and any(name in row for name in FIELD_ALIASES["output"]):
         return None
     if not values["instruction"] and values["input"]:  # e.g. iCliniq: the patient's message only
@@ -48,37 +53,84 @@ def to_record(row: dict, where: str) -> InstructionRecord | None:
     return InstructionRecord(**values)
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> SpecError:
+    return SpecError(f"corpus file {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                     "save it as UTF-8")
+
+
+def _text(path: Path) -> str:
+    """The corpus file's text; one line when it is not UTF-8 text (binary, another encoding)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _read_table(path: Path) -> list[tuple[str, dict]]:
+    """A CSV or parquet corpus's rows; a malformed or corrupt file, or an empty output cell in a
+    CSV, names the file (and the row)."""
+    import pandas as pd
+
+    try:
+        # Every cell as text, an empty one as "" (pandas' default reads it as NaN, which becomes
+        # the response "nan"), and "NA"/"null" kept as the words they are.
+        frame = (pd.read_csv(path, dtype=str, keep_default_na=False) if path.suffix == ".csv"
+                 else pd.read_parquet(path))
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err) from None
+    except (ValueError, OSError) as err:  # pandas' ParserError, pyarrow's ArrowInvalid
+        kind = "CSV" if path.suffix == ".csv" else "parquet"
+        raise SpecError(f"malformed {kind} corpus file {path}: {_first_line(err)}") from None
+    rows = [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
+    outputs = [name for name in FIELD_ALIASES["output"] if name in frame.columns]
+    if path.suffix == ".csv" and outputs:
+        for where, row in rows:
+            if not any(row[name] for name in outputs):  # a CSV cannot say "no response"
+                raise SpecError(f"{where}: empty {outputs[0]} cell (every training record needs "
+                                "a response)")
+    return rows
+
+
 def _read_rows(path: Path) -> list[tuple[str, dict]]:
     """(location, row) pairs; malformed input names file and line/record."""
     if not path.exists():
         raise SpecError(f"corpus file {path} not found")
+    if not path.is_file():
+        raise SpecError(f"corpus {path} is a directory, not a file (use .json, .jsonl, .csv or "
+                        ".parquet files)")
     if (size := path.stat().st_size) > MAX_CORPUS_BYTES:
         raise SpecError(f"corpus file {path} is {size / 2**30:.1f} GiB; hydrabench holds a corpus "
                         f"in memory and reads files up to {MAX_CORPUS_BYTES / 2**30:.0f} GiB: "
                         f"sample or split it")
     if path.suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(_text(path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
                 rows.append((f"{path}:{number}", json.loads(line)))
             except json.JSONDecodeError as err:
                 raise SpecError(f"malformed JSONL at {path}:{number}: {err.msg}") from None
+            except RecursionError:
+                raise SpecError(f"malformed JSONL at {path}:{number}: nested too deeply"
+                                ) from None
         return rows
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_text(path))
         except json.JSONDecodeError as err:
             raise SpecError(f"malformed JSON at {path}:{err.lineno}: {err.msg}") from None
+        except RecursionError:
+            raise SpecError(f"malformed JSON in {path}: nested too deeply") from None
         if not isinstance(data, list):
             raise SpecError(f"{path}: expected a JSON list of records")
         return [(f"{path} record {i}", row) for i, row in enumerate(data)]
     if path.suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
-        return [(f"{path}:{i + 2}", row) for i, row in enumerate(frame.to_dict("records"))]
+        return _read_table(path)
     raise SpecError(f"{path}: unsupported corpus format (use .json, .jsonl, .csv or .parquet)")
 
 
@@ -92,8 +144,7 @@ def _load_one(name: str) -> list[InstructionRecord]:
         try:
             rows = datasets.load_dataset(dataset_id, config or None, split="train")
         except Exception as err:  # offline, unknown id, gated: all reach the user the same way
-            raise SpecError(f"cannot load hub dataset {dataset_id!r}: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            raise SpecError(f"cannot load hub dataset {dataset_id!r}: {_first_line(err)}"
                             ) from None
         return _records((f"{dataset_id} row {i}", row) for i, row in enumerate(rows))
     if name.startswith("data:"):
