@@ -16,7 +16,12 @@ if TYPE_CHECKING:  # the CLI imports its commands' modules lazily, to start fast
 
 
 def _heads(value: str) -> int | str:
-    return value if value == "auto" else int(value)
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:  # argparse would name the function (`invalid _heads value`)
+        raise argparse.ArgumentTypeError(f"must be an integer or 'auto', got {value!r}") from None
 
 
 # dest → (spec section, type) of the hyper-parameter flags.
@@ -349,8 +354,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from hydrabench.pipeline.sweep import format_status
+    from hydrabench.pipeline.sweep import check_slurm_installed, format_status
 
+    if args.executor == "slurm" and not args.status:
+        check_slurm_installed()  # before planning the matrix (a minute for a whole table)
     overrides: dict[str, dict[str, Any]] = {}
     for dest in SWEEP_OVERRIDES:
         if getattr(args, dest) is not None:

@@ -18,6 +18,7 @@ from hydrabench.config.spec import (
     EvalSettings,
     RunSpec,
     TrainSettings,
+    check_model_settings,
     parse_settings,
 )
 from hydrabench.errors import SpecError, did_you_mean, require
@@ -194,6 +195,8 @@ def _build_profile(where: str | Path, mapping: dict[str, Any]) -> Profile:
     for method, config in mapping.get("sharding", {}).items():
         require(isinstance(config, str), f"profile {where}: sharding: {method} must name a "
                                          f"sharding config, got {config!r}")
+    check_model_settings(f"profile {where}", *(mapping.get(key, getattr(Profile, key)) for key in
+                                               ("device", "dtype", "prompt_template")))
     for section, settings in (("train", TrainSettings), ("adapter", AdapterSettings),
                               ("eval", EvalSettings)):
         try:

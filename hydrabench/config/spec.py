@@ -12,10 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from hydrabench.data.records import TEMPLATES
 from hydrabench.errors import SpecError, require
+
+# What a profile's dtype and device may be (device `auto`: CUDA when available, decided per run).
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda", "mps", "auto")  # and cuda:N
+
+
+def check_model_settings(where: str, device: Any, dtype: Any, prompt_template: Any) -> None:
+    """The device, dtype and prompt template a profile (or a spec) names, one line each."""
+    require(dtype in DTYPES, f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    require(device in DEVICES or (isinstance(device, str)
+                                  and re.fullmatch(r"cuda:\d{1,3}", device) is not None),
+            f"{where}: unknown device {device!r}; valid: {', '.join(DEVICES)}, cuda:N")
+    require(prompt_template in TEMPLATES, f"{where}: unknown prompt_template "
+                                          f"{prompt_template!r}; valid: {', '.join(TEMPLATES)}")
 
 
 @dataclass(frozen=True)
@@ -138,16 +154,61 @@ class EvalSettings:
         require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
         require(self.num_fewshot is None or self.num_fewshot >= 0,
                 f"num_fewshot must be >= 0, got {self.num_fewshot}")
-        require(self.gen_kwargs is None or all(
-            "=" in pair for pair in self.gen_kwargs.split(",") if pair),
-                f"gen_kwargs must be key=value pairs joined by commas (lm-eval's --gen_kwargs), "
-                f"got {self.gen_kwargs!r}")
         require(self.tensor_parallel_size >= 1 and self.data_parallel_size >= 1,
                 "tensor_parallel_size and data_parallel_size must be >= 1")
         require(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        require(self.max_model_len is None or self.max_model_len >= 1,
+                f"max_model_len must be >= 1, got {self.max_model_len}")
+        check_gen_kwargs(self.gen_kwargs)
         require(self.serving in SERVING_MODES,
                 f"unknown serving {self.serving!r}; valid: {', '.join(SERVING_MODES)}")
+
+
+# lm-eval's generation settings a run may override (--gen-kwargs), each with what it must be:
+# anything else would be found only when the first generation task runs, after training.
+def _count(low: int) -> tuple[str, Any]:
+    return (f"an integer >= {low}",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low)
+
+
+def _real(text: str, ok: Any) -> tuple[str, Any]:
+    return (text, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and ok(v))
+
+
+GEN_KWARGS: dict[str, tuple[str, Any]] = {
+    **dict.fromkeys(("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"),
+                    _count(1)),
+    "temperature": _real("a finite number >= 0", lambda v: v >= 0),
+    "top_p": _real("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "min_p": _real("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "top_k": _count(0),
+    "num_beams": _count(1),
+    "repetition_penalty": _real("a finite number > 0", lambda v: v > 0),
+    "do_sample": ("true or false", lambda v: isinstance(v, bool)),
+    "until": ("a string", lambda v: isinstance(v, str) and v != ""),
+    "seed": _count(0),
+}
+
+
+def check_gen_kwargs(gen_kwargs: str | None) -> None:
+    """lm-eval's --gen_kwargs string, read as lm-eval reads it: key=value pairs of known keys,
+    each value of its type and range."""
+    if gen_kwargs is None:
+        return
+    pairs = [pair for pair in gen_kwargs.split(",") if pair]
+    require(all("=" in pair for pair in pairs),
+            f"gen_kwargs must be key=value pairs joined by commas (lm-eval's --gen_kwargs), "
+            f"got {gen_kwargs!r}")
+    from lm_eval.utils import handle_arg_string
+
+    for key, text in (pair.split("=", 1) for pair in pairs):
+        key = key.strip()
+        if key not in GEN_KWARGS:
+            raise SpecError(f"unknown gen_kwargs key {key!r}; valid: {', '.join(GEN_KWARGS)}")
+        wanted, ok = GEN_KWARGS[key]
+        require(ok(handle_arg_string(text)), f"gen_kwargs {key} must be {wanted}, got {text!r}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +240,10 @@ class RunSpec:
     train: TrainSettings = field(default_factory=TrainSettings)
     adapter: AdapterSettings = field(default_factory=AdapterSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        check_model_settings(f"run {self.method}/{self.task}", self.device, self.dtype,
+                             self.prompt_template)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,6 +288,8 @@ def _typed(name: str, value: Any, annotation: str, where: str) -> Any:
                                            f"got {value!r}")
             return float(number)
     if "int" in kinds and isinstance(value, int) and not isinstance(value, bool):
+        # Beyond 64 bits, torch, numpy and lm-eval fail on it with a traceback.
+        require(abs(value) < 2**63, f"{where} setting {name} must be below 2**63, got {value}")
         return value
     if "bool" in kinds and isinstance(value, bool):
         return value
@@ -250,6 +317,13 @@ def parse_settings(cls: type, values: dict[str, Any], where: str):
              f"unknown {where} setting(s) {sorted(unknown)}; valid: {sorted(declared)}")
     return cls(**{name: _typed(name, value, declared[name], where)
                  for name, value in values.items()})
+
+
+def with_settings(settings: Any, values: dict[str, Any], where: str) -> Any:
+    """`settings` (a settings dataclass) with `values` replaced, each checked as
+    `parse_settings` checks a profile's."""
+    parsed = parse_settings(type(settings), values, where)
+    return replace(settings, **{name: getattr(parsed, name) for name in values})
 
 
 def spec_from_dict(data: dict[str, Any]) -> RunSpec:

@@ -10,6 +10,7 @@ import importlib.util
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from hydrabench.config.includes import include
@@ -21,8 +22,9 @@ from hydrabench.config.spec import (
     RunSpec,
     TrainSettings,
     parse_settings,
+    with_settings,
 )
-from hydrabench.errors import did_you_mean, require
+from hydrabench.errors import SpecError, did_you_mean, require
 from hydrabench.paths import data_dir
 
 # `eval --task lm-eval:bbh` names lm-eval's task where a profile column has the same name.
@@ -70,7 +72,7 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
             f"--merge-gap scores a method's approximate merges, and {method} has none (it "
             f"{'merges exactly' if registered.mergeable else 'cannot be merged'}); methods that "
             f"have some: {', '.join(m.name for m in METHODS.values() if m.approximate_merges)}")
-    model = model or prof.model
+    model = checked_model_name(model or prof.model)
     if eval_settings.backend == "auto":  # decided here, so the run id names the real backend
         from hydrabench.serving.export import auto_backend
 
@@ -96,6 +98,18 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if fallback is not None:
         AUTO_FALLBACKS[spec.run_id] = fallback
     return spec
+
+
+def checked_model_name(model: str) -> str:
+    """`model`, a local folder or a hub id, as the file system can look it up: a name too long,
+    or a ~user that does not exist, is one line (loading the model says whether it exists)."""
+    try:
+        Path(model).expanduser().exists()
+    except (OSError, RuntimeError) as err:  # ENAMETOOLONG; expanduser of an unknown ~user
+        shown = model if len(model) <= 80 else f"{model[:60]}... ({len(model)} characters)"
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SpecError(f"model {shown} is not found locally: {reason}") from None
+    return model
 
 
 # Run id → why `backend: auto` gave hf rather than vllm, for the run's plan to say.
@@ -128,6 +142,17 @@ def vllm_fallback_reason(model: str) -> str | None:
 
 def _head_size(model: str) -> int | None:
     """The attention head size in the model's config; None where that cannot be read here."""
+    config = _model_config(model)
+    try:
+        return config and (getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads))
+    except AttributeError:
+        return None
+
+
+def _model_config(model: str) -> Any:
+    """The model's transformers config; None where it cannot be read here (a hub id not
+    downloaded)."""
     from transformers import AutoConfig
 
     from hydrabench.models import resolve_model_dir
@@ -136,11 +161,30 @@ def _head_size(model: str) -> int | None:
     if directory is None:
         return None
     try:
-        config = AutoConfig.from_pretrained(str(directory))
-        return getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads)
-    except (OSError, ValueError, AttributeError):
+        return AutoConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
         return None
+
+
+def check_vllm_settings(spec: RunSpec) -> None:
+    """Backend vllm: the settings vLLM's engine checks against the model (its heads split
+    evenly over the tensor-parallel GPUs, a context the model has), before any training; the
+    engine would refuse them only when it starts, after training."""
+    if spec.eval.backend != "vllm":
+        return
+    config = _model_config(spec.model)
+    if config is None:
+        return
+    parallel = spec.eval.tensor_parallel_size
+    heads = getattr(config, "num_attention_heads", None)
+    require(not isinstance(heads, int) or heads % parallel == 0,
+            f"eval tensor_parallel_size {parallel} does not divide the {heads} attention heads "
+            f"of {spec.model}, which vLLM refuses; use a divisor of {heads}")
+    context = getattr(config, "max_position_embeddings", None)
+    wanted = spec.eval.max_model_len
+    require(wanted is None or not isinstance(context, int) or wanted <= context,
+            f"eval max_model_len {wanted} exceeds the context of {spec.model} ({context} "
+            f"tokens), which vLLM refuses; use at most {context}")
 
 
 # What a run served by vLLM needs to import: the package, a platform it runs on, and on CUDA its
@@ -184,4 +228,4 @@ def retarget(trained: RunSpec, task: str, eval_overrides: dict[str, Any]) -> Run
                           lm_eval_task_ok=True)
     return replace(trained, task=column.task, eval_tasks=column.eval_tasks,
                    inputs=replace(trained.inputs, tasks=column.inputs.tasks),
-                   eval=replace(trained.eval, **eval_overrides))
+                   eval=with_settings(trained.eval, eval_overrides, "eval"))

@@ -44,7 +44,12 @@ from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, resolve_model_dir
 from hydrabench.paths import offline_mode
-from hydrabench.pipeline.resolve import LM_EVAL_PREFIX, auto_fallback, vllm_import_error
+from hydrabench.pipeline.resolve import (
+    LM_EVAL_PREFIX,
+    auto_fallback,
+    check_vllm_settings,
+    vllm_import_error,
+)
 from hydrabench.progress import log
 from hydrabench.records import provenance
 from hydrabench.records.store import (
@@ -85,12 +90,18 @@ def check_target_modules(model: torch.nn.Module, spec: RunSpec, method: Method) 
     adds nothing, and an absurd one would fail in the allocator)."""
     if not method.adapts_target_modules:
         return
+    # The output head is no target: its weight is often the input embedding's (tied), which an
+    # adapter there breaks when the artifact is loaded again.
+    head = model.get_output_embeddings()
     linears = {n.rpartition(".")[2]: m for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear)}
+               if isinstance(m, torch.nn.Linear) and m is not head}
     missing = sorted(set(spec.adapter.target_modules) - set(linears))
     if missing:
-        raise SpecError(f"target module(s) {', '.join(missing)} not in model {spec.model}; "
-                        f"its linear layers: {', '.join(sorted(linears))}")
+        heads = {n.rpartition(".")[2] for n, m in model.named_modules() if m is head}
+        why = (f"is the output head of model {spec.model}, which no method adapts"
+               if set(missing) <= heads else f"not in model {spec.model}")
+        raise SpecError(f"target module(s) {', '.join(missing)} {why}; its adaptable linear "
+                        f"layers: {', '.join(sorted(linears))}")
     width = min(min(linears[n].in_features, linears[n].out_features)
                 for n in spec.adapter.target_modules)
     if spec.adapter.rank > width:
@@ -469,18 +480,21 @@ def _score_own_checkpoint(spec: RunSpec, directory: Path, context: int, out: Pat
 
 @contextmanager
 def kept_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
-    """A vLLM server or engine that does not come up, or dies, leaves no record, and of what
-    this call made under results/ only the artifact it trained: a rerun scores that without
-    training again (hours on a GPU). Its lock files and the folders it created (when empty) go;
-    what was there before stays."""
+    """A run that fails (a vLLM server or engine that does not come up or dies, a loss that
+    turns NaN before the first checkpoint) leaves no record, and of what this call made under
+    results/ only the artifact it trained, and checkpoints a rerun resumes from: a rerun scores
+    that artifact without training again (hours on a GPU). Its lock files and the folders it
+    created (when empty) go; what was there before stays."""
     artifact = store.artifact_dir(spec.train_id)
-    folders = [store.root, store.root / ".locks", store.runs, store.artifacts]
+    checkpoints = store.checkpoint_dir(spec.train_id)
+    folders = [store.root, store.root / ".locks", store.runs, store.artifacts, checkpoints]
     existed = {path for path in [*folders, artifact] if path.exists()}
     locks_before = len(store.made_locks)
     try:
         yield
-    except ServerError:
-        if artifact not in existed and store.artifact_info(spec.train_id) is not None:
+    except Exception as err:
+        if isinstance(err, ServerError) and artifact not in existed and store.artifact_info(
+                spec.train_id) is not None:
             log(f"{spec.run_id}: serving failed after training; the trained artifact stays in "
                 f"{artifact}, and a rerun scores it without training again")
         for lock in store.made_locks[locks_before:]:
@@ -491,6 +505,25 @@ def kept_if_serving_fails(spec: RunSpec, store: RunStore) -> Iterator[None]:
                 with contextlib.suppress(OSError):  # not empty: the artifact, or another process
                     folder.rmdir()
         raise
+
+
+def check_fewshot_pool(spec: RunSpec) -> None:
+    """`num_fewshot` N draws N examples per item from each task's few-shot pool (less the item
+    itself where the pool is the split it scores); a smaller pool stops lm-eval at its first
+    item."""
+    shots = spec.eval.num_fewshot
+    if not shots:
+        return
+    manager = task_manager(offline_mode())
+    for name in spec.eval_tasks:
+        for task in manager.load([name])["tasks"].values():
+            docs = task.fewshot_docs()
+            pool = (len(docs) if docs is not None else 0) - (
+                task.fewshot_cfg.split == task.config.test_split)
+            if shots > pool:
+                raise SpecError(f"num_fewshot {shots}: task {task.config.task} has "
+                                f"{max(pool, 0)} few-shot examples to draw from; ask for at "
+                                f"most that many")
 
 
 def check_vllm_imports(spec: RunSpec) -> None:
@@ -554,6 +587,7 @@ def _execute(spec: RunSpec, *, force: bool, retrain: bool, store: RunStore | Non
         return None if dry_run else store.load(spec.run_id)
     # Check what can be checked before anything is written under results/.
     include_from_spec(spec)
+    check_vllm_settings(spec)
     check_vllm_imports(spec)
     distributed.init_if_launched(runtime_device(spec))  # the run's device picks the backend
     device = runtime_device(spec)
@@ -567,8 +601,11 @@ def _execute(spec: RunSpec, *, force: bool, retrain: bool, store: RunStore | Non
         retrain or store.artifact_info(spec.train_id) is None)
     records = load_corpus(spec.corpus) if needs_training else []
     check_benchmark_data(spec)
-    if needs_training:  # found now, not after the training (an evaluation alone fails at once)
+    # Found now, not after the training (an evaluation alone fails at once, but for few-shot
+    # examples too few to draw).
+    if needs_training or spec.eval.num_fewshot:
         check_task_configs(list(spec.eval_tasks))
+    check_fewshot_pool(spec)
     if needs_training and method.check is not None:
         method.check(spec, records)
     # A trained artifact is loaded now: a damaged one is one line before anything is written.

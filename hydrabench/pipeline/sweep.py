@@ -17,6 +17,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from submitit.core.utils import JobPaths
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.config.profiles import load_profile
-from hydrabench.config.spec import RunSpec, spec_from_dict
+from hydrabench.config.spec import RunSpec, spec_from_dict, with_settings
 from hydrabench.config.tables import Row, TableSpec
 from hydrabench.errors import SpecError
 from hydrabench.progress import eta, log
@@ -42,6 +43,19 @@ from hydrabench.serving.server import SharedServers
 # `tasks` > 1: that many training processes per job (torch.distributed, one per GPU).
 SLURM_DEFAULTS: dict[str, Any] = {"partition": None, "cpus": 1, "mem": "4G", "time_min": 60,
                                   "gpus": 0, "tasks": 1}
+# What each slurm: setting must be; Slurm itself would refuse the job only at submission.
+def _whole(low: int) -> tuple[str, Callable[[Any], bool]]:
+    return (f"an integer >= {low}",
+            lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v < 2**31)
+
+
+SLURM_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "partition": ("a partition name or null", lambda v: v is None or (
+        isinstance(v, str) and re.fullmatch(r"[\w.-]+", v) is not None)),
+    "cpus": _whole(1), "time_min": _whole(1), "gpus": _whole(0), "tasks": _whole(1),
+    "mem": ("a size such as 4G or 512M", lambda v: isinstance(v, str) and re.fullmatch(
+        r"[1-9][0-9]{0,9}[KMGT]?", v) is not None),
+}
 # squeue states of a job that holds its node; any other state still in the queue is waiting.
 ACTIVE_STATES = {"RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"}
 
@@ -123,6 +137,8 @@ class Sweep:
 
         `executor_class(folder=...)` submits it: Slurm's through submitit unless a caller
         passes another (a test with no Slurm installed)."""
+        if executor_class is submitit.SlurmExecutor:
+            check_slurm_installed()
         self.log_plan()
         todo = []
         for i, status in enumerate(self.status(), start=1):
@@ -205,6 +221,7 @@ def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], execute: 
     --status finds a sweep's runs only when given the same ones. A row's unknown method is an
     error here (resolving its specs checks the name).
     """
+    slurm_parameters(profile)  # a bad slurm: section is one line whatever the executor
     bad = [n for n in rows or () if not 1 <= n <= len(table.rows)]
     if bad:
         raise SpecError(f"--rows {bad}: table {table.name} has rows 1-{len(table.rows)}")
@@ -219,9 +236,17 @@ def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], execute: 
 
 
 def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSpec:
-    """`spec` with settings of its train/adapter/eval sections replaced (and validated)."""
-    return replace(spec, **{section: replace(getattr(spec, section), **values)
+    """`spec` with settings of its train/adapter/eval sections replaced (and validated, as a
+    profile's are)."""
+    return replace(spec, **{section: with_settings(getattr(spec, section), values, section)
                             for section, values in overrides.items() if values})
+
+
+def check_slurm_installed() -> None:
+    """Submitting needs Slurm's sbatch here; without it submitit fails with a traceback."""
+    if shutil.which("sbatch") is None:
+        raise SpecError("--executor slurm, but Slurm's sbatch is not installed here: submit from "
+                        "a Slurm login node, or use --executor local")
 
 
 def slurm_parameters(profile: str) -> dict[str, Any]:
@@ -232,6 +257,10 @@ def slurm_parameters(profile: str) -> dict[str, Any]:
         raise SpecError(f"profile {profile}: unknown slurm setting(s) {sorted(unknown)}; "
                         f"valid: {sorted(SLURM_DEFAULTS)}")
     settings = {**SLURM_DEFAULTS, **section}
+    for key, (wanted, ok) in SLURM_CHECKS.items():
+        if not ok(settings[key]):
+            raise SpecError(f"profile {profile}: slurm {key} must be {wanted}, "
+                            f"got {settings[key]!r}")
     params: dict[str, Any] = {"cpus_per_task": settings["cpus"], "mem": settings["mem"],
                               "time": settings["time_min"], "ntasks_per_node": settings["tasks"]}
     # Only ask for what is wanted: --gpus-per-node=0 is an error on clusters without GPU gres.
