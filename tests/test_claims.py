@@ -272,7 +272,7 @@ def test_missing_records_and_analysis_are_not_tested(store: RunStore, tmp_path: 
                                    "kind": "analysis"}])
     gone, fig3 = judge_claims(load_claims(path), PROFILE, None, store)
     assert gone.verdict == "not tested" and gone.note == "no records for LoRA (r=8)"
-    assert fig3.verdict == "not tested" and "not tested yet" in fig3.note
+    assert fig3.verdict == "not tested" and "without `analysis:`" in fig3.note
 
 
 # -- the claims file ----------------------------------------------------------------------------
@@ -360,11 +360,12 @@ def test_plan_runs_only_the_claims_rows_and_columns(store_env: Path) -> None:
     claims = load_claims()
     sweeps = plan_claim_runs(claims, PROFILE, (0,), execute)
     planned = [run.spec for sweep in sweeps for run in sweep.runs]
-    # table1: 6 LoRA rows on MMLU; table2: 3 rows, 2 of them table1's runs; figure6: 4 rows on
-    # MMLU only, 2 of them table1's (LoRA-Split 4×8, LoRA r=8); figure5: 2 rows on GSM8K.
+    # table1: 6 LoRA rows on MMLU; table2: 3 rows, 2 of them table1's runs; figure6: 5 rows on
+    # MMLU only (Fig. 3's analysis adds the summed LoRA-Split), 2 of them table1's (LoRA-Split
+    # 4×8, LoRA r=8); figure5: 2 rows on GSM8K.
     assert {s.task for s in planned} == {"general", "math"}
-    assert len(planned) == 6 + 3 + 4 + 2
-    assert len({s.run_id for s in planned}) == 6 + 1 + 2 + 2
+    assert len(planned) == 6 + 3 + 5 + 2
+    assert len({s.run_id for s in planned}) == 6 + 1 + 3 + 2
     for sweep in sweeps:
         sweep.run_local()
     assert sorted(executed) == sorted({s.run_id for s in planned})
@@ -477,9 +478,11 @@ def test_cli_claims_runs_what_they_need_then_reports(store_env: Path,
 
     monkeypatch.setattr(hydrabench.pipeline.run, "execute", execute)
     assert main(["claims", "--seeds", "0"]) == 0
-    assert len(executed) == len(set(executed)) == 11
+    assert len(executed) == len(set(executed)) == 12
     frame = pd.read_csv(store_env / "reports" / "claims.csv").set_index("id")
     assert frame.loc["obs1-split-beats-rank", "verdict"] == "supported"
     assert frame.loc["fig5-faster", "effect"] == pytest.approx(2.0)
     assert frame.loc["fig5-faster", "verdict"] == "inconclusive"  # one seed
+    # The stand-in records name no artifact: the analysis has no matrices to read.
     assert frame.loc["obs2-a-alike-b-differ", "verdict"] == "not tested"
+    assert "no artifact" in frame.loc["obs2-a-alike-b-differ", "note"]

@@ -3,10 +3,12 @@
 A claim names rows of a table spec (so claim runs and table runs share run ids), a column, and a
 test: `paired` (every row of `a` against every row of `b`), `ordering` (rows in the claimed
 order, best first: each against the next), `ratio` (an efficiency factor from the records'
-training metering) or `analysis` (not tested yet). Its verdict comes from the records only: the
-measured effect with a 95% interval (paired bootstrap over items, per-item differences averaged
-over seeds: significance.py's machinery; over seeds for ratios), a p-value for "the effect is on
-the margin", and Holm's correction over every claim tested together. docs/claims.md has the rule.
+training metering) or `analysis` (`analysis: ab-similarity`, Fig. 3's A/B matrices of the rows'
+trained adapters: ab_analysis.py; without `analysis:` listed, not tested). Its verdict comes from
+the records (and their artifacts) only: the measured effect with a 95% interval (paired
+bootstrap over items, per-item differences averaged over seeds: significance.py's machinery;
+over seeds for ratios; over layers and seeds for analyses), a p-value for "the effect is on the
+margin", and Holm's correction over every claim tested together. docs/claims.md has the rule.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Claim:
     paper: str | None = None  # the paper's numbers, where a table's `paper:` values lack them
     seeds: tuple[int, ...] | None = None
     equal_parameters: bool = False  # the claim is at equal budgets: the records' %Param checked
+    analysis: str | None = None  # analysis: an ab_analysis.ANALYSES name (None: not tested)
+    measure: str = "cosine"  # ab-similarity: an ab_analysis.MEASURES name
 
     def pairs(self) -> list[tuple[str, str]]:
         """The (A, B) row pairs whose effects must all be on the claimed side."""
@@ -109,7 +113,8 @@ def _seeds(value: Any, what: str) -> tuple[int, ...]:
 
 
 CLAIM_KEYS = {"id", "words", "where", "kind", "table", "column", "a", "b", "rows", "direction",
-              "margin", "metric", "factor", "paper", "seeds", "equal_parameters"}
+              "margin", "metric", "factor", "paper", "seeds", "equal_parameters", "analysis",
+              "measure"}
 
 
 def parse_claim(raw: Any, where: str) -> Claim:
@@ -136,11 +141,12 @@ def parse_claim(raw: Any, where: str) -> Claim:
             metric=raw.get("metric"), factor=float(raw.get("factor", 1.0)),
             paper=None if raw.get("paper") is None else str(raw["paper"]),
             seeds=None if raw.get("seeds") is None else _seeds(raw["seeds"], where),
-            equal_parameters=bool(raw.get("equal_parameters", False)))
+            equal_parameters=bool(raw.get("equal_parameters", False)),
+            analysis=raw.get("analysis"), measure=raw.get("measure", "cosine"))
     except (TypeError, ValueError) as err:
         raise SpecError(f"{where}: {err}") from None
-    if kind == "analysis":
-        return claim
+    if kind == "analysis" and claim.analysis is None:
+        return claim  # the paper's words, listed; nothing here computes them
     if claim.direction not in DIRECTIONS:
         raise did_you_mean(f"direction in {where}", claim.direction, list(DIRECTIONS))
     if claim.table is None:
@@ -154,12 +160,33 @@ def parse_claim(raw: Any, where: str) -> Claim:
         raise did_you_mean(f"ratio metric in {where}", str(claim.metric), list(RATIO_METRICS))
     if kind == "ratio" and claim.factor <= 0:
         raise SpecError(f"{where}: factor must be positive")
+    if kind == "analysis":
+        check_analysis(claim, where)
     labels = [row.label for row in table.rows]
     for label in claim.row_labels():
         if label not in labels:
             raise did_you_mean(f"row of table {table.name} in {where}", label, labels)
+    if kind == "analysis":
+        from hydrabench.reports.ab_analysis import analysable
+
+        for row in table.rows:
+            if row.label in claim.rows and not analysable(row.method):
+                raise SpecError(f"{where}: row {row.label!r} ({row.method}) has no per-adapter "
+                                "A and B to compare (lora-split-sum, lora-split-routed or "
+                                "HydraLoRA's layer format have)")
     claim_column(claim, table, where)
     return claim
+
+
+def check_analysis(claim: Claim, where: str) -> None:
+    from hydrabench.reports.ab_analysis import ANALYSES, MEASURES
+
+    if claim.analysis not in ANALYSES:
+        raise did_you_mean(f"analysis in {where}", str(claim.analysis), list(ANALYSES))
+    if claim.measure not in MEASURES:
+        raise did_you_mean(f"measure in {where}", str(claim.measure), list(MEASURES))
+    if not claim.rows:
+        raise SpecError(f"{where}: an analysis needs `rows`: the rows whose adapters it reads")
 
 
 def claim_column(claim: Claim, table: TableSpec, where: str = "") -> Column:
@@ -298,6 +325,7 @@ class Verdict:
     data_source: str | None = None  # as the records state it
     run_ids: list[str] = field(default_factory=list)
     paper: str = ""
+    analysis: Any = None  # what an analysis measured (ab_analysis.AbResult), for its figure
 
     @property
     def binding(self) -> Effect | None:
@@ -383,8 +411,8 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
     from hydrabench.config.tables import find_records
 
     verdict = Verdict(claim, paper=claim.paper or "")
-    if claim.kind == "analysis":
-        verdict.note = "analysis claims are not tested yet"
+    if claim.kind == "analysis" and claim.analysis is None:
+        verdict.note = "an analysis claim without `analysis:` is listed, not tested"
         return verdict
     full = load_table(str(claim.table))
     table = restricted(full, claim)
@@ -402,6 +430,12 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
     missing = [label for label, recs in records.items() if not recs]
     if missing:
         verdict.note = f"no records for {', '.join(missing)}"
+        return verdict
+    if claim.kind == "analysis":
+        from hydrabench.reports.ab_analysis import judge_ab
+
+        judge_ab(claim, records, store, verdict)
+        pair_p_values(verdict)
         return verdict
     for a, b in claim.pairs():
         effect = _pair_effect(claim, a, b, records[a], records[b], store, column)
@@ -472,7 +506,7 @@ def plan_claim_runs(claims: ClaimsFile, profile: str, seeds: tuple[int, ...] | N
 
     wanted: dict[tuple[str, tuple[int, ...]], tuple[set[str], set[str]]] = {}
     for claim in claims.claims:
-        if claim.kind == "analysis":
+        if claim.kind == "analysis" and claim.analysis is None:
             continue
         table = load_table(str(claim.table))
         rows, columns = wanted.setdefault(
@@ -509,7 +543,7 @@ def claim_row(v: Verdict) -> dict[str, Any]:
     return {
         "id": v.claim.id, "where": v.claim.where, "claim": v.claim.words,
         "test": _test_text(v.claim), "paper": v.paper,
-        "unit": "factor" if ratio else "points",
+        "unit": "factor" if ratio else "similarity" if v.claim.kind == "analysis" else "points",
         "pair": "" if effect is None else f"{effect.a} vs {effect.b}",
         "effect": None if effect is None else effect.value,
         # No interval without a spread (a ratio on one seed).
@@ -541,6 +575,9 @@ def shown_rows(frame: Any) -> Any:
 
 def _test_text(claim: Claim) -> str:
     side = ">" if claim.direction == "higher" else "<"
+    if claim.kind == "analysis":
+        return (f"{claim.analysis}: A's − B's {claim.measure} similarity {side} "
+                f"{claim.margin:+g} ({', '.join(claim.rows)})" if claim.analysis else "")
     if claim.kind == "ratio":
         return f"{claim.metric}: A better than B by > {claim.factor:g}×"
     if claim.kind == "ordering":
@@ -563,7 +600,13 @@ LEGEND = [
     "mde: the smallest distance from the margin the runs detect with 80% power at α = 0.05 "
     "(2.80 standard errors); an inconclusive note says how much more data would detect the "
     "measured effect (spread falling as 1/√data: a rough guide)",
-    "not tested: analysis claims (not built yet), or claims whose runs have no records",
+    "analysis (ab-similarity, Fig. 3): per layer and module, the mean pairwise similarity of "
+    "the A's minus that of the B's of the per-component adapters (|cosine| of the flattened "
+    "matrices, or mean cos² of the principal angles between their row/column spaces), averaged "
+    "over layers, modules and seeds with a 95% t-interval over them (units taken as "
+    "independent: a rough interval); the plot is a PCA of the flattened matrices",
+    "not tested: analysis claims without `analysis:`, or claims whose runs have no records "
+    "(or no artifact to read)",
 ]
 
 
@@ -578,17 +621,24 @@ def write_claims_report(claims: ClaimsFile, verdicts: Sequence[Verdict], profile
                         skipped: Sequence[str] = ()) -> list[Path]:
     """reports/claims.{md,csv,tex} (claims-<name> for another file than the default)."""
     from hydrabench.atomic import write_text_atomic
+    from hydrabench.reports.ab_analysis import figure_stems, write_ab_figure
     from hydrabench.reports.tables import latex_escape, provenance_lines, runs_lines, skipped_lines
 
     frame = verdict_frame(verdicts)
     stem = "claims" if claims.name == DEFAULT_CLAIMS else f"claims-{claims.name}"
     paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "tex")]
+    stems = figure_stems(verdicts, stem)
+    figures = [write_ab_figure(v, out_dir / stems[v.claim.id],
+                               f"profile {profile} · seeds {','.join(map(str, seeds))}")
+               for v in verdicts if v.claim.id in stems]
     counts = ", ".join(f"{(frame['verdict'] == k).sum()} {k}" for k in VERDICTS
                        if (frame["verdict"] == k).any())
     shown = shown_rows(frame)
     md = [f"# {claims.title}", "", f"- claims: `{claims.path}`; {counts}",
           *provenance_lines(profile, seeds, frame), *(f"- {line}" for line in LEGEND),
           *runs_lines(frame["run_id"]), *(f"- {line}" for line in skipped_lines(skipped)),
+          *(f"![{v.claim.where}]({f[0].name})\n" for v, f in zip(
+              [v for v in verdicts if v.claim.id in stems], figures, strict=True) if f),
           shown.to_markdown(index=False, disable_numparse=True)]
     write_text_atomic(paths[0], "\n".join(md) + "\n")
     write_text_atomic(paths[1], frame.to_csv(index=False))
@@ -604,7 +654,7 @@ def write_claims_report(claims: ClaimsFile, verdicts: Sequence[Verdict], profile
            r"\par\smallskip{\scriptsize " + r" \par ".join(latex_escape(x) for x in LEGEND)
            + "}", r"\end{table}"]
     write_text_atomic(paths[2], "\n".join(tex) + "\n")
-    return paths
+    return paths + [p for f in figures for p in f]
 
 
 def run_claims(name_or_path: str = DEFAULT_CLAIMS, profile: str = "tiny",
