@@ -13,6 +13,7 @@ per-seed differences and the documents' (docs/statistics.md).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,12 +168,27 @@ def item_outcomes(output_dir: Path, metrics: dict[str, str]) -> dict[str, dict[I
     """task → {(doc_id, doc_hash): value} of the metric ("acc,none": metric "acc" under filter
     "none") that `metrics` names for each task; tasks not in `metrics` are skipped."""
     found: dict[str, dict[ItemKey, float]] = {}
-    for task, row in read_samples(output_dir):
-        if task not in metrics:
-            continue
-        name, _, filter_name = metrics[task].partition(",")
-        if row.get("filter", "none") == filter_name and name in row:
-            found.setdefault(task, {})[(row["doc_id"], row["doc_hash"])] = float(row[name])
+    try:
+        for task, row in read_samples(output_dir):
+            if task not in metrics:
+                continue
+            name, _, filter_name = metrics[task].partition(",")
+            where = f"per-sample outputs of {task} in {output_dir}"
+            if not isinstance(row, dict):
+                raise SpecError(f"{where}: a row is {type(row).__name__}, not an object")
+            if row.get("filter", "none") != filter_name or name not in row:
+                continue
+            doc_id, doc_hash, value = row.get("doc_id"), row.get("doc_hash"), row[name]
+            if not isinstance(doc_id, int) or not isinstance(doc_hash, str):
+                raise SpecError(f"{where}: a row without its doc_id and doc_hash")
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                # e.g. f1's (gold, prediction) pairs: scored over the corpus, not per document
+                raise SpecError(f"{where}: {name} of document {doc_id} is {value!r}, not a "
+                                "number; the runs cannot be compared document by document")
+            found.setdefault(task, {})[(doc_id, doc_hash)] = float(value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # a cut line, or not text
+        raise SpecError(f"corrupt per-sample outputs in {output_dir}: "
+                        f"{str(err).splitlines()[0]}") from None
     return found
 
 
@@ -237,12 +253,8 @@ def compare_runs(run_a: str, run_b: str, store: RunStore | None = None) -> list[
     """`hydrabench compare`: every task both runs scored, then their shared column if it has
     several tasks. Raises SpecError (before any output) when they scored different items."""
     store = store or RunStore()
-    records = []
-    for run_id in (run_a, run_b):
-        if not store.has(run_id):
-            raise SpecError(f"no finished run {run_id!r} in {store.runs}")
-        records.append(store.load(run_id))
-    rec_a, rec_b = records
+    # load, not has(): a corrupt record is the one error line, naming its file
+    rec_a, rec_b = records = [store.load(run_id) for run_id in (run_a, run_b)]
     tasks = [t for t in rec_a.column_tasks if t in rec_b.column_tasks]
     if not tasks:
         raise SpecError(f"runs {run_a} and {run_b} scored no lm-eval task in common")

@@ -9,6 +9,7 @@ Replacing a finished run (`--force`) keeps a whole old or new run at every insta
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -93,6 +94,29 @@ def _names(cls: type) -> list[str]:
 
 
 NUMBER = (int, float)
+# lm-eval metrics that are a fraction of documents (a mean of 0/1 outcomes, or an F1): a value
+# outside [0, 1] is not a score any evaluation gave. pass@k is named by its k.
+FRACTIONS = ("acc", "acc_norm", "acc_mutual_info", "exact_match", "em", "f1", "mc1", "mc2")
+
+
+def _metric_value(value: Any, key: str, where: str) -> float:
+    """A metric's value as lm-eval gives it ("acc,none" → key): a finite number, in [0, 1] where
+    the metric is a fraction."""
+    if not isinstance(value, NUMBER) or isinstance(value, bool) or not math.isfinite(value):
+        raise _Invalid(f"{where}{key} is {value!r}, not a finite number")
+    name = key.split(",")[0]
+    if (name in FRACTIONS or name.startswith("pass@")) and not 0 <= value <= 1:
+        raise _Invalid(f"{where}{key} is {value!r}, outside [0, 1]")
+    return value
+
+
+def _count(d: dict[str, Any], key: str, where: str, required: bool = False) -> int | None:
+    """d[key] when it is an integer >= 0 (a count, a seed); None when absent and not
+    `required`."""
+    value = _take(d, key, int, where, required)
+    if value is not None and value < 0:
+        raise _Invalid(f"{where}{key} is {value}, not >= 0")
+    return value
 
 
 @dataclass(frozen=True)
@@ -113,12 +137,21 @@ class TaskMetrics:
         if not isinstance(d, dict):
             raise _Invalid(f"no metrics for its task {task!r}")
         _only(d, _names(cls), where)
-        return cls(value=_take(d, "value", NUMBER, where, required=True),
-                   primary=_take(d, "primary", str, where, required=True),
-                   metrics=_take(d, "metrics", dict, where, required=True),
-                   stderr=_take(d, "stderr", dict, where, required=True),
-                   n=_take(d, "n", int, where, required=True),
-                   n_shot=_take(d, "n_shot", int, where), version=d.get("version"))
+        primary = _take(d, "primary", str, where, required=True)
+        metrics = _take(d, "metrics", dict, where, required=True)
+        stderr = _take(d, "stderr", dict, where, required=True)
+        for key, value in metrics.items():
+            _metric_value(value, key, where)
+        for key, value in stderr.items():
+            if value is not None and (not isinstance(value, NUMBER) or isinstance(value, bool)
+                                      or not 0 <= value < math.inf):
+                raise _Invalid(f"{where}the stderr of {key} is {value!r}, not a finite number "
+                               ">= 0")
+        return cls(value=_metric_value(_take(d, "value", NUMBER, where, required=True),
+                                       primary, where),
+                   primary=primary, metrics=metrics, stderr=stderr,
+                   n=_count(d, "n", where, required=True), n_shot=_count(d, "n_shot", where),
+                   version=d.get("version"))
 
     def key(self, metric: str | None) -> str | None:
         """The "metric,filter" key a column reads (None: not reported): the primary one, or
@@ -253,7 +286,7 @@ class RunRecord:
         _only(d, _names(cls))
         run_id, method, task = (_take(d, key, str, required=True)
                                 for key in ("run_id", "method", "task"))
-        seed = _take(d, "seed", int, required=True)
+        seed = _count(d, "seed", "", required=True)
         metrics = {name: TaskMetrics.from_dict(entry, name)
                    for name, entry in _take(d, "metrics", dict, required=True).items()}
         column_tasks = tuple(_take(d, "column_tasks", list, required=True))
@@ -267,9 +300,12 @@ class RunRecord:
             metering = replace(metering, train=train_metering)
         artifact = _take(d, "artifact", str)
         provenance = d.get("provenance")
+        spec = _take(d, "spec", dict)
+        if spec is not None:  # absent in records older than the fingerprints (base_record)
+            _take(spec, "inputs", dict, "spec: ")
         return cls(
             run_id=run_id, method=method, task=task, seed=seed, metrics=metrics,
-            column_tasks=column_tasks, training=training, spec=_take(d, "spec", dict),
+            column_tasks=column_tasks, training=training, spec=spec,
             profile=_take(d, "profile", dict), stand_in=_take(d, "stand_in", bool),
             data_source=_take(d, "data_source", str), backend=_take(d, "backend", str),
             merge=_take(d, "merge", str), serving=_take(d, "serving", dict),
@@ -287,8 +323,11 @@ class RunRecord:
         return out
 
     @property
-    def score(self) -> float:
-        """The run's score on its column: the mean of its lm-eval tasks' headline values."""
+    def score(self) -> float | None:
+        """The run's score on its column: the mean of its lm-eval tasks' headline values (None
+        for a record that names no column task, as the smallest hand-written ones)."""
+        if not self.column_tasks:
+            return None
         return sum(self.metrics[t].value for t in self.column_tasks) / len(self.column_tasks)
 
 
@@ -300,7 +339,11 @@ def read_record(path: Path, run_id: str, runs: Path) -> RunRecord:
     except (OSError, ValueError) as err:  # truncated, empty or binary (UnicodeDecodeError)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CorruptRecord(f"corrupt record {path}: {reason}") from None
-    return RunRecord.from_dict(record, path)
+    loaded = RunRecord.from_dict(record, path)
+    if loaded.run_id != run_id:  # copied from another run's folder: it would stand for that run
+        raise CorruptRecord(f"corrupt record {path}: its run_id {loaded.run_id!r} is not its "
+                            f"folder's name {run_id!r}")
+    return loaded
 
 
 # A replacement's directories beside the target: the finished new copy, and the old one set aside.
@@ -569,8 +612,9 @@ def run_lines(records: Sequence[RunRecord]) -> list[str]:
     lines = [f"{'run id':44s} {'method':18s} {'task':9s} {'seed':4s} {'score':>6s}  "
              f"{'settings':40s} finished"]
     for record in records:
+        score = "?" if record.score is None else f"{100 * record.score:.2f}"
         lines.append(f"{record.run_id:44s} {record.method:18s} {record.task:9s} "
-                     f"s{record.seed:<3d} {100 * record.score:6.2f}  "
+                     f"s{record.seed:<3d} {score:>6s}  "
                      f"{settings[record.run_id]:40s} {record.finished_at or ''}")
     return lines
 
@@ -584,13 +628,16 @@ def base_record(store: RunStore, record: RunRecord) -> RunRecord | None:
     """The untrained base model's finished record on the same column, profile, model (same
     content) and evaluation settings as `record`, if there is one: its score is the baseline."""
     spec = json.loads(json.dumps(record.spec))  # as read back from JSON (tuples as lists)
+    if not spec or "inputs" not in spec:  # predates the fingerprints: no base is shown the same
+        return None
     same = ("task", "profile", "model", "eval_tasks", "eval")
     for other in store.records():
         theirs = other.spec
-        if (other.method == "base" and theirs is not None
+        if (other.method == "base" and theirs is not None and "inputs" in theirs
+                and set(record.metrics) <= set(other.metrics)  # a base value beside each task
                 and all(theirs.get(k) == spec.get(k) for k in same)
-                and theirs["inputs"]["model"] == spec["inputs"]["model"]
-                and theirs["inputs"]["tasks"] == spec["inputs"]["tasks"]):
+                and all(theirs["inputs"].get(k) == spec["inputs"].get(k)
+                        for k in ("model", "tasks"))):
             return other
     return None
 
