@@ -246,8 +246,8 @@ def test_a_real_lora_split_sum_run_is_analysed(tmp_path: Path) -> None:
     the claim's analysis on its saved artifact: a verdict, a finite interval, the plot."""
     from hydrabench.pipeline.resolve import resolve_spec
     from hydrabench.pipeline.run import execute
-    from hydrabench.reports.ab_analysis import judge_ab, write_ab_figure
-    from hydrabench.reports.claims import Claim, Verdict, decide, pair_p_values
+    from hydrabench.reports.ab_analysis import write_ab_figure
+    from hydrabench.reports.claims import Claim, Verdict, decide, judge_ab, pair_p_values
 
     store = RunStore(tmp_path / "results")
     spec = resolve_spec("lora-split-sum", "general", overrides={
@@ -264,5 +264,6 @@ def test_a_real_lora_split_sum_run_is_analysed(tmp_path: Path) -> None:
     # q_proj and v_proj of the tiny Llama's 2 layers.
     assert effect.df == 3 and math.isfinite(effect.low) and math.isfinite(effect.high)
     assert "cosine: A's" in verdict.note and "subspace: A's" in verdict.note
-    paths = write_ab_figure(verdict, tmp_path / "fig3", "profile tiny · seed 0")
+    paths = write_ab_figure(verdict.analysis, "Fig. 3: A alike", tmp_path / "fig3",
+                            "profile tiny · seed 0")
     assert [p.stat().st_size > 0 for p in paths] == [True, True]

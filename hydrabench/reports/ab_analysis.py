@@ -32,8 +32,6 @@ from hydrabench.records.store import RunRecord, RunStore
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from hydrabench.reports.claims import Claim, Effect, Verdict
-
 ANALYSES = ("ab-similarity",)
 MEASURES = ("cosine", "subspace")
 SPLIT_DIR_METHODS = {"lora-split-sum": "combined", "lora-split-routed": "split"}
@@ -255,23 +253,31 @@ def analyse(row: str, record: RunRecord, factors: dict[str, ModuleFactors],
          for k in range(len(getattr(modules[0], side)))] for side in ("a", "b"))
 
 
-def ab_effect(units: Sequence[UnitSimilarity], claim: Claim) -> Effect | None:
-    """Mean (A − B similarity) by the claim's measure over the units with an A per adapter, a
-    95% t-interval over them; None without such a unit."""
-    from hydrabench.config.tables import mean_ci
-    from hydrabench.reports.claims import Effect, _z
+@dataclass(frozen=True)
+class AbDifference:
+    """Mean (A − B similarity) over layer-modules × runs, with its 95% t-interval."""
 
-    diffs = [u.a[claim.measure] - u.b[claim.measure] for u in units  # type: ignore[operator]
-             if u.a[claim.measure] is not None and u.b[claim.measure] is not None]
+    mean: float
+    low: float
+    high: float
+    se: float | None  # None: one layer-module, no spread
+    df: int | None
+    n_seeds: int
+
+
+def ab_difference(units: Sequence[UnitSimilarity], measure: str) -> AbDifference | None:
+    """Mean (A − B similarity) by `measure` over the units with an A per adapter, a 95%
+    t-interval over them; None without such a unit."""
+    from hydrabench.config.tables import mean_ci
+
+    diffs = [u.a[measure] - u.b[measure] for u in units  # type: ignore[operator]
+             if u.a[measure] is not None and u.b[measure] is not None]
     if not diffs:
         return None
     mean, sem, ci95 = mean_ci(diffs)
     low, high = (mean, mean) if ci95 is None else (mean - ci95, mean + ci95)
-    sign = 1.0 if claim.direction == "higher" else -1.0
-    return Effect("A's", "B's", mean, low, high, sem,
-                  None if sem is None else _z(sign * mean - claim.margin, sem),
-                  len(diffs) - 1 if sem is not None else None,
-                  len({u.seed for u in units}))
+    return AbDifference(mean, low, high, sem, len(diffs) - 1 if sem is not None else None,
+                        len({u.seed for u in units}))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -279,9 +285,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def ab_note(units: Sequence[UnitSimilarity], claim: Claim) -> str:
+def ab_note(units: Sequence[UnitSimilarity], measure: str) -> str:
     """The means behind the effect, by both measures, and the B heads of rows with one A."""
-    paired = [u for u in units if u.a[claim.measure] is not None]
+    paired = [u for u in units if u.a[measure] is not None]
     parts = []
     if paired:
         parts.append(f"{len(paired)} layer-modules × runs")
@@ -290,36 +296,11 @@ def ab_note(units: Sequence[UnitSimilarity], claim: Claim) -> str:
             chance = (f" (random spaces: A {_mean([u.chance_a for u in paired]):.2f}, "
                       f"B {_mean([u.chance_b for u in paired]):.2f})" if m == "subspace" else "")
             parts.append(f"{m}: A's {a:.2f}, B's {b:.2f}{chance}")
-    for row in dict.fromkeys(u.row for u in units if u.a[claim.measure] is None):
-        b = _mean([u.b[claim.measure] for u in units if u.row == row])
-        parts.append(f"{row}: one shared A, B heads' {claim.measure} "
+    for row in dict.fromkeys(u.row for u in units if u.a[measure] is None):
+        b = _mean([u.b[measure] for u in units if u.row == row])
+        parts.append(f"{row}: one shared A, B heads' {measure} "
                      + ("n/a" if b is None else f"{b:.2f}"))
     return "; ".join(parts)
-
-
-def judge_ab(claim: Claim, records: dict[str, list[RunRecord]], store: RunStore,
-             verdict: Verdict) -> None:
-    """The ab-similarity claim's effect and note from its rows' artifacts (nothing is run)."""
-    result = AbResult()
-    problems = []
-    for row, recs in records.items():
-        for record in recs:
-            try:
-                analyse(row, record, artifact_factors(record, store), result)
-            except NoFactors as err:
-                problems.append(str(err))
-    if problems:
-        verdict.note = "; ".join(problems)
-        return
-    effect = ab_effect(result.units, claim)
-    verdict.analysis = result
-    verdict.note = ab_note(result.units, claim)
-    if effect is None:
-        verdict.note = "; ".join([verdict.note, "no row has an A per adapter"])
-        return
-    verdict.effects.append(effect)
-    if effect.se is None:
-        verdict.note = "; ".join([verdict.note, "one layer-module: no spread"])
 
 
 # -- Fig. 3 ------------------------------------------------------------------------------------
@@ -386,11 +367,10 @@ def plot_ab(result: AbResult, title: str, caption: str) -> Figure:
     return fig
 
 
-def write_ab_figure(verdict: Verdict, stem: Path, caption: str) -> list[Path]:
-    """<stem>.png and .pdf of the claim's matrices; nothing without measured ones."""
+def write_ab_figure(result: AbResult | None, title: str, stem: Path, caption: str) -> list[Path]:
+    """<stem>.png and .pdf of a claim's matrices; nothing without measured ones."""
     from hydrabench.reports.figures import _save
 
-    result = verdict.analysis
     if not isinstance(result, AbResult) or not result.points:
         return []
     caption = "\n".join(textwrap.fill(line, 80) for line in [
@@ -398,16 +378,8 @@ def write_ab_figure(verdict: Verdict, stem: Path, caption: str) -> list[Path]:
         "unit norm, modules concatenated, one point per adapter, each run's adapters centred on "
         "their mean; both panels on one scale, so spread is dissimilarity within a run",
         caption])
-    fig = plot_ab(result, f"{verdict.claim.where}: {verdict.claim.words}", caption)
+    fig = plot_ab(result, title, caption)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for path in paths:
         _save(fig, path)
     return paths
-
-
-def figure_stems(verdicts: Sequence[Verdict], stem: str) -> dict[str, str]:
-    """Claim id → its figure's file stem: <stem>-fig3 for a file's one ab-similarity claim,
-    <stem>-fig3-<id> where there are several."""
-    ids = [v.claim.id for v in verdicts if v.claim.analysis == "ab-similarity"]
-    return {i: f"{stem}-fig3" if len(ids) == 1 else f"{stem}-fig3-{i}" for i in ids}
-

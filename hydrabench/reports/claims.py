@@ -432,8 +432,6 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
         verdict.note = f"no records for {', '.join(missing)}"
         return verdict
     if claim.kind == "analysis":
-        from hydrabench.reports.ab_analysis import judge_ab
-
         judge_ab(claim, records, store, verdict)
         pair_p_values(verdict)
         return verdict
@@ -456,6 +454,51 @@ def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunSt
         verdict.note = "; ".join(filter(None, [verdict.note, "energy estimated, not all "
                                                "measured (the records' energy sources)"]))
     return verdict
+
+
+def judge_ab(claim: Claim, records: dict[str, list[RunRecord]], store: RunStore,
+             verdict: Verdict) -> None:
+    """The ab-similarity claim's effect and note from its rows' artifacts (nothing is run)."""
+    from hydrabench.reports.ab_analysis import (
+        AbResult,
+        NoFactors,
+        ab_difference,
+        ab_note,
+        analyse,
+        artifact_factors,
+    )
+
+    result = AbResult()
+    problems = []
+    for row, recs in records.items():
+        for record in recs:
+            try:
+                analyse(row, record, artifact_factors(record, store), result)
+            except NoFactors as err:
+                problems.append(str(err))
+    if problems:
+        verdict.note = "; ".join(problems)
+        return
+    diff = ab_difference(result.units, claim.measure)
+    verdict.analysis = result
+    verdict.note = ab_note(result.units, claim.measure)
+    if diff is None:
+        verdict.note = "; ".join([verdict.note, "no row has an A per adapter"])
+        return
+    sign = 1.0 if claim.direction == "higher" else -1.0
+    verdict.effects.append(Effect("A's", "B's", diff.mean, diff.low, diff.high, diff.se,
+                                  None if diff.se is None else _z(sign * diff.mean - claim.margin,
+                                                                  diff.se),
+                                  diff.df, diff.n_seeds))
+    if diff.se is None:
+        verdict.note = "; ".join([verdict.note, "one layer-module: no spread"])
+
+
+def figure_stems(verdicts: Sequence[Verdict], stem: str) -> dict[str, str]:
+    """Claim id → its figure's file stem: <stem>-fig3 for a file's one ab-similarity claim,
+    <stem>-fig3-<id> where there are several."""
+    ids = [v.claim.id for v in verdicts if v.claim.analysis == "ab-similarity"]
+    return {i: f"{stem}-fig3" if len(ids) == 1 else f"{stem}-fig3-{i}" for i in ids}
 
 
 def unequal_budgets(claim: Claim, records: dict[str, list[RunRecord]]) -> list[str]:
@@ -621,14 +664,15 @@ def write_claims_report(claims: ClaimsFile, verdicts: Sequence[Verdict], profile
                         skipped: Sequence[str] = ()) -> list[Path]:
     """reports/claims.{md,csv,tex} (claims-<name> for another file than the default)."""
     from hydrabench.atomic import write_text_atomic
-    from hydrabench.reports.ab_analysis import figure_stems, write_ab_figure
+    from hydrabench.reports.ab_analysis import write_ab_figure
     from hydrabench.reports.tables import latex_escape, provenance_lines, runs_lines, skipped_lines
 
     frame = verdict_frame(verdicts)
     stem = "claims" if claims.name == DEFAULT_CLAIMS else f"claims-{claims.name}"
     paths = [out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "tex")]
     stems = figure_stems(verdicts, stem)
-    figures = [write_ab_figure(v, out_dir / stems[v.claim.id],
+    figures = [write_ab_figure(v.analysis, f"{v.claim.where}: {v.claim.words}",
+                               out_dir / stems[v.claim.id],
                                f"profile {profile} · seeds {','.join(map(str, seeds))}")
                for v in verdicts if v.claim.id in stems]
     counts = ", ".join(f"{(frame['verdict'] == k).sum()} {k}" for k in VERDICTS
