@@ -229,7 +229,7 @@ def check_cuda_training(record: Any, loss_must_fall: bool = True) -> dict[str, A
     CheckFailed naming what is off (CPU memory counter, unmeasured energy, a loss that rose or
     is not finite). A random base model's loss need not fall in a few steps: `loss_must_fall`
     False checks only that it is finite."""
-    from hydrabench.config.tables import score_of
+    from hydrabench.reports.cells import score_of
 
     train = record.metering.train or {}
     throughput, energy = train.get("throughput", {}), train.get("energy", {})

@@ -43,9 +43,18 @@ def _add_include_path(p: argparse.ArgumentParser) -> None:
                    "repeatable")
 
 
+def _add_setting(group: argparse._ArgumentGroup, dest: str) -> None:
+    """The flag of one run setting, its help from the settings dataclass's field metadata."""
+    from hydrabench.config.spec import AdapterSettings, EvalSettings, TrainSettings, setting_help
+
+    section, kind = HYPERPARAMETERS[dest]
+    settings = {"adapter": AdapterSettings, "train": TrainSettings, "eval": EvalSettings}[section]
+    group.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=None,
+                       help=f"{setting_help(settings, dest)} (default: the profile's)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="tiny",
-                   help="a shipped profile (default: tiny, offline CPU) or your own .yaml file")
+    p.add_argument("--profile", default="tiny", help=PROFILE_HELP)
     _add_include_path(p)
     p.add_argument("--seed", type=int, default=None, help="default: the profile's, else 0")
     p.add_argument("--model", help="base model: a local directory or hub id (default: profile's)")
@@ -56,8 +65,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run the model repository's own code (off by default)")
     hp = p.add_argument_group("hyper-parameters (override the profile, validated the same way)")
-    for dest, (_, kind) in HYPERPARAMETERS.items():
-        hp.add_argument("--" + dest.replace("_", "-"), dest=dest, type=kind, default=None)
+    for dest in HYPERPARAMETERS:
+        _add_setting(hp, dest)
     hp.add_argument("--target-modules", default=None,
                     help="comma-separated module names, e.g. q_proj,v_proj")
     p.add_argument("--merge-gap", action="store_true",
@@ -68,8 +77,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_table_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("table")
-    p.add_argument("--profile", default="tiny")
+    p.add_argument("table", help="a table spec (`hydrabench list tables`): table1, table2, ...")
+    p.add_argument("--profile", default="tiny", help=PROFILE_HELP)
     _add_include_path(p)
     p.add_argument("--seeds", default=None,
                    help="comma-separated seeds (default: the table's `seeds:`, else 0)")
@@ -77,6 +86,7 @@ def _add_table_options(p: argparse.ArgumentParser) -> None:
                    help="also run the code columns (model-written code, sandboxed)")
 
 
+PROFILE_HELP = "a shipped profile (default: tiny, offline CPU) or your own .yaml file"
 # The hyper-parameters `sweep` can override in every run of the matrix.
 SWEEP_OVERRIDES = ("max_steps", "limit")
 
@@ -95,6 +105,24 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+RUN_EXAMPLES = """examples:
+  hydrabench run --method hydralora --task medical
+  hydrabench run --method lora --task general --rank 16 --seed 1
+  hydrabench run --method hydralora --task bbh --profile paper --backend vllm"""
+EVAL_EXAMPLES = """examples:
+  hydrabench eval --model builtin:tiny --task tiny_facts --limit 20
+  hydrabench eval --run RUN_ID --task medical
+  hydrabench eval --model ./my-model --task lm-eval:arc_easy --backend vllm"""
+REPRODUCE_EXAMPLES = """examples:
+  hydrabench reproduce table1
+  hydrabench reproduce table2 --seeds 0,1,2
+  hydrabench reproduce table1 --profile paper"""
+SWEEP_EXAMPLES = """examples:
+  hydrabench sweep table2 --profile paper --executor slurm
+  hydrabench sweep table2 --profile paper --status
+  hydrabench sweep table1 --max-steps 5 --limit 10"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (a flag's type, a missing argument) as one line, like every other
     bad input; the usage block is one --help away."""
@@ -108,19 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="train (or load) a method on a task column and evaluate it")
-    run.add_argument("--method", required=True)
+    run = sub.add_parser("run", help="train (or load) a method on a task column and evaluate it",
+                         epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--method", required=True,
+                     help="a method (`hydrabench list methods`): lora, hydralora, ...")
     run.add_argument("--task", required=True, help="a table column: general, medical, law, ...")
     _add_run_options(run)
     run.add_argument("--dry-run", action="store_true",
                      help="check the inputs, print the plan and one training example as the "
                           "trainer sees it (prompt and target); train and write nothing")
 
-    repro = sub.add_parser("reproduce", help="run every cell of a paper table, then report it")
+    repro = sub.add_parser("reproduce", help="run every cell of a paper table, then report it",
+                           epilog=REPRODUCE_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_table_options(repro)
 
     sweep = sub.add_parser("sweep", help="run a table's matrix (rows × tasks × seeds) here or "
-                           "as a Slurm job array; --status shows where each run stands")
+                           "as a Slurm job array; --status shows where each run stands",
+                           epilog=SWEEP_EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_table_options(sweep)
     sweep.add_argument("--executor", choices=["local", "slurm"], default="local",
                        help="local: one run after another here; slurm: one job per run to do, "
@@ -134,8 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     shrink = sweep.add_argument_group("shrink every run, e.g. for a quick check (this changes "
                                       "run ids: pass the same to --status)")
     for dest in SWEEP_OVERRIDES:
-        shrink.add_argument("--" + dest.replace("_", "-"), dest=dest,
-                            type=HYPERPARAMETERS[dest][1], default=None)
+        _add_setting(shrink, dest)
 
     report = sub.add_parser("report", help="write reports/<table>.md/.csv/.tex (figures: also "
                             ".png/.pdf) from records")
@@ -148,21 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help='a row label of the table, e.g. "LoRA (r=8)": add a column per '
                         "score of the paired difference to that row, with its 95%% interval")
 
-    ev = sub.add_parser("eval", help="score any causal LM (or a run's artifact) without training")
+    ev = sub.add_parser("eval", help="score any causal LM (or a run's artifact) without training",
+                        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a local model directory or a hub id")
     source.add_argument("--run", dest="run_id", help="a finished run whose artifact to score")
     ev.add_argument("--task", required=True,
                     help="a column (general, medical, ...) or any single lm-eval task name; "
                          "lm-eval:NAME for lm-eval's task where a column has that name")
-    ev.add_argument("--profile", default="tiny")
+    ev.add_argument("--profile", default="tiny", help=PROFILE_HELP)
     _add_include_path(ev)
-    ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--num-fewshot", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--force", action="store_true")
-    ev.add_argument("--trust-remote-code", action="store_true")
-    ev.add_argument("--allow-code-execution", action="store_true")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="score only the first N items of the task (a quick check)")
+    ev.add_argument("--num-fewshot", type=int, default=None,
+                    help="few-shot examples per prompt (default: the task's own)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of lm-eval's sampling and few-shot choice (default: 0)")
+    ev.add_argument("--force", action="store_true",
+                    help="score again even if a finished record exists")
+    ev.add_argument("--trust-remote-code", action="store_true",
+                    help="let transformers run the model repository's own code (off by default)")
+    ev.add_argument("--allow-code-execution", action="store_true",
+                    help="run model-written code for code tasks (sandboxed); off by default")
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--gen-kwargs", default=None,
                     help="lm-eval's --gen_kwargs over each generation task's own, e.g. "
@@ -256,18 +296,40 @@ def _one_column(task: str) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
+    from hydrabench.methods import get_method
     from hydrabench.pipeline.resolve import resolve_spec
     from hydrabench.pipeline.run import execute
 
     spec = resolve_spec(args.method, _one_column(args.task), args.profile, args.seed, args.model,
                         _overrides(args),
                         trust_remote_code=args.trust_remote_code)
-    record = execute(spec, force=args.force, retrain=args.retrain, dry_run=args.dry_run)
-    if record:  # None on the worker processes of a torchrun launch, and for a dry run
+    if args.dry_run:
+        _dry_run(spec, force=args.force or args.retrain, retrain=args.retrain)
+        return
+    record = execute(spec, force=args.force, retrain=args.retrain)
+    if record:  # None on the worker processes of a torchrun launch
         from hydrabench.records.store import RunStore, base_record
 
-        base = base_record(RunStore(), record) if spec.method != "base" else None
+        base = base_record(RunStore(), record) if get_method(spec.method).trains else None
         _print_metrics(record, base)
+
+
+def _dry_run(spec, *, force: bool, retrain: bool) -> None:
+    """`run --dry-run`: the checks and the plan line, and one training example as the trainer
+    sees it; nothing trained, nothing written."""
+    from hydrabench.pipeline.run import describe, plan_run, training_example
+    from hydrabench.progress import log
+    from hydrabench.records.store import RunStore
+
+    store = RunStore()
+    if not force and store.has(spec.run_id):
+        log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
+        return
+    plan = plan_run(spec, store, retrain=retrain)
+    log(describe(plan))
+    example = training_example(plan)
+    if example is not None:
+        print(example)
 
 
 def _eval_spec(args: argparse.Namespace):

@@ -19,6 +19,7 @@ from test_claims import SEEDS, claims_file, write_scored
 from hydrabench.atomic import write_json_atomic
 from hydrabench.config.tables import load_table
 from hydrabench.errors import SpecError
+from hydrabench.pipeline.resolve import table_runs
 from hydrabench.records.store import OutsideResults, RunStore
 from hydrabench.reports.ab_analysis import (
     cosine_similarity,
@@ -123,7 +124,7 @@ def plant_artifact(store: RunStore, spec: Any, kind: str) -> Path:
 def plant(store: RunStore, kind: str, seeds: tuple[int, ...] = SEEDS,
           artifacts: bool = True) -> None:
     """figure6's records of the claim's rows (MMLU column), each naming its planted artifact."""
-    for row, task, spec in load_table("figure6").run_specs(PROFILE, seeds):
+    for row, task, spec in table_runs(load_table("figure6"), PROFILE, seeds):
         if task != "general" or row.label not in (SPLIT, HYDRA):
             continue
         write_scored(store, spec, 200)
@@ -171,7 +172,7 @@ def test_missing_artifacts_are_not_tested(store: RunStore, tmp_path: Path) -> No
     assert verdict.verdict == "not tested" and "no artifact" in verdict.note
     # An artifact folder without its adapter file: said, not a traceback.
     plant(store, "supported")
-    spec = next(s for r, t, s in load_table("figure6").run_specs(PROFILE, (0,))
+    spec = next(s for r, t, s in table_runs(load_table("figure6"), PROFILE, (0,))
                 if r.label == SPLIT and t == "general")
     (store.artifact_dir(spec.train_id) / "combined" / "adapter_model.safetensors").unlink()
     (verdict,) = judge_claims(load_claims(claims_file(tmp_path, [claim()])), PROFILE, None,
@@ -183,7 +184,7 @@ def test_missing_artifacts_are_not_tested(store: RunStore, tmp_path: Path) -> No
 def test_an_adapter_file_linked_outside_results_is_refused(store: RunStore,
                                                            tmp_path: Path) -> None:
     plant(store, "supported")
-    spec = next(s for r, t, s in load_table("figure6").run_specs(PROFILE, (0,))
+    spec = next(s for r, t, s in table_runs(load_table("figure6"), PROFILE, (0,))
                 if r.label == SPLIT and t == "general")
     weights = store.artifact_dir(spec.train_id) / "combined" / "adapter_model.safetensors"
     outside = tmp_path / "elsewhere.safetensors"

@@ -27,6 +27,7 @@ from hydrabench.config.includes import use_only
 from hydrabench.config.spec import RunSpec
 from hydrabench.config.tables import load_table
 from hydrabench.errors import SpecError
+from hydrabench.pipeline.resolve import table_runs
 from hydrabench.records.store import RunRecord, RunStore
 from hydrabench.reports.claims import (
     Claim,
@@ -74,7 +75,7 @@ def plant(store: RunStore, table: str, right: dict[str, int], seeds=SEEDS,
           train: dict[str, dict[int, dict[str, Any]]] | None = None,
           offsets: dict[str, int] | None = None) -> None:
     """Records of the rows named, on every task of the table, `right` items right per task."""
-    for row, _, spec in load_table(table).run_specs(PROFILE, seeds):
+    for row, _, spec in table_runs(load_table(table), PROFILE, seeds):
         if row.label in right:
             write_scored(store, spec, right[row.label],
                          (train or {}).get(row.label, {}).get(spec.seed),
@@ -184,7 +185,7 @@ def test_a_claim_of_several_pairs_is_decided_by_its_weakest(store: RunStore,
     assert verdict.binding.value == pytest.approx(0.5)
     # Its run ids are figure6's, on the MMLU column only (4 rows × 3 seeds).
     table = load_table("figure6")
-    assert set(verdict.run_ids) == {spec.run_id for row, task, spec in table.run_specs(
+    assert set(verdict.run_ids) == {spec.run_id for row, task, spec in table_runs(table,
         PROFILE, SEEDS) if task == "general" and row.label in {"HydraLoRA", *ablation["b"]}}
 
 
@@ -193,7 +194,7 @@ def test_equal_parameters_names_pairs_of_unequal_budgets(store: RunStore,
     # Every planted record has 0.1 %Param; one LoRA-Split row is rewritten to 0.2.
     plant(store, "table1", {"LoRA (r=32)": 200, "LoRA-Split (8×4)": 280,
                             "LoRA-Split (4×8)": 280})
-    for row, _, spec in load_table("table1").run_specs(PROFILE, SEEDS):
+    for row, _, spec in table_runs(load_table("table1"), PROFILE, SEEDS):
         if row.label == "LoRA-Split (4×8)":
             record = json.loads(store.record_path(spec.run_id).read_text())
             record["training"]["parameters"]["percent_param"] = 0.2
@@ -334,7 +335,8 @@ def test_a_claims_folder_does_not_move_run_ids(tmp_path: Path) -> None:
     copy = tmp_path / "tasks"
     shutil.copytree(REPO / "tasks", copy, ignore=shutil.ignore_patterns("claims", "__pycache__"))
     script = ("from hydrabench.config.tables import load_table\n"
-              "print(' '.join(s.run_id for _, _, s in load_table('table1').run_specs('tiny')))")
+              "from hydrabench.pipeline.resolve import table_runs\n"
+              "print(' '.join(s.run_id for _, _, s in table_runs(load_table('table1'), 'tiny')))")
     ids = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env={**os.environ, **env}).stdout.split()
            for env in ({}, {"HYDRABENCH_TASKS_DIR": str(copy)})]
@@ -402,7 +404,7 @@ def test_cli_report_only_writes_md_csv_tex_with_a_verdict_per_claim(
     assert r"\begin{tabular}" in tex and "obs1-split-beats-rank" in tex
     # Nothing ran: --report-only reads records only.
     assert sorted(p.name for p in (store_env / "results" / "runs").iterdir()) == sorted(
-        spec.run_id for row, _, spec in load_table("table1").run_specs(PROFILE, SEEDS)
+        spec.run_id for row, _, spec in table_runs(load_table("table1"), PROFILE, SEEDS)
         if row.method == "lora" or row.method == "lora-split")
 
 

@@ -21,11 +21,13 @@ from test_report import PROFILE, STAND_IN, fill, make_record, train_metering
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
 from hydrabench.config import includes
-from hydrabench.config.tables import TableSpec, collect_cells, load_table
+from hydrabench.config.tables import TableSpec, load_table
 from hydrabench.errors import SpecError
 from hydrabench.paths import TASKS_DIR
+from hydrabench.pipeline.resolve import table_runs
 from hydrabench.records.store import RunStore
 from hydrabench.reports import write_report
+from hydrabench.reports.cells import collect_cells
 from hydrabench.reports.figures import (
     COLUMN_WIDTH_IN,
     DPI,
@@ -41,13 +43,13 @@ from hydrabench.reports.tables import tidy_frame
 
 def fill_stand_ins(store: RunStore, table: TableSpec, skip: set[str] = frozenset()) -> None:
     """Records of every row but `skip`, labelled as scored on stand-in tasks."""
-    for i, (row, _, spec) in enumerate(table.run_specs(PROFILE)):
+    for i, (row, _, spec) in enumerate(table_runs(table, PROFILE)):
         if row.label not in skip:
             write_json_atomic(store.record_path(spec.run_id), {**make_record(spec, i), **STAND_IN})
 
 
 def fill_costs(store: RunStore, cost: dict[str, tuple[float | None, float, bool]]) -> None:
-    for row, _, spec in load_table("figure5").run_specs(PROFILE):
+    for row, _, spec in table_runs(load_table("figure5"), PROFILE):
         if row.label in cost:
             write_json_atomic(store.record_path(spec.run_id),
                               make_record(spec, 0, metering=train_metering(*cost[row.label])))
@@ -183,7 +185,7 @@ def test_no_figure_from_no_records(name: str, store_env: Path,
 
 def test_no_figure_from_untrained_records(store: RunStore, tmp_path: Path) -> None:
     """Records without a training phase give Fig. 5 nothing to draw either."""
-    for _, _, spec in load_table("figure5").run_specs(PROFILE):
+    for _, _, spec in table_runs(load_table("figure5"), PROFILE):
         write_json_atomic(store.record_path(spec.run_id), make_record(spec, 0))
     with pytest.raises(NoFigureData, match="figure5: no trained run records"):
         write_figure5(load_table("figure5"), PROFILE, (0,), store, tmp_path)

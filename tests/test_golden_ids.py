@@ -17,10 +17,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 def shipped_ids() -> dict[str, list[str]]:
     """'table/row label/task' → [run id, train id] for seed 0 on tiny, every shipped table."""
     from hydrabench.config.tables import load_table, table_names
+    from hydrabench.pipeline.resolve import table_runs
 
     return {f"{name}/{row.label}/{task}": [spec.run_id, spec.train_id]
             for name in table_names()
-            for row, task, spec in load_table(name).run_specs("tiny", (0,))}
+            for row, task, spec in table_runs(load_table(name), "tiny", (0,))}
 
 
 @pytest.fixture

@@ -199,3 +199,14 @@ def test_compare_over_broken_per_sample_outputs_is_one_line(
     path.write_text(change(path.read_text()))
     refused(["compare", spec.run_id, other.run_id], message, results, capsys)
 
+
+
+def test_lm_eval_s_nan_is_not_measured_so_the_record_stays_valid() -> None:
+    """lm-eval writes NaN for a stderr of one item (and a nanmean of nothing); a record refuses
+    NaN, so the scores keep such values as not measured instead of making every rerun fail."""
+    from hydrabench.evaluation.harness import _scores
+
+    (score,) = _scores({"results": {"t": {"acc,none": 1.0, "acc_stderr,none": float("nan"),
+                                          "f1,none": float("nan")}},
+                        "n-samples": {"t": {"effective": 1}}}).values()
+    assert score.metrics == {"acc,none": 1.0} and score.stderr == {"acc,none": None}

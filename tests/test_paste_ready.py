@@ -32,6 +32,7 @@ from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
 from hydrabench.config.tables import load_table
 from hydrabench.evaluation import significance
+from hydrabench.pipeline.resolve import table_runs
 from hydrabench.records.store import RunStore
 from hydrabench.reports.tables import write_table_report
 
@@ -166,7 +167,7 @@ def with_provenance(record: dict[str, Any], machine: dict[str, Any]) -> dict[str
 
 def _fill_on(store: RunStore, machine_of: dict[str, dict[str, Any]]) -> Path:
     table = load_table("table1")
-    for index, (row, _, spec) in enumerate(table.run_specs(PROFILE)):
+    for index, (row, _, spec) in enumerate(table_runs(table, PROFILE)):
         if row.label in machine_of:
             write_json_atomic(store.record_path(spec.run_id),
                               with_provenance(make_record(spec, index), machine_of[row.label]))

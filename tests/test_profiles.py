@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from hydrabench.config.profiles import PROFILE_DIR, Profile, TaskColumn, load_profile
-from hydrabench.config.tables import scores_stand_ins
 from hydrabench.errors import SpecError
 from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.records.provenance import scores_stand_ins
 
 
 def write(folder: Path, text: str, name: str = "mine.yaml") -> str:

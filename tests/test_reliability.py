@@ -141,6 +141,7 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
     """A real finished run, its record.json then broken in each way; the CLI in-process."""
     from hydrabench.cli import main
     from hydrabench.config.tables import load_table
+    from hydrabench.pipeline.resolve import table_runs
     from hydrabench.records.store import RunStore
 
     run = [*RUN[:5], "--model", STORIES, "--max-steps", "2", "--limit", "2"]
@@ -148,7 +149,7 @@ def test_corrupt_records_are_named_in_one_line_rerun_by_run_and_never_done(
     (path,) = (store_env / "results").glob("runs/*/record.json")
     good = path.read_text()
     # A table's cell with a corrupt record: not done for the sweep, skipped by the report.
-    cell = next(spec for row, _, spec in load_table("table1").run_specs("tiny")
+    cell = next(spec for row, _, spec in table_runs(load_table("table1"), "tiny")
                 if row.method == "lora")
     planted = RunStore().record_path(cell.run_id)
     planted.parent.mkdir(parents=True)

@@ -23,11 +23,12 @@ from scipy import stats
 from hydrabench.atomic import write_json_atomic
 from hydrabench.cli import main
 from hydrabench.config.spec import RunSpec
-from hydrabench.config.tables import Column, TableSpec, load_table, mean_ci
-from hydrabench.pipeline.resolve import resolve_spec
+from hydrabench.config.tables import Column, TableSpec, load_table
+from hydrabench.pipeline.resolve import resolve_spec, table_runs
 from hydrabench.pipeline.sweep import plan_sweep
 from hydrabench.records.store import RunRecord, RunStore, TaskMetrics
 from hydrabench.reports import write_report
+from hydrabench.reports.cells import mean_ci
 from hydrabench.reports.figures import write_figure5, write_figure6
 from hydrabench.reports.tables import latex_escape, write_table_report
 
@@ -87,7 +88,7 @@ def fill(store: RunStore, table: TableSpec, seeds: tuple[int, ...] = (0,),
     The base row is untrained and the Full FT row's code runs lack pass@10.
     """
     index = {row.label: i for i, row in enumerate(table.rows)}
-    for row, _, spec in table.run_specs(PROFILE, seeds):
+    for row, _, spec in table_runs(table, PROFILE, seeds):
         if row.method in FILLED and (row.label, spec.seed) not in skip:
             write_json_atomic(store.record_path(spec.run_id), make_record(
                 spec, index[row.label], trained=row.method != "base",
@@ -156,7 +157,7 @@ def test_table2_every_cell_value_delta_and_dash(store: RunStore, table2: TableSp
 
 def test_one_seed_shows_lm_eval_stderr_and_sample_count(store: RunStore,
                                                         table2: TableSpec) -> None:
-    from hydrabench.config.tables import collect_cells
+    from hydrabench.reports.cells import collect_cells
 
     fill(store, table2)
     cells = {(c.row, c.column): c for c in collect_cells(table2, PROFILE, (0,), store)}
@@ -164,7 +165,7 @@ def test_one_seed_shows_lm_eval_stderr_and_sample_count(store: RunStore,
     k = len(eval_tasks("general"))
     assert general.stderr == pytest.approx(100 * math.sqrt(k * STDERR**2) / k)
     assert general.n == k * N_PER_TASK and general.ci95 is None
-    assert general.run_ids == [next(s.run_id for r, t, s in table2.run_specs(PROFILE)
+    assert general.run_ids == [next(s.run_id for r, t, s in table_runs(table2, PROFILE)
                                     if r.label == "LoRA (r=8)" and t == "general")]
 
 
@@ -190,7 +191,7 @@ def _stderr_for(table: TableSpec, column: Column) -> float:
 
 
 def test_csv_round_trip_equals_cells(store: RunStore, table2: TableSpec, tmp_path: Path) -> None:
-    from hydrabench.config.tables import collect_cells
+    from hydrabench.reports.cells import collect_cells
     from hydrabench.reports.tables import tidy_frame
 
     fill(store, table2)
@@ -325,7 +326,7 @@ def test_figure5_numbers_sources_and_missing_bars(store: RunStore, tmp_path: Pat
     cost = {"LoRA (r=8)": (2e-4, 30.0, True), "LoRA (r=16)": (3e-4, 40.0, False),
             "LoRA-Split (4×8)": (None, 80.0, False),
             "HydraLoRA (r=8, N=auto)": (2.5e-4, 35.0, True)}
-    for row, _, spec in table.run_specs(PROFILE):
+    for row, _, spec in table_runs(table, PROFILE):
         if row.label in cost:  # LoRA (r=32) gets no record
             kwh, wall_s, measured = cost[row.label]
             write_json_atomic(store.record_path(spec.run_id), make_record(
@@ -353,7 +354,7 @@ def test_figure5_numbers_sources_and_missing_bars(store: RunStore, tmp_path: Pat
 
 def test_figure5_mixed_seeds_count_as_estimated(store: RunStore, tmp_path: Path) -> None:
     table = load_table("figure5")
-    for _, _, spec in table.run_specs(PROFILE, (0, 1)):
+    for _, _, spec in table_runs(table, PROFILE, (0, 1)):
         measured = spec.seed == 0
         write_json_atomic(store.record_path(spec.run_id), make_record(
             spec, 0, metering=train_metering(1e-4 * (1 + spec.seed), 10.0 + spec.seed, measured)))
@@ -366,7 +367,7 @@ def test_figure5_mixed_seeds_count_as_estimated(store: RunStore, tmp_path: Path)
 
 def test_figure5_reuses_table2_runs() -> None:
     def run_ids(name: str) -> set[str]:
-        return {spec.run_id for _, _, spec in load_table(name).run_specs(PROFILE)}
+        return {spec.run_id for _, _, spec in table_runs(load_table(name), PROFILE)}
 
     assert run_ids("figure5") <= run_ids("table2")
 
@@ -391,7 +392,7 @@ def test_figure6_files_and_numbers(store: RunStore, tmp_path: Path) -> None:
 def test_cli_report_all_writes_every_report(store_env: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     # Figures refuse to plot nothing: Figure 5's runs (Table 2's) get records with a metering.
-    for _, _, spec in load_table("figure5").run_specs(PROFILE, (0, 1)):
+    for _, _, spec in table_runs(load_table("figure5"), PROFILE, (0, 1)):
         write_json_atomic(RunStore().record_path(spec.run_id), make_record(
             spec, 0, metering=train_metering(1e-4, 10.0, False)))
     fill(RunStore(), load_table("figure6"), (0, 1))  # and Figure 6 scores
@@ -438,7 +439,7 @@ def test_reproduce_runs_every_row_and_code_only_when_approved(store_env: Path) -
         write_report("table2", PROFILE)
 
     table = load_table("table2")
-    runs = [spec for _, _, spec in table.run_specs(PROFILE)]
+    runs = [spec for _, _, spec in table_runs(table, PROFILE)]
     code = {spec.run_id for spec in runs if spec.task in ("code", "code_p10")}
     assert code and all(s.eval.allow_code_execution == (s.run_id in code) for s in runs)
 
@@ -490,7 +491,7 @@ def fill_scored(store: RunStore, table: TableSpec, right_by_row: dict[str, int],
                 seeds: tuple[int, ...] = (0,), per_seed: int = 0,
                 labels: dict[str, Any] | None = None) -> None:
     """Records for the rows named: right_by_row[label] (+ per_seed × seed) right per task."""
-    for row, _, spec in table.run_specs(PROFILE, seeds):
+    for row, _, spec in table_runs(table, PROFILE, seeds):
         if row.label in right_by_row:
             right = right_by_row[row.label] + per_seed * spec.seed
             write_scored(store, spec, dict.fromkeys(spec.eval_tasks, right), labels)
@@ -590,7 +591,7 @@ def test_rows_with_different_specs_never_share_a_label() -> None:
     for profile in ("tiny", "paper"):
         specs: dict[str, set[tuple[str, str]]] = {}
         for name in ("table1", "table2", "table3", "figure5", "figure6"):
-            for row, _, spec in load_table(name).run_specs(profile):
+            for row, _, spec in table_runs(load_table(name), profile):
                 specs.setdefault(row.label, set()).add((spec.method, repr(spec.adapter)))
         shared = {label: ids for label, ids in specs.items() if len(ids) > 1}
         assert not shared, (profile, shared)

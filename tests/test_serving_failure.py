@@ -27,7 +27,14 @@ from hydrabench.errors import SpecError
 from hydrabench.pipeline import resolve
 from hydrabench.pipeline import run as runner
 from hydrabench.pipeline.resolve import auto_fallback, resolve_spec, vllm_import_error
-from hydrabench.pipeline.run import execute, free_memory, kept_if_serving_fails, shared_server_share
+from hydrabench.pipeline.run import (
+    describe,
+    execute,
+    free_memory,
+    kept_if_serving_fails,
+    plan_run,
+    shared_server_share,
+)
 from hydrabench.records.store import ARTIFACT_INFO, RunStore
 from hydrabench.serving.server import ServerError
 
@@ -85,7 +92,7 @@ def test_vllm_that_does_not_import_is_one_line_before_any_work(
 def test_backend_auto_takes_hf_where_vllm_does_not_import_and_the_plan_says_why(
         vllm_import: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The tiny model (head size 32, which vLLM's CPU build serves): vllm where vLLM imports,
-    hf where it does not, and the dry run's plan names the reason."""
+    hf where it does not, and the run's plan names the reason (nothing written to plan it)."""
     auto = {"eval": {"backend": "auto"}}
     vllm_import.setattr(resolve, "VLLM_IMPORT", "import json")
     served = resolve_spec("lora", "medical", overrides=auto)
@@ -96,8 +103,7 @@ def test_backend_auto_takes_hf_where_vllm_does_not_import_and_the_plan_says_why(
     assert spec.eval.backend == "hf"
     assert auto_fallback(spec) == ("vLLM does not import here: ModuleNotFoundError: No module "
                                    "named 'hydrabench_no_such_module'")
-    assert execute(spec, store=RunStore(tmp_path / "results"), dry_run=True) is None
-    (plan,) = [line for line in capsys.readouterr().err.splitlines() if "plan:" in line]
+    plan = describe(plan_run(spec, RunStore(tmp_path / "results")))
     assert "(hf, as backend auto: vLLM does not import here: ModuleNotFoundError" in plan
     assert not (tmp_path / "results").exists()
 

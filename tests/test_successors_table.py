@@ -20,6 +20,7 @@ from hydrabench.cli import main
 from hydrabench.config.tables import SOURCE_MARKS, TableSpec, load_table
 from hydrabench.methods import get_method
 from hydrabench.models import load_base_model
+from hydrabench.pipeline.resolve import table_runs
 from hydrabench.records.store import RunStore
 from hydrabench.reports.tables import SOURCES_NOTE, write_table_report
 
@@ -35,7 +36,7 @@ def table() -> TableSpec:
 
 def test_rows_resolve_on_tiny_three_seeds_by_default(table: TableSpec) -> None:
     assert table.seeds == (0, 1, 2)
-    specs = table.run_specs(PROFILE, table.seeds)
+    specs = table_runs(table, PROFILE, table.seeds)
     tasks = ["general", "medical", "law", "code", "code_p10", "math"]
     assert table.tasks() == tasks
     assert len(specs) == len({spec.run_id for _, _, spec in specs}) == 8 * len(tasks) * 3
@@ -60,7 +61,7 @@ def test_parameter_budgets_total_and_active_on_tiny(table: TableSpec) -> None:
     """Each row's method adapts the tiny Llama at the row's settings: the successors' totals
     match the HydraLoRA paper's budget (= LoRA r=16, twice r=8), and only the top-k methods
     activate less per token than they hold."""
-    specs = {row.label: spec for row, task, spec in table.run_specs(PROFILE) if task == "math"}
+    specs = {row.label: spec for row, task, spec in table_runs(table, PROFILE) if task == "math"}
     base_total = sum(p.numel() for p in load_base_model("builtin:tiny").model.parameters())
     counts = {}
     for label, spec in specs.items():
@@ -93,7 +94,7 @@ def plant(store: RunStore, table: TableSpec, seeds: tuple[int, ...],
     for i, row in enumerate(table.rows):
         total = 0.01 * (i + 1)
         params[row.label] = (total, total / 2 if row.method in ("molora", "flylora") else total)
-    for row, task, spec in table.run_specs(PROFILE, seeds):
+    for row, task, spec in table_runs(table, PROFILE, seeds):
         if task not in tasks:
             continue
         record = make_record(spec, [r.label for r in table.rows].index(row.label))
@@ -158,7 +159,7 @@ def test_other_tables_csv_has_no_source_column(store: RunStore, tmp_path: Path) 
 
 def test_sweep_runs_the_tables_seeds_unless_told(store_env: Path, table: TableSpec,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    ids = {seed: {spec.run_id for _, _, spec in table.run_specs(PROFILE, (seed,))}
+    ids = {seed: {spec.run_id for _, _, spec in table_runs(table, PROFILE, (seed,))}
            for seed in table.seeds}
     assert main(["sweep", "successors", "--status"]) == 0
     listed = capsys.readouterr().out

@@ -29,10 +29,11 @@ import pytest
 import torch
 from conftest import child_env
 
-from hydrabench.evaluation.harness import evaluate_model, evaluate_served
+from hydrabench.evaluation.harness import evaluate_model
 from hydrabench.pipeline.resolve import resolve_spec
 from hydrabench.pipeline.run import _base_server, execute
 from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.serving.client import evaluate_served
 from hydrabench.serving.export import export_run
 from hydrabench.serving.inprocess import ENGINE_LOG
 from hydrabench.serving.server import (

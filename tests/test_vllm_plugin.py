@@ -36,7 +36,12 @@ from hydrabench.pipeline.run import execute
 from hydrabench.records.store import RunRecord, RunStore
 from hydrabench.serving.export import export_run, load_base_or_export, save_plugin_checkpoint
 from hydrabench.serving.inprocess import ENGINE_LOG
-from hydrabench.serving.plugin import ADAPTER_DIR, PLUGIN_ARCHITECTURES
+from hydrabench.serving.plugin import (
+    ADAPTER_DIR,
+    PLUGIN_ARCHITECTURES,
+    PluginError,
+    check_covered,
+)
 
 __all__ = ["vllm_available"]  # a fixture the slow tests use
 
@@ -233,9 +238,6 @@ CASES = [
                                "--backend", "vllm"], "cannot load the HydraLoRA adapter in"),
     ("architecture the plugin does not cover", [*HYDRALORA_VLLM, "--model", mistral_model],
      "architecture MistralForCausalLM is not covered by hydrabench's vLLM plugin"),
-    ("target module the plugin does not cover",
-     [*HYDRALORA_VLLM, "--target-modules", "q_proj,lm_head"],
-     "target module(s) lm_head are not covered by hydrabench's vLLM plugin"),
     ("unverified tensor parallelism",
      [*HYDRALORA_VLLM, "--profile", profile_with("eval: {tensor_parallel_size: 4}\n")],
      "tensor_parallel_size 4 is not verified"),
@@ -261,3 +263,11 @@ def test_backend_auto_picks_vllm_where_the_plugin_serves_the_method(tmp_path: Pa
     assert resolve_spec("hydralora", "medical", auto, overrides=lm_head).eval.backend == "hf"
     assert resolve_spec("hydralora", "medical", auto,
                         model=mistral_model(tmp_path)).eval.backend == "hf"
+
+
+def test_a_target_module_the_plugin_does_not_cover_is_named() -> None:
+    """Every adaptable linear layer of the Llama family is covered, so the CLI refuses other
+    targets (the output head) earlier; the plugin's own check still names what it lacks."""
+    with pytest.raises(PluginError, match=r"target module\(s\) lm_head are not covered by "
+                                          "hydrabench's vLLM plugin"):
+        check_covered(["LlamaForCausalLM"], ["q_proj", "lm_head"], 1)

@@ -24,6 +24,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda", "mps", "auto")  # and cuda:N
 
 
+def setting_help(section: type, name: str) -> str:
+    """The help text of a settings field (its `metadata`, which never enters a spec's dict, so
+    run ids do not depend on it): what the command line shows for its flag."""
+    return next((f.metadata.get("help", "") for f in fields(section) if f.name == name), "")
+
+
 def check_model_settings(where: str, device: Any, dtype: Any, prompt_template: Any) -> None:
     """The device, dtype and prompt template a profile (or a spec) names, one line each."""
     require(dtype in DTYPES, f"{where}: unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
@@ -36,16 +42,27 @@ def check_model_settings(where: str, device: Any, dtype: Any, prompt_template: A
 
 @dataclass(frozen=True)
 class TrainSettings:
-    lr: float = 2e-4
+    lr: float = field(
+        default=2e-4,
+        metadata={"help": "peak learning rate (AdamW, cosine schedule with warm-up)"})
     scheduler: str = "cosine"
     warmup_ratio: float = 0.03
-    epochs: int = 1
-    max_steps: int = 0  # 0: run the whole epochs
-    batch_size: int = 8
+    epochs: int = field(default=1, metadata={"help": "passes over the training corpus"})
+    max_steps: int = field(
+        default=0,
+        metadata={"help": "stop after this many optimizer "
+                            "steps (0: run the whole epochs)"})
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "training examples per optimizer step (per process)"})
     grad_accum: int = 1
-    seq_len: int = 1024
+    seq_len: int = field(
+        default=1024,
+        metadata={"help": "training sequence length in tokens (longer examples are cut)"})
     weight_decay: float = 0.0
-    checkpoint_every: int = 100
+    checkpoint_every: int = field(
+        default=100,
+        metadata={"help": "save a resumable checkpoint every this many steps"})
     # FSDP2 options (from hydrabench/config/sharding/<name>.yaml, resolved with their name) used
     # when torchrun launches several processes; None: each process holds the whole model (DDP).
     sharding: dict[str, Any] | None = None
@@ -67,23 +84,44 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class AdapterSettings:
-    rank: int = 8
-    alpha: float = 32.0
-    dropout: float = 0.05
-    num_heads: int | str = 4  # an int, or "auto": TF-IDF + k-means + elbow, as the paper
-    num_splits: int = 4
+    rank: int = field(
+        default=8,
+        metadata={"help": "LoRA rank r of each adapter (HydraLoRA: "
+                            "of the shared A and each B head)"})
+    alpha: float = field(
+        default=32.0,
+        metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input"})
+    num_heads: int | str = field(
+        default=4,
+        metadata={"help": "HydraLoRA's B heads N, or auto: TF-IDF "
+                            "+ k-means + elbow as the paper"})
+    num_splits: int = field(
+        default=4,
+        metadata={"help": "LoRA-Split: the number of component LoRAs (of rank r each)"})
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    balance_loss_coef: float = 0.0  # HydraLoRA's load-balancing term; off, as the reference code
+    balance_loss_coef: float = field(
+        default=0.0,
+        metadata={"help": "weight of HydraLoRA's router load-balancing loss "
+                            "(0: off, as the reference code)"})
     # LoRAMoE's localized balancing constraint: its weight, its imbalance (delta) and the record
     # components of the world-knowledge type (its code's blc_weight, blc_alpha, task_type 1)
-    blc_weight: float = 0.0
-    blc_alpha: float = 0.0
+    blc_weight: float = field(
+        default=0.0,
+        metadata={"help": "LoRAMoE's localized balancing constraint: its weight"})
+    blc_alpha: float = field(
+        default=0.0,
+        metadata={"help": "LoRAMoE's localized balancing constraint: its imbalance delta"})
     blc_knowledge: tuple[str, ...] = ()
     # Added later (hence None, left out of the run and train ids, see `ID_OPTIONAL_ADAPTER`):
     # the experts (molora) or rank coordinates (flylora) kept per token, and FlyLoRA's share of
     # non-zero entries per row of its frozen A (None: its code's k / r)
-    top_k: int | None = None
-    sparsity: float | None = None
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "experts (molora) or rank coordinates (flylora) kept per token"})
+    sparsity: float | None = field(
+        default=None,
+        metadata={"help": "FlyLoRA: share of non-zero entries per row of the frozen A, in (0, 1]"})
 
     def __post_init__(self) -> None:
         require(self.rank >= 1, f"rank must be >= 1, got {self.rank}")
@@ -128,9 +166,13 @@ SERVING_MODES = ("merged", "adapters")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    backend: str = "hf"
+    backend: str = field(
+        default="hf",
+        metadata={"help": "hf (transformers), vllm (merged weights or the plugin) or auto"})
     batch_size: int = 16
-    limit: int | None = None
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "score only the first N items of each task (a quick check)"})
     num_fewshot: int | None = None  # None: each task's own default
     allow_code_execution: bool = False
     # HydraLoRA: also score the approximate merges (uniform, router-mean) and record the gap
@@ -145,7 +187,9 @@ class EvalSettings:
     # own LoRA serving, unmerged and exact); runs it cannot serve so keep a server each.
     serving: str = "merged"
     # lm-eval's --gen_kwargs ("max_gen_toks=128,temperature=0"), over each generation task's own
-    gen_kwargs: str | None = None
+    gen_kwargs: str | None = field(
+        default=None,
+        metadata={"help": "lm-eval's generation settings, e.g. max_gen_toks=128,temperature=0"})
 
     def __post_init__(self) -> None:
         require(self.backend in BACKENDS,

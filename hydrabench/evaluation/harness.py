@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ from hydrabench.atomic import atomic_path, write_text_atomic
 from hydrabench.config.includes import included
 from hydrabench.errors import SpecError
 from hydrabench.paths import TASKS_DIR, offline_mode
-from hydrabench.serving.server import VllmServer
 
 # The headline metric of a task, in order of preference ("metric,filter" as lm-eval keys them).
 PRIMARY_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,strip",
@@ -230,16 +230,22 @@ class TaskScore:
         return self.metrics[self.primary]
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _scores(results: dict[str, Any]) -> dict[str, TaskScore]:
     scores = {}
     for task, row in results["results"].items():
+        # Records hold finite numbers only (a record with NaN is refused as corrupt): lm-eval's
+        # NaN (its nanmean of nothing, a stderr of one item) is "not measured".
         metrics = {k: v for k, v in row.items()
-                   if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+                   if "," in k and "_stderr" not in k and _finite(v)}
         if not metrics:  # a group row without aggregate metrics
             continue
         stderr = {k: (row.get(k.replace(",", "_stderr,", 1))
-                      if isinstance(row.get(k.replace(",", "_stderr,", 1)), (int, float))
-                      else None) for k in metrics}
+                      if _finite(row.get(k.replace(",", "_stderr,", 1))) else None)
+                  for k in metrics}
         primary = next((m for m in PRIMARY_METRICS if m in metrics), sorted(metrics)[0])
         n = results.get("n-samples", {}).get(task, {}).get("effective", 0)
         scores[task] = TaskScore(task, metrics, stderr, primary, n,
@@ -322,29 +328,6 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: list[str], *, batch
     return run_lm_eval(lm, tasks, batch_size=batch_size, limit=limit, seed=seed,
                        allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
                        output_dir=output_dir, gen_kwargs=gen_kwargs)
-
-
-def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
-                    limit: int | None, seed: int, allow_code_execution: bool = False,
-                    num_fewshot: int | None = None, output_dir: Path | None = None,
-                    gen_kwargs: str | None = None,
-                    model_name: str | None = None) -> dict[str, TaskScore]:
-    """Score the checkpoint in `model_dir` (its tokenizer), served by `server`, with lm-eval's
-    local-completions; `model_name`: a LoRA adapter the server loaded (default: its model).
-
-    Its per-answer loglikelihoods and greedy generations match the hf backend's on the same
-    checkpoint (see `served_lm`); the server takes the requests in a few large batches.
-    """
-    from hydrabench.serving.client import served_lm
-
-    try:
-        return run_lm_eval(served_lm(server, model_dir, model_name), tasks,
-                           batch_size=None, limit=limit, seed=seed,
-                           allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
-                           output_dir=output_dir, gen_kwargs=gen_kwargs)
-    except Exception:
-        server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
-        raise
 
 
 def run_lm_eval(model: Any, tasks: list[str], *, batch_size: int | None, limit: int | None,

@@ -81,6 +81,11 @@ class Method:
         return self.merge is not None
 
     @property
+    def trains(self) -> bool:
+        """Whether a run of the method trains (and leaves an artifact); the base model does not."""
+        return self.adapt is not None
+
+    @property
     def served_by_plugin(self) -> bool:
         return self.base_layers_in_place is not None
 

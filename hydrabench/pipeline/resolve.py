@@ -24,6 +24,7 @@ from hydrabench.config.spec import (
     parse_settings,
     with_settings,
 )
+from hydrabench.config.tables import Row, TableSpec
 from hydrabench.errors import SpecError, did_you_mean, require
 from hydrabench.paths import data_dir
 
@@ -229,3 +230,12 @@ def retarget(trained: RunSpec, task: str, eval_overrides: dict[str, Any]) -> Run
     return replace(trained, task=column.task, eval_tasks=column.eval_tasks,
                    inputs=replace(trained.inputs, tasks=column.inputs.tasks),
                    eval=with_settings(trained.eval, eval_overrides, "eval"))
+
+
+def table_runs(table: TableSpec, profile: str,
+               seeds: tuple[int, ...] = (0,)) -> list[tuple[Row, str, RunSpec]]:
+    """(row, task, spec) for every run the table needs: rows × tasks × seeds."""
+    return [(row, task, resolve_spec(row.method, task, profile, seed,
+                                     overrides={"adapter": row.adapter,
+                                                "eval": table.eval_overrides.get(task, {})}))
+            for row in table.rows for task in table.tasks() for seed in seeds]

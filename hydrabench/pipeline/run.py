@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import os
 import platform
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,7 +28,6 @@ from hydrabench.atomic import write_json_atomic
 from hydrabench.config.includes import include_from_spec
 from hydrabench.config.profiles import load_profile, runtime_device
 from hydrabench.config.spec import RunSpec
-from hydrabench.config.tables import data_source, scores_stand_ins
 from hydrabench.data.corpora import load_corpus
 from hydrabench.errors import SpecError
 from hydrabench.evaluation.harness import (
@@ -36,7 +36,6 @@ from hydrabench.evaluation.harness import (
     check_task_configs,
     check_tasks,
     evaluate_model,
-    evaluate_served,
     request_counts,
     task_manager,
 )
@@ -52,6 +51,7 @@ from hydrabench.pipeline.resolve import (
 )
 from hydrabench.progress import log
 from hydrabench.records import provenance
+from hydrabench.records.provenance import data_source, scores_stand_ins
 from hydrabench.records.store import (
     ARTIFACT_INFO,
     Metering,
@@ -61,6 +61,7 @@ from hydrabench.records.store import (
     TaskMetrics,
     Training,
 )
+from hydrabench.serving.client import evaluate_served
 from hydrabench.serving.export import (
     check_servable,
     load_base_or_export,
@@ -206,7 +207,7 @@ def ensure_trained(spec: RunSpec, method: Method, store: RunStore, base: BaseMod
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with store.staging(final) as scratch:
-            if method.adapt is None:
+            if not method.trains:
                 info: dict[str, Any] = {"trained": False, "train": None}
                 model = base.model.requires_grad_(False)  # nothing trains: 0 trainable
             else:
@@ -307,7 +308,7 @@ def served_on_base(spec: RunSpec, artifact: Path) -> dict | None:
     own is served instead: merged weights, or the plugin's export)."""
     if spec.eval.backend != "vllm" or spec.eval.serving != "adapters" or spec.trust_remote_code:
         return None
-    if get_method(spec.method).adapt is None:  # a plugin export is served by the plugin
+    if not get_method(spec.method).trains:  # a plugin export is served by the plugin
         return None if (Path(_served_model(spec)) / ADAPTER_DIR).is_dir() else {}
     return served_lora_config(artifact)
 
@@ -365,7 +366,7 @@ def _shared_slots(specs: list[RunSpec]) -> LoraSlots | None:
     targets, as their specs set them); None when none of them has one."""
     adapters = [{"r": s.adapter.rank, "target_modules": [
         t for t in s.adapter.target_modules if t in VLLM_LORA_TARGETS]}
-                for s in specs if get_method(s.method).adapt is not None]
+                for s in specs if get_method(s.method).trains]
     adapters = [a for a in adapters if a["target_modules"]]
     return LoraSlots.fitting(adapters) if adapters else None
 
@@ -415,7 +416,7 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
     return scores, {"merge": "exact", "serving": serving}, {"eval": meter.result.to_dict()}
 
 
-def _evaluate(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artifact: Path,
+def score_run(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artifact: Path,
               servers: SharedServers | None = None,
               ) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]:
     """Score with the spec's backend: (scores, the record's merge and serving entries, metering
@@ -553,52 +554,41 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
-            store: RunStore | None = None, dry_run: bool = False, train_only: bool = False,
-            servers: SharedServers | None = None) -> RunRecord | None:
-    """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
-    score again); return the record. `dry_run`: check, say the plan and show one training
-    example as the trainer sees it, then stop (nothing trained, nothing written: None).
-    `train_only`: stop once the artifact is trained (None). `servers`: vLLM servers shared with
-    other runs (a sweep's), used with `eval.serving: adapters`.
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's inputs, every check passed and nothing written yet: the base model loaded on the
+    run's device, the training records (empty when nothing is to train) and, when the artifact
+    is already trained, its model (a damaged one fails in `plan_run`, not after)."""
 
-    The run's models are freed when it returns or fails: nothing of them is left to the caller."""
-    try:
-        return _execute(spec, force=force, retrain=retrain, store=store, dry_run=dry_run,
-                        train_only=train_only, servers=servers)
-    except BaseException as err:
-        # The traceback holds the run's frames, and their locals its models, until the caller
-        # is done with the error (a sweep goes on to its next run): drop those locals now.
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        free_memory()
+    spec: RunSpec
+    method: Method
+    base: BaseModel
+    records: list
+    needs_training: bool
+    trained: torch.nn.Module | None
 
 
-def _execute(spec: RunSpec, *, force: bool, retrain: bool, store: RunStore | None,
-             dry_run: bool, train_only: bool, servers: SharedServers | None
-             ) -> RunRecord | None:
-    """`execute` but for freeing the run's memory once its frame is gone."""
-    store = store or RunStore()
-    force = force or retrain
+# A scorer: (spec, model, tokenizer, scratch folder, artifact) → (scores, the record's merge and
+# serving entries, metering of the export and eval phases).
+Scorer = Callable[[RunSpec, torch.nn.Module, Any, Path, Path],
+                  tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]]
+
+
+def plan_run(spec: RunSpec, store: RunStore, *, retrain: bool = False) -> RunPlan:
+    """Check everything that can be checked before anything is written under results/."""
     method = get_method(spec.method)
-    if not force and store.has(spec.run_id):
-        log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
-        return None if dry_run else store.load(spec.run_id)
-    # Check what can be checked before anything is written under results/.
     include_from_spec(spec)
     check_vllm_settings(spec)
     check_vllm_imports(spec)
     distributed.init_if_launched(runtime_device(spec))  # the run's device picks the backend
-    device = runtime_device(spec)
-    base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
+    base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
+                               spec.trust_remote_code)
     check_target_modules(base.model, spec, method)
     check_servable(spec, base.model)
     check_tasks(list(spec.eval_tasks), spec.eval.allow_code_execution)
     check_generation_lengths(list(spec.eval_tasks), eval_context(spec, base.model, base.tokenizer),
                              spec.eval.gen_kwargs)
-    needs_training = method.adapt is not None and (
-        retrain or store.artifact_info(spec.train_id) is None)
+    needs_training = method.trains and (retrain or store.artifact_info(spec.train_id) is None)
     records = load_corpus(spec.corpus) if needs_training else []
     check_benchmark_data(spec)
     # Found now, not after the training (an evaluation alone fails at once, but for few-shot
@@ -608,65 +598,133 @@ def _execute(spec: RunSpec, *, force: bool, retrain: bool, store: RunStore | Non
     check_fewshot_pool(spec)
     if needs_training and method.check is not None:
         method.check(spec, records)
-    # A trained artifact is loaded now: a damaged one is one line before anything is written.
-    model = None if needs_training else load_trained(method, base.model,
-                                                      store.artifact_dir(spec.train_id))
+    trained = None if needs_training else load_trained(method, base.model,
+                                                        store.artifact_dir(spec.train_id))
+    return RunPlan(spec, method, base, records, needs_training, trained)
+
+
+def describe(plan: RunPlan) -> str:
+    """The plan line a run logs before it starts."""
+    spec = plan.spec
+    training = (f"train {spec.method} on {len(plan.records)} records" if plan.needs_training
+                else "trained artifact found" if plan.method.trains else "nothing to train")
+    return (f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
+            f"({backend_in_plan(spec)}), {scored_as(spec)}; {load_profile(spec.profile).estimate}")
+
+
+def training_example(plan: RunPlan) -> str | None:
+    """One training example as the trainer sees it (prompt template, tokens), or None for a
+    method that does not train."""
+    if not plan.method.trains:
+        return None
+    example = (plan.records or load_corpus(plan.spec.corpus))[0]
+    return format_training_example(plan.base.tokenizer, example, plan.spec.prompt_template,
+                                   plan.spec.train.seq_len)
+
+
+def train_phase(plan: RunPlan, store: RunStore, *, retrain: bool = False
+                ) -> tuple[Path, dict, torch.nn.Module, BaseModel]:
+    """The run's artifact, trained unless it is finished: (its folder, artifact info, the
+    trained model to score, the base model under it)."""
+    spec = plan.spec
+    artifact, info = ensure_trained(spec, plan.method, store, plan.base, plan.records,
+                                    retrain=retrain)
+    if not plan.needs_training:
+        return artifact, info, plan.trained, plan.base
+    # Training adapted the first base model in place: score a fresh one with the artifact.
+    offload(plan.base.model)
+    base = load_base_or_export(spec.model, spec.dtype, runtime_device(spec),
+                               spec.trust_remote_code)
+    return artifact, info, load_trained(plan.method, base.model, artifact), base
+
+
+def train_first(spec: RunSpec, store: RunStore) -> None:
+    """Train (or find) the run's artifact and score nothing: a sweep whose runs share vLLM
+    servers trains every run before the servers start."""
+    if store.has(spec.run_id):
+        return
+    plan = plan_run(spec, store)
+    with kept_if_serving_fails(spec, store), store.lock(spec.run_id):
+        ensure_trained(spec, plan.method, store, plan.base, plan.records)
+
+
+def shared_scorer(servers: SharedServers) -> Scorer:
+    """Scoring on a sweep's shared vLLM servers (`eval.serving: adapters`)."""
+    return functools.partial(score_run, servers=servers)
+
+
+def build_record(plan: RunPlan, scored: tuple[dict[str, TaskScore], dict[str, Any],
+                                              dict[str, Any]],
+                 merge_gap: dict | None, artifact: Path, train_info: dict,
+                 started: float) -> RunRecord:
+    """The run's record: its scores, what scored them, and where every input came from."""
+    spec = plan.spec
+    scores, backend_entries, metering = scored
+    training, train_metering = Training.from_artifact(train_info)
+    return RunRecord(
+        run_id=spec.run_id, spec=spec.to_dict(), method=spec.method,
+        profile=load_profile(spec.profile).to_dict(), task=spec.task, seed=spec.seed,
+        metrics={name: TaskMetrics(value=s.value, primary=s.primary, metrics=s.metrics,
+                                   stderr=s.stderr, n=s.n_samples, n_shot=s.n_shot,
+                                   version=s.version) for name, s in scores.items()},
+        column_tasks=spec.eval_tasks,
+        # Stand-in tasks or not, data source: what reports say.
+        stand_in=scores_stand_ins(spec), data_source=data_source(spec),
+        backend=spec.eval.backend, **backend_entries, merge_gap=merge_gap,
+        artifact=artifact, train_id=spec.train_id, training=training,
+        metering=Metering(train=train_metering, **metering),
+        # What trained the artifact (as it recorded) and what scored it.
+        provenance=Provenance(
+            model_source=spec.model, model_fingerprint=training.inputs["model"],
+            data_fingerprints=training.inputs["corpus"], task_fingerprints=spec.inputs.tasks,
+            data_source="local" if offline_mode() else "hub",
+            packages=provenance.package_versions(), git=provenance.git_commit(),
+            python=platform.python_version(), hardware=hardware_summary()),
+        wall_s={"total": time.time() - started},
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def execute(spec: RunSpec, *, force: bool = False, retrain: bool = False,
+            store: RunStore | None = None, scorer: Scorer | None = None) -> RunRecord | None:
+    """Run `spec` unless a finished record exists (or `force`: score again, `retrain`: train and
+    score again); return the record (None on a torchrun launch's worker processes). `scorer`:
+    how to score (default `score_run`; a sweep's shared servers: `shared_scorer`).
+
+    The run's models are freed when it returns or fails: nothing of them is left to the caller."""
+    try:
+        return _execute(spec, force or retrain, retrain, store or RunStore(), scorer or score_run)
+    except BaseException as err:
+        # The traceback holds the run's frames, and their locals its models, until the caller
+        # is done with the error (a sweep goes on to its next run): drop those locals now.
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        free_memory()
+
+
+def _execute(spec: RunSpec, force: bool, retrain: bool, store: RunStore,
+             scorer: Scorer) -> RunRecord | None:
+    """skip → plan → (workers train and leave) → lock → train → score → record."""
+    if not force and store.has(spec.run_id):
+        log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
+        return store.load(spec.run_id)
+    plan = plan_run(spec, store, retrain=retrain)
     if not distributed.is_main():  # the record is rank 0's
-        if needs_training:
-            train_as_worker(spec, method, base, records, store)
+        if plan.needs_training:
+            train_as_worker(spec, plan.method, plan.base, plan.records, store)
         return None
-    estimate = load_profile(spec.profile).estimate
-    training = (f"train {spec.method} on {len(records)} records" if needs_training
-                else "nothing to train" if method.adapt is None else "trained artifact found")
-    log(f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
-        f"({backend_in_plan(spec)}), {scored_as(spec)}; {estimate}")
-    if dry_run:
-        if method.adapt is not None:
-            example = (records or load_corpus(spec.corpus))[0]
-            print(format_training_example(base.tokenizer, example, spec.prompt_template,
-                                          spec.train.seq_len))
-        return None
+    log(describe(plan))
     with kept_if_serving_fails(spec, store), store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)
         started = time.time()
-        artifact, train_info = ensure_trained(spec, method, store, base, records,
-                                              retrain=retrain)
-        if train_only:
-            return None
-        if needs_training:  # training adapted the first base model in place: load a fresh one
-            offload(base.model)
-            base = load_base_or_export(spec.model, spec.dtype, device, spec.trust_remote_code)
-            model = load_trained(method, base.model, artifact)
+        artifact, train_info, model, base = train_phase(plan, store, retrain=retrain)
         with store.staging(store.run_dir(spec.run_id)) as scratch:
             log(f"evaluating {spec.run_id} on {', '.join(spec.eval_tasks)}")
-            scores, backend_entries, metering = _evaluate(spec, model, base.tokenizer, scratch,
-                                                          artifact, servers)
-            gaps = (merge_gaps(spec, model, base.tokenizer, scores, scratch)
-                    if spec.eval.merge_gap and not method.mergeable else None)
-            training, train_metering = Training.from_artifact(train_info)
-            record = RunRecord(
-                run_id=spec.run_id, spec=spec.to_dict(), method=spec.method,
-                profile=load_profile(spec.profile).to_dict(), task=spec.task, seed=spec.seed,
-                metrics={name: TaskMetrics(value=s.value, primary=s.primary, metrics=s.metrics,
-                                           stderr=s.stderr, n=s.n_samples, n_shot=s.n_shot,
-                                           version=s.version) for name, s in scores.items()},
-                column_tasks=spec.eval_tasks,
-                # Stand-in tasks or not, data source: what reports say.
-                stand_in=scores_stand_ins(spec), data_source=data_source(spec),
-                backend=spec.eval.backend, **backend_entries, merge_gap=gaps,
-                artifact=artifact, train_id=spec.train_id, training=training,
-                metering=Metering(train=train_metering, **metering),
-                # What trained the artifact (as it recorded) and what scored it.
-                provenance=Provenance(
-                    model_source=spec.model, model_fingerprint=training.inputs["model"],
-                    data_fingerprints=training.inputs["corpus"],
-                    task_fingerprints=spec.inputs.tasks,
-                    data_source="local" if offline_mode() else "hub",
-                    packages=provenance.package_versions(), git=provenance.git_commit(),
-                    python=platform.python_version(), hardware=hardware_summary()),
-                wall_s={"total": time.time() - started},
-                finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            scored = scorer(spec, model, base.tokenizer, scratch, artifact)
+            gaps = (merge_gaps(spec, model, base.tokenizer, scored[0], scratch)
+                    if spec.eval.merge_gap and not plan.method.mergeable else None)
+            record = build_record(plan, scored, gaps, artifact, train_info, started)
             check_inputs_unchanged(spec, training=False)
             write_json_atomic(scratch / "record.json", record.to_dict())
         log(f"{spec.run_id}: done")

@@ -3,7 +3,7 @@
 `local` runs one cell after another in this process and is resumable: finished runs are found by
 run id. `slurm` submits one submitit job array with a job per run that is neither finished nor
 queued; each job rebuilds its spec from a plain dict and calls the sweep's execute function
-(`runner.execute`, which the caller passes: the sweep sits below the runner). Submitit's
+(`hydrabench.pipeline.run.execute`, which the caller passes; tests pass their own). Submitit's
 folder (scripts, pickles, logs) is results/slurm/<sweep id>/, and results/runs/<run id>.slurm.json
 points from a run to its job, so `--status` tells queued, running and failed runs apart from the
 records, squeue and submitit's result files alone, without Slurm's accounting database. Pointers
@@ -34,8 +34,10 @@ from hydrabench.config.profiles import load_profile
 from hydrabench.config.spec import RunSpec, spec_from_dict, with_settings
 from hydrabench.config.tables import Row, TableSpec
 from hydrabench.errors import SpecError
+from hydrabench.pipeline.resolve import table_runs
+from hydrabench.pipeline.run import shared_scorer, train_first
 from hydrabench.progress import eta, log
-from hydrabench.records.store import RunStore, checked_run_id
+from hydrabench.records.store import RunRecord, RunStore, checked_run_id
 from hydrabench.serving.server import SharedServers
 
 # The profile's `slurm:` section; a profile without one asks for this (and the cluster's default
@@ -77,7 +79,7 @@ class RunStatus:
 
 
 # Runs one spec and returns its record: hydrabench.pipeline.run.execute (store: where it writes).
-Execute = Callable[..., dict[str, Any]]
+Execute = Callable[..., RunRecord | None]
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Sweep:
             self._log_run(i, run, eta(executed, len(todo), time.monotonic() - started)
                           if pending else "")
             if run.skip is None and shared:  # train every run before the servers start
-                self.execute(run.spec, train_only=True)
+                train_first(run.spec, self.store)
             elif run.skip is None:
                 self.execute(run.spec)
             executed += pending
@@ -129,7 +131,7 @@ class Sweep:
         with SharedServers(shared, self.store.root / "servers") as servers:
             for run in self.runs:
                 if run.skip is None:
-                    self.execute(run.spec, servers=servers)
+                    self.execute(run.spec, scorer=shared_scorer(servers))
 
     def submit_slurm(self, executor_class: type[submitit.Executor] = submitit.SlurmExecutor,
                      ) -> None:
@@ -231,7 +233,7 @@ def plan_sweep(table: TableSpec, profile: str, seeds: tuple[int, ...], execute: 
     runs = [PlannedRun(numbers[id(row)], row, with_overrides(spec, overrides or {}),
                        unapproved if spec.eval.allow_code_execution and not allow_code_execution
                        else None)
-            for row, _, spec in table.run_specs(profile, seeds)]
+            for row, _, spec in table_runs(table, profile, seeds)]
     return Sweep(table, profile, runs, execute)
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from hydrabench.atomic import write_text_atomic
 from hydrabench.config import includes
+from hydrabench.config.includes import spec_folders
+from hydrabench.config.spec import RunSpec
 from hydrabench.paths import TASKS_DIR, cache_root, data_dir, offline_mode
 
 PACKAGES = ("hydrabench", "torch", "transformers", "peft", "lm_eval", "datasets", "accelerate",
@@ -275,3 +277,32 @@ def _included_task_fingerprint(task: str, folder: includes.IncludedFolder) -> di
     beside = fingerprint_path(family, lambda p: not _is_task_file(p) and outside_tables(p))
     return {"config": config, "data": hashlib.sha256((named + beside).encode()).hexdigest(),
             "include_path": str(root)}
+
+
+def scores_stand_ins(spec: RunSpec) -> bool:
+    """Whether the run scores stand-in tasks (the synthetic suite's, tasks/tiny): its record
+    says so, decided when it runs from the resolved spec, and reports read only that."""
+    stand_in_tasks = {p.stem for p in (TASKS_DIR / "tiny").glob("*.yaml")}
+    return any(t in stand_in_tasks for t in spec.eval_tasks)
+
+
+def data_source(spec: RunSpec) -> str:
+    """Where the run's training and evaluation data came from, as its record says."""
+    synthetic = "synthetic suite (generated)"
+    local = data_dir()
+    sources = []
+    for part in spec.corpus.split("+"):
+        if part == "synthetic":
+            sources.append(synthetic)
+        elif part.startswith("data:") and local:
+            sources.append(f"local copy {local / part[5:]}")
+        elif part.startswith("hub:"):
+            sources.append(f"Hugging Face hub {part[4:]}")
+        elif part != "none":
+            sources.append(f"local file {part}")
+    own = spec_folders(spec)
+    scored = (synthetic if scores_stand_ins(spec) else f"included task folder {', '.join(own)}"
+              if own else f"local copies in {local}" if offline_mode() and local
+              else "Hugging Face hub")
+    training = f"train: {', '.join(sources)}; " if sources else ""
+    return f"{training}eval: {scored}"

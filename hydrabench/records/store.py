@@ -633,7 +633,8 @@ def base_record(store: RunStore, record: RunRecord) -> RunRecord | None:
     same = ("task", "profile", "model", "eval_tasks", "eval")
     for other in store.records():
         theirs = other.spec
-        if (other.method == "base" and theirs is not None and "inputs" in theirs
+        # The untrained model's record, by what it says (no method is known here by name).
+        if (other.training.trained is False and theirs is not None and "inputs" in theirs
                 and set(record.metrics) <= set(other.metrics)  # a base value beside each task
                 and all(theirs.get(k) == spec.get(k) for k in same)
                 and all(theirs["inputs"].get(k) == spec["inputs"].get(k)

@@ -268,7 +268,7 @@ class AbDifference:
 def ab_difference(units: Sequence[UnitSimilarity], measure: str) -> AbDifference | None:
     """Mean (A − B similarity) by `measure` over the units with an A per adapter, a 95%
     t-interval over them; None without such a unit."""
-    from hydrabench.config.tables import mean_ci
+    from hydrabench.reports.cells import mean_ci
 
     diffs = [u.a[measure] - u.b[measure] for u in units  # type: ignore[operator]
              if u.a[measure] is not None and u.b[measure] is not None]

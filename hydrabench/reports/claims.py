@@ -284,7 +284,7 @@ def ratio_effect(a: str, b: str, values_a: dict[int, float], values_b: dict[int,
                  claim: Claim) -> Effect | None:
     """A's improvement factor over B per seed both have (B/A where less is better), its mean
     on the log scale with a t-interval over seeds; None without a shared seed."""
-    from hydrabench.config.tables import mean_ci
+    from hydrabench.reports.cells import mean_ci
 
     _, lower_better = RATIO_METRICS[str(claim.metric)]
     seeds = sorted(set(values_a) & set(values_b))
@@ -408,7 +408,7 @@ def _paper_text(claim: Claim, table: TableSpec, column: Column) -> str:
 
 def judge_claim(claim: Claim, profile: str, seeds: tuple[int, ...], store: RunStore) -> Verdict:
     """A claim's effects from the records in `store` (nothing is run); p-values before Holm."""
-    from hydrabench.config.tables import find_records
+    from hydrabench.reports.cells import find_records
 
     verdict = Verdict(claim, paper=claim.paper or "")
     if claim.kind == "analysis" and claim.analysis is None:

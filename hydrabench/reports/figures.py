@@ -22,9 +22,10 @@ from matplotlib.ticker import MaxNLocator
 
 from hydrabench.atomic import atomic_path, write_text_atomic
 from hydrabench.config.profiles import load_profile
-from hydrabench.config.tables import TableSpec, collect_cells, find_records, mean_ci
+from hydrabench.config.tables import TableSpec
 from hydrabench.errors import SpecError
 from hydrabench.records.store import RunRecord, RunStore
+from hydrabench.reports.cells import collect_cells, find_records, mean_ci
 from hydrabench.reports.tables import (
     STAND_IN_NOTE,
     fmt,

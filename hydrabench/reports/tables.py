@@ -11,17 +11,16 @@ import pandas as pd
 
 from hydrabench.atomic import write_text_atomic
 from hydrabench.config.profiles import load_profile
-from hydrabench.config.tables import (
+from hydrabench.config.tables import SOURCE_MARKS, TableSpec
+from hydrabench.paths import reports_root
+from hydrabench.records.store import RunStore
+from hydrabench.reports.cells import (
     NOT_RECORDED,
     SCORE_RANGE,
-    SOURCE_MARKS,
     Cell,
-    TableSpec,
     collect_cells,
     seeds_with_records,
 )
-from hydrabench.paths import reports_root
-from hydrabench.records.store import RunStore
 
 DASH = "—"
 PARTIAL = "†"

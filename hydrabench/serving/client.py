@@ -20,6 +20,7 @@ from typing import Any
 
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
+from hydrabench.evaluation.harness import TaskScore, run_lm_eval
 from hydrabench.serving.server import VllmServer
 
 # Requests in flight: one being computed while the server formats the other's answer.
@@ -87,3 +88,24 @@ def served_lm(server: VllmServer, model_dir: str | Path,
                     num_concurrent=CONCURRENT_REQUESTS, max_retries=2,
                     timeout=REQUEST_TIMEOUT_S, tokenized_requests=True, add_bos_token=True,
                     max_length=server.max_model_len)
+
+
+def evaluate_served(server: VllmServer, model_dir: Path, tasks: list[str], *,
+                    limit: int | None, seed: int, allow_code_execution: bool = False,
+                    num_fewshot: int | None = None, output_dir: Path | None = None,
+                    gen_kwargs: str | None = None,
+                    model_name: str | None = None) -> dict[str, TaskScore]:
+    """Score the checkpoint in `model_dir` (its tokenizer), served by `server`, with lm-eval's
+    local-completions; `model_name`: a LoRA adapter the server loaded (default: its model).
+
+    Its per-answer loglikelihoods and greedy generations match the hf backend's on the same
+    checkpoint (see `served_lm`); the server takes the requests in a few large batches.
+    """
+    try:
+        return run_lm_eval(served_lm(server, model_dir, model_name), tasks,
+                           batch_size=None, limit=limit, seed=seed,
+                           allow_code_execution=allow_code_execution, num_fewshot=num_fewshot,
+                           output_dir=output_dir, gen_kwargs=gen_kwargs)
+    except Exception:
+        server.raise_if_dead()  # the cause is in the server's log, not in lm-eval's retries
+        raise

@@ -77,7 +77,8 @@ def merge_loaded(spec: RunSpec, model: torch.nn.Module, tokenizer, merge: str | 
 def exported_model_dir(spec: RunSpec) -> Path | None:
     """The plugin export the spec names as its base model (`eval --model EXPORT`), else None."""
     directory = Path(spec.model)
-    return directory if spec.method == "base" and is_plugin_export(directory) else None
+    return (directory if not get_method(spec.method).trains and is_plugin_export(directory)
+            else None)
 
 
 def serving_method(spec: RunSpec) -> Method:
