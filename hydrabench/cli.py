@@ -62,8 +62,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="score again even if a finished record exists (reuses the artifact)")
     p.add_argument("--retrain", action="store_true",
                    help="train and score again even if a trained artifact and record exist")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let transformers run the model repository's own code (off by default)")
+    _add_code_flags(p)
     hp = p.add_argument_group("hyper-parameters (override the profile, validated the same way)")
     for dest in HYPERPARAMETERS:
         _add_setting(hp, dest)
@@ -72,6 +71,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge-gap", action="store_true",
                    help="also score the method's approximate merges (HydraLoRA's family: uniform, "
                    "router-mean) and record the gap")
+
+
+def _add_code_flags(p: argparse.ArgumentParser) -> None:
+    """The two opt-ins to code that is not the package's: a model repository's, a model's."""
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the model repository's own code (off by default)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run model-written code for code tasks (sandboxed); off by default")
 
@@ -199,10 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seed of lm-eval's sampling and few-shot choice (default: 0)")
     ev.add_argument("--force", action="store_true",
                     help="score again even if a finished record exists")
-    ev.add_argument("--trust-remote-code", action="store_true",
-                    help="let transformers run the model repository's own code (off by default)")
-    ev.add_argument("--allow-code-execution", action="store_true",
-                    help="run model-written code for code tasks (sandboxed); off by default")
+    _add_code_flags(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--gen-kwargs", default=None,
                     help="lm-eval's --gen_kwargs over each generation task's own, e.g. "

@@ -1,5 +1,6 @@
 """Shared test set-up: offline hub, a persistent cache for the tiny base model, isolated stores."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,18 @@ def assert_refused_in_one_line(argv: list[str], message: str, results: Path,
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and message in errors[0], errors
     assert not results.exists()
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real disk that fills up: a tmpfs of `size` at `path`. Mounting needs root; elsewhere
+    the test is skipped (said so)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SHARED, assert_refused_in_one_line, child_env, error_lines
+from conftest import (
+    REPO,
+    SHARED,
+    assert_refused_in_one_line,
+    child_env,
+    error_lines,
+    mounted_tmpfs,
+)
 
 from hydrabench.cli import main
 from hydrabench.training.loop import TrainingOutOfMemory, train
@@ -300,15 +307,9 @@ def test_a_broken_task_yaml_is_found_before_training(kind: str, tmp_path: Path) 
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A real full disk: a 64 KiB tmpfs, big enough for the run's folders and locks, too small for
-    a training checkpoint. Mounting needs root; elsewhere the test is skipped (said so)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
+    a training checkpoint."""
+    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
+        yield disk
 
 
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import SHARED, artifact_info, error_lines, finish, kill_when, start
+from conftest import (
+    SHARED,
+    artifact_info,
+    error_lines,
+    finish,
+    kill_when,
+    mounted_tmpfs,
+    start,
+)
 
 from hydrabench.atomic import write_text_atomic
 from hydrabench.cli import main
@@ -72,23 +80,18 @@ def test_a_checkpoint_write_killed_midway_is_removed_and_the_rerun_resumes(
 @pytest.fixture
 def filled_disk(tmp_path: Path):
     """A real disk that fills up: a 4 MiB tmpfs (room for a finished run), and a function that
-    fills it to the last byte. Mounting needs root; elsewhere the test is skipped (said so)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    fills it to the last byte."""
+    with mounted_tmpfs(tmp_path / "disk", "4m") as disk:
 
-    def fill() -> None:
-        # Closing it fails too (the last flush): both inside the raises.
-        with pytest.raises(OSError, match="No space left"), open(disk / "filler", "wb") as fh:
-            while True:
-                fh.write(b"\0" * 4096)
-                fh.flush()
+        def fill() -> None:
+            # Closing it fails too (the last flush): both inside the raises.
+            with pytest.raises(OSError, match="No space left"), \
+                    open(disk / "filler", "wb") as fh:
+                while True:
+                    fh.write(b"\0" * 4096)
+                    fh.flush()
 
-    yield disk, fill
-    subprocess.run(["umount", str(disk)], check=True)
+        yield disk, fill
 
 
 @pytest.mark.slow
