@@ -313,3 +313,75 @@ def test_sweep_status_names_a_corrupt_pointer_in_one_line_and_shows_the_run_fail
     (line,) = [line for line in out.splitlines() if run_id in line]
     assert " failed " in line and "corrupt Slurm pointer" in line
     assert tree(results) == before
+
+
+# -- a fresh hostile round: links inside results/, fifos, pointers that lead out --------------
+
+
+@pytest.mark.parametrize("command", ["export", "eval", "show", "compare"])
+def test_an_artifact_folder_linking_to_another_artifact_under_results_is_refused(
+        spec: RunSpec, results: Path, command: str, capsys: pytest.CaptureFixture) -> None:
+    """Inside the root, but not the run's own folder: another run's weights, silently."""
+    other = other_run(spec, results)
+    plant(results, valid_record(spec))
+    store = RunStore(results)
+    store.artifact_dir(spec.train_id).rmdir()
+    store.artifact_dir(spec.train_id).symlink_to(store.artifact_dir(other.train_id))  # planted
+    refused(argv(command, spec.run_id, other.run_id), "is a symlink: refused", results, capsys)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_file_in_the_artifact_linking_out_is_refused(
+        spec: RunSpec, results: Path, tmp_path: Path, name: str,
+        capsys: pytest.CaptureFixture) -> None:
+    plant(results, valid_record(spec))
+    (tmp_path / "theirs").write_bytes(b"{}")
+    (RunStore(results).artifact_dir(spec.train_id) / name).symlink_to(tmp_path / "theirs")
+    refused(["export", spec.run_id], "leads outside the results folder", results, capsys)
+
+
+def test_a_fifo_as_a_record_or_samples_file_is_one_line_not_a_hang(
+        spec: RunSpec, results: Path, capsys: pytest.CaptureFixture) -> None:
+    other = other_run(spec, results)
+    record = plant(results, valid_record(spec))
+    (record.parent / "lm_eval").mkdir()
+    os.mkfifo(record.parent / "lm_eval" / "samples_tiny_medical.jsonl")  # planted
+    refused(["compare", spec.run_id, other.run_id], "is not a regular file", results, capsys)
+    record.unlink()
+    os.mkfifo(record)  # planted
+    refused(["show", spec.run_id], "is not a regular file", results, capsys)
+
+
+def test_a_lock_that_is_a_symlink_is_one_line(results: Path, tmp_path: Path) -> None:
+    """A planted lock link (export's, a run's): one line naming it, nothing made at its end."""
+    from hydrabench.records.store import OutsideResults
+
+    locks = results / ".locks"
+    locks.mkdir(parents=True)
+    (locks / "export-x-None.lock").symlink_to(tmp_path / "victim")  # planted
+    with pytest.raises(OutsideResults, match="is not a plain file \\(a symlink\\?\\)"), \
+            RunStore(results).lock("export-x-None"):
+        pass
+    assert not (tmp_path / "victim").exists()
+
+
+@pytest.mark.parametrize("pointer", [
+    {"job_id": "9_0", "folder": "{outside}", "log": "9.err"},
+    {"job_id": "9_0", "folder": "{inside}", "log": "\u001b]0;pwn\u0007\u001b[2J"},
+    "fifo"])
+def test_a_pointer_leading_out_or_unprintable_or_a_fifo_is_corrupt_and_read_no_further(
+        results: Path, tmp_path: Path, pointer: dict | str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    run_id = first_run_id()
+    path = RunStore(results).runs / f"{run_id}.slurm.json"
+    path.parent.mkdir(parents=True)
+    if pointer == "fifo":
+        os.mkfifo(path)
+    else:
+        places = {"{outside}": str(tmp_path / "outside"), "{inside}": str(results / "slurm" / "s")}
+        write_json_atomic(path, {k: places.get(v, v) for k, v in pointer.items()})
+    out, err = sweep_status(results, monkeypatch, capsys)
+    assert err.count("\n") == 1 and f"corrupt Slurm pointer {path}" in err, err
+    assert "\u001b" not in out + err
+    (line,) = [line for line in out.splitlines() if run_id in line]
+    assert " failed " in line

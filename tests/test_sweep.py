@@ -99,7 +99,7 @@ def test_status_tells_queued_running_and_failed_jobs_apart(
         store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sweep = quick_sweep(rows=[1, 2, 3, 4, 5, 7])
     done, running, queued, crashed, killed, unsubmitted = sweep.runs
-    folder = store_env / "slurm" / "s"
+    folder = store_env / "results" / "slurm" / "s"  # where the sweep's jobs write
     folder.mkdir(parents=True)
     for job, run in enumerate([done, running, queued, crashed, killed]):
         write_json_atomic(sweeps.pointer_path(sweep.store, run.spec.run_id),

@@ -313,8 +313,10 @@ def read_pointer(store: RunStore, run_id: str) -> dict[str, Any] | None:
     path = pointer_path(store, run_id)
     if not (path.exists() or path.is_symlink()):
         return None
+    if path.is_symlink() or not path.is_file():  # a fifo would block the reader
+        raise CorruptPointer(f"corrupt Slurm pointer {path}: not a regular file")
     try:
-        pointer = json.loads(store.inside(path, "Slurm pointer").read_text(encoding="utf-8"))
+        pointer = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # cut short, binary, not JSON (JSONDecodeError)
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         raise CorruptPointer(f"corrupt Slurm pointer {path}: {reason}") from None
@@ -324,6 +326,14 @@ def read_pointer(store: RunStore, run_id: str) -> dict[str, Any] | None:
             pointer["job_id"]):
         raise CorruptPointer(f"corrupt Slurm pointer {path}: expected an object whose "
                              f"{', '.join(POINTER_KEYS)} are one-line strings, a Slurm job id")
+    if not pointer["log"].isprintable():  # printed by --status: no terminal escapes
+        raise CorruptPointer(f"corrupt Slurm pointer {path}: its log path is not printable")
+    folder, jobs = Path(pointer["folder"]).resolve(), (store.root / "slurm").resolve()
+    # Its job folder is one this store's sweeps write (under results/slurm), no other: a link
+    # out resolves outside.
+    if folder == jobs or not folder.is_relative_to(jobs):
+        raise CorruptPointer(f"corrupt Slurm pointer {path}: its job folder "
+                             f"{pointer['folder']} is not under {store.root / 'slurm'}")
     return pointer
 
 
@@ -357,7 +367,7 @@ def failure_reason(pointer: dict[str, Any]) -> str:
     look."""
     unknown = f"ended without a record (killed? time limit?); see {pointer['log']}"
     result = JobPaths(pointer["folder"], job_id=pointer["job_id"], task_id=0).result_pickle
-    if not result.is_file():
+    if result.is_symlink() or not result.is_file():
         return unknown
     try:
         with result.open("rb") as fh:

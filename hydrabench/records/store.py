@@ -434,13 +434,24 @@ class RunStore:
         return path
 
     def _no_links_out(self, directory: Path, what: str) -> None:
-        """No symlink in `directory` (itself included) leads outside the root: a shared results
-        folder is read without following a link to another user's files."""
+        """Nothing in `directory` (itself included) is a symlink or anything but a folder or a
+        regular file: a shared results folder is read without following a link to another
+        user's files (or to another run's weights under the same root), and without blocking
+        on a fifo or a device."""
         self.inside(directory, what)
+        if directory.is_symlink():
+            raise OutsideResults(f"{what} {directory} is a symlink: refused (results folders "
+                                 "hold their own files)")
         for parent, dirs, files in os.walk(directory):  # links to folders are listed, not entered
             for name in (*dirs, *files):
-                if (Path(parent) / name).is_symlink():
-                    self.inside(Path(parent) / name, what)
+                entry = Path(parent) / name
+                self.inside(entry, what)
+                if entry.is_symlink():
+                    raise OutsideResults(f"{what} {entry} is a symlink: refused (results "
+                                         "folders hold their own files)")
+                if not (entry.is_dir() or entry.is_file()):
+                    raise OutsideResults(f"{what} {entry} is not a regular file (a fifo or a "
+                                         "device?): refused")
 
     def own_artifact(self, record: RunRecord, path: Path) -> Path | None:
         """The run's own artifact folder under this root. A record names it artifacts/<its train
@@ -457,7 +468,10 @@ class RunStore:
                 train_id) or train_id.startswith("."):
             raise OutsideResults(f"record {path}: its artifact {str(named)!r} is not the run's "
                                  f"own (artifacts/{train_id} in the results folder): refused")
-        return self.inside(self.artifact_dir(train_id), f"record {path}: its artifact")
+        artifact = self.inside(self.artifact_dir(train_id), f"record {path}: its artifact")
+        if artifact.exists() or artifact.is_symlink():
+            self._no_links_out(artifact, f"record {path}: its artifact")
+        return artifact
 
     def load_spec(self, run_id: str) -> RunSpec:
         """The resolved spec a finished run recorded (a corrupt one: one line naming the file)."""
@@ -487,6 +501,9 @@ class RunStore:
         store made are listed in `made_locks` (a failed run removes its own)."""
         path = self.root / ".locks" / f"{key}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise OutsideResults(f"lock {path} is not a plain file (a symlink?): refused; "
+                                 "remove it if no hydrabench process is running")
         if not path.exists():
             self.made_locks.append(path)
         with FileLock(str(path)):
