@@ -219,12 +219,14 @@ def test_execute_leaves_no_model_behind(device: str, tmp_path: Path,
 @pytest.mark.slow
 def test_engine_failing_after_training_keeps_the_artifact_and_the_rerun_trains_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    """A real vLLM engine given a context longer than the model's (hydrabench's checks let it
-    through; vLLM refuses at start-up) after the run trained: exit 2, one line, the artifact
-    kept, no record, no model left alive. The rerun (backend hf) scores that artifact and
-    trains nothing."""
+    """A real vLLM engine given a context longer than the model's, which vLLM refuses at
+    start-up, after the run trained: exit 2, one line, the artifact kept, no record, no model
+    left alive. The rerun (backend hf) scores that artifact and trains nothing. hydrabench now
+    refuses that setting before training (check_vllm_settings): switched off here so that the
+    real engine stands for a failure no check foresees."""
     results = tmp_path / "results"
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(results))
+    monkeypatch.setattr(runner, "check_vllm_settings", lambda spec: None)
     profile = tmp_path / "mine.yaml"
     profile.write_text("extends: tiny\neval: {max_model_len: 4096}\n")
     refs = watch_models(monkeypatch)
