@@ -124,10 +124,18 @@ def assert_same_scores(hf_dir: Path, vllm_dir: Path, task: str, metric: str,
             f"largest |loglikelihood hf - vllm| {worst:.1e}; generations parted: {len(parted)}")
 
 
-def hydrabench(*args: str, results: Path, **env_vars: str) -> subprocess.CompletedProcess:
+def hydrabench(*args: str, results: Path, unchecked_vllm_settings: bool = False,
+               **env_vars: str) -> subprocess.CompletedProcess:
+    """`hydrabench ARGS` as a process; `unchecked_vllm_settings`: with hydrabench's check of the
+    vLLM settings switched off, so that the real engine refuses them (a failure no check
+    foresees)."""
     # vLLM's GPU build needs the device: on a GPU box the engine runs there.
     env = child_env(results, cuda=True, **env_vars)
-    return subprocess.run([sys.executable, "-m", "hydrabench.cli", *args], capture_output=True,
+    command = ["-m", "hydrabench.cli"] if not unchecked_vllm_settings else ["-c", (
+        "import sys\nimport hydrabench.pipeline.run as run\n"
+        "run.check_vllm_settings = lambda spec: None\n"
+        "from hydrabench.cli import main\nsys.exit(main(sys.argv[1:]))")]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True,
                           text=True, env=env, timeout=600)
 
 
@@ -365,7 +373,7 @@ def test_server_failing_after_training_keeps_only_the_artifact_it_trained(
     result = hydrabench("run", "--method", "lora", "--task", "medical", "--max-steps", "2",
                         "--limit", "2", "--backend", "vllm", "--profile",
                         profile_file(tmp_path, "eval: {max_model_len: 4096, serving: adapters}\n"),
-                        results=results)
+                        results=results, unchecked_vllm_settings=True)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "training lora" in result.stderr  # it did train before the server failed
     errors = [line for line in result.stderr.splitlines() if line.startswith("hydrabench:")]

@@ -170,8 +170,11 @@ def test_engine_that_does_not_come_up_is_one_line_naming_its_log(
         capsys: pytest.CaptureFixture) -> None:
     """A context longer than the model's (512) makes vLLM refuse to start: the error names the
     engine's last error and its log, kept outside results/. (A server that does not come up:
-    test_vllm_backend.py, test_server_failing_after_training_leaves_nothing_it_made.)"""
+    test_vllm_backend.py, test_server_failing_after_training_leaves_nothing_it_made.)
+    hydrabench refuses that setting before any work (check_vllm_settings): switched off here so
+    that the real engine stands for a failure no check foresees."""
     monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr("hydrabench.pipeline.run.check_vllm_settings", lambda spec: None)
     argv = ["eval", "--model", "builtin:tiny", "--task", "tiny_medical", "--limit", "2",
             "--backend", "vllm", "--profile", profile_with("eval: {max_model_len: 4096}\n")(
                 tmp_path)]
