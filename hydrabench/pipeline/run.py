@@ -85,6 +85,10 @@ from hydrabench.training import distributed
 from hydrabench.training.loop import format_training_example, mean_loss, train
 from hydrabench.training.metering import Meter, hardware_summary
 
+# What scoring a run gives: (scores, the record's merge and serving entries, metering of the
+# export and eval phases).
+Scored = tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]
+
 
 def check_target_modules(model: torch.nn.Module, spec: RunSpec, method: Method) -> None:
     """The adapted modules exist, and the rank fits them (a rank above a layer's smaller side
@@ -373,7 +377,7 @@ def _shared_slots(specs: list[RunSpec]) -> LoraSlots | None:
 
 def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path,
                       lora: dict, artifact: Path, servers: SharedServers | None
-                      ) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]] | None:
+                      ) -> Scored | None:
     """Score on a server of the base model: the run's LoRA adapter loaded into it under the run
     id (none for the base model itself). `servers`: a sweep's shared servers (one per base model
     and server settings); without them the run starts its own, its log in `out`. None when the
@@ -418,7 +422,7 @@ def _evaluate_on_base(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Pat
 
 def score_run(spec: RunSpec, model: torch.nn.Module, tokenizer, out: Path, artifact: Path,
               servers: SharedServers | None = None,
-              ) -> tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]:
+              ) -> Scored:
     """Score with the spec's backend: (scores, the record's merge and serving entries, metering
     of the export and eval phases).
 
@@ -568,10 +572,8 @@ class RunPlan:
     trained: torch.nn.Module | None
 
 
-# A scorer: (spec, model, tokenizer, scratch folder, artifact) → (scores, the record's merge and
-# serving entries, metering of the export and eval phases).
-Scorer = Callable[[RunSpec, torch.nn.Module, Any, Path, Path],
-                  tuple[dict[str, TaskScore], dict[str, Any], dict[str, Any]]]
+# A scorer: (spec, model, tokenizer, scratch folder, artifact) → Scored.
+Scorer = Callable[[RunSpec, torch.nn.Module, Any, Path, Path], Scored]
 
 
 def plan_run(spec: RunSpec, store: RunStore, *, retrain: bool = False) -> RunPlan:
@@ -653,8 +655,7 @@ def shared_scorer(servers: SharedServers) -> Scorer:
     return functools.partial(score_run, servers=servers)
 
 
-def build_record(plan: RunPlan, scored: tuple[dict[str, TaskScore], dict[str, Any],
-                                              dict[str, Any]],
+def build_record(plan: RunPlan, scored: Scored,
                  merge_gap: dict | None, artifact: Path, train_info: dict,
                  started: float) -> RunRecord:
     """The run's record: its scores, what scored them, and where every input came from."""
