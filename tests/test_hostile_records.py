@@ -231,6 +231,30 @@ def test_a_symlink_out_of_a_run_folder_is_refused(
             results, capsys)
 
 
+@pytest.mark.parametrize("field", ["data_source", "provenance.data_source",
+                                   "provenance.hardware.cpu_model", "provenance.hardware.gpus"])
+def test_a_line_break_in_what_reports_print_makes_the_record_corrupt(
+        spec: RunSpec, results: Path, field: str, capsys: pytest.CaptureFixture) -> None:
+    """A report prints these fields into Markdown: a newline would start a heading or a row."""
+    record = valid_record(spec)
+    record["provenance"] = {"model_source": str(STORIES), "data_fingerprints": {},
+                            "data_source": "local", "packages": {}, "python": "3.12",
+                            "hardware": {"cpu_model": "EPYC", "gpus": [{"name": "H100"}]}}
+    planted = "EPYC\n# not ours | x |"
+    if field == "data_source":
+        record["data_source"] = planted
+    elif field == "provenance.hardware.gpus":
+        record["provenance"]["hardware"]["gpus"] = [{"name": planted}]
+    else:
+        *parents, key = field.split(".")
+        target = record
+        for name in parents:
+            target = target[name]
+        target[key] = planted
+    plant(results, record)
+    refused(["show", spec.run_id], "holds a line break or control character", results, capsys)
+
+
 def test_a_moved_results_folder_finds_its_own_artifact_not_the_original_s(
         spec: RunSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:

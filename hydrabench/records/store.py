@@ -82,6 +82,19 @@ def _take(d: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str
     return value
 
 
+def _one_line(value: Any, where: str) -> Any:
+    """`value` when every string in it (nested in lists and dicts too) is one printable line:
+    reports print these fields into Markdown, where a newline starts a heading or a table row."""
+    texts = value.values() if isinstance(value, dict) else value if isinstance(
+        value, list) else [value]
+    for text in texts:
+        if isinstance(text, (dict, list)):
+            _one_line(text, where)
+        elif isinstance(text, str) and not text.isprintable():
+            raise _Invalid(f"{where} holds a line break or control character")
+    return value
+
+
 def _only(d: dict[str, Any], known: Iterable[str], where: str = "") -> None:
     """No key the record's schema does not name (a typo or another program's file)."""
     unknown = sorted(set(d) - set(known))
@@ -233,11 +246,13 @@ class Provenance:
         return cls(model_source=_take(d, "model_source", str, where, required=True),
                    model_fingerprint=_take(d, "model_fingerprint", str, where),
                    data_fingerprints=_take(d, "data_fingerprints", dict, where, required=True),
-                   data_source=_take(d, "data_source", str, where, required=True),
+                   data_source=_one_line(_take(d, "data_source", str, where, required=True),
+                                         f"{where}data_source"),
                    packages=_take(d, "packages", dict, where, required=True),
                    git=_take(d, "git", dict, where), python=_take(d, "python", str, where,
                                                                   required=True),
-                   hardware=_take(d, "hardware", dict, where, required=True),
+                   hardware=_one_line(_take(d, "hardware", dict, where, required=True),
+                                      f"{where}hardware"),
                    task_fingerprints=_take(d, "task_fingerprints", dict, where))
 
 
@@ -307,7 +322,7 @@ class RunRecord:
             run_id=run_id, method=method, task=task, seed=seed, metrics=metrics,
             column_tasks=column_tasks, training=training, spec=spec,
             profile=_take(d, "profile", dict), stand_in=_take(d, "stand_in", bool),
-            data_source=_take(d, "data_source", str), backend=_take(d, "backend", str),
+            data_source=_one_line(_take(d, "data_source", str), "data_source"), backend=_take(d, "backend", str),
             merge=_take(d, "merge", str), serving=_take(d, "serving", dict),
             merge_gap=_take(d, "merge_gap", dict),
             artifact=Path(artifact) if artifact else None, train_id=_take(d, "train_id", str),
