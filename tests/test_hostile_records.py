@@ -409,3 +409,32 @@ def test_a_pointer_leading_out_or_unprintable_or_a_fifo_is_corrupt_and_read_no_f
     assert "\u001b" not in out + err
     (line,) = [line for line in out.splitlines() if run_id in line]
     assert " failed " in line
+
+
+@pytest.mark.parametrize("method", ["lora", "lora-split"])
+def test_an_adapter_config_naming_a_base_elsewhere_is_never_opened(
+        method: str, tmp_path: Path) -> None:
+    """The artifact's adapter_config names a folder outside; peft opens that folder's
+    config.json when the loaded model is saved again. Here it is a folder, so opening it fails."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hydrabench.methods.lora import load_peft
+    from hydrabench.methods.lora_split import load_combined
+
+    outside = tmp_path / "outside"
+    (outside / "config.json").mkdir(parents=True)  # planted: reading it raises
+    artifact = tmp_path / "artifact"
+    adapter = artifact / "combined" if method == "lora-split" else artifact
+    name = "combined" if method == "lora-split" else "default"
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(STORIES),
+                             LoraConfig(r=2, target_modules=["q_proj"]), adapter_name=name)
+    trained.save_pretrained(artifact)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(outside)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    base = AutoModelForCausalLM.from_pretrained(STORIES)
+    loaded = (load_combined if method == "lora-split" else load_peft)(base, artifact)
+    assert loaded.peft_config[name].base_model_name_or_path == str(STORIES)
+    loaded.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved").is_dir()

@@ -28,8 +28,17 @@ def save_peft(model: torch.nn.Module, directory: Path) -> None:
     model.save_pretrained(directory)
 
 
+def on_own_base(model: PeftModel, base: torch.nn.Module) -> PeftModel:
+    """`model` with every adapter's config naming `base`, the model it was loaded onto: an
+    artifact is data, and peft opens the config.json of the path its adapter_config names
+    (when the model is saved again), which a planted artifact points anywhere."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = getattr(base, "name_or_path", None)
+    return model
+
+
 def load_peft(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    return PeftModel.from_pretrained(base, directory)
+    return on_own_base(PeftModel.from_pretrained(base, directory), base)
 
 
 def merge_peft(model: torch.nn.Module) -> torch.nn.Module:

@@ -49,7 +49,7 @@ from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method, TrainFn
 from hydrabench.methods.hydralora import HeadedAdapter, balanced_loss, make_method
-from hydrabench.methods.lora import lora_config, merge_peft
+from hydrabench.methods.lora import lora_config, merge_peft, on_own_base
 
 COMBINED = "combined"
 ROUTER_CONFIG = "prompt_router.json"
@@ -157,7 +157,8 @@ def save_combined(model: torch.nn.Module, directory: Path) -> None:
 
 
 def load_combined(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    return PeftModel.from_pretrained(base, directory / COMBINED, adapter_name=COMBINED)
+    return on_own_base(PeftModel.from_pretrained(base, directory / COMBINED,
+                                                 adapter_name=COMBINED), base)
 
 
 SUM_METHOD = Method(
@@ -253,7 +254,7 @@ def load_routed(base: torch.nn.Module, directory: Path) -> torch.nn.Module:
                                       adapter_name=split_name(0))
     for k in range(1, len(router.centroids)):
         model.load_adapter(directory / split_name(k), adapter_name=split_name(k))
-    model.eval()
+    on_own_base(model, base).eval()
     # Routing reads the text: the tokenizer of the base model the adapters were loaded onto.
     tokenizer = AutoTokenizer.from_pretrained(base.config._name_or_path)
     return route_by_prompt(model, router, tokenizer)
