@@ -438,3 +438,23 @@ def test_an_adapter_config_naming_a_base_elsewhere_is_never_opened(
     assert loaded.peft_config[name].base_model_name_or_path == str(STORIES)
     loaded.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved").is_dir()
+
+
+@pytest.mark.parametrize("target", ["folder", "dangling"])
+def test_a_link_planted_where_an_export_goes_is_replaced_and_its_target_untouched(
+        tmp_path: Path, target: str) -> None:
+    """exports/<run id> is a link (to someone's folder, or to nothing): the new export takes
+    its place, the link's target keeps its files, and no copy is left aside."""
+    store = RunStore(tmp_path / "results")
+    theirs = tmp_path / "theirs"
+    if target == "folder":
+        theirs.mkdir()
+        (theirs / "weights").write_text("theirs")
+    final = store.export_dir("lora-abc", "exact")
+    final.parent.mkdir(parents=True)
+    final.symlink_to(theirs)  # planted
+    with store.staging(final) as scratch:
+        (scratch / "model.safetensors").write_text("ours")
+    assert not final.is_symlink() and (final / "model.safetensors").read_text() == "ours"
+    assert sorted(p.name for p in final.parent.iterdir()) == ["lora-abc"]
+    assert target == "dangling" or (theirs / "weights").read_text() == "theirs"

@@ -554,12 +554,12 @@ class RunStore:
             fault_point("staged")
             os.replace(scratch, complete)
             fault_point("complete")
-            if final_dir.exists():  # --force: replace the previous result
+            if final_dir.exists() or final_dir.is_symlink():  # --force: replace the previous
                 os.replace(final_dir, aside)
                 fault_point("aside")
             os.replace(complete, final_dir)
             fault_point("placed")
-            shutil.rmtree(aside, ignore_errors=True)
+            _discard(aside)
 
     @contextmanager
     def _replacing(self, final_dir: Path) -> Iterator[None]:
@@ -580,9 +580,17 @@ class RunStore:
                     copies = [*parent.glob(f"{COMPLETE}{name}-*"), *parent.glob(f"{ASIDE}{name}-*")]
                     for copy in copies:
                         if final_dir.exists():
-                            shutil.rmtree(copy, ignore_errors=True)
+                            _discard(copy)
                         else:
                             os.replace(copy, final_dir)
+
+
+def _discard(path: Path) -> None:
+    """Delete a copy set aside; a link planted in its place is removed, never followed."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # The settings `list runs` always shows (rank, training steps, eval limit); any other setting is
