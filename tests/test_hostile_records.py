@@ -148,13 +148,15 @@ def test_eval_run_refuses_the_task_folder_a_record_s_profile_names(
 
 def test_eval_run_refuses_the_task_folders_of_a_profile_file_the_record_names(
         spec: RunSpec, results: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """A profile file the record names (not this command line) may not add task folders."""
+    """A profile file the record names (not this command line) may not add task folders: the
+    folder is refused before it is read (its broken YAML would be another error)."""
     marker = tmp_path / "marker"
     made = tmp_path / "made.yaml"
     made.write_text("extends: tiny\n")
     mine = resolve_spec("lora", "medical", str(made), model=str(STORIES))
     plant(results, valid_record(mine))
     folder = task_folder_with_code(tmp_path, marker)
+    (folder / "broken.yaml").write_text("task: [unclosed\n")
     made.write_text(f"extends: tiny\ninclude_path: [{folder}]\n")  # planted
     profiles._load_profile.cache_clear()  # as a new process reads it
     refused(["eval", "--run", mine.run_id, "--task", "hostile_task", "--limit", "1"],

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from hydrabench.config.profiles import load_yaml
+from hydrabench.config.profiles import load_profile, load_yaml
 from hydrabench.config.spec import RunSpec
 from hydrabench.errors import SpecError, require
 from hydrabench.paths import TASKS_DIR
@@ -228,10 +228,12 @@ def include_from_spec(spec: RunSpec) -> None:
 
 
 def recorded_folders(profile: dict[str, Any] | None, spec: RunSpec) -> list[str]:
-    """The task folders a record says its run was made with: its profile's include_path and
-    the folders its task fingerprints name."""
+    """The task folders a record says its run was made with: its profile's include_path, the
+    folders its task fingerprints name, and the include_path of the profile file it names as
+    that file reads now (one that reappeared may name others): checked before any is read."""
     named = (profile or {}).get("include_path") or []
     folders = [named] if isinstance(named, str) else list(named) if isinstance(named, list) else []
+    folders += load_profile(spec.profile).include_path
     folders += [fp.get("include_path") for fp in spec.inputs.tasks.values()
                 if isinstance(fp, dict)]
     return sorted({folder for folder in folders if isinstance(folder, str)})
