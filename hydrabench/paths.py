@@ -5,9 +5,16 @@ that changes one sees it)."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def slug(text: str) -> str:
+    """`text` as one file-name part: a path by its last part, runs of other characters than
+    letters, digits, `.`, `_` and `-` as one `-`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-")
 
 
 def results_root() -> Path:

@@ -53,6 +53,46 @@ def quick_sweep(rows: list[int] | None = None) -> Sweep:
                       rows=rows)
 
 
+class StandInExecutor:
+    """submitit's executor as submit_slurm uses it, without Slurm: its SlurmExecutor needs
+    Slurm's `srun` just to be built, and the real submission path has its own test on a real
+    cluster (test_slurm_sweep_...)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.parameters, self.specs, self.executes = folder, {}, [], []
+
+    def update_parameters(self, **parameters: object) -> None:
+        self.parameters.update(parameters)
+
+    def map_array(self, fn, specs, roots, executes):
+        self.specs += specs
+        self.executes += executes
+        return [SimpleNamespace(job_id=f"10_{i}", paths=SimpleNamespace(stderr=f"10_{i}.err"))
+                for i in range(len(specs))]
+
+
+def submit_to_stand_in(sweep: Sweep) -> StandInExecutor:
+    made: list[StandInExecutor] = []
+    sweep.submit_slurm(executor_class=lambda folder: made.append(StandInExecutor(folder))
+                       or made[-1])
+    (executor,) = made
+    return executor
+
+
+def test_a_profile_file_s_sweep_writes_its_jobs_in_one_folder_under_results_slurm(
+        store_env: Path, tmp_path: Path) -> None:
+    """The sweep's folder is named by the profile file's name, never its path (a path's
+    slashes nested it, and `..` led it out of results/slurm)."""
+    profile = tmp_path / "deep" / "my profile.yaml"
+    profile.parent.mkdir()
+    profile.write_text("extends: tiny\n")
+    sweep = plan_sweep(load_table("table1"), str(profile), (0,), execute,
+                       overrides=QUICK_OVERRIDES, rows=[1])
+    folder = submit_to_stand_in(sweep).folder
+    assert folder.parent == (store_env / "results" / "slurm").resolve()
+    assert folder.name.startswith("table1-my-profile.yaml-"), folder.name
+
+
 def _sinfo_answers(env: dict[str, str]) -> bool:
     try:
         return subprocess.run(["sinfo", "-h"], env=env, capture_output=True,
@@ -121,25 +161,10 @@ def test_status_tells_queued_running_and_failed_jobs_apart(
     assert got[5][:2] == ("failed", "9_4") and "see 9.err" in got[5][2]
     assert got[7] == ("pending", None, "not submitted")
     # The failed and the never submitted runs are submitted again; nothing is queued twice.
-    # A stand-in executor: submitit's SlurmExecutor needs Slurm's `srun` just to be built, and
-    # the real submission path has its own test on a real cluster (test_slurm_sweep_...).
-    submitted: list[str] = []
-
-    class Executor:
-        def __init__(self, folder: Path) -> None:
-            self.folder = folder
-
-        def update_parameters(self, **parameters: object) -> None:
-            assert parameters["ntasks_per_node"] == 1
-
-        def map_array(self, fn, specs, roots, executes):
-            assert set(executes) == {execute}
-            submitted.extend(spec_from_dict(spec).run_id for spec in specs)
-            return [SimpleNamespace(job_id=f"10_{i}", paths=SimpleNamespace(stderr=f"10_{i}.err"))
-                    for i in range(len(specs))]
-
-    sweep.submit_slurm(executor_class=Executor)
-    assert submitted == [r.spec.run_id for r in (crashed, killed, unsubmitted)]
+    executor = submit_to_stand_in(sweep)
+    assert executor.parameters["ntasks_per_node"] == 1 and set(executor.executes) == {execute}
+    assert [spec_from_dict(spec).run_id for spec in executor.specs] == [
+        r.spec.run_id for r in (crashed, killed, unsubmitted)]
     assert read_pointer(sweep.store, unsubmitted.spec.run_id)["job_id"] == "10_2"
     assert read_pointer(sweep.store, queued.spec.run_id)["job_id"] == "9_2"
 

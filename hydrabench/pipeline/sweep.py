@@ -34,6 +34,7 @@ from hydrabench.config.profiles import load_profile
 from hydrabench.config.spec import RunSpec, spec_from_dict, with_settings
 from hydrabench.config.tables import Row, TableSpec
 from hydrabench.errors import SpecError
+from hydrabench.paths import slug
 from hydrabench.pipeline.resolve import table_runs
 from hydrabench.pipeline.run import shared_scorer, train_first
 from hydrabench.progress import eta, log
@@ -150,7 +151,7 @@ class Sweep:
         if not todo:
             log("nothing to submit: every runnable cell is finished or queued")
             return
-        sweep_id = f"{self.table.name}-{self.profile}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_id = f"{self.table.name}-{slug(self.profile)}-{time.strftime('%Y%m%d-%H%M%S')}"
         # Absolute paths: the jobs may start in another directory than this one.
         root = self.store.root.resolve()
         folder = root / "slurm" / sweep_id

@@ -16,7 +16,6 @@ import functools
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,14 @@ import pandas as pd
 from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.evaluation.harness import read_samples
 from hydrabench.evaluation.significance import PairedComparison, format_p, paired_comparison
-from hydrabench.paths import TASKS_DIR, data_dir, hub_datasets_offline, offline_mode, reports_root
+from hydrabench.paths import (
+    TASKS_DIR,
+    data_dir,
+    hub_datasets_offline,
+    offline_mode,
+    reports_root,
+    slug,
+)
 from hydrabench.records.store import RunStore, checked_run_id
 
 HUB_MMLU = "cais/mmlu"  # what lm-eval's built-in mmlu and tasks/hub/mmlu_protocols read
@@ -273,10 +279,6 @@ def write_protocols_report(scores: list[ProtocolScore], model_label: str, limit:
             "Paired differences: bootstrap 95% interval over items, McNemar's exact test.")
         + "}", r"\end{table}"]) + "\n")
     return paths
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-")
 
 
 # Beside a model's per-sample outputs: which model they are of (its content fingerprint).
