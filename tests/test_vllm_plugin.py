@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -274,3 +276,24 @@ def test_a_target_module_the_plugin_does_not_cover_is_named() -> None:
     with pytest.raises(PluginError, match=r"target module\(s\) lm_head are not covered by "
                                           "hydrabench's vLLM plugin"):
         check_covered(["LlamaForCausalLM"], ["q_proj", "lm_head"], 1)
+
+
+def test_plain_transformers_refuses_an_export_rather_than_drop_its_adapter(
+        tmp_path: Path) -> None:
+    """Plain transformers reads an export's base checkpoint and never its adapter (hydralora/):
+    it loaded the base model silently. The export's model type is hydrabench's own, so plain
+    transformers (a fresh process: no hydrabench import, none of its registrations) refuses it
+    naming hydrabench; hydrabench loads it, the adapter on its base."""
+    export = tiny_export(tmp_path)
+    assert json.loads((export / "config.json").read_text())["model_type"] == (
+        "hydrabench_hydralora_llama")
+    plain = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+             "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+             "assert 'hydrabench' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", plain, str(export)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "ValueError: The checkpoint you are trying to load has model type " \
+           "`hydrabench_hydralora_llama`" in result.stderr
+    loaded = load_base_or_export(str(export)).model
+    assert type(loaded).__name__ == "LlamaForCausalLM" and set(hydralora_layers(loaded))

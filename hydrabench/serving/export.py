@@ -25,6 +25,7 @@ from hydrabench.evaluation.harness import read_samples
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method
 from hydrabench.models import BaseModel, load_base_model
+from hydrabench.models.exports import export_model_type
 from hydrabench.records.store import RunStore
 from hydrabench.serving.plugin import (
     ADAPTER_DIR,
@@ -144,18 +145,21 @@ def save_plugin_checkpoint(method: Method, model: torch.nn.Module, tokenizer, di
                            run_id: str) -> None:
     """The exact servable export of a model the vLLM plugin serves: the base checkpoint, the
     adapter in hydralora/ (as `method.save` writes it), config.json's architectures naming the
-    plugin class. vLLM serves it with hydrabench's plugin; `load_base_or_export` loads it for
-    hf."""
-    try:  # transformers loads a plugin export as its base class too
+    plugin class and its model_type hydrabench's export type (models/exports.py: plain
+    transformers refuses it rather than load the base without the adapter). vLLM serves it with
+    hydrabench's plugin; `load_base_or_export` loads it for hf."""
+    try:  # hydrabench loads a plugin export as its base class too
         architecture = plugin_architecture([type(model).__name__])
     except PluginError as err:
         raise SpecError(str(err)) from None
+    model_type = export_model_type(model.config)
     with torch.no_grad(), method.base_layers_in_place(model):
         model.save_pretrained(directory, safe_serialization=True)
     method.save(model, directory / ADAPTER_DIR)
     tokenizer.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
-    write_json_atomic(directory / "config.json", {**config, "architectures": [architecture]})
+    write_json_atomic(directory / "config.json",
+                      {**config, "architectures": [architecture], "model_type": model_type})
     write_json_atomic(directory / EXPORT_INFO, {"run_id": run_id, "merge": "exact",
                                                 "exact": True, "served_by": architecture})
 

@@ -12,7 +12,8 @@ pyproject.toml. This module imports nothing from vLLM at import time; the model 
 `hydrabench.serving.plugin.models`, imported by vLLM only when a checkpoint names them.
 
 A servable export (`hydrabench export RUN --merge exact`) is the base checkpoint, its config.json's
-`architectures` naming the plugin class, plus the adapter as the project saves it in the
+`architectures` naming the plugin class and its `model_type` hydrabench's export type (which plain
+transformers refuses: hydrabench.models.exports), plus the adapter as the project saves it in the
 `hydralora/` subdirectory (adapter_config.json, adapter_model.safetensors).
 """
 
@@ -44,9 +45,13 @@ class PluginError(ValueError):
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point: make vLLM know the plugin's architectures."""
+    """The `vllm.general_plugins` entry point: make vLLM know the plugin's architectures, and
+    transformers (which reads vLLM's configs) the exports' model types."""
     from vllm import ModelRegistry
 
+    from hydrabench.models.exports import register_export_configs
+
+    register_export_configs()
     for architecture in PLUGIN_ARCHITECTURES.values():
         ModelRegistry.register_model(architecture,
                                      f"hydrabench.serving.plugin.models:{architecture}")
