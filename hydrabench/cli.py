@@ -328,7 +328,7 @@ def _dry_run(spec, *, force: bool, retrain: bool) -> None:
         log(f"{spec.run_id}: finished record found, skipping (use --force to rerun)")
         return
     plan = plan_run(spec, store, retrain=retrain)
-    log(describe(plan))
+    log(describe(plan, store))
     example = training_example(plan)
     if example is not None:
         print(example)

@@ -60,6 +60,7 @@ def test_dry_run_prints_the_plan_and_a_training_example_and_writes_nothing(
     assert main([*argv, "--dry-run"]) == 0
     out, err = capsys.readouterr()
     assert "plan: lora-general-" in err and "train lora on 1 records" in err
+    assert f"; results in {tmp_path / 'results'}" in err
     # The plain template puts the input on a line of its own, as the trainer sees it (BOS, EOS).
     assert "prompt: '<s>Spell the word backwards.\\nbasket'" in out
     assert "target: 'teksab</s>'" in out
@@ -112,3 +113,27 @@ def test_lm_eval_says_a_truncation_once(caplog) -> None:
                            seed=0, max_length=8)
     said = [r.getMessage() for r in caplog.records if TRUNCATION in r.getMessage()]
     assert len(said) == 2 and all("said once per evaluation" in x for x in said), said
+
+
+def test_the_plan_lines_name_the_results_folder_as_an_absolute_path(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    """The default results folder is ./results, relative to where the command runs: run's and
+    reproduce's plan lines say, as an absolute path, which one they write to."""
+    from hydrabench.cli import main
+    from hydrabench.config.tables import load_table
+    from hydrabench.pipeline.sweep import Sweep
+    from hydrabench.records.store import RunStore
+
+    monkeypatch.delenv("HYDRABENCH_RESULTS", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", "--method", "lora", "--task", "medical", "--dry-run"]) == 0
+    plan = next(line for line in capsys.readouterr().err.splitlines() if "plan: " in line)
+    assert plan.endswith(f"; results in {elsewhere / 'results'}"), plan
+
+    monkeypatch.setenv("HYDRABENCH_RESULTS", "mine")  # relative too: said absolute
+    Sweep(load_table("table1"), "tiny", [], execute=None, store=RunStore()).log_plan()
+    plan = capsys.readouterr().err.strip()
+    assert plan.endswith(f"; results in {elsewhere / 'mine'}"), plan
+    assert not any(elsewhere.iterdir())  # planning wrote nothing

@@ -103,7 +103,8 @@ def test_backend_auto_takes_hf_where_vllm_does_not_import_and_the_plan_says_why(
     assert spec.eval.backend == "hf"
     assert auto_fallback(spec) == ("vLLM does not import here: ModuleNotFoundError: No module "
                                    "named 'hydrabench_no_such_module'")
-    plan = describe(plan_run(spec, RunStore(tmp_path / "results")))
+    store = RunStore(tmp_path / "results")
+    plan = describe(plan_run(spec, store), store)
     assert "(hf, as backend auto: vLLM does not import here: ModuleNotFoundError" in plan
     assert not (tmp_path / "results").exists()
 

@@ -605,13 +605,15 @@ def plan_run(spec: RunSpec, store: RunStore, *, retrain: bool = False) -> RunPla
     return RunPlan(spec, method, base, records, needs_training, trained)
 
 
-def describe(plan: RunPlan) -> str:
-    """The plan line a run logs before it starts."""
+def describe(plan: RunPlan, store: RunStore) -> str:
+    """The plan line a run logs before it starts; it names the results folder as an absolute
+    path, since the default (./results) depends on the current directory."""
     spec = plan.spec
     training = (f"train {spec.method} on {len(plan.records)} records" if plan.needs_training
                 else "trained artifact found" if plan.method.trains else "nothing to train")
     return (f"plan: {spec.run_id}: {training}; evaluate {', '.join(spec.eval_tasks)} "
-            f"({backend_in_plan(spec)}), {scored_as(spec)}; {load_profile(spec.profile).estimate}")
+            f"({backend_in_plan(spec)}), {scored_as(spec)}; {load_profile(spec.profile).estimate}"
+            f"; results in {store.root.resolve()}")
 
 
 def training_example(plan: RunPlan) -> str | None:
@@ -714,7 +716,7 @@ def _execute(spec: RunSpec, force: bool, retrain: bool, store: RunStore,
         if plan.needs_training:
             train_as_worker(spec, plan.method, plan.base, plan.records, store)
         return None
-    log(describe(plan))
+    log(describe(plan, store))
     with kept_if_serving_fails(spec, store), store.lock(spec.run_id):
         if not force and store.has(spec.run_id):
             return store.load(spec.run_id)

@@ -96,7 +96,8 @@ class Sweep:
         done = sum(self.store.has(r.spec.run_id) for r in self.runs)
         estimate = load_profile(self.profile).estimate
         log(f"plan: {self.table.name} on profile {self.profile}: {len(self.runs)} runs, {done} "
-            f"already done, {len(self.runs) - done} to run; {estimate}")
+            f"already done, {len(self.runs) - done} to run; {estimate}; results in "
+            f"{self.store.root.resolve()}")
 
     def _log_run(self, i: int, run: PlannedRun, progress: str = "") -> None:
         where = f"[{i}/{len(self.runs)}] {run.row.label} ({run.spec.task})"
