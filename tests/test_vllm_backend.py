@@ -568,3 +568,26 @@ def test_unknown_serving_mode_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
         ["run", "--method", "lora", "--task", "medical", "--profile",
          profile_file(tmp_path, "eval: {backend: vllm, serving: both}\n")],
         "unknown serving 'both'; valid: merged, adapters", tmp_path / "results", capsys)
+
+
+def test_a_head_size_vllms_cpu_attention_cannot_serve_is_one_line_before_any_work(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """stories260K's head size 8 (64 wide, 8 heads) with no GPU: the engine would refuse it
+    only after its start-up (~2 minutes); the plan refuses it before loading the model."""
+    from conftest import SHARED, assert_refused_in_one_line
+
+    from hydrabench.pipeline import run
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU build's head sizes matter only without a GPU")
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
+
+    def loaded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(run, "load_base_or_export", loaded)
+    assert_refused_in_one_line(
+        ["eval", "--model", str(SHARED / "models" / "stories260K"), "--task", "mmlu_anatomy",
+         "--backend", "vllm", "--limit", "2"],
+        "vLLM's CPU build cannot serve head size 8", tmp_path / "results", capsys)

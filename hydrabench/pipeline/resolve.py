@@ -131,19 +131,29 @@ def vllm_fallback_reason(model: str) -> str | None:
     """Why vLLM cannot serve `model` here, None where it can: vLLM does not import in this
     Python, or (no GPU here) vLLM's CPU build cannot serve the model's head size. A config that
     cannot be read here (a hub id not downloaded) is no reason."""
-    import torch
-
-    if not torch.cuda.is_available():
-        head_size = _head_size(model)
-        if head_size is not None and head_size not in VLLM_CPU_HEAD_SIZES:
-            return f"vLLM's CPU build cannot serve head size {head_size} ({model})"
+    unservable = cpu_head_size_refusal(model, _model_config(model))
+    if unservable is not None:
+        return unservable
     error = vllm_import_error()
     return None if error is None else f"vLLM does not import here: {error}"
 
 
-def _head_size(model: str) -> int | None:
-    """The attention head size in the model's config; None where that cannot be read here."""
-    config = _model_config(model)
+def cpu_head_size_refusal(model: str, config: Any) -> str | None:
+    """Why vLLM's CPU attention cannot serve `model` (its `config`): with no GPU visible vLLM
+    serves on the CPU, which takes only VLLM_CPU_HEAD_SIZES; None where it can, or where the
+    config cannot be read here (None)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    head_size = _head_size(config)
+    if head_size is None or head_size in VLLM_CPU_HEAD_SIZES:
+        return None
+    return f"vLLM's CPU build cannot serve head size {head_size} ({model})"
+
+
+def _head_size(config: Any) -> int | None:
+    """The attention head size in a model's config; None where it has none (or no config)."""
     try:
         return config and (getattr(config, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads))
@@ -169,8 +179,9 @@ def _model_config(model: str) -> Any:
 
 def check_vllm_settings(spec: RunSpec) -> None:
     """Backend vllm: the settings vLLM's engine checks against the model (its heads split
-    evenly over the tensor-parallel GPUs, a context the model has), before any training; the
-    engine would refuse them only when it starts, after training."""
+    evenly over the tensor-parallel GPUs, a context the model has, on a CPU a head size its
+    attention takes), before any training; the engine would refuse them only when it starts,
+    after training."""
     if spec.eval.backend != "vllm":
         return
     config = _model_config(spec.model)
@@ -186,6 +197,11 @@ def check_vllm_settings(spec: RunSpec) -> None:
     require(wanted is None or not isinstance(context, int) or wanted <= context,
             f"eval max_model_len {wanted} exceeds the context of {spec.model} ({context} "
             f"tokens), which vLLM refuses; use at most {context}")
+    # The engine itself refuses it only after its start-up (~2 minutes on a CPU).
+    unservable = cpu_head_size_refusal(spec.model, config)
+    require(unservable is None,
+            f"backend vllm, but {unservable}: its CPU attention takes head sizes "
+            f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}; use --backend hf")
 
 
 # What a run served by vLLM needs to import: the package, a platform it runs on, and on CUDA its
