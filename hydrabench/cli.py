@@ -304,7 +304,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
     spec = resolve_spec(args.method, _one_column(args.task), args.profile, args.seed, args.model,
                         _overrides(args),
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, runs_here=True)
     if args.dry_run:
         _dry_run(spec, force=args.force or args.retrain, retrain=args.retrain)
         return
@@ -345,7 +345,8 @@ def _eval_spec(args: argparse.Namespace):
             overrides["eval"][flag] = getattr(args, flag)
     if args.run_id is None:
         return resolve_spec("base", args.task, args.profile, args.seed, args.model, overrides,
-                            lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code)
+                            lm_eval_task_ok=True, trust_remote_code=args.trust_remote_code,
+                            runs_here=True)
     from hydrabench.config.includes import recorded_folders, refuse_folders_not_named
     from hydrabench.records.store import RunStore
     from hydrabench.serving.export import checked_run

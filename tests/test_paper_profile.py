@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import REPO, SHARED, finish, start
+from conftest import REPO, SHARED, assert_refused_in_one_line, finish, start
 
 from hydrabench.config.profiles import load_profile
 from hydrabench.errors import SpecError
@@ -34,6 +34,27 @@ def test_default_7b_needs_a_gpu(tmp_path) -> None:
         with pytest.raises(SpecError, match="needs a GPU"):
             execute(spec, store=RunStore(tmp_path / "results"))
         assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("argv", [["run", "--method", "hydralora", "--task", "math"],
+                                  ["eval", "--model", "meta-llama/Llama-2-7b-hf",
+                                   "--task", "mmlu_anatomy"]])
+def test_the_7b_on_a_cpu_is_refused_before_any_hub_access(
+        argv: list[str], tmp_path, monkeypatch, capsys) -> None:
+    """The GPU check comes first: backend auto reads the model's config to pick the plugin for
+    HydraLoRA, which offline retries the hub for half a minute (any such read fails the test)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the profile runs here")
+    from transformers import AutoConfig
+
+    def read(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"read the config of {args[0]} before the GPU check")
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", read)
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert_refused_in_one_line([*argv, "--profile", "paper"],
+                               "profile paper needs a GPU for meta-llama/Llama-2-7b-hf",
+                               tmp_path / "results", capsys)
 
 
 def readme_paper_cpu_check() -> list[str]:

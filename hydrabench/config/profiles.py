@@ -232,17 +232,23 @@ def _load_sharding(name: str) -> dict[str, Any]:
     return {"name": name, **options}
 
 
+def check_gpu_visible(profile_name: str, model: str) -> None:
+    """A GPU-only profile's default model refuses a machine with no GPU visible."""
+    import torch
+
+    profile = load_profile(profile_name)
+    if profile.requires_gpu and model == profile.model and not torch.cuda.is_available():
+        raise SpecError(f"profile {profile_name} needs a GPU for {model} and none is visible; "
+                        "pass --model with a small local model to check its wiring on CPU")
+
+
 def runtime_device(spec: RunSpec) -> str:
     """The device to run on here. `auto` (kept as is in the spec, so run ids do not depend on the
     machine) means CUDA when available; a GPU-only profile's default model refuses the CPU."""
     import torch
 
+    check_gpu_visible(spec.profile, spec.model)
     has_cuda = torch.cuda.is_available()
-    profile = load_profile(spec.profile)
-    if profile.requires_gpu and not has_cuda and spec.model == profile.model:
-        raise SpecError(f"profile {spec.profile} needs a GPU for {spec.model} and none is "
-                        "visible; pass --model with a small local model to check its wiring on "
-                        "CPU")
     device = ("cuda" if has_cuda else "cpu") if spec.device == "auto" else spec.device
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per torchrun process
         return f"cuda:{os.environ['LOCAL_RANK']}"

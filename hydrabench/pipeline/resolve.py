@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from hydrabench.config.includes import include
-from hydrabench.config.profiles import TaskColumn, load_profile, load_sharding
+from hydrabench.config.profiles import (
+    TaskColumn,
+    check_gpu_visible,
+    load_profile,
+    load_sharding,
+)
 from hydrabench.config.spec import (
     AdapterSettings,
     EvalSettings,
@@ -35,13 +40,18 @@ LM_EVAL_PREFIX = "lm-eval:"
 def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None = None,
                  model: str | None = None, overrides: dict[str, dict[str, Any]] | None = None,
                  lm_eval_task_ok: bool = False,
-                 trust_remote_code: bool = False) -> RunSpec:
+                 trust_remote_code: bool = False, runs_here: bool = False) -> RunSpec:
     """Profile YAML + CLI overrides ({"train": {...}, "adapter": {...}, "eval": {...}}).
 
     `task` is a column of the profile; with `lm_eval_task_ok` any other name is taken as one
-    lm-eval task (checked against lm-eval's registry before the run starts).
+    lm-eval task (checked against lm-eval's registry before the run starts). `runs_here`: the
+    spec is for a run on this machine (run, eval), so a GPU the profile needs is asked for
+    first, before backend `auto` reads the model's config (from the hub: a minute of retries
+    offline); reports and sweeps resolve specs anywhere.
     """
     prof = load_profile(profile)
+    if runs_here:
+        check_gpu_visible(profile, model or prof.model)
     include(prof.include_path, f"profile {profile}: include_path")  # its tasks, for fingerprints
     seed = prof.seed if seed is None else seed  # a profile may name its recipe's seed
     require(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32,
