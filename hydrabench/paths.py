@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,3 +59,22 @@ def hub_datasets_offline() -> bool:
 def offline_mode() -> bool:
     """Offline when local benchmark copies are configured or the hub is switched off."""
     return data_dir() is not None or hub_offline()
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, or the proxy its scheme goes through) takes a
+    connection within HUB_PROBE_TIMEOUT_S: asked before work that would otherwise retry the hub
+    for a minute and end in a traceback."""
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        endpoint = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:  # no route, no DNS, refused, timed out
+        return False
+    return True

@@ -259,3 +259,69 @@ def test_missing_data_dir_names_the_file(offline_tm, monkeypatch, tmp_path):
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"HYDRABENCH_DATA_DIR/gsm8k/train\.jsonl"):
         offline_tm.load(["gsm8k"])
+
+
+@pytest.fixture
+def no_cached_datasets(monkeypatch, tmp_path):
+    """Empty datasets and hub caches, HYDRABENCH_DATA_DIR unset, and any dataset loading an
+    error: what a fresh clone offline has."""
+    import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HYDRABENCH_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def load_dataset(path, *args, **kwargs):
+        raise AssertionError(f"{path} was loaded before the refusal")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return tmp_path / "datasets"
+
+
+def test_a_hub_dataset_is_cached_once_datasets_prepared_it(no_cached_datasets, monkeypatch):
+    from hydrabench.evaluation.harness import uncached_hub_datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # lm-eval's built-in tasks, which read the hub
+    assert uncached_hub_datasets(["mmlu_anatomy", "tiny_facts"]) == {"mmlu_anatomy": "cais/mmlu"}
+    (no_cached_datasets / "cais___mmlu" / "anatomy" / "0.0.0" / "0123abcd").mkdir(parents=True)
+    assert uncached_hub_datasets(["mmlu_anatomy"]) == {}
+
+
+QUICK_START = ["eval", "--model", str(MODEL_DIR), "--task", "mmlu_anatomy", "--limit", "20",
+               "--json"]
+
+
+@pytest.mark.parametrize(("flags", "why"), [
+    ({}, "not reachable from here"),
+    ({"HF_DATASETS_OFFLINE": "1"}, "offline by HF_DATASETS_OFFLINE=1"),
+    ({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}, "HYDRABENCH_DATA_DIR, but it is unset"),
+], ids=["no flags", "datasets offline", "as make sets them"])
+def test_the_quick_start_without_local_data_is_one_line_naming_the_data_dir(
+        flags, why, no_cached_datasets, monkeypatch, tmp_path, capsys):
+    """The README's eval offline, with no HYDRABENCH_DATA_DIR and nothing cached: one line
+    naming HYDRABENCH_DATA_DIR, exit 2, before any hub access (no retries, no traceback). This
+    machine has no internet; the hub's socket is refused here so that a machine with internet
+    means the same."""
+    import socket
+
+    from conftest import error_lines
+
+    from hydrabench.cli import main
+
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    for flag, value in flags.items():
+        monkeypatch.setenv(flag, value)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert main(QUICK_START) == 2
+    stderr = capsys.readouterr().err
+    (error,) = error_lines(stderr)
+    assert why in error and "point HYDRABENCH_DATA_DIR at a copy of the benchmark files" in error
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "results").exists()

@@ -193,6 +193,47 @@ def _leaf_configs(manager: Any, name: str) -> Iterator[dict[str, Any]]:
             yield from _leaf_configs(manager, child)
 
 
+def uncached_hub_datasets(tasks: list[str]) -> dict[str, str]:
+    """Per task of `tasks` (a group: per its tasks) that reads a dataset from the Hugging Face
+    hub which this machine has not cached: that dataset, the first such (from the configs,
+    without loading any data)."""
+    manager = task_manager(offline_mode())
+    missing: dict[str, str] = {}
+    for name in tasks:
+        for config in _leaf_configs(manager, name):
+            dataset = _hub_dataset(config)
+            if dataset is not None and not dataset_cached(dataset):
+                missing.setdefault(name, dataset)
+    return missing
+
+
+def _hub_dataset(config: dict[str, Any]) -> str | None:
+    """The hub dataset a task config loads; None where it reads local data (its own
+    custom_dataset, a local folder, or a packaged builder such as json over its data_files)."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    path = config.get("dataset_path")
+    if (config.get("custom_dataset") or not isinstance(path, str)
+            or path in _PACKAGED_DATASETS_MODULES or Path(path).exists()):
+        return None
+    return path
+
+
+def dataset_cached(path: str) -> bool:
+    """Whether `datasets` finds the hub dataset `path` here without the hub: prepared in its
+    cache (where it looks offline: its CachedDatasetModuleFactory), or downloaded to the hub's
+    cache."""
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+    from huggingface_hub import constants
+
+    *namespace, name = path.split("/")
+    prepared = Path(config.HF_DATASETS_CACHE).expanduser() / "___".join(
+        [*namespace, camelcase_to_snakecase(name)])
+    downloaded = Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}"
+    return downloaded.is_dir() or any(p.is_dir() for p in prepared.glob("*/*/*"))
+
+
 def check_generation_lengths(tasks: list[str], context: int, gen_kwargs: str | None) -> None:
     """Each generation task's token budget (its generation_kwargs under `gen_kwargs`) leaves room
     for a prompt in the model's `context`; lm-eval would stop on it only after the other tasks."""

@@ -38,11 +38,12 @@ from hydrabench.evaluation.harness import (
     evaluate_model,
     request_counts,
     task_manager,
+    uncached_hub_datasets,
 )
 from hydrabench.methods import get_method
 from hydrabench.methods.api import Method, default_fit
 from hydrabench.models import BaseModel, resolve_model_dir
-from hydrabench.paths import offline_mode
+from hydrabench.paths import hub_datasets_offline, hub_offline, hub_reachable, offline_mode
 from hydrabench.pipeline.resolve import (
     LM_EVAL_PREFIX,
     auto_fallback,
@@ -165,8 +166,15 @@ def check_inputs_unchanged(spec: RunSpec, *, training: bool) -> None:
         raise SpecError(f"the {what} changed while this run read it; run it again")
 
 
+# What a refusal for benchmark data not found here suggests.
+LOCAL_COPIES = ("point HYDRABENCH_DATA_DIR at a copy of the benchmark files (e.g. "
+                "../shared/data; layout: ../shared/data/MANIFEST.md)")
+
+
 def check_benchmark_data(spec: RunSpec) -> None:
-    """Each offline task's data folder exists (its fingerprint says so), before any work."""
+    """Each task's data is here before any work: an offline task's data folder exists (its
+    fingerprint says so), and a hub dataset is cached or the hub can be reached (else lm-eval
+    retries it for a minute, then fails in a traceback)."""
     missing = {task: fp["data"].removeprefix("missing:") for task, fp in spec.inputs.tasks.items()
                if fp["data"].startswith("missing:")}
     if missing:
@@ -174,8 +182,19 @@ def check_benchmark_data(spec: RunSpec) -> None:
         cause = ("it is unset" if where.startswith("HYDRABENCH_DATA_DIR")
                  else f"{where} does not exist")
         raise SpecError(f"lm-eval task {task} reads its benchmark data from HYDRABENCH_DATA_DIR, "
-                        f"but {cause}: point it at a copy of the benchmark files (layout: "
-                        f"../shared/data/MANIFEST.md)")
+                        f"but {cause}: {LOCAL_COPIES}")
+    uncached = uncached_hub_datasets(list(spec.eval_tasks))
+    if not uncached:
+        return
+    offline = next((flag for flag, on in (("HF_HUB_OFFLINE=1", hub_offline()),
+                                          ("HF_DATASETS_OFFLINE=1", hub_datasets_offline()))
+                    if on), None)
+    if offline is None and hub_reachable():
+        return
+    task, dataset = next(iter(uncached.items()))
+    hub = f"offline by {offline}" if offline else "not reachable from here"
+    raise SpecError(f"lm-eval task {task} reads {dataset} from the Hugging Face hub, which is "
+                    f"{hub}, and it is not in the datasets cache: {LOCAL_COPIES}, or go online")
 
 
 def adapt_and_fit(spec: RunSpec, method: Method, base: BaseModel, records: list,
