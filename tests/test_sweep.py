@@ -8,6 +8,7 @@ with the script's last error lines. Runs are cut down (--max-steps, --limit) to 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -230,3 +231,28 @@ def test_slurm_job_of_two_tasks_is_one_two_process_training(slurm_env: dict[str,
     assert record["training"]["train"]["strategy"] == "ddp"
     assert states(hydrabench(*args, "--status", results=results, env=slurm_env).stdout) == {
         record["run_id"]: "done"}
+
+
+def test_a_job_array_sbatch_refuses_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The real sbatch, through submitit's real SlurmExecutor, given a Slurm configuration it
+    cannot process (it refuses at once, as a cluster refuses a partition or resources it does
+    not have): one line with sbatch's message, exit 2, and no pointer file, job folder or
+    results/ left (submitit's traceback was 35 lines)."""
+    from conftest import error_lines
+
+    from hydrabench.cli import main
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        pytest.skip("Slurm's sbatch and srun are not installed here")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=nowhere\nNoSuchSetting=1\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert main(["sweep", "table1", "--executor", "slurm", "--rows", "1", *QUICK]) == 2
+    stderr = capsys.readouterr().err
+    (error,) = error_lines(stderr)
+    assert "sbatch refused the sweep's job array of 1 run, nothing was submitted: " in error
+    assert "NoSuchSetting" in error  # sbatch's own words
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) < 10, stderr
+    assert not (tmp_path / "results").exists()

@@ -13,6 +13,8 @@ is read only as plain data (a pickle that names any class or function is refused
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import JobPaths
+from submitit.core.utils import FailedJobError, JobPaths
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.config.profiles import load_profile
@@ -160,9 +162,23 @@ class Sweep:
         executor = executor_class(folder=folder)
         executor.update_parameters(job_name=f"hydrabench-{sweep_id}",
                                    **slurm_parameters(self.profile))
-        # submitit pickles `execute` by reference (module and name): the job imports it.
-        jobs = executor.map_array(run_job, [r.spec.to_dict() for r in todo],
-                                  [str(root)] * len(todo), [self.execute] * len(todo))
+        made = [path for path in (root, root / "slurm", folder) if not path.exists()]
+        try:
+            # submitit echoes a refusing sbatch's stderr, then raises: the error line says it.
+            with contextlib.redirect_stderr(io.StringIO()):
+                # submitit pickles `execute` by reference (module and name): the job imports it.
+                jobs = executor.map_array(run_job, [r.spec.to_dict() for r in todo],
+                                          [str(root)] * len(todo), [self.execute] * len(todo))
+        except FailedJobError as err:  # sbatch exited non-zero: nothing was submitted
+            for path in reversed(made):  # the folder: scripts and pickles of no job
+                if path == folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+                with contextlib.suppress(OSError):  # not empty: another process wrote there
+                    path.rmdir()
+            runs = f"{len(todo)} run{'s' if len(todo) > 1 else ''}"
+            raise SpecError(f"sbatch refused the sweep's job array of {runs}, nothing was "
+                            f"submitted: {sbatch_message(err)} (the profile's slurm settings: "
+                            f"hydrabench profile show {self.profile})") from None
         for run, job in zip(todo, jobs, strict=True):
             write_json_atomic(pointer_path(self.store, run.spec.run_id), {
                 "job_id": job.job_id, "sweep_id": sweep_id, "folder": str(folder),
@@ -244,6 +260,14 @@ def with_overrides(spec: RunSpec, overrides: dict[str, dict[str, Any]]) -> RunSp
     profile's are)."""
     return replace(spec, **{section: with_settings(getattr(spec, section), values, section)
                             for section, values in overrides.items() if values})
+
+
+def sbatch_message(err: FailedJobError) -> str:
+    """The message of a refusing sbatch (submitit's error holds its stderr) on one line: its
+    last three lines, less sbatch's `sbatch: error:` prefixes."""
+    lines = [re.sub(r"^sbatch: (error|fatal): ", "", line.strip())
+             for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines[-3:]) or "sbatch exited with an error and said nothing"
 
 
 def check_slurm_installed() -> None:
