@@ -306,7 +306,9 @@ def test_reference_pipeline_runs_on_cpu_with_local_data(tmp_path: Path,
     monkeypatch.setenv("HYDRABENCH_DATA_DIR", str(SHARED / "data"))
     spec = resolve_spec("hydralora", "math", "reference", model=str(model),
                         overrides={"train": {"max_steps": 2},
-                                   "eval": {"limit": 3, "backend": "hf"}})
+                                   # 16 tokens: stories260K never stops a chain of thought
+                                   "eval": {"limit": 3, "backend": "hf",
+                                            "gen_kwargs": "max_gen_toks=16"}})
     record = execute(spec, store=RunStore(tmp_path / "results"))
     assert record.seed == 41 and record.spec["prompt_template"] == "reference"
     assert tuple(record.spec["adapter"]["target_modules"]) == ("gate_proj", "up_proj",
