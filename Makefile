@@ -81,13 +81,19 @@ CLAIM_SEEDS ?= 0,1,2
 reproduce-claims: install
 	$(BIN)/hydrabench claims --profile $(PROFILE) --seeds $(CLAIM_SEEDS)
 
+# Test processes (pytest-xdist): each takes whole test files, so a file's module fixtures (a
+# trained run, a vLLM server) are built once. Two overlap one test's start-up and waits with
+# another's work on 2 cores; more also start more vLLM engines at once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 # The 20 slowest tests close the output: where the suite's time goes.
 test: install
-	$(BIN)/pytest -q --durations=20
+	$(PYTEST) --durations=20
 
 # The fast tier: no engines, no subprocess training, no torchrun or Slurm.
 test-fast: install
-	$(BIN)/pytest -q -m "not slow" --durations=10
+	$(PYTEST) -m "not slow" --durations=10
 
 lint: install
 	$(BIN)/ruff check .
