@@ -399,7 +399,7 @@ def test_cli_report_all_writes_every_report(store_env: Path,
     assert main(["report", "all", "--seeds", "0,1"]) == 0
     printed = capsys.readouterr().out.split()
     reports = store_env / "reports"
-    expected = {f"{name}.{ext}" for name in ("table1", "table2", "table3", "successors")
+    expected = {f"{name}.{ext}" for name in ("table1", "table2", "table3", "successors", "heads")
                 for ext in ("md", "csv", "tex", "raw.csv")}
     expected |= {f"figure5.{ext}" for ext in ("png", "pdf", "csv", "md")}
     expected |= {f"figure6.{ext}" for ext in ("md", "csv", "tex", "raw.csv", "png", "pdf")}
