@@ -189,6 +189,38 @@ def test_a_claim_of_several_pairs_is_decided_by_its_weakest(store: RunStore,
         PROFILE, SEEDS) if task == "general" and row.label in {"HydraLoRA", *ablation["b"]}}
 
 
+def shipped_claim(claim_id: str) -> dict[str, Any]:
+    """One claim of tasks/claims/hydralora.yaml as written there."""
+    raw = yaml.safe_load((REPO / "tasks" / "claims" / "hydralora.yaml").read_text())
+    return next(c for c in raw["claims"] if c["id"] == claim_id)
+
+
+AUTO = "HydraLoRA (r=8, N=auto)"
+
+
+@pytest.mark.parametrize(("right", "offsets", "expected", "best", "effect"), [
+    # auto on items 0-299 per task; N=4, the best fixed N, on 0-296: +0.75 points, well past −1.
+    ({AUTO: 300, "HydraLoRA (r=8, N=4)": 297}, {}, "supported", "HydraLoRA (r=8, N=4)", 0.75),
+    # N=6 right on 0-379: auto is 20 points behind it, whatever the other N score.
+    ({AUTO: 300, "HydraLoRA (r=8, N=6)": 380}, {}, "contradicted", "HydraLoRA (r=8, N=6)",
+     -20.0),
+    # N=3 on 20-323: 20 items lost, 24 won against auto: −1.0 points, on the margin.
+    ({AUTO: 300, "HydraLoRA (r=8, N=3)": 304}, {"HydraLoRA (r=8, N=3)": 20}, "inconclusive",
+     "HydraLoRA (r=8, N=3)", -1.0),
+])
+def test_auto_heads_against_every_fixed_n_is_decided_by_the_best_n(
+        store: RunStore, tmp_path: Path, right: dict[str, int], offsets: dict[str, int],
+        expected: str, best: str, effect: float) -> None:
+    # The other fixed N score well below auto: only the best N can decide the claim.
+    claim = shipped_claim("heads-auto-vs-fixed")
+    plant(store, "heads", {**dict.fromkeys(claim["b"], 200), **right}, offsets=offsets)
+    (verdict,) = judge_claims(load_claims(claims_file(tmp_path, [claim])), PROFILE, None, store)
+    assert verdict.verdict == expected
+    assert len(verdict.effects) == len(claim["b"]) == 5  # auto against each fixed N
+    assert verdict.binding is not None and verdict.binding.b == best
+    assert verdict.binding.value == pytest.approx(effect)
+
+
 def test_equal_parameters_names_pairs_of_unequal_budgets(store: RunStore,
                                                         tmp_path: Path) -> None:
     # Every planted record has 0.1 %Param; one LoRA-Split row is rewritten to 0.2.
@@ -284,7 +316,7 @@ def test_shipped_claims_use_the_tables_rows() -> None:
     assert claims.name == "hydralora" and claims.seeds == (0, 1, 2)
     ids = {c.id for c in claims.claims}
     assert {"obs1-split-beats-rank", "t2-hydra-vs-lora32", "t2-hydra-vs-split", "fig5-faster",
-            "fig5-energy", "fig6-ablation"} <= ids
+            "fig5-energy", "fig6-ablation", "heads-auto-vs-fixed"} <= ids
     kinds = {c.kind for c in claims.claims}
     assert kinds == {"paired", "ordering", "ratio", "analysis"}
 
@@ -364,10 +396,11 @@ def test_plan_runs_only_the_claims_rows_and_columns(store_env: Path) -> None:
     planned = [run.spec for sweep in sweeps for run in sweep.runs]
     # table1: 6 LoRA rows on MMLU; table2: 3 rows, 2 of them table1's runs; figure6: 5 rows on
     # MMLU only (Fig. 3's analysis adds the summed LoRA-Split), 2 of them table1's (LoRA-Split
-    # 4×8, LoRA r=8); figure5: 2 rows on GSM8K.
+    # 4×8, LoRA r=8); figure5: 2 rows on GSM8K; heads: 6 rows on MMLU, 2 of them others' runs
+    # (N=auto is table2's, N=4 figure6's HydraLoRA).
     assert {s.task for s in planned} == {"general", "math"}
-    assert len(planned) == 6 + 3 + 5 + 2
-    assert len({s.run_id for s in planned}) == 6 + 1 + 3 + 2
+    assert len(planned) == 6 + 3 + 5 + 2 + 6
+    assert len({s.run_id for s in planned}) == 6 + 1 + 3 + 2 + 4
     for sweep in sweeps:
         sweep.run_local()
     assert sorted(executed) == sorted({s.run_id for s in planned})
@@ -480,7 +513,7 @@ def test_cli_claims_runs_what_they_need_then_reports(store_env: Path,
 
     monkeypatch.setattr(hydrabench.pipeline.run, "execute", execute)
     assert main(["claims", "--seeds", "0"]) == 0
-    assert len(executed) == len(set(executed)) == 12
+    assert len(executed) == len(set(executed)) == 16
     frame = pd.read_csv(store_env / "reports" / "claims.csv").set_index("id")
     assert frame.loc["obs1-split-beats-rank", "verdict"] == "supported"
     assert frame.loc["fig5-faster", "effect"] == pytest.approx(2.0)
