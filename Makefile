@@ -74,6 +74,13 @@ reproduce-figures: install
 
 reproduce: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-figures
 
+# HydraLoRA and its successors on one protocol (tasks/tables/successors.yaml): the table spec's
+# seeds (0,1,2) unless SEEDS is given on the command line or in the environment.
+# ALLOW_CODE_EXECUTION=1 also runs the HumanEval columns, as for Table 2.
+.PHONY: reproduce-successors
+reproduce-successors: install
+	$(BIN)/hydrabench reproduce successors --profile $(PROFILE) $(if $(filter file,$(origin SEEDS)),,--seeds $(SEEDS)) $(if $(ALLOW_CODE_EXECUTION),--allow-code-execution)
+
 # Each of the paper's claims as a test with a verdict (tasks/claims/hydralora.yaml), three seeds:
 # reports/claims.{md,csv,tex}; reuses the table runs' records (same run ids).
 CLAIM_SEEDS ?= 0,1,2

@@ -5,6 +5,7 @@ minutes on 2 cores once installed); its results and reports go to a temporary fo
 """
 
 import csv
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -53,3 +54,20 @@ def test_make_reproduce_claims_runs_the_claims_on_three_seeds() -> None:
                          text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert "hydrabench claims --profile tiny --seeds 0,1,2" in dry.stdout
+
+
+def test_make_reproduce_successors_takes_the_tables_seeds_unless_given() -> None:
+    """The table spec's seeds (0, 1, 2) by default, not SEEDS's default of one seed."""
+    env = {k: v for k, v in os.environ.items() if k != "SEEDS"}
+
+    def dry(*variables: str) -> list[str]:
+        """The hydrabench command's arguments the target runs."""
+        run = subprocess.run(["make", "-n", "reproduce-successors", *variables], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.splitlines()[-1].split()[1:]
+
+    table = ["reproduce", "successors", "--profile", "tiny"]
+    assert dry() == table
+    assert dry("SEEDS=1") == [*table, "--seeds", "1"]
+    assert dry("ALLOW_CODE_EXECUTION=1") == [*table, "--allow-code-execution"]
