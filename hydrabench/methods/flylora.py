@@ -12,7 +12,15 @@ layer with frozen weight W (in -> out)::
 - d (r) balances the load without a loss, as its code: after each training forward,
   d_i <- d_i + u · sign(mean(c) - c_i), c_i = how many tokens chose coordinate i, u = 0.01 (its
   `bias_u`). d is not trained by the optimizer; it is saved with B.
-- Defaults (its paper's main setting and flylora.py's): r = 32, k = 8 (`--top-k`).
+- Defaults (its paper's main setting and flylora.py's): r = 32, k = 8 (`--top-k`); and alpha =
+  64 (2r at that r; `--alpha` sets another, `--rank` alone keeps 64), so that B's update is
+  scaled by alpha / r = 2, as LoRA r=8's on the tiny profile (16 / 8). The profile's alpha
+  (16 on tiny, set for its r = 8) left the scaling at 0.5 once r = 32: with A frozen and A x
+  small, B's Adam-sized steps then moved the output a quarter as much, and on tiny FlyLoRA
+  scored near the untrained base on `general` (seed 0: base 14.0, flylora 16.3 at alpha 16 and
+  25.0 at alpha 64, LoRA r=8 37.0). On tiny A x is smaller still than on the paper's models:
+  A's entries are N(0, 1/r^2) whatever the width, so |A x| grows with sqrt(in · sparsity), and
+  in = 128 here.
 
 Taken from its peft fork (peft/src/peft/tuners/lora/layer.py, what finetune.py trains): the
 top-k is of y + d, signed, and only y (not d) reaches B; its standalone flylora.py takes |y + d|
@@ -50,6 +58,7 @@ from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method
 
 RANK, TOP_K = 32, 8  # the paper's main setting, flylora.py's defaults
+ALPHA = 2 * RANK  # alpha / r = 2, as LoRA r=8 with the tiny profile's alpha 16
 BIAS_U = 0.01  # the code's bias_u
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -187,4 +196,4 @@ METHOD = Method(
     name="flylora", description="FlyLoRA: frozen sparse random A, top-k of A x (+ balancing "
     "bias) per token, only B trains", adapt=_adapt, save=save_flylora, load=load_flylora,
     merge=None, check=_check, active_parameters=active_parameters,
-    adapter_defaults={"rank": RANK, "top_k": TOP_K})
+    adapter_defaults={"rank": RANK, "top_k": TOP_K, "alpha": ALPHA})
