@@ -463,6 +463,55 @@ def test_flylora_scores_above_the_base_on_general_at_the_tables_settings(tmp_pat
     assert scores["flylora"] >= scores["base"] + 5, scores
 
 
+class Killed(Exception):
+    """Stands in for a SIGKILL between two checkpoints (tests/test_reliability.py sends real ones
+    through the CLI, for LoRA)."""
+
+
+def test_flylora_resumed_training_restores_a_and_d_exactly(tmp_path: Path) -> None:
+    """The frozen A and the balancing d are buffers, not trained parameters: the checkpoint must
+    still hold them, or a resumed run would go on with d = 0 (and another A, were the adapter
+    drawn differently). Killed after step 5 of 6, resumed from the checkpoint at step 3, it ends
+    where an uninterrupted run ends, bit for bit."""
+    from dataclasses import replace
+
+    from hydrabench.data.corpora import load_corpus
+    from hydrabench.methods.flylora import flylora_layers
+    from hydrabench.training.loop import train
+
+    spec = resolve_spec("flylora", "general")
+    settings = replace(spec.train, max_steps=6, checkpoint_every=3)
+    records = load_corpus(spec.corpus)[:48]
+
+    def fit(seed: int, checkpoint: Path, kill_at: int | None = None) -> torch.nn.Module:
+        def step_callback(model: torch.nn.Module, step: int) -> None:
+            if step == kill_at:
+                raise Killed
+
+        model, tokenizer = flylora_to_train(spec, records, seed)
+        train(model, tokenizer, records, settings, seed=spec.seed, template=spec.prompt_template,
+              checkpoint_path=checkpoint, step_callback=step_callback)
+        return model
+
+    def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {f"{path}.{name}": getattr(layer, name).detach().clone()
+                for path, layer in flylora_layers(model).items()
+                for name in ("lora_A", "expert_bias", "lora_B")}
+
+    reference = state(fit(spec.seed, tmp_path / "reference.pt"))
+    checkpoint = tmp_path / "killed.pt"
+    with pytest.raises(Killed):
+        fit(spec.seed, checkpoint, kill_at=4)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 3
+    # Resumed onto an adapter drawn from another seed: A and d can only come from the checkpoint.
+    resumed = state(fit(spec.seed + 1, checkpoint))
+    assert any(key.endswith("expert_bias") and value.abs().sum() > 0
+               for key, value in reference.items())  # d moved while training
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(resumed[key], value), key
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--sparsity", "0"], "sparsity must be in (0, 1], got 0.0"),
     (["--sparsity", "1.5"], "sparsity must be in (0, 1], got 1.5"),
