@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,3 +145,20 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=True)
+
+
+def started_since(children_before: set[int]) -> list[psutil.Process]:
+    """The processes below the children of this one that were not among `children_before` (the
+    pids of its children when a test began): what the test started, not what an earlier test in
+    this pytest process left running (a worker runs many files)."""
+    found = []
+    for child in psutil.Process().children():
+        if child.pid not in children_before:
+            with contextlib.suppress(psutil.Error):
+                found += [child, *child.children(recursive=True)]
+    return found
+
+
+def children_now() -> set[int]:
+    """The pids of this process's children, for started_since."""
+    return {child.pid for child in psutil.Process().children()}

@@ -22,6 +22,17 @@ def make(target: str, tmp_path: Path, *variables: str) -> subprocess.CompletedPr
                           env=env, capture_output=True, text=True, timeout=1800)
 
 
+def dry_run(target: str, *variables: str) -> str:
+    """What `make -n target` prints, as a user's shell runs it: not under this suite's own make
+    (whose MAKEFLAGS and MAKELEVEL would add "Entering directory" lines) nor its SEEDS."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SEEDS")}
+    run = subprocess.run(["make", "-n", target, *variables], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
 @pytest.mark.slow
 def test_make_reproduce_table1_writes_every_row_and_reuses_its_records(tmp_path: Path) -> None:
     first = make("reproduce-table1", tmp_path)
@@ -43,29 +54,19 @@ def test_make_reproduce_table1_writes_every_row_and_reuses_its_records(tmp_path:
 
 
 def test_make_reproduce_passes_the_seeds_on() -> None:
-    dry = subprocess.run(["make", "-n", "reproduce-table1", "SEEDS=0,1,2"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
-    assert dry.returncode == 0, dry.stderr
-    assert "reproduce table1 --profile tiny --seeds 0,1,2" in dry.stdout
+    assert "reproduce table1 --profile tiny --seeds 0,1,2" in dry_run("reproduce-table1",
+                                                                      "SEEDS=0,1,2")
 
 
 def test_make_reproduce_claims_runs_the_claims_on_three_seeds() -> None:
-    dry = subprocess.run(["make", "-n", "reproduce-claims"], cwd=REPO, capture_output=True,
-                         text=True, timeout=60)
-    assert dry.returncode == 0, dry.stderr
-    assert "hydrabench claims --profile tiny --seeds 0,1,2" in dry.stdout
+    assert "hydrabench claims --profile tiny --seeds 0,1,2" in dry_run("reproduce-claims")
 
 
 def test_make_reproduce_successors_takes_the_tables_seeds_unless_given() -> None:
     """The table spec's seeds (0, 1, 2) by default, not SEEDS's default of one seed."""
-    env = {k: v for k, v in os.environ.items() if k != "SEEDS"}
-
     def dry(*variables: str) -> list[str]:
         """The hydrabench command's arguments the target runs."""
-        run = subprocess.run(["make", "-n", "reproduce-successors", *variables], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=60)
-        assert run.returncode == 0, run.stderr
-        return run.stdout.splitlines()[-1].split()[1:]
+        return dry_run("reproduce-successors", *variables).splitlines()[-1].split()[1:]
 
     table = ["reproduce", "successors", "--profile", "tiny"]
     assert dry() == table

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import children_now, started_since
 
 from hydrabench import code_eval
 from hydrabench.evaluation import sandbox
@@ -42,26 +43,31 @@ def opted_in(monkeypatch):
 
 def run_watched(code: str, **kwargs) -> tuple[sandbox.SandboxResult, float, set[psutil.Process]]:
     """run_program, its wall time, and every process it started (sampled while it ran)."""
-    results, seen = [], set()
+    results, seen, before = [], set(), children_now()
     worker = threading.Thread(target=lambda: results.append(sandbox.run_program(code, **kwargs)))
     start = time.monotonic()
     worker.start()
     while worker.is_alive():
-        seen.update(psutil.Process().children(recursive=True))
+        seen.update(started_since(before))
         time.sleep(0.02)
     return results[0], time.monotonic() - start, seen
 
 
-def running(procs: set[psutil.Process]) -> list[psutil.Process]:
-    """The processes still running; a zombie is dead, waiting only for its parent to reap it."""
-    alive = []
-    for proc in procs:
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+def running(procs: set[psutil.Process], settle_s: float = 2.0) -> list[psutil.Process]:
+    """The processes still running after up to `settle_s`: a process killed is dead once its
+    exit is done (a zombie waits only for its parent), which takes a moment on a busy machine."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
 
 
 @needs_walls

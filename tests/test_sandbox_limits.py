@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import children_now, started_since
 
 from hydrabench.evaluation import sandbox
 
@@ -292,11 +293,11 @@ def test_no_tcp_connection_to_itself_pins_kernel_buffers():
     assert outcome_of(program, timeout_s=10.0, memory_mb=MEMORY_MB) == "socket denied: EPERM"
 
 
-def _sandbox_memory(seen: set, peak: list[int]) -> None:
+def _sandbox_memory(seen: set, peak: list[int], children_before: set[int]) -> None:
     """Add the proportional set size (shared pages split between their processes) of every
-    process below this one to `peak`'s running sum, keeping its highest value."""
+    process the test started to `peak`'s running sum, keeping its highest value."""
     total = 0
-    for proc in psutil.Process().children(recursive=True):
+    for proc in started_since(children_before):
         seen.add(proc.pid)
         with contextlib.suppress(psutil.Error):
             total += proc.memory_full_info().pss
@@ -317,12 +318,12 @@ def test_a_fork_bomb_holds_no_more_than_memory_mb_in_total():
         "        time.sleep(60)\n"
         "time.sleep(60)\n"
     )
-    results, seen, peak = [], set(), [0]
+    results, seen, peak, before = [], set(), [0], children_now()
     worker = threading.Thread(target=lambda: results.append(
         sandbox.run_program(program, "pass\n", timeout_s=3.0, memory_mb=MEMORY_MB)))
     worker.start()
     while worker.is_alive():
-        _sandbox_memory(seen, peak)
+        _sandbox_memory(seen, peak, before)
         time.sleep(0.05)
     assert results[0].status == "timeout", results[0].detail
     assert len(seen) >= 4  # the harness saw both sandboxes and the program's processes
