@@ -12,6 +12,7 @@ from hydrabench.paths import (
     data_dir,
     hub_datasets_offline,
     hub_offline,
+    reports_root,
     results_root,
 )
 from hydrabench.records import provenance
@@ -133,6 +134,7 @@ def report() -> list[str]:
         + ("" if not local or local.is_dir() else "  (MISSING)"),
         f"cache dir   {cache_root()}",
         f"results     {results_root().resolve()}",
+        f"reports     {reports_root().resolve()}",
         f"free disk   {free:.1f} GiB",
         f"git         {describe_commit(provenance.git_commit())}",
     ]

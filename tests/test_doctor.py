@@ -2,6 +2,8 @@
 for the build named in one line. No NVIDIA driver exists here: the driver's CUDA version is given
 to the pure functions directly, as NVML would report it."""
 
+from pathlib import Path
+
 import pytest
 
 from hydrabench import doctor
@@ -36,3 +38,13 @@ def test_report_shows_cuda_vllm_and_the_registered_plugin() -> None:
     assert lines["torch cuda"].startswith(("CPU build", "CUDA "))
     assert lines["plugin"].startswith("hydrabench_hydralora, hydrabench 0.")
     assert "driver" in lines and "vllm" in lines
+
+
+def test_report_names_where_results_and_reports_go(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both roots absolute, as set (a relative root depends on the current directory)."""
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "r"))
+    monkeypatch.setenv("HYDRABENCH_REPORTS", "tables")
+    monkeypatch.chdir(tmp_path)
+    lines = {line[:12].strip(): line[12:] for line in doctor.report()}
+    assert (lines["results"], lines["reports"]) == (str(tmp_path / "r"), str(tmp_path / "tables"))

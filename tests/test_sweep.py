@@ -233,6 +233,33 @@ def test_slurm_job_of_two_tasks_is_one_two_process_training(slurm_env: dict[str,
         record["run_id"]: "done"}
 
 
+def test_an_sbatch_that_names_no_job_id_is_one_line_that_says_jobs_may_be_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A site's sbatch wrapper that exits 0 but prints no "job <id>" (submitit then raised a
+    FailedSubmissionError traceback): one line, exit 2, no pointer written, and the job folder
+    kept, since jobs may be queued that need its scripts. The wrapper is a stand-in (a fake):
+    this machine's Slurm always names the job."""
+    from conftest import error_lines
+
+    from hydrabench.cli import main
+
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text("#!/bin/sh\necho 'queued by the site wrapper'\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    assert main(["sweep", "table1", "--executor", "slurm", "--rows", "1", *QUICK]) == 2
+    stderr = capsys.readouterr().err
+    (error,) = error_lines(stderr)
+    assert "sbatch exited 0 but its output named no job id ('queued by the site wrapper')" in error
+    assert "check squeue before sweeping again" in error
+    assert "Traceback" not in stderr
+    (folder,) = (tmp_path / "results" / "slurm").iterdir()
+    assert str(folder) in error and any(folder.iterdir())
+    assert not list((tmp_path / "results").glob("runs/*.slurm.json"))
+
+
 def test_a_job_array_sbatch_refuses_is_one_line_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The real sbatch, through submitit's real SlurmExecutor, given a Slurm configuration it

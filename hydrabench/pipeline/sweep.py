@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.core.utils import FailedJobError, JobPaths
+from submitit.core.utils import FailedJobError, FailedSubmissionError, JobPaths
 
 from hydrabench.atomic import write_json_atomic
 from hydrabench.config.profiles import load_profile
@@ -179,6 +179,12 @@ class Sweep:
             raise SpecError(f"sbatch refused the sweep's job array of {runs}, nothing was "
                             f"submitted: {sbatch_message(err)} (the profile's slurm settings: "
                             f"hydrabench profile show {self.profile})") from None
+        except FailedSubmissionError as err:  # sbatch succeeded, but said no job id
+            output = re.search(r'output "(.*)"', str(err), re.S)
+            said = " ".join(output[1].split()) if output else str(err)
+            raise SpecError(f"sbatch exited 0 but its output named no job id ({said!r}): the "
+                            f"jobs may be queued under ids hydrabench cannot follow; check "
+                            f"squeue before sweeping again (their scripts: {folder})") from None
         for run, job in zip(todo, jobs, strict=True):
             write_json_atomic(pointer_path(self.store, run.spec.run_id), {
                 "job_id": job.job_id, "sweep_id": sweep_id, "folder": str(folder),
