@@ -128,14 +128,19 @@ def auto_backend(method_name: str, model: str, target_modules: tuple[str, ...],
 
 
 def _architectures(model: str) -> list[str]:
-    """The `architectures` of a model's config; none when it cannot be read here."""
+    """The `architectures` of a model's config; none when it cannot be read here. A hub id's
+    config is fetched only where the hub takes a connection (else from the hub cache alone):
+    transformers retries an unreachable hub for ~25 s per read, and a report or a sweep's plan
+    resolves several specs."""
     from transformers import AutoConfig
 
     from hydrabench.models import resolve_model_dir
+    from hydrabench.paths import hub_reachable
 
     directory = resolve_model_dir(model)
     try:
-        config = AutoConfig.from_pretrained(str(directory) if directory else model)
+        config = AutoConfig.from_pretrained(str(directory) if directory else model,
+                                            local_files_only=not directory and not hub_reachable())
     except (OSError, ValueError):
         return []
     return list(config.architectures or [])
