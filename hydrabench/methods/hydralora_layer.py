@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -267,10 +267,11 @@ def router_parameters(model: nn.Module) -> int:
 
 
 @contextmanager
-def base_layers_in_place(model: nn.Module) -> Iterator[None]:
-    """Inside the block each HydraLoRA layer's frozen base linear is back in its place (so
-    ``save_pretrained`` writes the base checkpoint itself); the layers come back afterwards."""
-    layers = hydralora_layers(model)
+def bases_in_place(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Inside the block each of ``layers`` (module path -> a layer wrapping its frozen linear
+    as ``.base``) is that base linear again, so ``save_pretrained`` writes the base checkpoint
+    itself; the layers come back afterwards."""
+    layers = dict(layers)
     for path, layer in layers.items():
         _replace_module(model, path, layer.base)
     try:
@@ -278,6 +279,11 @@ def base_layers_in_place(model: nn.Module) -> Iterator[None]:
     finally:
         for path, layer in layers.items():
             _replace_module(model, path, layer)
+
+
+def base_layers_in_place(model: nn.Module) -> AbstractContextManager[None]:
+    """:func:`bases_in_place` of every HydraLoRA layer."""
+    return bases_in_place(model, hydralora_layers(model))
 
 
 # --------------------------------------------------------------------------- gate recording
@@ -433,8 +439,13 @@ def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_hydralora(model: nn.Module, directory: str | os.PathLike[str]) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` to ``directory``."""
+def save_hydralora(model: nn.Module, directory: str | os.PathLike[str],
+                   extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` to ``directory``.
+
+    ``extra`` adds to (or overrides, e.g. ``method``) the config: a format built on this layer
+    (molora's top_k), read back by its own loader with :func:`load_hydralora_tensors`.
+    """
     config = getattr(model, "hydralora_config", None)
     if config is None:
         raise ValueError("model has no hydralora_config; was apply_hydralora called on it?")
@@ -443,7 +454,7 @@ def save_hydralora(model: nn.Module, directory: str | os.PathLike[str]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model).items()}
     write_bytes_atomic(out / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors))
     full = config.to_dict()
-    meta = {"method": "hydralora", **{k: full[k] for k in _SAVED_FIELDS}}
+    meta = {"method": "hydralora", **{k: full[k] for k in _SAVED_FIELDS}, **(extra or {})}
     write_bytes_atomic(out / ADAPTER_CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
 
 
@@ -453,8 +464,12 @@ def load_hydralora(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Mo
     meta = json.loads((src / ADAPTER_CONFIG_NAME).read_text())
     if meta.get("method") != "hydralora":
         raise ValueError(f"{src / ADAPTER_CONFIG_NAME} is not a HydraLoRA adapter: {meta!r}")
-    apply_hydralora(model, HydraLoraConfig.from_dict(meta))
-    tensors = load_file(str(src / ADAPTER_WEIGHTS_NAME))
+    return load_hydralora_tensors(apply_hydralora(model, HydraLoraConfig.from_dict(meta)), src)
+
+
+def load_hydralora_tensors(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Load the saved tensors strictly into ``model``'s HydraLoRA layers (already applied)."""
+    tensors = load_file(str(Path(directory) / ADAPTER_WEIGHTS_NAME))
     params = _adapter_state(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or unexpected:
@@ -474,9 +489,11 @@ __all__ = [
     "HydraLoraLinear",
     "apply_hydralora",
     "base_layers_in_place",
+    "bases_in_place",
     "hydralora_layers",
     "load_balancing_loss",
     "load_hydralora",
+    "load_hydralora_tensors",
     "mean_router_gates",
     "merge_hydralora",
     "recording_gates",

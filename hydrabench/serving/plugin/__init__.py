@@ -5,7 +5,9 @@ variants of vLLM's own Llama and Qwen2 models (`HydraLoraLlamaForCausalLM`,
 `HydraLoraQwen2ForCausalLM`) that compute, on top of vLLM's parallel linear layers, the project's
 layer (`hydrabench.methods.hydralora_layer.HydraLoraLinear`): shared A or one A per head, router
 logits and softmax in float32 (or the uniform gate), scaling alpha / r. It serves hydralora,
-hydralora-uniform, loramoe and lora-split artifacts.
+hydralora-uniform, loramoe, lora-split and r-lora artifacts (HydraLoRA's format), molora's (that
+layer with the softmax's top k renormalised) and flylora's (r heads of rank 1, no router: the 0/1
+top-k mask of A·x + d); `adapter_terms` reads each format in the plugin's terms.
 
 vLLM calls `register` in every process it starts: the `vllm.general_plugins` entry point in
 pyproject.toml. This module imports nothing from vLLM at import time; the model classes live in
@@ -20,6 +22,7 @@ transformers refuses: hydrabench.models.exports), plus the adapter as the projec
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 # The base model's architecture -> the plugin class that serves it with a HydraLoRA adapter.
@@ -67,11 +70,81 @@ def plugin_architecture(base_architectures: list[str]) -> str:
     return covered[0]
 
 
-def check_adapter_config(config: dict, tensor_parallel_size: int = 1) -> None:
-    """Raise PluginError unless the plugin computes this adapter exactly at this parallelism."""
-    if config.get("method") != "hydralora":
-        raise PluginError(f"not a HydraLoRA adapter config: method {config.get('method')!r}")
-    uncovered = sorted(set(config["target_modules"]) - set(TARGETS))
+@dataclass(frozen=True)
+class AdapterTerms:
+    """An adapter as the plugin computes it, per target module and token::
+
+        y = W x + sum_i (g_i(x) * scaling) B_i A_i x      N heads B_i, each of rank r
+
+    A is shared or one A_i per head; the gate g is `softmax` (of the router's logits, in
+    float32; with `top_k`, its top k renormalised to sum 1), `uniform` (1/N) or `mask` (1 on the
+    `top_k` largest A_i x + d_i, d a saved bias, else 0: FlyLoRA's rank-1 heads)."""
+
+    r: int
+    num_heads: int
+    scaling: float
+    shared_a: bool
+    gate: str
+    top_k: int | None
+    target_modules: tuple[str, ...]
+
+
+# adapter_config.json's `method` -> how the plugin reads it. "hydralora": HydraLoRA's layer
+# (hydralora, hydralora-uniform, loramoe, lora-split, r-lora); "molora": that layer plus top_k;
+# "flylora": FlyLoRA's layer.
+ADAPTER_FORMATS = ("hydralora", "molora", "flylora")
+GATES = ("softmax", "uniform", "mask")
+
+
+def adapter_terms(config: dict) -> AdapterTerms:
+    """The plugin's terms of a saved adapter config; PluginError for one it cannot compute."""
+    method = config.get("method")
+    if method not in ADAPTER_FORMATS:
+        raise PluginError(f"not an adapter config hydrabench's vLLM plugin reads: method "
+                          f"{method!r} (it reads {', '.join(ADAPTER_FORMATS)})")
+    try:
+        if method == "flylora":  # r rank-1 heads: A's rows are the heads, B's columns theirs
+            terms = AdapterTerms(r=1, num_heads=int(config["r"]),
+                                 scaling=config["alpha"] / config["r"], shared_a=False,
+                                 gate="mask", top_k=int(config["k"]),
+                                 target_modules=tuple(config["target_modules"]))
+        else:
+            top_k = config.get("top_k")
+            terms = AdapterTerms(r=int(config["r"]), num_heads=int(config["num_heads"]),
+                                 scaling=config["alpha"] / config["r"],
+                                 shared_a=bool(config["shared_a"]), gate=config["gate"],
+                                 top_k=None if top_k is None else int(top_k),
+                                 target_modules=tuple(config["target_modules"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+        raise PluginError(f"{method} adapter config: {type(err).__name__}: {err}") from None
+    problems = []
+    if terms.r < 1 or terms.num_heads < 1:
+        problems.append(f"r and heads must be >= 1 (got {terms.r}, {terms.num_heads})")
+    if terms.gate not in GATES or (method != "flylora" and terms.gate == "mask"):
+        problems.append(f"gate {terms.gate!r}")
+    if terms.top_k is not None and not 1 <= terms.top_k <= terms.num_heads:
+        problems.append(f"top_k {terms.top_k} outside [1, {terms.num_heads}]")
+    if terms.top_k is not None and method == "hydralora":  # hf would load it dense
+        problems.append("top_k in HydraLoRA's format (molora's holds it)")
+    if terms.top_k is not None and terms.gate == "uniform":
+        problems.append("top_k with the uniform gate")
+    if problems:
+        raise PluginError(f"{method} adapter config not served by hydrabench's vLLM plugin: "
+                          f"{'; '.join(problems)}")
+    return terms
+
+
+def check_adapter_config(config: dict, tensor_parallel_size: int = 1) -> AdapterTerms:
+    """The adapter's terms; PluginError unless the plugin computes it exactly at this
+    parallelism."""
+    terms = adapter_terms(config)
+    _check_targets(terms.target_modules, tensor_parallel_size)
+    return terms
+
+
+def _check_targets(target_modules: tuple[str, ...] | list[str],
+                   tensor_parallel_size: int) -> None:
+    uncovered = sorted(set(target_modules) - set(TARGETS))
     if uncovered:
         raise PluginError(f"target module(s) {', '.join(uncovered)} are not covered by "
                           f"hydrabench's vLLM plugin (it covers {', '.join(TARGETS)}); "
@@ -88,8 +161,7 @@ def check_covered(base_architectures: list[str], target_modules: list[str] | tup
     """Raise PluginError unless the plugin serves adapters on these targets of this base
     architecture exactly at this parallelism."""
     plugin_architecture(base_architectures)
-    check_adapter_config({"method": "hydralora", "target_modules": list(target_modules)},
-                         tensor_parallel_size)
+    _check_targets(target_modules, tensor_parallel_size)
 
 
 def read_adapter_config(model_dir: Path) -> dict:

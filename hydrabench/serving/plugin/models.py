@@ -5,11 +5,15 @@ classes. Per token and per target module the update is that of `HydraLoraLinear.
 
     y = W x + sum_i (g_i(x) * alpha / r) B_i A_i x,    g = softmax(R x) in float32, or 1/N
 
+or of the layers read in those terms (`AdapterTerms`): molora's `MoLoraLinear` (the softmax's
+top k, renormalised) and flylora's `FlyLoraLinear` (r heads of rank 1, g = the 0/1 mask of the
+top k of A x + d).
+
 Tensor parallelism: A and the router are replicated and B is sharded like the base layer's
 output (column-parallel qkv_proj, gate_up_proj). A row-parallel layer (o_proj, down_proj) sees only
 its slice of x's features, so A and the router hold the matching columns, and the partial A·x and
-router logits are all-reduced (in float32) before the softmax; B is then whole on every rank and
-the update is added after the base layer's own all-reduce.
+router logits are all-reduced (in float32) before the softmax (or FlyLoRA's top-k); B is then
+whole on every rank and the update is added after the base layer's own all-reduce.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from vllm.model_executor.models.utils import AutoWeightsLoader
 from hydrabench.serving.plugin import (
     ADAPTER_DIR,
     TARGETS,
+    AdapterTerms,
     PluginError,
     check_adapter_config,
     read_adapter_config,
@@ -49,33 +54,46 @@ class HydraLoraAdapter(nn.Module):
     """One target module's adapter, this rank's share of it.
 
     `lora_B` is [out, N*r]: the N heads' B_i side by side (HydraLoraLinear's `b_cat`), its rows
-    this rank's rows of the target's output.
+    this rank's rows of the target's output. `router` [N, in] for the softmax gate, `expert_bias`
+    [N] (FlyLoRA's d) for the mask gate.
     """
 
-    def __init__(self, config: dict, in_features: int, out_features: int,
+    def __init__(self, terms: AdapterTerms, in_features: int, out_features: int,
                  dtype: torch.dtype) -> None:
         super().__init__()
-        self.r, self.num_heads = config["r"], config["num_heads"]
-        self.scaling = config["alpha"] / config["r"]
-        a_rows = self.r if config["shared_a"] else self.num_heads * self.r
+        self.r, self.num_heads, self.scaling = terms.r, terms.num_heads, terms.scaling
+        self.gate, self.top_k = terms.gate, terms.top_k
+        a_rows = self.r if terms.shared_a else self.num_heads * self.r
 
         def frozen(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
         self.lora_A = frozen(a_rows, in_features)
         self.lora_B = frozen(out_features, self.num_heads * self.r)
-        self.router = frozen(self.num_heads, in_features) if config["gate"] == "softmax" else None
+        self.router = frozen(self.num_heads, in_features) if self.gate == "softmax" else None
+        self.expert_bias = frozen(self.num_heads) if self.gate == "mask" else None
+
+    def head_weights(self, low_rank: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        """The float32 gate g [..., N] from A·x ([..., N or 1, r]) and the router logits, in
+        the hf layers' own order of operations."""
+        if self.gate == "uniform":
+            return low_rank.new_full((*low_rank.shape[:-2], self.num_heads),
+                                     1.0 / self.num_heads, dtype=torch.float32)
+        if self.gate == "mask":  # FlyLoRA.chosen: top-k of A x + d in A's dtype, weight 1 each
+            scores = low_rank.squeeze(-1) + self.expert_bias
+            chosen = scores.topk(self.top_k, dim=-1).indices
+            return torch.zeros_like(scores, dtype=torch.float32).scatter(-1, chosen, 1.0)
+        probs = torch.softmax(logits, dim=-1)
+        if self.top_k is None:
+            return probs
+        top, chosen = probs.topk(self.top_k, dim=-1)  # MoLoraLinear.compute_gate
+        return torch.zeros_like(probs).scatter(-1, chosen, top / top.sum(-1, keepdim=True))
 
     def update(self, low_rank: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
         """sum_i (g_i * scaling) B_i (A_i x) from A·x ([..., r] or [..., N*r]) and the float32
-        router logits (None: the uniform gate)."""
+        router logits (None: no router)."""
         low_rank = low_rank.unflatten(-1, (-1, self.r))
-        if logits is None:
-            gate = low_rank.new_full((*low_rank.shape[:-2], self.num_heads), 1.0 / self.num_heads,
-                                     dtype=torch.float32)
-        else:
-            gate = torch.softmax(logits, dim=-1)
-        weights = (gate * self.scaling).to(low_rank.dtype)
+        weights = (self.head_weights(low_rank, logits) * self.scaling).to(low_rank.dtype)
         return F.linear((weights.unsqueeze(-1) * low_rank).flatten(-2), self.lora_B)
 
 
@@ -83,7 +101,7 @@ class HydraLoraParallelLinear(nn.Module):
     """A vLLM parallel linear layer plus the HydraLoRA update of each target module it holds,
     each added to its slice of the (possibly fused) output."""
 
-    def __init__(self, base: LinearBase, targets: dict[str, int | None], config: dict,
+    def __init__(self, base: LinearBase, targets: dict[str, int | None], terms: AdapterTerms,
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.base = base
@@ -119,7 +137,7 @@ class HydraLoraParallelLinear(nn.Module):
             if name is not None:
                 self.target_rows[name] = (first_row, size)
         self.adapters = nn.ModuleDict({
-            name: HydraLoraAdapter(config, in_features, self.target_rows[name][1], dtype)
+            name: HydraLoraAdapter(terms, in_features, self.target_rows[name][1], dtype)
             for name in targets})
         # A row-parallel layer's A·x and logits are partial sums over the ranks' input slices.
         self.reduce_partials = self.row_parallel and tp_size > 1
@@ -162,40 +180,57 @@ class HydraLoraParallelLinear(nn.Module):
         return {f"base.{name}" for name in names}
 
     @torch.no_grad()
-    def load_adapter(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                     router: torch.Tensor | None, source: str) -> None:
-        """Copy this rank's share of one target's saved tensors (HydraLoraLinear's layout:
-        lora_A [a_rows, in], lora_B [N, out, r], router [N, in])."""
+    def load_adapter(self, name: str, saved: dict[str, torch.Tensor], source: str) -> None:
+        """Copy this rank's share of one target's tensors in the plugin's layout (`plugin_layout`:
+        lora_A [a_rows, in], lora_B [out, N*r], router [N, in], expert_bias [N])."""
         adapter = self.adapters[name]
-        if lora_b.dim() != 3:
-            raise PluginError(f"{source}.lora_B: expected [heads, out, r], got "
-                              f"{tuple(lora_b.shape)}")
-        heads, out_full, r = lora_b.shape
-        b_cat = lora_b.permute(1, 0, 2).reshape(out_full, heads * r)
         first_row, rows = self.target_rows[name]
         start, columns = self.input_columns
-        shares = {"lora_A": (adapter.lora_A, lora_a), "lora_B": (adapter.lora_B, b_cat),
-                  "router": (adapter.router, router)}
-        for key, (param, saved) in shares.items():
-            if (param is None) != (saved is None):
+        for key in ("lora_A", "lora_B", "router", "expert_bias"):
+            param, tensor = getattr(adapter, key), saved.get(key)
+            if (param is None) != (tensor is None):
                 raise PluginError(f"{source}.{key}: the adapter config's gate does not match "
                                   f"its tensors")
             if param is None:
                 continue
-            try:
-                saved = (saved.narrow(0, first_row, rows) if key == "lora_B"
-                         else saved.narrow(1, start, columns))
+            try:  # d is added after A·x is whole: every rank holds all of it
+                tensor = (tensor.narrow(0, first_row, rows) if key == "lora_B" else tensor
+                          if key == "expert_bias" else tensor.narrow(1, start, columns))
             except (RuntimeError, IndexError):
-                saved = None
-            if saved is None or saved.shape != param.shape:
+                tensor = None
+            if tensor is None or tensor.shape != param.shape:
                 raise PluginError(f"{source}.{key}: the saved tensor does not fit this model "
                                   f"(its share here is {tuple(param.shape)})")
-            param.copy_(saved)
+            param.copy_(tensor)
+
+
+def plugin_layout(method: str, tensors: dict[str, torch.Tensor],
+                  source: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """(one target's tensors in the plugin's layout, the saved keys read) from an adapter as its
+    method saved it; `source` is the target's HF module path."""
+    if method == "flylora":  # FlyLoraLinear: A [r, in], B [out, r] (already b_cat), d [r]
+        keys = {"lora_A": f"{source}.lora_A", "lora_B": f"{source}.lora_B",
+                "expert_bias": f"{source}.expert_bias"}
+    else:  # HydraLoraLinear (molora's too): B [N, out, r]
+        keys = {"lora_A": f"{source}.lora_A.weight", "lora_B": f"{source}.lora_B",
+                "router": f"{source}.router.weight"}
+    missing = [key for key in ("lora_A", "lora_B") if keys[key] not in tensors]
+    if missing:
+        raise PluginError(f"the adapter has no {keys[missing[0]]}")
+    saved = {key: tensors[k] for key, k in keys.items() if k in tensors}
+    if method != "flylora":
+        lora_b = saved["lora_B"]
+        if lora_b.dim() != 3:
+            raise PluginError(f"{source}.lora_B: expected [heads, out, r], got "
+                              f"{tuple(lora_b.shape)}")
+        heads, out_full, r = lora_b.shape
+        saved["lora_B"] = lora_b.permute(1, 0, 2).reshape(out_full, heads * r)
+    return saved, {keys[key] for key in saved}
 
 
 class HydraLoraMixin:
     """Wraps the model's target layers after vLLM built it; loads the adapter after the base
-    weights. The adapter is read from `<model dir>/hydralora/` as `save_hydralora` wrote it."""
+    weights. The adapter is read from `<model dir>/hydralora/` as its method saved it."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
@@ -203,16 +238,17 @@ class HydraLoraMixin:
             raise PluginError("hydrabench's vLLM plugin does not support pipeline parallelism")
         self.adapter_dir = Path(vllm_config.model_config.model) / ADAPTER_DIR
         config = read_adapter_config(Path(vllm_config.model_config.model))
-        check_adapter_config(config, get_tensor_model_parallel_world_size())
+        terms = check_adapter_config(config, get_tensor_model_parallel_world_size())
+        self.adapter_format = config["method"]
         fused: dict[str, dict[str, int | None]] = {}
-        for target in config["target_modules"]:
+        for target in terms.target_modules:
             layer, shard = TARGETS[target]
             fused.setdefault(layer, {})[target] = shard
         for path, module in list(self.named_modules()):
             parent, _, child = path.rpartition(".")
             if child in fused and isinstance(module, LinearBase):
                 setattr(self.get_submodule(parent), child, HydraLoraParallelLinear(
-                    module, fused[child], config, vllm_config.model_config.dtype))
+                    module, fused[child], terms, vllm_config.model_config.dtype))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         loaded = super().load_weights(weights)
@@ -228,14 +264,12 @@ class HydraLoraMixin:
             parent = layer_path.rpartition(".")[0]
             for name in layer.adapters:
                 source = f"{parent}.{name}"  # the HF module path the adapter was saved under
-                keys = {"lora_A": f"{source}.lora_A.weight", "lora_B": f"{source}.lora_B",
-                        "router": f"{source}.router.weight"}
-                missing = [k for k in ("lora_A", "lora_B") if keys[k] not in tensors]
-                if missing:
-                    raise PluginError(f"{path} has no {keys[missing[0]]}")
-                layer.load_adapter(name, tensors[keys["lora_A"]], tensors[keys["lora_B"]],
-                                   tensors.get(keys["router"]), source)
-                used |= {key for key in keys.values() if key in tensors}
+                try:
+                    saved, keys = plugin_layout(self.adapter_format, tensors, source)
+                except PluginError as err:
+                    raise PluginError(f"{path}: {err}") from None
+                layer.load_adapter(name, saved, source)
+                used |= keys
                 loaded |= {f"{layer_path}.adapters.{name}.{p}"
                            for p, _ in layer.adapters[name].named_parameters()}
         unexpected = sorted(set(tensors) - used)
