@@ -52,8 +52,8 @@ def test_ids_of_existing_specs_do_not_move(method: str, run_id: str, train_id: s
 
 
 # method -> (mergeable, served unmerged by hydrabench's vLLM plugin)
-SERVING = {"moslora": (True, False), "molora": (False, False),
-           "r-lora": (False, True), "flylora": (False, False)}
+SERVING = {"moslora": (True, False), "molora": (False, True),
+           "r-lora": (False, True), "flylora": (False, True)}
 
 
 @pytest.mark.parametrize("name", sorted(SERVING))
@@ -247,6 +247,29 @@ def test_molora_save_load_keeps_the_experts_and_top_k(tmp_path: Path) -> None:
     ids = tokens()
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_molora_artifact_of_the_earlier_format_still_loads(tmp_path: Path) -> None:
+    """Before the plugin served molora its artifact was plain HydraLoRA's (method hydralora)
+    with top_k in molora.json beside it; such an artifact loads as the same top-k model."""
+    import json
+
+    from hydrabench.methods.hydralora_layer import save_hydralora
+    from hydrabench.methods.molora import molora_layers
+
+    model, _ = molora_model(4, 1)
+    save_hydralora(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / "molora.json").write_text(json.dumps({"top_k": 1}) + "\n")
+    loaded = get_method("molora").load(fresh_model(), tmp_path / "adapter").eval()
+    assert {m.top_k for m in molora_layers(loaded).values()} == {1}
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # The current format: top_k in adapter_config.json, no file beside it.
+    get_method("molora").save(model, tmp_path / "now")
+    saved = json.loads((tmp_path / "now" / "adapter_config.json").read_text())
+    assert (saved["method"], saved["top_k"]) == ("molora", 1)
+    assert not (tmp_path / "now" / "molora.json").exists()
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_refused_in_one_line, error_lines, too_few_gpus
 from test_vllm_backend import assert_same_scores, hydrabench, vllm_available
 
 from hydrabench.cli import main
+from hydrabench.methods import get_method
 from hydrabench.methods.hydralora import METHOD
 from hydrabench.methods.hydralora_layer import (
     HydraLoraConfig,
@@ -42,6 +44,7 @@ from hydrabench.serving.plugin import (
     ADAPTER_DIR,
     PLUGIN_ARCHITECTURES,
     PluginError,
+    check_adapter_config,
     check_covered,
 )
 
@@ -118,11 +121,14 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["loramoe", "lora-split", "hydralora-uniform"])
+@pytest.mark.parametrize("method", ["loramoe", "lora-split", "hydralora-uniform", "r-lora",
+                                    "molora", "flylora"])
 def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
         vllm_available: None, method: str, tmp_path: Path) -> None:
     """One A per expert (LoRAMoE in the FFN, LoRA-Split at the profile's q/v), the uniform gate
-    (no router): `eval --run RUN --backend vllm` scores the finished hf run's adapter through the
+    (no router), R-LoRA's random heads, MoLoRA's top-2 of 4 experts renormalised, FlyLoRA's top-8
+    mask of 32 rank-1 heads (A·x + d: on trained float data no ties, so hf and vLLM pick the
+    same): `eval --run RUN --backend vllm` scores the finished hf run's adapter through the
     plugin, as hf does."""
     store = RunStore(tmp_path / "results")
     hf_record = execute(resolve_spec(method, TASK, overrides=overrides()), store=store)
@@ -297,3 +303,100 @@ def test_plain_transformers_refuses_an_export_rather_than_drop_its_adapter(
            "`hydrabench_hydralora_llama`" in result.stderr
     loaded = load_base_or_export(str(export)).model
     assert type(loaded).__name__ == "LlamaForCausalLM" and set(hydralora_layers(loaded))
+
+
+# -- the top-k methods (molora, flylora) in the plugin's terms, without an engine --------------
+
+
+def adapted(method: str) -> tuple[torch.nn.Module, object]:
+    """(the tiny model adapted by `method`, its tokenizer), with random B heads (and router,
+    FlyLoRA's d) so that the top-k choice matters; in eval mode (no dropout, d stays)."""
+    base = load_base_model("builtin:tiny")
+    adapter = {"num_heads": 4, "top_k": 2} if method == "molora" else {"rank": 6, "top_k": 2}
+    spec = resolve_spec(method, "medical", overrides={"adapter": adapter})
+    model = get_method(method).adapt(base.model, spec, []).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if any(key in name for key in ("lora_B", "router", "expert_bias")):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    return model, base.tokenizer
+
+
+@pytest.mark.parametrize("method", ["molora", "flylora"])
+def test_plugin_adapter_update_is_the_hf_layers_delta(vllm_available: None, method: str,
+                                                      tmp_path: Path) -> None:
+    """The plugin's adapter (HydraLoraAdapter, its tensors read from the saved artifact by
+    plugin_layout) adds what the hf layer adds, per token; the gate keeps k heads of each."""
+    from safetensors.torch import load_file
+
+    from hydrabench.serving.plugin.models import HydraLoraAdapter, plugin_layout
+
+    model, _ = adapted(method)
+    get_method(method).save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["method"] == method
+    terms = check_adapter_config(config)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    layers = {path: m for path, m in model.named_modules() if hasattr(m, "lora_B")}
+    used = set()
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(2))
+    for path, layer in layers.items():
+        adapter = HydraLoraAdapter(terms, layer.base.in_features, layer.base.out_features,
+                                   torch.float32)
+        saved, keys = plugin_layout(method, tensors, path)
+        used |= keys
+        with torch.no_grad():
+            for key, tensor in saved.items():
+                getattr(adapter, key).copy_(tensor)
+            low_rank = F.linear(x, adapter.lora_A)  # tensor parallelism 1: no partial sums
+            logits = None if adapter.router is None else F.linear(x, adapter.router)
+            gate = adapter.head_weights(low_rank.unflatten(-1, (-1, adapter.r)), logits)
+            assert (gate > 0).sum(-1).eq(2).all() and gate.sum(-1).gt(0.99).all()
+            assert torch.allclose(adapter.update(low_rank, logits), layer(x) - layer.base(x),
+                                  atol=1e-6, rtol=1e-5)
+    assert used == set(tensors)  # every saved tensor has its place
+
+
+@pytest.mark.parametrize("method", ["molora", "flylora"])
+def test_top_k_export_loads_as_the_run_model(method: str, tmp_path: Path) -> None:
+    """The plugin export of a top-k method: base checkpoint plus the method's own adapter,
+    which hf loads back as that method (not as dense HydraLoRA)."""
+    model, tokenizer = adapted(method)
+    save_plugin_checkpoint(get_method(method), model, tokenizer, tmp_path / "export", "hand")
+    assert json.loads((tmp_path / "export" / ADAPTER_DIR / "adapter_config.json").read_text())[
+        "method"] == method
+    exported = load_base_or_export(str(tmp_path / "export")).model
+    ids = tokenizer("Question: what is the capital?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, model(ids).logits)
+
+
+GOOD = {"method": "molora", "r": 8, "num_heads": 4, "alpha": 16, "shared_a": False,
+        "gate": "softmax", "top_k": 2, "target_modules": ["q_proj"]}
+FLY = {"method": "flylora", "r": 32, "k": 8, "alpha": 64, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({**GOOD, "method": "lora"}, "not an adapter config hydrabench's vLLM plugin reads"),
+    ({**GOOD, "top_k": 5}, r"top_k 5 outside \[1, 4\]"),
+    ({**GOOD, "top_k": 0}, r"top_k 0 outside"),
+    ({**GOOD, "gate": "uniform"}, "top_k with the uniform gate"),
+    ({**GOOD, "method": "hydralora", "gate": "mask"}, "gate 'mask'"),
+    ({**GOOD, "method": "hydralora"}, "top_k in HydraLoRA's format"),
+    ({key: v for key, v in FLY.items() if key != "k"}, "KeyError"),
+    ({**FLY, "k": 33}, r"top_k 33 outside \[1, 32\]"),
+])
+def test_adapter_config_the_plugin_cannot_compute_is_refused(config: dict,
+                                                             message: str) -> None:
+    with pytest.raises(PluginError, match=message):
+        check_adapter_config(config)
+
+
+def test_top_k_adapter_configs_in_the_plugins_terms() -> None:
+    molora, fly = check_adapter_config(GOOD), check_adapter_config(FLY)
+    assert (molora.gate, molora.top_k, molora.r, molora.num_heads) == ("softmax", 2, 8, 4)
+    assert (fly.gate, fly.top_k, fly.r, fly.num_heads, fly.scaling) == ("mask", 8, 1, 32, 2.0)
+    dense = {key: v for key, v in GOOD.items() if key != "top_k"}
+    assert check_adapter_config({**dense, "method": "hydralora"}).top_k is None
+    assert check_adapter_config(dense).top_k is None  # molora's top_k absent: the dense gate

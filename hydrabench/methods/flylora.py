@@ -34,14 +34,16 @@ token's forward uses of it, are B's k chosen columns (out · k), the record's
 `percent_param_active`. The frozen sparse A (r · in · sparsity non-zero entries per layer, k · in
 at the default sparsity) is counted in neither: it is not trained (it is saved, as it is random).
 
-Merge status: none (the top-k mask depends on every token). Served by hf only: hydrabench's vLLM
-plugin serves HydraLoRA's layer, not this one.
+Merge status: none (the top-k mask depends on every token). Served unmerged by hydrabench's vLLM
+plugin, which reads this adapter as r heads of rank 1 (A's rows, B's columns) gated by the 0/1
+top-k mask of A x + d, exactly as hf.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +58,7 @@ from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method
+from hydrabench.methods.hydralora_layer import bases_in_place
 
 RANK, TOP_K = 32, 8  # the paper's main setting, flylora.py's defaults
 ALPHA = 2 * RANK  # alpha / r = 2, as LoRA r=8 with the tiny profile's alpha 16
@@ -120,6 +123,12 @@ class FlyLoraLinear(nn.Module):
 
 def flylora_layers(model: nn.Module) -> dict[str, FlyLoraLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FlyLoraLinear)}
+
+
+def base_layers_in_place(model: nn.Module) -> AbstractContextManager[None]:
+    """Inside the block every FlyLoRA layer is its frozen base linear again (the plugin's export
+    saves the base checkpoint so)."""
+    return bases_in_place(model, flylora_layers(model))
 
 
 def apply_flylora(model: nn.Module, config: FlyLoraConfig) -> nn.Module:
@@ -196,4 +205,5 @@ METHOD = Method(
     name="flylora", description="FlyLoRA: frozen sparse random A, top-k of A x (+ balancing "
     "bias) per token, only B trains", adapt=_adapt, save=save_flylora, load=load_flylora,
     merge=None, check=_check, active_parameters=active_parameters,
+    base_layers_in_place=base_layers_in_place,
     adapter_defaults={"rank": RANK, "top_k": TOP_K, "alpha": ALPHA})

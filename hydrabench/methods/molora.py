@@ -27,8 +27,12 @@ layer; the router, N · in, reported apart as for HydraLoRA); the activated para
 token's forward uses, are k of the N experts (k · r (in + out)), the record's
 `percent_param_active`.
 
-Merge status: none (the gate depends on every token). Served by hf only: hydrabench's vLLM
-plugin serves HydraLoRA's dense gate, not this top-k one.
+Saved as HydraLoRA's adapter with `method: molora` and `top_k` in its adapter_config.json
+(artifacts written before that say `method: hydralora` and keep top_k in molora.json beside it;
+both load).
+
+Merge status: none (the gate depends on every token). Served unmerged by hydrabench's vLLM plugin
+(its softmax gate with top_k renormalised), exactly as hf.
 """
 
 from __future__ import annotations
@@ -40,16 +44,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hydrabench.atomic import write_bytes_atomic
 from hydrabench.config.spec import RunSpec
 from hydrabench.data.records import InstructionRecord
 from hydrabench.errors import SpecError
 from hydrabench.methods.api import Method
 from hydrabench.methods.hydralora import HeadedAdapter, auto_head_choice
 from hydrabench.methods.hydralora_layer import (
+    ADAPTER_CONFIG_NAME,
+    HydraLoraConfig,
     HydraLoraLinear,
+    apply_hydralora,
+    base_layers_in_place,
     hydralora_layers,
     load_hydralora,
+    load_hydralora_tensors,
     recording_gates,
     router_parameters,
     save_hydralora,
@@ -59,7 +67,9 @@ from hydrabench.training.loop import LossFn
 TOP_K = 2  # MixLoRA's template
 BALANCE_COEF = 0.01  # MixLoRA's router_aux_loss_coef
 ROUTER_INIT_STD = 0.02  # MixLoRA's router_init_range
-MOLORA_CONFIG = "molora.json"  # beside the HydraLoRA-layer adapter: what that one does not hold
+# Where artifacts written before molora was served by the plugin keep top_k (their
+# adapter_config.json is plain HydraLoRA's); new ones hold it in adapter_config.json.
+LEGACY_MOLORA_CONFIG = "molora.json"
 
 
 class MoLoraLinear(HydraLoraLinear):
@@ -131,15 +141,21 @@ def _adapt(model: nn.Module, spec: RunSpec, records: Sequence[InstructionRecord]
 
 
 def _save(model: nn.Module, directory: Path) -> None:
-    save_hydralora(model, directory)
-    top_k = {layer.top_k for layer in molora_layers(model).values()}
-    write_bytes_atomic(Path(directory) / MOLORA_CONFIG,
-                       (json.dumps({"top_k": top_k.pop()}) + "\n").encode())
+    (top_k,) = {layer.top_k for layer in molora_layers(model).values()}
+    save_hydralora(model, directory, {"method": "molora", "top_k": top_k})
 
 
 def _load(model: nn.Module, directory: Path) -> nn.Module:
-    top_k = json.loads((Path(directory) / MOLORA_CONFIG).read_text())["top_k"]
-    return _to_molora(load_hydralora(model, directory), top_k)
+    meta = json.loads((Path(directory) / ADAPTER_CONFIG_NAME).read_text())
+    if meta.get("method") == "hydralora":  # a legacy artifact: top_k in molora.json
+        top_k = json.loads((Path(directory) / LEGACY_MOLORA_CONFIG).read_text())["top_k"]
+        return _to_molora(load_hydralora(model, directory), top_k)
+    if meta.get("method") != "molora":
+        raise ValueError(f"{Path(directory) / ADAPTER_CONFIG_NAME} is not a MoLoRA adapter: "
+                         f"method {meta.get('method')!r}")
+    config = HydraLoraConfig.from_dict({k: v for k, v in meta.items() if k != "top_k"})
+    return load_hydralora_tensors(_to_molora(apply_hydralora(model, config), meta["top_k"]),
+                                  directory)
 
 
 def active_parameters(model: nn.Module) -> int:
@@ -187,5 +203,5 @@ METHOD = Method(
     name="molora", description="MoLoRA/MixLoRA: N LoRA experts, top-k softmax router "
     "(renormalised), Switch balance loss", adapt=_adapt, save=_save, load=_load, merge=None,
     fit=EXPERTS.fit, loss_fn=balanced_loss, check=_check, router_parameters=router_parameters,
-    active_parameters=active_parameters,
+    active_parameters=active_parameters, base_layers_in_place=base_layers_in_place,
     adapter_defaults={"top_k": TOP_K, "balance_loss_coef": BALANCE_COEF})
