@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lm-eval's --gen_kwargs over each generation task's own, e.g. "
                          "max_gen_toks=128 where a task's budget exceeds the model's context")
     ev.add_argument("--backend", choices=["hf", "vllm"], default=None,
-                    help="hf (default) or vllm (a real server; HydraLoRA-family runs through "
-                         "hydrabench's vLLM plugin)")
+                    help="hf (default) or vllm (a real server; HydraLoRA-family, molora and "
+                         "flylora runs through hydrabench's vLLM plugin)")
 
     export = sub.add_parser("export", help="write a standalone checkpoint of a run for vLLM "
                             "(merged, or base + adapter for hydrabench's plugin)")
@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let transformers run the model repository's own code, for a run "
                         "made with it (off by default; never taken from the record)")
     export.add_argument("--merge", choices=["exact", "uniform", "router-mean"], default=None,
-                        help="exact (default): merged weights, or for HydraLoRA-family methods "
-                             "the base checkpoint + adapter served by hydrabench's vLLM plugin; "
+                        help="exact (default): merged weights, or for the methods without an "
+                             "exact merge (HydraLoRA's family, molora, flylora) the base "
+                             "checkpoint + adapter served by hydrabench's vLLM plugin; "
                              "HydraLoRA's approximate merges: uniform (g = 1/N), router-mean "
                              "(mean gate)")
 

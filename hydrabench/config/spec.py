@@ -158,8 +158,8 @@ def _id_payload(spec_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 # hf: lm-eval's HF backend on the in-memory model; vllm: a merged checkpoint served by vLLM (for
-# HydraLoRA-family methods the adapter, by hydrabench's plugin); auto (profiles only): vllm for
-# the methods vLLM serves exactly on the model, hf for the others.
+# HydraLoRA-family methods, molora and flylora the adapter, by hydrabench's plugin); auto
+# (profiles only): vllm for the methods vLLM serves exactly on the model, hf for the others.
 BACKENDS = ("hf", "vllm", "auto")
 SERVING_MODES = ("merged", "adapters")
 

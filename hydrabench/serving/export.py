@@ -1,12 +1,12 @@
 """`hydrabench export RUN`: a standalone HF checkpoint (safetensors + tokenizer) to serve.
 
 Mergeable methods merge exactly (peft's merge_and_unload, full FT as is). A method the vLLM plugin
-serves (`Method.served_by_plugin`: HydraLoRA's family, whose gate depends on every token, so no
-single merge is exact) is exported exactly (`--merge exact`, the default) as the base checkpoint
-plus the adapter, served per token by hydrabench's vLLM plugin (`hydrabench.serving.plugin`);
-`load_base_or_export` loads it for hf. A method's approximate merges (`Method.approximate_merges`,
-HydraLoRA's `uniform` and `router-mean`) are the other choices of --merge; one calibrated on the
-run's evaluated prompts gives one checkpoint per task.
+serves (`Method.served_by_plugin`: HydraLoRA's family, molora and flylora, whose gate depends on
+every token, so no single merge is exact) is exported exactly (`--merge exact`, the default) as the
+base checkpoint plus the adapter, served per token by hydrabench's vLLM plugin
+(`hydrabench.serving.plugin`); `load_base_or_export` loads it for hf. A method's approximate merges
+(`Method.approximate_merges`, HydraLoRA's `uniform` and `router-mean`) are the other choices of
+--merge; one calibrated on the run's evaluated prompts gives one checkpoint per task.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def check_servable(spec: RunSpec, model: torch.nn.Module) -> None:
 def auto_backend(method_name: str, model: str, target_modules: tuple[str, ...],
                  tensor_parallel_size: int) -> str:
     """Backend `auto`: vllm where it serves the method exactly (merged weights; the plugin for
-    a HydraLoRA-family method on an architecture, targets and parallelism it covers), else hf."""
+    a method it serves on an architecture, targets and parallelism it covers), else hf."""
     from hydrabench.methods import METHODS
 
     method = METHODS.get(method_name)
