@@ -268,6 +268,8 @@ def test_backend_auto_picks_vllm_where_the_plugin_serves_the_method(tmp_path: Pa
     auto = profile_with("eval: {backend: auto}\n")(tmp_path)
     assert resolve_spec("hydralora", "medical", auto).eval.backend == "vllm"
     assert resolve_spec("loramoe", "medical", auto).eval.backend == "vllm"
+    for method in ("r-lora", "molora", "flylora"):  # molora's, flylora's top-k gates too
+        assert resolve_spec(method, "medical", auto).eval.backend == "vllm"
     assert resolve_spec("lora", "medical", auto).eval.backend == "vllm"  # merges exactly
     assert resolve_spec("prompt-tuning", "medical", auto).eval.backend == "hf"
     lm_head = {"adapter": {"target_modules": ["q_proj", "lm_head"]}}

@@ -124,7 +124,7 @@ def adapter_terms(config: dict) -> AdapterTerms:
         problems.append(f"gate {terms.gate!r}")
     if terms.top_k is not None and not 1 <= terms.top_k <= terms.num_heads:
         problems.append(f"top_k {terms.top_k} outside [1, {terms.num_heads}]")
-    if terms.top_k is not None and method == "hydralora":  # hf would load it dense
+    if terms.top_k is not None and method == "hydralora":  # hf loads no top_k from it
         problems.append("top_k in HydraLoRA's format (molora's holds it)")
     if terms.top_k is not None and terms.gate == "uniform":
         problems.append("top_k with the uniform gate")
