@@ -121,6 +121,27 @@ def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(too_few_gpus(2), reason="tensor parallelism 2 on CUDA needs 2 GPUs")
+@pytest.mark.parametrize("method", ["molora", "flylora"])
+def test_top_k_run_with_vllm_backend_is_exact_under_tensor_parallelism(
+        vllm_available: None, method: str, tmp_path: Path) -> None:
+    """The top-k gates at two ranks on every target: taken from the all-reduced A·x and router
+    logits of o/down (row-parallel), FlyLoRA's d replicated, B sharded; the run matches hf."""
+    store = RunStore(tmp_path / "results")
+    hf_record = execute(resolve_spec(method, TASK, overrides=overrides(ALL_TARGETS)),
+                        store=store)
+    served = {**overrides(ALL_TARGETS),
+              "eval": {"limit": LIMIT, "backend": "vllm", "tensor_parallel_size": 2}}
+    record = execute(resolve_spec(method, TASK, overrides=served), store=store)
+    assert record.train_id == hf_record.train_id and record.merge == "exact"
+    run_dir = store.runs / record.run_id
+    log = (run_dir / record.serving["log"]).read_text()
+    assert "HydraLoraLlamaForCausalLM" in log and "world_size=2 rank=1" in log
+    assert_served_exactly(hf_record, store.runs / hf_record.run_id / "lm_eval",
+                          run_dir / "lm_eval")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["loramoe", "lora-split", "hydralora-uniform", "r-lora",
                                     "molora", "flylora"])
 def test_eval_run_with_vllm_backend_scores_a_finished_run_exactly(
