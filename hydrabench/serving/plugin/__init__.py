@@ -98,12 +98,12 @@ GATES = ("softmax", "uniform", "mask")
 
 def adapter_terms(config: dict) -> AdapterTerms:
     """The plugin's terms of a saved adapter config; PluginError for one it cannot compute."""
-    method = config.get("method")
-    if method not in ADAPTER_FORMATS:
+    form = config.get("method")  # the saved format, which several methods share
+    if form not in ADAPTER_FORMATS:
         raise PluginError(f"not an adapter config hydrabench's vLLM plugin reads: method "
-                          f"{method!r} (it reads {', '.join(ADAPTER_FORMATS)})")
+                          f"{form!r} (it reads {', '.join(ADAPTER_FORMATS)})")
     try:
-        if method == "flylora":  # r rank-1 heads: A's rows are the heads, B's columns theirs
+        if form == "flylora":  # r rank-1 heads: A's rows are the heads, B's columns theirs
             terms = AdapterTerms(r=1, num_heads=int(config["r"]),
                                  scaling=config["alpha"] / config["r"], shared_a=False,
                                  gate="mask", top_k=int(config["k"]),
@@ -116,20 +116,20 @@ def adapter_terms(config: dict) -> AdapterTerms:
                                  top_k=None if top_k is None else int(top_k),
                                  target_modules=tuple(config["target_modules"]))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
-        raise PluginError(f"{method} adapter config: {type(err).__name__}: {err}") from None
+        raise PluginError(f"{form} adapter config: {type(err).__name__}: {err}") from None
     problems = []
     if terms.r < 1 or terms.num_heads < 1:
         problems.append(f"r and heads must be >= 1 (got {terms.r}, {terms.num_heads})")
-    if terms.gate not in GATES or (method != "flylora" and terms.gate == "mask"):
+    if terms.gate not in GATES or (form != "flylora" and terms.gate == "mask"):
         problems.append(f"gate {terms.gate!r}")
     if terms.top_k is not None and not 1 <= terms.top_k <= terms.num_heads:
         problems.append(f"top_k {terms.top_k} outside [1, {terms.num_heads}]")
-    if terms.top_k is not None and method == "hydralora":  # hf loads no top_k from it
+    if terms.top_k is not None and form == "hydralora":  # hf loads no top_k from it
         problems.append("top_k in HydraLoRA's format (molora's holds it)")
     if terms.top_k is not None and terms.gate == "uniform":
         problems.append("top_k with the uniform gate")
     if problems:
-        raise PluginError(f"{method} adapter config not served by hydrabench's vLLM plugin: "
+        raise PluginError(f"{form} adapter config not served by hydrabench's vLLM plugin: "
                           f"{'; '.join(problems)}")
     return terms
 

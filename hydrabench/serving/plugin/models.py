@@ -204,11 +204,12 @@ class HydraLoraParallelLinear(nn.Module):
             param.copy_(tensor)
 
 
-def plugin_layout(method: str, tensors: dict[str, torch.Tensor],
+def plugin_layout(form: str, tensors: dict[str, torch.Tensor],
                   source: str) -> tuple[dict[str, torch.Tensor], set[str]]:
-    """(one target's tensors in the plugin's layout, the saved keys read) from an adapter as its
-    method saved it; `source` is the target's HF module path."""
-    if method == "flylora":  # FlyLoraLinear: A [r, in], B [out, r] (already b_cat), d [r]
+    """(one target's tensors in the plugin's layout, the saved keys read) from an adapter saved in
+    `form` (its config's `method`: hydralora, molora or flylora); `source` is the target's HF
+    module path."""
+    if form == "flylora":  # FlyLoraLinear: A [r, in], B [out, r] (already b_cat), d [r]
         keys = {"lora_A": f"{source}.lora_A", "lora_B": f"{source}.lora_B",
                 "expert_bias": f"{source}.expert_bias"}
     else:  # HydraLoraLinear (molora's too): B [N, out, r]
@@ -218,7 +219,7 @@ def plugin_layout(method: str, tensors: dict[str, torch.Tensor],
     if missing:
         raise PluginError(f"the adapter has no {keys[missing[0]]}")
     saved = {key: tensors[k] for key, k in keys.items() if k in tensors}
-    if method != "flylora":
+    if form != "flylora":
         lora_b = saved["lora_B"]
         if lora_b.dim() != 3:
             raise PluginError(f"{source}.lora_B: expected [heads, out, r], got "
