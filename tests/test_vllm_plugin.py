@@ -1,11 +1,12 @@
-"""hydrabench's vLLM plugin against the real vLLM CPU build: HydraLoRA-family runs served exactly.
+"""hydrabench's vLLM plugin against the real vLLM CPU build: HydraLoRA-family, MoLoRA and FlyLoRA
+runs served exactly.
 
-No mocks. Tiny HydraLoRA, LoRAMoE and LoRA-Split runs are trained for a few steps and scored on
-hf (the exact in-memory model); then the same trained adapters are served by a real vLLM engine
-through the plugin (a run with backend vllm; `hydrabench eval --run RUN --backend vllm`, the
-command line a user runs): the run's export scored by lm-eval's in-process vllm in a child
-process. Per answer the loglikelihoods must agree to 1e-4 and greedy generations must match but
-for near ties. An engine start costs about a minute on this machine: each slow test starts
+No mocks. Tiny HydraLoRA, LoRAMoE, LoRA-Split, R-LoRA, MoLoRA and FlyLoRA runs are trained for a few
+steps and scored on hf (the exact in-memory model); then the same trained adapters are served by a
+real vLLM engine through the plugin (a run with backend vllm; `hydrabench eval --run RUN --backend
+vllm`, the command line a user runs): the run's export scored by lm-eval's in-process vllm in a
+child process. Per answer the loglikelihoods must agree to 1e-4 and greedy generations must match
+but for near ties. An engine start costs about a minute on this machine: each slow test starts
 exactly one (the run's own). vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so
 explicitly.
 """
