@@ -119,7 +119,7 @@ def make_method(name: str, description: str, adapter: HeadedAdapter, *,
                 **fields: object) -> Method:
     """A registry entry on HydraLoRA's layer (`fit`: the adapter's unless given); `fields` are
     further `Method` fields."""
-    # No exact merge: served exactly by hf, or by the vLLM plugin (hydrabench/serving_plugin)
+    # No exact merge: served exactly by hf, or by the vLLM plugin (hydrabench/serving/plugin)
     # from the base checkpoint plus the adapter.
     return Method(name=name, description=description, adapt=adapter.adapt, save=save_hydralora,
                   load=load_hydralora, merge=None, fit=fit or adapter.fit, loss_fn=loss_fn,
