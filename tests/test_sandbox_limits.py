@@ -295,13 +295,17 @@ def test_no_tcp_connection_to_itself_pins_kernel_buffers():
 
 def _sandbox_memory(seen: set, peak: list[int], children_before: set[int]) -> None:
     """Add the proportional set size (shared pages split between their processes) of every
-    process the test started to `peak`'s running sum, keeping its highest value."""
-    total = 0
+    process the test started to `peak`'s running sum, keeping its highest value and, for a
+    failure's message, which processes held it."""
+    total, held = 0, []
     for proc in started_since(children_before):
         seen.add(proc.pid)
         with contextlib.suppress(psutil.Error):
-            total += proc.memory_full_info().pss
-    peak[0] = max(peak[0], total)
+            pss = proc.memory_full_info().pss
+            total += pss
+            held.append(f"{proc.name()} {proc.pid}: {pss >> 20} MiB")
+    if total > peak[0]:
+        peak[:] = [total, ", ".join(held)]
 
 
 @needs_walls
@@ -318,7 +322,7 @@ def test_a_fork_bomb_holds_no_more_than_memory_mb_in_total():
         "        time.sleep(60)\n"
         "time.sleep(60)\n"
     )
-    results, seen, peak, before = [], set(), [0], children_now()
+    results, seen, peak, before = [], set(), [0, ""], children_now()
     worker = threading.Thread(target=lambda: results.append(
         sandbox.run_program(program, "pass\n", timeout_s=3.0, memory_mb=MEMORY_MB)))
     worker.start()
@@ -327,7 +331,8 @@ def test_a_fork_bomb_holds_no_more_than_memory_mb_in_total():
         time.sleep(0.05)
     assert results[0].status == "timeout", results[0].detail
     assert len(seen) >= 4  # the harness saw both sandboxes and the program's processes
-    assert peak[0] <= MEMORY_MB << 20, f"{peak[0] >> 20} MiB held under memory_mb={MEMORY_MB}"
+    assert peak[0] <= MEMORY_MB << 20, (
+        f"{peak[0] >> 20} MiB held under memory_mb={MEMORY_MB} ({peak[1]})")
 
 
 # Run as an unprivileged user: the sandbox's non-root path, then the programs each print one
