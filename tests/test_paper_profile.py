@@ -18,6 +18,7 @@ from hydrabench.errors import SpecError
 from hydrabench.pipeline.resolve import resolve_spec
 from hydrabench.pipeline.run import execute
 from hydrabench.records.store import RunStore
+from hydrabench.serving.export import _hub_architectures, auto_backend
 
 MODEL = SHARED / "models" / "stories260K"
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="../shared/models not present")
@@ -80,6 +81,21 @@ def test_a_report_of_the_paper_profile_waits_on_no_unreachable_hub(tmp_path) -> 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Retrying" not in done.stderr, done.stderr[-2000:]
     assert (tmp_path / "reports" / "table1.md").is_file()
+
+
+def test_the_hub_is_asked_once_per_model_in_a_process(monkeypatch) -> None:
+    """Each of a paper report's HydraLoRA-family rows asks backend auto whether the plugin
+    covers the 7B: one hub probe (up to 3 s where the network drops packets) per model, not per
+    row. The probe is replaced by a counter (answering "unreachable": the hub cache alone)."""
+    probes = []
+    monkeypatch.setattr("hydrabench.paths.hub_reachable", lambda: probes.append(1) or False)
+    _hub_architectures.cache_clear()
+    targets = ("q_proj", "v_proj")
+    backends = {auto_backend("hydralora", "meta-llama/Llama-2-7b-hf", targets, 1)
+                for _ in range(4)}
+    auto_backend("hydralora", "Qwen/Qwen2-7B", targets, 1)
+    assert len(backends) == 1 and len(probes) == 2
+    _hub_architectures.cache_clear()
 
 
 def readme_paper_cpu_check() -> list[str]:

@@ -266,9 +266,9 @@ def profile_with(text: str):
 HYDRALORA_VLLM = ["run", "--method", "hydralora", "--task", "medical", "--backend", "vllm"]
 CASES = [
     ("corrupt adapter, hf", ["eval", "--model", corrupt_adapter, "--task", "tiny_medical"],
-     "cannot load the HydraLoRA adapter in"),
+     "cannot load the plugin adapter in"),
     ("corrupt adapter, vllm", ["eval", "--model", corrupt_adapter, "--task", "tiny_medical",
-                               "--backend", "vllm"], "cannot load the HydraLoRA adapter in"),
+                               "--backend", "vllm"], "cannot load the plugin adapter in"),
     ("architecture the plugin does not cover", [*HYDRALORA_VLLM, "--model", mistral_model],
      "architecture MistralForCausalLM is not covered by hydrabench's vLLM plugin"),
     ("unverified tensor parallelism",
@@ -407,6 +407,7 @@ FLY = {"method": "flylora", "r": 32, "k": 8, "alpha": 64, "target_modules": ["q_
     ({**GOOD, "top_k": 0}, r"top_k 0 outside"),
     ({**GOOD, "gate": "uniform"}, "top_k with the uniform gate"),
     ({**GOOD, "method": "hydralora", "gate": "mask"}, "gate 'mask'"),
+    ({**GOOD, "shared_a": True}, "a shared A"),
     ({**GOOD, "method": "hydralora"}, "top_k in HydraLoRA's format"),
     ({key: v for key, v in FLY.items() if key != "k"}, "KeyError"),
     ({**FLY, "k": 33}, r"top_k 33 outside \[1, 32\]"),

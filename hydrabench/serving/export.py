@@ -11,6 +11,7 @@ base checkpoint plus the adapter, served per token by hydrabench's vLLM plugin
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -127,23 +128,32 @@ def auto_backend(method_name: str, model: str, target_modules: tuple[str, ...],
     return "vllm"
 
 
-def _architectures(model: str) -> list[str]:
-    """The `architectures` of a model's config; none when it cannot be read here. A hub id's
-    config is fetched only where the hub takes a connection (else from the hub cache alone):
-    transformers retries an unreachable hub for ~25 s per read, and a report or a sweep's plan
-    resolves several specs."""
-    from transformers import AutoConfig
-
+def _architectures(model: str) -> tuple[str, ...]:
+    """The `architectures` of a model's config; none when it cannot be read here."""
     from hydrabench.models import resolve_model_dir
-    from hydrabench.paths import hub_reachable
 
     directory = resolve_model_dir(model)
+    return _config_architectures(str(directory)) if directory else _hub_architectures(model)
+
+
+@functools.cache
+def _hub_architectures(model_id: str) -> tuple[str, ...]:
+    """A hub model's `architectures`, fetched only where the hub takes a connection (else read
+    from the hub cache alone: transformers retries an unreachable hub for ~25 s per read), and
+    once per process: a report or a sweep's plan resolves several specs of one model."""
+    from hydrabench.paths import hub_reachable
+
+    return _config_architectures(model_id, local_files_only=not hub_reachable())
+
+
+def _config_architectures(model: str, local_files_only: bool = False) -> tuple[str, ...]:
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(str(directory) if directory else model,
-                                            local_files_only=not directory and not hub_reachable())
+        config = AutoConfig.from_pretrained(model, local_files_only=local_files_only)
     except (OSError, ValueError):
-        return []
-    return list(config.architectures or [])
+        return ()
+    return tuple(config.architectures or ())
 
 
 def save_plugin_checkpoint(method: Method, model: torch.nn.Module, tokenizer, directory: Path,
@@ -198,7 +208,7 @@ def with_exported_adapter(model: torch.nn.Module, directory: Path) -> torch.nn.M
     except torch.OutOfMemoryError:
         raise
     except ADAPTER_ERRORS as err:
-        raise SpecError(f"cannot load the HydraLoRA adapter in {adapter}: "
+        raise SpecError(f"cannot load the plugin adapter in {adapter}: "
                         f"{_first_line(err)}") from None
 
 

@@ -22,6 +22,7 @@ transformers refuses: hydrabench.models.exports), plus the adapter as the projec
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def register() -> None:
                                      f"hydrabench.serving.plugin.models:{architecture}")
 
 
-def plugin_architecture(base_architectures: list[str]) -> str:
+def plugin_architecture(base_architectures: Sequence[str]) -> str:
     """The plugin class serving a base model with these `architectures` (from its config)."""
     covered = [PLUGIN_ARCHITECTURES[a] for a in base_architectures if a in PLUGIN_ARCHITECTURES]
     if len(base_architectures) != 1 or not covered:
@@ -128,6 +129,8 @@ def adapter_terms(config: dict) -> AdapterTerms:
         problems.append("top_k in HydraLoRA's format (molora's holds it)")
     if terms.top_k is not None and terms.gate == "uniform":
         problems.append("top_k with the uniform gate")
+    if form == "molora" and terms.shared_a:  # hf's MoLoraLinear refuses it too
+        problems.append("a shared A (MoLoRA's experts hold one each)")
     if problems:
         raise PluginError(f"{form} adapter config not served by hydrabench's vLLM plugin: "
                           f"{'; '.join(problems)}")
@@ -156,7 +159,7 @@ def _check_targets(target_modules: tuple[str, ...] | list[str],
                           f"tensor_parallel_size 1 or --backend hf")
 
 
-def check_covered(base_architectures: list[str], target_modules: list[str] | tuple[str, ...],
+def check_covered(base_architectures: Sequence[str], target_modules: list[str] | tuple[str, ...],
                   tensor_parallel_size: int) -> None:
     """Raise PluginError unless the plugin serves adapters on these targets of this base
     architecture exactly at this parallelism."""
