@@ -361,6 +361,7 @@ def test_a_claims_file_under_include_path_is_found_by_name(tmp_path: Path) -> No
         use_only([], "--include-path")
 
 
+@pytest.mark.slow
 def test_a_claims_folder_does_not_move_run_ids(tmp_path: Path) -> None:
     """Table 1's run ids with tasks/ as shipped and with a copy of it without claims/: equal.
     The copy is read through HYDRABENCH_TASKS_DIR in a fresh process (read at import)."""

@@ -294,6 +294,7 @@ def test_reference_template_is_the_reference_codes(tiny) -> None:
     assert resolve_spec("lora", "general", "paper").prompt_template == "reference"
 
 
+@pytest.mark.slow
 def test_reference_pipeline_runs_on_cpu_with_local_data(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from conftest import SHARED

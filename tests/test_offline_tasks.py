@@ -163,6 +163,7 @@ def test_gsm8k(evaluate):
     assert last == f"Q: {question}\nA:" and len(shots) == 8
 
 
+@pytest.mark.slow
 def test_bbh(evaluate):
     task = "boolean_expressions"
     out = evaluate(
@@ -279,6 +280,7 @@ def no_cached_datasets(monkeypatch, tmp_path):
     return tmp_path / "datasets"
 
 
+@pytest.mark.slow
 def test_a_hub_dataset_is_cached_once_datasets_prepared_it(no_cached_datasets, monkeypatch):
     from hydrabench.evaluation.harness import uncached_hub_datasets
 

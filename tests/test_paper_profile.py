@@ -62,6 +62,7 @@ def test_the_7b_on_a_cpu_is_refused_before_any_hub_access(
                                tmp_path / "results", capsys)
 
 
+@pytest.mark.slow
 def test_a_report_of_the_paper_profile_waits_on_no_unreachable_hub(tmp_path) -> None:
     """Planning HydraLoRA's rows reads the 7B's config (backend auto: the plugin covers its
     architecture?). With the hub unreachable and not switched off (a closed port here, as a

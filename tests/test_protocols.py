@@ -187,6 +187,7 @@ TEMPLATE_KEYS = ("output_type", "test_split", "fewshot_split", "fewshot_config",
                  "target_delimiter", "fewshot_delimiter", "metric_list", "process_results")
 
 
+@pytest.mark.slow
 def test_hub_protocol_tasks_are_the_offline_ones_over_cais_mmlu(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Not offline, `protocols` scores tasks/hub/mmlu_protocols: the same groups, subjects,

@@ -82,6 +82,7 @@ def _eval(*extra: str) -> str:
     return run_id
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not MODEL.exists() or not DATA.exists(), reason="needs ../shared")
 def test_compare_runs_against_scipy_and_different_items_fail(
         store_env: Path, monkeypatch: pytest.MonkeyPatch,
