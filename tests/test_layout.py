@@ -107,6 +107,18 @@ def test_no_method_is_known_by_its_name_outside_methods() -> None:
     assert not compared, f"a method compared by name: {compared}"
 
 
+def test_execute_fits_one_screen() -> None:
+    """A run is its phases (plan, train, score, record): `execute` reads as their list, in at
+    most 45 lines, with no flag that exists for one caller."""
+    tree = ast.parse((PACKAGE / "pipeline" / "run.py").read_text(encoding="utf-8"))
+    (execute,) = [node for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name == "execute"]
+    assert execute.end_lineno - execute.lineno + 1 <= 45
+    flags = [a.arg for a in execute.args.kwonlyargs if a.arg in ("dry_run", "train_only",
+                                                                   "servers")]
+    assert not flags, f"execute has flags for one caller: {flags}"
+
+
 def test_light_modules_load_neither_torch_nor_peft() -> None:
     code = ("import sys, hydrabench.config.spec, hydrabench.errors, hydrabench.config.tables\n"
             "print(sorted(m for m in ('torch', 'peft') if m in sys.modules))")
