@@ -139,12 +139,12 @@ def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
-def started_since(children_before: set[int]) -> list[psutil.Process]:
+def sandboxes_started_since(children_before: set[int]) -> list[psutil.Process]:
     """The sandboxes (each bwrap and everything below it) started by this process since it had
     the children `children_before` (their pids when a test began): what the test started, not
     what an earlier test in this pytest process left running (a worker runs many files). A child
-    not yet bwrap is left out: between subprocess's vfork and its exec, it shares this process's
-    memory, whose whole size its memory figures would show (~680 MiB in a CI worker)."""
+    not yet bwrap is left out: between subprocess's vfork and its exec it shares this process's
+    memory and reports all of it (the likeliest reading of CI's 682 MiB, a worker's size)."""
     found = []
     for child in psutil.Process().children():
         if child.pid not in children_before:
@@ -155,5 +155,5 @@ def started_since(children_before: set[int]) -> list[psutil.Process]:
 
 
 def children_now() -> set[int]:
-    """The pids of this process's children, for started_since."""
+    """The pids of this process's children, for sandboxes_started_since."""
     return {child.pid for child in psutil.Process().children()}

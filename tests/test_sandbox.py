@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import children_now, started_since
+from conftest import children_now, sandboxes_started_since
 
 from hydrabench import code_eval
 from hydrabench.evaluation import sandbox
@@ -48,7 +48,7 @@ def run_watched(code: str, **kwargs) -> tuple[sandbox.SandboxResult, float, set[
     start = time.monotonic()
     worker.start()
     while worker.is_alive():
-        seen.update(started_since(before))
+        seen.update(sandboxes_started_since(before))
         time.sleep(0.02)
     return results[0], time.monotonic() - start, seen
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import children_now, started_since
+from conftest import children_now, sandboxes_started_since
 
 from hydrabench.evaluation import sandbox
 
@@ -298,7 +298,7 @@ def _sandbox_memory(seen: set, peak: list[int], children_before: set[int]) -> No
     process the test started to `peak`'s running sum, keeping its highest value and, for a
     failure's message, which processes held it."""
     total, held = 0, []
-    for proc in started_since(children_before):
+    for proc in sandboxes_started_since(children_before):
         seen.add(proc.pid)
         with contextlib.suppress(psutil.Error):
             pss = proc.memory_full_info().pss
