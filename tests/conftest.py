@@ -26,6 +26,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HYDRABENCH_CACHE", str(REPO / ".cache" / "hydrabench"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test`, `make test-fast`): the tiny base model is built first, by
+    the controlling process on every core (its weights, hence every run id, depend on the
+    build's thread count), then each test process keeps to its own share of the cores. Two
+    processes that each run OpenMP threads on both cores (torch's training, vLLM's engines bound
+    to every core) slow each other down 2-3x: one LoRA run of `general`, 2-core EPYC, beside a
+    suite's engines: 60-119 s on 2 threads, 33-35 s on 1."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        if config.getoption("numprocesses", default=None):
+            from hydrabench.models import BUILTIN_TINY, resolve_model_dir
+
+            resolve_model_dir(BUILTIN_TINY)
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    if workers <= len(cores):  # worker k: cores k, k + n, ... (children inherit it)
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: workers])
+
 
 # The files that take longest as a whole (CI, two processes: 12 to 25 minutes each), longest
 # first; measured, so kept by hand when a file grows.
