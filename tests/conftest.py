@@ -22,7 +22,7 @@ SHARED = REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tiny base model takes ~25 s to build; build it once and reuse it across test sessions.
+# The tiny base model takes a few minutes to build; build it once and reuse it across test sessions.
 os.environ.setdefault("HYDRABENCH_CACHE", str(REPO / ".cache" / "hydrabench"))
 
 
