@@ -91,9 +91,8 @@ reproduce-claims: install
 # Test processes (pytest-xdist): each takes whole test files, so a file's module fixtures (a
 # trained run, a vLLM server) are built once. Two overlap one test's start-up and waits with
 # another's work on 2 cores, each on its own core (tests/conftest.py: pytest_configure); more
-# also start more vLLM engines at once. Files in the order
-# tests/conftest.py gives them (longest first): xdist would hand out the files with the most tests
-# first.
+# also start more vLLM engines at once. Files go out in the order tests/conftest.py gives them
+# (longest first): xdist would hand out the files with the most tests first.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

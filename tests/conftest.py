@@ -22,7 +22,7 @@ SHARED = REPO.parent / "shared"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The tiny base model takes a few minutes to build; build it once and reuse it across test sessions.
+# The tiny base model takes minutes to build; build it once and reuse it across test sessions.
 os.environ.setdefault("HYDRABENCH_CACHE", str(REPO / ".cache" / "hydrabench"))
 
 
@@ -46,8 +46,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: workers])
 
 
-# The files that take longest as a whole (CI, two processes: 12 to 25 minutes each), longest
-# first; measured, so kept by hand when a file grows.
+# The files that took longest as a whole, longest first (two processes sharing both cores:
+# 12 to 25 minutes each; with a core per process the vLLM files take 19-36, the others 3-6);
+# measured, so kept by hand when a file grows.
 LONGEST_FILES = ("test_vllm_plugin.py", "test_vllm_backend.py", "test_benchmarks.py",
                  "test_make_targets.py", "test_protocols.py")
 
