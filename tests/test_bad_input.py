@@ -320,3 +320,14 @@ def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     assert "ckpt.pt: No space left on device" in errors[0] and str(small_disk) in errors[0]
+
+
+def test_a_misspelt_lm_eval_task_is_refused_before_the_base_model_is_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """On a fresh machine the tiny base model is built (minutes) when a run first reads it: a
+    task name lm-eval does not know is refused before that, not after."""
+    monkeypatch.setenv("HYDRABENCH_RESULTS", str(tmp_path / "results"))
+    monkeypatch.setenv("HYDRABENCH_CACHE", str(tmp_path / "cache"))
+    assert_refused_in_one_line(["eval", "--model", "builtin:tiny", "--task", "tiny_mdical"],
+                               "unknown lm-eval task", tmp_path / "results", capsys)
+    assert not list(tmp_path.glob("cache/**/*.safetensors"))

@@ -60,10 +60,9 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
 
     registered = get_method(method)  # the one check of a method's name
     tasks = dict(prof.tasks)
-    if lm_eval_task_ok and task.startswith(LM_EVAL_PREFIX):  # the lm-eval task, not a column
+    lm_eval_task = lm_eval_task_ok and (task.startswith(LM_EVAL_PREFIX) or task not in tasks)
+    if lm_eval_task:  # one lm-eval task, not a column of the profile
         task = task.removeprefix(LM_EVAL_PREFIX)
-        tasks[task] = TaskColumn(corpus="none", eval=(task,))
-    if task not in tasks and lm_eval_task_ok:
         tasks[task] = TaskColumn(corpus="none", eval=(task,))
     if task not in tasks:
         raise did_you_mean("task", task, list(tasks))
@@ -79,6 +78,10 @@ def resolve_spec(method: str, task: str, profile: str = "tiny", seed: int | None
     if sharding is not None:
         section["train"]["sharding"] = load_sharding(sharding)
     eval_settings = parse_settings(EvalSettings, section["eval"], "eval")
+    if lm_eval_task:  # a misspelt name is refused before the model is read (or built)
+        from hydrabench.evaluation.harness import check_tasks
+
+        check_tasks([task], eval_settings.allow_code_execution)
     require(not eval_settings.merge_gap or bool(registered.approximate_merges),
             f"--merge-gap scores a method's approximate merges, and {method} has none (it "
             f"{'merges exactly' if registered.mergeable else 'cannot be merged'}); methods that "
