@@ -228,6 +228,23 @@ def remove_abandoned_scratch(parent: Path) -> None:
             os.close(probe)
 
 
+def share_model_info(cache: Path) -> None:
+    """Point `cache`'s modelinfos/ at the kept cache's, as vLLM keeps it when its cache root is
+    left alone. vLLM learns what a model class supports (LoRA, pipeline stages) by importing it
+    in a process of its own, 20 s on a core, unless modelinfos/ holds the answer; its entries
+    are keyed by a hash of the class's source file and written atomically."""
+    kept = kept_compile_cache() / "modelinfos"
+    link = cache / "modelinfos"
+    if link == kept or link.exists() or link.is_symlink():
+        return
+    try:
+        kept.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(kept, target_is_directory=True)
+    except OSError:  # a cache that cannot be kept: vLLM inspects the class each start
+        pass
+
+
 def vllm_env(ranks: int, scratch: Path, compile_cache: Path | None = None) -> dict[str, str]:
     """The environment of a vLLM process with `ranks` workers: CPU defaults < this process's
     environment < its own scratch (from `vllm_scratch`) and compile cache (`compile_cache`,
@@ -235,6 +252,7 @@ def vllm_env(ranks: int, scratch: Path, compile_cache: Path | None = None) -> di
     env = cpu_settings(ranks) if _cpu_build() else {}
     env.update(os.environ)
     cache = compile_cache or scratch / "vllm"
+    share_model_info(cache)
     env.update({"TMPDIR": str(scratch / "tmp"), "VLLM_CACHE_ROOT": str(cache),
                 "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor")})
     return env
