@@ -376,6 +376,11 @@ def max_ll_diff(rows: Sequence[dict[str, Any]], backend: str, reference: str) ->
     return max(diffs) if diffs else None
 
 
+# Environment variables that change how vLLM starts (compilation, engine processes), not what it
+# computes: named in the headline when set.
+VLLM_SETTINGS = ("TORCH_COMPILE_DISABLE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_CI_ENV")
+
+
 def main() -> None:
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--limit", type=int, default=None,
@@ -481,6 +486,9 @@ def main() -> None:
                     for k, v in walls.items()},
                  **served_over_inprocess_wall, **exactness,
                  "device": args.device, "cpu": hardware_summary()["cpu_model"],
+                 # Start-up figures hold for vLLM's defaults only (the test suite turns them off).
+                 "vllm_settings": " ".join(f"{name}={os.environ[name]}" for name in VLLM_SETTINGS
+                                           if name in os.environ) or "default",
                  # While the hf rows ran (vLLM's processes would count as others after).
                  "other_processes_cores_busy": None if others is None else round(others, 2)}
     for row in itertools.chain(rows, *sharing.get("rows", {}).values()):

@@ -44,6 +44,8 @@ def test_bench_eval_measures_every_exact_path(vllm_available: None, tmp_path: Pa
     headline = bench("bench_eval.py", "--rounds", "1", "--limit", "3", "--runs", "1",
                      reports=tmp_path)
     assert headline["hf_tiny_medical_tokens_per_s"] > 0
+    # Started as the suite starts vLLM (conftest's FAST_VLLM): its start-up figures say so.
+    assert headline["vllm_settings"] == "TORCH_COMPILE_DISABLE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0"
     assert (headline["vllm"], headline["vllm_plugin"], headline["vllm_inprocess"],
             headline["vllm_plugin_inprocess"]) == ("measured",) * 4
     for backend in ("vllm", "vllm-plugin", "vllm-inprocess", "vllm-plugin-inprocess"):

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
-from conftest import child_env
+from conftest import child_env, vllm_as_users_run_it
 
 from hydrabench.evaluation.harness import evaluate_model
 from hydrabench.pipeline.resolve import resolve_spec
@@ -79,11 +79,18 @@ def served(vllm_available: None, hf_run: tuple[RunStore, RunRecord],
     """(server, checkpoint): the run's merged checkpoint served by one vLLM for the session."""
     store, record = hf_run
     checkpoint = export_run(record.run_id, store=store)
-    with VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log"),
-                    compile_cache=kept_compile_cache(),
-                    gpu_memory_utilization=SERVER_GPU_SHARE) as server:
-        print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
+    # Compiled, its engine in processes of its own, as a user's server: the restart test reads
+    # its compile cache and its processes.
+    server = VllmServer(checkpoint, log_dir=tmp_path_factory.mktemp("vllm-log"),
+                        compile_cache=kept_compile_cache(), gpu_memory_utilization=SERVER_GPU_SHARE)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        vllm_as_users_run_it(monkeypatch)
+        server.start()
+    print(f"vLLM server ready after {server.startup_s:.1f} s", file=sys.stderr)
+    try:
         yield server, checkpoint
+    finally:
+        server.__exit__(None, None, None)
 
 
 def read_samples(lm_eval_dir: Path, task: str) -> dict[int, dict]:
@@ -275,7 +282,7 @@ def prompt_logprobs(server: VllmServer) -> list:
 # Last: it stops the module's server.
 @pytest.mark.slow
 def test_server_processes_are_gone_after_close_and_a_restart_scores_alike(
-        served: tuple[VllmServer, Path], tmp_path: Path) -> None:
+        served: tuple[VllmServer, Path], compiled_vllm: None, tmp_path: Path) -> None:
     server, checkpoint = served
     assert server.process is not None and server.healthy()
     scores = prompt_logprobs(server)
@@ -317,11 +324,12 @@ VllmServer(resolve_model_dir(BUILTIN_TINY), log_dir=Path({log_dir!r})).start()
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 @pytest.mark.parametrize("kind", STARTING)
-def test_a_vllm_process_ends_with_the_harness(vllm_available: None, kind: str, stop: int,
-                                              tmp_path: Path) -> None:
+def test_a_vllm_process_ends_with_the_harness(vllm_available: None, compiled_vllm: None,
+                                              kind: str, stop: int, tmp_path: Path) -> None:
     """The harness stopped while its vLLM process starts: on Ctrl-C its `finally` stops the
     process group; kill -9 runs no `finally`, and the group ends itself once its parent is gone.
-    Either way no vLLM process is left holding memory (a GPU's, on a GPU) for nobody."""
+    Either way no vLLM process is left holding memory (a GPU's, on a GPU) for nobody. Its
+    engine core and workers in processes of their own, as a user's are."""
     log_name, script = STARTING[kind]
     # Ctrl-C as a terminal gives it: a harness started in the background (`make test &`)
     # inherits SIGINT ignored.

@@ -89,10 +89,11 @@ def served_record(result, store: RunStore) -> tuple[RunRecord, Path]:
 @pytest.mark.slow
 @pytest.mark.skipif(too_few_gpus(2), reason="tensor parallelism 2 on CUDA needs 2 GPUs")
 def test_hydralora_run_with_vllm_backend_is_exact_under_tensor_parallelism(
-        vllm_available: None, tmp_path: Path) -> None:
+        vllm_available: None, compiled_vllm: None, tmp_path: Path) -> None:
     """Every target module the plugin covers (fused q/k/v and gate/up slices, row-parallel
     o/down), a trained router, two tensor-parallel ranks (B sharded, A·x and router logits of
-    o/down all-reduced): a run with backend vllm records merge exact and matches hf."""
+    o/down all-reduced): a run with backend vllm records merge exact and matches hf. The engine
+    is compiled, as a user's is (the other plugin tests start theirs without torch.compile)."""
     store = RunStore(tmp_path / "results")
     hf_record = execute(resolve_spec("hydralora", TASK, overrides=overrides(ALL_TARGETS)),
                         store=store)
