@@ -41,6 +41,7 @@ from hydrabench.serving.server import (
     SOCKET_PATH_MAX,
     VllmServer,
     kept_compile_cache,
+    remove_scratch,
     vllm_env,
     vllm_scratch,
 )
@@ -229,6 +230,29 @@ def test_vllm_scratch_leaves_room_for_its_socket_paths(tmpdir_length: int, tmp_p
         assert scratch.parent == (tmpdir if len(str(tmpdir)) < 30 else Path("/tmp"))
     finally:
         shutil.rmtree(scratch)
+
+
+def test_what_vllm_learns_of_a_model_class_is_kept_between_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each start has a compile cache of its own (its scratch's), but modelinfos/ (vLLM's
+    answer on a model class, 20 s on a core to find) is the kept cache's; a kept cache that
+    cannot be written leaves vLLM to find it again, not the start failing."""
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "kept"))
+    scratch = vllm_scratch("hydrabench-vllm-engine-")
+    try:
+        cache = Path(vllm_env(1, scratch)["VLLM_CACHE_ROOT"])
+        assert cache == scratch / "vllm" and (cache / "modelinfos").resolve() == (
+            tmp_path / "kept" / "modelinfos")
+        (cache / "modelinfos" / "entry.json").write_text("{}")  # what vLLM writes there
+    finally:
+        remove_scratch(scratch)
+    assert (tmp_path / "kept" / "modelinfos" / "entry.json").is_file()  # outlives the start
+    kept = Path(vllm_env(1, tmp_path / "s", compile_cache=tmp_path / "kept")["VLLM_CACHE_ROOT"])
+    assert kept == tmp_path / "kept" and not (kept / "modelinfos").is_symlink()
+
+    (tmp_path / "blocked").write_text("a file where the kept cache would be")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "blocked"))
+    assert not (Path(vllm_env(1, tmp_path / "t")["VLLM_CACHE_ROOT"]) / "modelinfos").exists()
 
 
 @pytest.mark.slow
