@@ -66,10 +66,11 @@ def pytest_configure(config: pytest.Config) -> None:
         os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: workers])
 
 
-# The files that took longest as a whole, longest first (two processes sharing both cores:
-# 12 to 25 minutes each; with a core per process the vLLM files take 19-36, the others 3-6);
-# measured, so kept by hand when a file grows.
+# The files that took longest as a whole, longest first (a core per process, vLLM started as
+# FAST_VLLM says: the vLLM files 6-15 minutes, the others 3-6); measured, so kept by hand when a
+# file grows.
 LONGEST_FILES = ("test_vllm_plugin.py", "test_vllm_backend.py", "test_benchmarks.py",
+                 "test_sweep.py", "test_reliability.py", "test_distributed.py",
                  "test_make_targets.py", "test_protocols.py")
 
 

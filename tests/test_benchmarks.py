@@ -60,7 +60,9 @@ def test_bench_eval_measures_every_exact_path(vllm_available: None, tmp_path: Pa
         assert headline[f"{server}_inprocess_wall_s"] > headline[
             f"{server}_inprocess_startup_s"] > 0
         assert headline[f"{server}_served_over_inprocess_wall"] > 0
-    assert "Engine" in (tmp_path / "bench" / "vllm-plugin-inprocess.log").read_text()
+    # The in-process engine was built, and ran the plugin's class.
+    log = (tmp_path / "bench" / "vllm-plugin-inprocess.log").read_text()
+    assert "Initializing a V1 LLM engine" in log and "HydraLoraLlamaForCausalLM" in log
     assert headline["runs"] == 1 and headline["one_server_startup_s"] > 0
     assert len(headline["server_per_run_scoring_s"]) == 1
     assert (tmp_path / "bench" / "vllm_server" / "vllm_server.log").is_file()

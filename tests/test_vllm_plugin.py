@@ -6,8 +6,9 @@ steps and scored on hf (the exact in-memory model); then the same trained adapte
 real vLLM engine through the plugin (a run with backend vllm; `hydrabench eval --run RUN --backend
 vllm`, the command line a user runs): the run's export scored by lm-eval's in-process vllm in a
 child process. Per answer the loglikelihoods must agree to 1e-4 and greedy generations must match
-but for near ties. An engine start costs about a minute on this machine: each slow test starts
-exactly one (the run's own). vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so
+but for near ties. Each slow test starts exactly one engine (the run's own): about 20 s on a core
+as the suite starts it (conftest's FAST_VLLM), a minute and more compiled, as the tensor-parallel
+HydraLoRA test starts it. vLLM missing is a failure unless HYDRABENCH_SKIP_VLLM=1 says so
 explicitly.
 """
 
