@@ -331,3 +331,25 @@ def test_a_misspelt_lm_eval_task_is_refused_before_the_base_model_is_built(
     assert_refused_in_one_line(["eval", "--model", "builtin:tiny", "--task", "tiny_mdical"],
                                "unknown lm-eval task", tmp_path / "results", capsys)
     assert not list(tmp_path.glob("cache/**/*.safetensors"))
+
+
+def test_an_lm_eval_task_that_runs_code_needs_the_opt_in_and_is_taken_with_it() -> None:
+    """`eval --task tiny_code` (lm-eval's name, not the profile's column) and `eval --run RUN
+    --task tiny_code` are refused without --allow-code-execution, before any work, and run
+    with it (the opt-in of the command line, or of the run being scored again)."""
+    from hydrabench.errors import SpecError
+    from hydrabench.pipeline.resolve import resolve_spec, retarget
+
+    with pytest.raises(SpecError, match="opt in with --allow-code-execution"):
+        resolve_spec("base", "tiny_code", lm_eval_task_ok=True)
+    allowed = {"eval": {"allow_code_execution": True}}
+    assert resolve_spec("base", "tiny_code", overrides=allowed, lm_eval_task_ok=True
+                        ).eval_tasks == ("tiny_code",)
+    trained = resolve_spec("lora", "medical")
+    with pytest.raises(SpecError, match="opt in with --allow-code-execution"):
+        retarget(trained, "tiny_code", {})
+    for opted_in, overrides in ((trained, allowed["eval"]),
+                                (resolve_spec("lora", "medical", overrides=allowed), {})):
+        scored = retarget(opted_in, "tiny_code", overrides)
+        assert scored.eval_tasks == ("tiny_code",) and scored.eval.allow_code_execution
+        assert scored.train_id == trained.train_id

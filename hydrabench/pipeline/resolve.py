@@ -254,11 +254,12 @@ def fingerprint_inputs(model: str, corpus: str, eval_tasks: tuple[str, ...]) -> 
 
 def retarget(trained: RunSpec, task: str, eval_overrides: dict[str, Any]) -> RunSpec:
     """The same training (hence the same artifact) scored on another column or lm-eval task."""
-    column = resolve_spec(trained.method, task, trained.profile, trained.seed,
-                          lm_eval_task_ok=True)
+    evaluation = with_settings(trained.eval, eval_overrides, "eval")
+    # The opt-in to code execution is the one setting resolve_spec checks a task against.
+    column = resolve_spec(trained.method, task, trained.profile, trained.seed, overrides={
+        "eval": {"allow_code_execution": evaluation.allow_code_execution}}, lm_eval_task_ok=True)
     return replace(trained, task=column.task, eval_tasks=column.eval_tasks,
-                   inputs=replace(trained.inputs, tasks=column.inputs.tasks),
-                   eval=with_settings(trained.eval, eval_overrides, "eval"))
+                   inputs=replace(trained.inputs, tasks=column.inputs.tasks), eval=evaluation)
 
 
 def table_runs(table: TableSpec, profile: str,
