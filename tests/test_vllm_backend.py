@@ -91,7 +91,7 @@ def served(vllm_available: None, hf_run: tuple[RunStore, RunRecord],
     try:
         yield server, checkpoint
     finally:
-        server.__exit__(None, None, None)
+        server.stop()
 
 
 def read_samples(lm_eval_dir: Path, task: str) -> dict[int, dict]:
