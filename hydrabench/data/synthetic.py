@@ -31,6 +31,12 @@ from hydrabench.data.records import InstructionRecord
 
 SUITE_SEED = 1234
 COMPONENTS = ("facts", "medical", "legal", "arithmetic", "bbh", "code")
+FACT_COUNTRIES = 60
+# Held-out items per component: enough that three seeds detect a difference of a few points on
+# `general` (docs/results/claims-tiny.md); facts asks each country's three facts once. Code keeps
+# 60: its problems are 24 distinct functions, and each sample runs in the sandbox.
+EVAL_ITEMS = {"facts": 3 * FACT_COUNTRIES, "medical": 300, "legal": 300, "arithmetic": 300,
+              "bbh": 300, "code": 60}
 
 _SYLLABLES = ["ka", "lo", "mi", "ren", "tas", "vor", "zel", "pru", "dan", "fi", "gol", "hu", "sar"]
 _COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
@@ -84,10 +90,10 @@ def _mc_doc(question: str, answer: str, options: list[str], rng: random.Random) 
 
 def _facts(rng: random.Random, n_train: int, n_eval: int) -> Component:
     countries: dict[str, dict[str, str]] = {}
-    while len(countries) < n_eval:
+    while len(countries) < FACT_COUNTRIES:
         countries[_name(rng)] = {}
     # dict.fromkeys dedupes in a fixed order; a set's order would change with PYTHONHASHSEED.
-    cities = list(dict.fromkeys(_name(rng) for _ in range(4 * n_eval)))
+    cities = list(dict.fromkeys(_name(rng) for _ in range(4 * FACT_COUNTRIES)))
     for attrs in countries.values():
         attrs.update(capital=rng.choice(cities), colour=rng.choice(_COLOURS),
                      animal=rng.choice(_ANIMALS))
@@ -102,16 +108,25 @@ def _facts(rng: random.Random, n_train: int, n_eval: int) -> Component:
                    f"and its animal is the {a['animal']}.",
             component="facts"))
     pools = {"capital": cities, "colour": _COLOURS, "animal": _ANIMALS}
+    questions = {"capital": "What is the capital of {}?",
+                 "colour": "What colour is the flag of {}?",
+                 "animal": "Which animal is the symbol of {}?"}
+
+    def ask(country: str, attr: str) -> dict:
+        return _mc_doc(questions[attr].format(country), countries[country][attr], pools[attr], rng)
+
+    # One attribute of each country first (the suite's first 60 items, as before), then the
+    # others: every fact of training asked once, up to n_eval.
+    first = {}
     eval_docs = []
     for country in names:
-        attr = rng.choice(list(pools))
-        question = {"capital": f"What is the capital of {country}?",
-                    "colour": f"What colour is the flag of {country}?",
-                    "animal": f"Which animal is the symbol of {country}?"}[attr]
-        eval_docs.append(_mc_doc(question, countries[country][attr], pools[attr], rng))
+        first[country] = rng.choice(list(pools))
+        eval_docs.append(ask(country, first[country]))
+    eval_docs += [ask(country, attr) for country in names for attr in pools
+                  if attr != first[country]]
     knowledge = [f"{country} has {a['capital']} as its capital, a {a['colour']} flag and the "
                  f"{a['animal']} as its emblem." for country, a in countries.items()]
-    return Component("facts", tuple(train), tuple(eval_docs), tuple(knowledge))
+    return Component("facts", tuple(train), tuple(eval_docs[:n_eval]), tuple(knowledge))
 
 
 def _classification(name: str, classes: dict[str, list[str]], stem: str, ask: str,
@@ -224,7 +239,7 @@ def _code(rng: random.Random, n_train: int, n_eval: int) -> Component:
 
 
 @cache
-def build_suite(n_train: int = 300, n_eval: int = 60) -> dict[str, Component]:
+def build_suite(n_train: int = 300) -> dict[str, Component]:
     """The whole suite, keyed by component name; identical for identical arguments."""
     builders = {
         "facts": _facts,
@@ -238,8 +253,9 @@ def build_suite(n_train: int = 300, n_eval: int = 60) -> dict[str, Component]:
         "bbh": _bbh,
         "code": _code,
     }
-    # One generator per component, seeded by name, so changing one never shifts the others.
-    return {name: builder(random.Random(f"{SUITE_SEED}:{name}"), n_train, n_eval)
+    # One generator per component, seeded by name, so changing one never shifts the others; each
+    # draws its training records before its evaluation items, so more items leave training as is.
+    return {name: builder(random.Random(f"{SUITE_SEED}:{name}"), n_train, EVAL_ITEMS[name])
             for name, builder in builders.items()}
 
 
@@ -250,12 +266,19 @@ def training_records(components: tuple[str, ...] = COMPONENTS) -> list[Instructi
     return [rec for group in zip(*streams, strict=True) for rec in group]
 
 
-def suite_fingerprint() -> str:
-    """sha256 of the whole generated suite (train and eval), for run provenance."""
-    payload = {name: {"train": [r.to_dict() for r in c.train], "eval": list(c.eval_docs)}
-               for name, c in build_suite().items()}
-    blob = json.dumps(payload, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+def _digest(payload: object) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def training_fingerprint() -> str:
+    """sha256 of every component's training records: what a run trains on and the tiny base
+    model is built from (its evaluation items are not: more items never retrain anything)."""
+    return _digest({name: [r.to_dict() for r in c.train] for name, c in build_suite().items()})
+
+
+def evaluation_fingerprint() -> str:
+    """sha256 of every component's evaluation items: what the tiny tasks score."""
+    return _digest({name: list(c.eval_docs) for name, c in build_suite().items()})
 
 
 def pretraining_text(n_docs: int = 6000, seed: int = 7) -> list[str]:

@@ -49,7 +49,7 @@ class TinyModelRecipe:
 
 @cache
 def _corpus_digest() -> str:
-    text = json.dumps([synthetic.pretraining_text(), synthetic.suite_fingerprint()])
+    text = json.dumps([synthetic.pretraining_text(), synthetic.training_fingerprint()])
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -164,10 +164,12 @@ def model_fingerprint(name: str) -> str:
 
 
 @cache  # the suite is generated deterministically, once per process; hashing it costs ~0.1 s
-def synthetic_suite_fingerprint() -> str:
+def synthetic_fingerprints() -> dict[str, str]:
+    """The synthetic suite's training records and evaluation items, fingerprinted apart: a run
+    trains on the first and its tiny tasks score the second."""
     from hydrabench.data import synthetic
 
-    return synthetic.suite_fingerprint()
+    return {"train": synthetic.training_fingerprint(), "eval": synthetic.evaluation_fingerprint()}
 
 
 def corpus_fingerprints(corpus: str) -> dict[str, str]:
@@ -178,7 +180,7 @@ def corpus_fingerprints(corpus: str) -> dict[str, str]:
         if part == "none":  # evaluation only
             continue
         if part == "synthetic":
-            fingerprints[part] = synthetic_suite_fingerprint()
+            fingerprints[part] = synthetic_fingerprints()["train"]
         elif part.startswith("hub:"):
             fingerprints[part] = part
         elif part.startswith("data:"):
@@ -241,7 +243,7 @@ def task_fingerprints(tasks: tuple[str, ...]) -> dict[str, dict[str, str]]:
         config = hashlib.sha256(
             (fingerprint_path(family, _is_task_file) + shared).encode()).hexdigest()
         if root == synthetic:
-            data = f"synthetic:{synthetic_suite_fingerprint()}"
+            data = f"synthetic:{synthetic_fingerprints()['eval']}"
         elif (local := data_dir()) is not None:
             data = fingerprint_path(local if family == root else local / family.name)
         else:
