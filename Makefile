@@ -82,11 +82,13 @@ reproduce-successors: install
 	$(BIN)/hydrabench reproduce successors --profile $(PROFILE) $(if $(filter file,$(origin SEEDS)),,--seeds $(SEEDS)) $(if $(ALLOW_CODE_EXECUTION),--allow-code-execution)
 
 # Each of the paper's claims as a test with a verdict (tasks/claims/hydralora.yaml), three seeds:
-# reports/claims.{md,csv,tex}; reuses the table runs' records (same run ids).
+# reports/claims.{md,csv,tex}; reuses the table runs' records (same run ids). On tiny (a CPU
+# profile) JOBS runs at once, one per core up to 4 (each process holds about 0.8 GB).
 CLAIM_SEEDS ?= 0,1,2
+JOBS ?= $(if $(filter tiny,$(PROFILE)),$(shell nproc | awk '{print ($$1 < 4 ? $$1 : 4)}'),1)
 .PHONY: reproduce-claims
 reproduce-claims: install
-	$(BIN)/hydrabench claims --profile $(PROFILE) --seeds $(CLAIM_SEEDS)
+	$(BIN)/hydrabench claims --profile $(PROFILE) --seeds $(CLAIM_SEEDS) --jobs $(JOBS)
 
 # Test processes (pytest-xdist): each takes whole test files, so a file's module fixtures (a
 # trained run, a vLLM server) are built once. Two overlap one test's start-up and waits with

@@ -89,6 +89,25 @@ def _add_table_options(p: argparse.ArgumentParser) -> None:
                    help="comma-separated seeds (default: the table's `seeds:`, else 0)")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="also run the code columns (model-written code, sandboxed)")
+    _add_jobs(p)
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once on this machine's CPU, each in its own process with a "
+                        "share of the cores (default: 1, in this process); CPU profiles only")
+
+
+def _check_jobs(args: argparse.Namespace) -> None:
+    """--jobs, refused before the matrix is planned (planning fingerprints the base model)."""
+    from hydrabench.config.profiles import load_profile
+    from hydrabench.pipeline.sweep import check_parallel
+
+    if args.jobs > 1 and getattr(args, "executor", "local") == "slurm":
+        raise SpecError("--jobs is for --executor local: on Slurm every run is a job of its own")
+    profile = load_profile(args.profile)
+    check_parallel(args.jobs, profile.device, profile.eval.get("backend", "hf"),
+                   f"profile {profile.name}")
 
 
 PROFILE_HELP = "a shipped profile (default: tiny, offline CPU) or your own .yaml file"
@@ -238,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run nothing: verdicts from the records there are")
     claims.add_argument("--allow-code-execution", action="store_true",
                         help="also run claims on code columns (model-written code, sandboxed)")
+    _add_jobs(claims)
 
     compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
                              "scored: bootstrap 95%% CI and McNemar's exact p per task")
@@ -414,7 +434,8 @@ def _plan_sweep(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] |
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from hydrabench.reports import write_report
 
-    _plan_sweep(args).run_local()
+    _check_jobs(args)
+    _plan_sweep(args).run_local(args.jobs)
     for path in write_report(args.table, args.profile, _table_seeds(args)):
         print(path)
 
@@ -422,6 +443,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from hydrabench.pipeline.sweep import check_slurm_installed, format_status
 
+    _check_jobs(args)
     if args.executor == "slurm" and not args.status:
         check_slurm_installed()  # before planning the matrix (a minute for a whole table)
     overrides: dict[str, dict[str, Any]] = {}
@@ -432,7 +454,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     if args.status:
         print(format_status(sweep.status()))
     elif args.executor == "local":
-        sweep.run_local()
+        sweep.run_local(args.jobs)
     else:
         sweep.submit_slurm()
         if args.wait:
@@ -472,9 +494,10 @@ def _say(line: str) -> None:
 def _cmd_claims(args: argparse.Namespace) -> None:
     from hydrabench.reports.claims import run_claims
 
+    _check_jobs(args)
     for path in run_claims(args.file, args.profile, _seeds(args.seeds) if args.seeds else None,
                            report_only=args.report_only,
-                           allow_code_execution=args.allow_code_execution):
+                           allow_code_execution=args.allow_code_execution, jobs=args.jobs):
         print(path)
 
 

@@ -411,6 +411,38 @@ def test_plan_runs_only_the_claims_rows_and_columns(store_env: Path) -> None:
     assert executed == []
 
 
+def record_in_log(spec: RunSpec, store: RunStore | None = None) -> RunRecord:
+    """A stand-in for runner.execute that a job process can import: writes a scored record and
+    appends "pid run id" to $CLAIMS_LOG."""
+    runs = store or RunStore()
+    if not runs.has(spec.run_id):
+        with open(os.environ["CLAIMS_LOG"], "a") as log:
+            log.write(f"{os.getpid()} {spec.run_id}\n")
+        write_scored(runs, spec, 100)
+    return runs.load(spec.run_id)
+
+
+@pytest.mark.slow  # two spawned job processes import the harness: ~15 s
+def test_claims_in_two_processes_run_the_timed_tables_first_and_alone(
+        store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs 2: Fig. 5's runs (its ratio claims time them) in this process one at a time,
+    before any other; every other planned run once, in two job processes."""
+    log = store_env / "claims.log"
+    monkeypatch.setenv("CLAIMS_LOG", str(log))
+    claims = load_claims()
+    sweeps = plan_claim_runs(claims, PROFILE, (0,), record_in_log)
+    timed = {r.spec.run_id for s in sweeps if s.table.name == "figure5" for r in s.runs}
+    every = {r.spec.run_id for s in sweeps for r in s.runs}
+    monkeypatch.setattr("hydrabench.pipeline.run.execute", record_in_log)
+    run_claims(seeds=(0,), jobs=2, out_dir=store_env / "reports")
+    ran = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(run_id for _, run_id in ran) == sorted(every)  # each once
+    assert {run_id for _, run_id in ran[:len(timed)]} == timed
+    assert {pid for pid, _ in ran[:len(timed)]} == {str(os.getpid())}
+    others = {pid for pid, _ in ran[len(timed):]}  # one job process may have taken them all
+    assert 1 <= len(others) <= 2 and str(os.getpid()) not in others
+
+
 def test_cli_report_only_writes_md_csv_tex_with_a_verdict_per_claim(
         store_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = RunStore(store_env / "results")

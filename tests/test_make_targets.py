@@ -58,8 +58,13 @@ def test_make_reproduce_passes_the_seeds_on() -> None:
                                                                       "SEEDS=0,1,2")
 
 
-def test_make_reproduce_claims_runs_the_claims_on_three_seeds() -> None:
-    assert "hydrabench claims --profile tiny --seeds 0,1,2" in dry_run("reproduce-claims")
+def test_make_reproduce_claims_runs_the_claims_on_three_seeds_a_run_per_core() -> None:
+    cores = len(os.sched_getaffinity(0))  # what nproc counts (a test process may have one)
+    assert (f"hydrabench claims --profile tiny --seeds 0,1,2 --jobs {min(cores, 4)}"
+            in dry_run("reproduce-claims"))
+    assert "--jobs 1" in dry_run("reproduce-claims", "JOBS=1")
+    assert "claims --profile paper --seeds 0,1,2 --jobs 1" in dry_run("reproduce-claims",
+                                                                       "PROFILE=paper")
 
 
 def test_make_reproduce_successors_takes_the_tables_seeds_unless_given() -> None:

@@ -106,12 +106,16 @@ class Sweep:
         log(f"{where}: {run.skip}, left empty" if run.skip
             else f"{where} → {run.spec.run_id}" + (f"; {progress}" if progress else ""))
 
-    def run_local(self) -> None:
-        """Every runnable cell in turn, in this process; finished runs are skipped.
+    def run_local(self, jobs: int = 1) -> None:
+        """Every runnable cell in turn, in this process; finished runs are skipped. `jobs` > 1:
+        that many processes at once, each on its share of the CPU's cores (`run_in_processes`).
 
         Where runs share vLLM servers (`eval.serving: adapters`), every run is trained first,
         then the runs are scored, those on one base model on one server (started once).
         """
+        if jobs > 1:
+            run_sweeps_in_processes([self], jobs)
+            return
         self.log_plan()
         shared = [run.spec for run in self.runs if run.skip is None
                   and run.spec.eval.backend == "vllm" and run.spec.eval.serving == "adapters"]
@@ -323,6 +327,103 @@ def run_job(spec: dict[str, Any], results_root: str, execute: Execute) -> str:
     run = spec_from_dict(spec)
     execute(run, store=RunStore(Path(results_root)))
     return run.run_id
+
+
+def check_parallel(jobs: int, device: str, backend: str, what: str) -> None:
+    """`jobs` runs at once share a CPU's cores: refused before any work where a run (`what`)
+    would take a GPU or a vLLM engine, each of which wants the whole device."""
+    if jobs < 1:
+        raise SpecError(f"--jobs must be 1 or more, got {jobs}")
+    if jobs > 1 and device != "cpu":
+        raise SpecError(f"--jobs {jobs}: {what} runs on device {device!r}; several runs at "
+                        "once share a CPU's cores (device cpu): on a GPU use --jobs 1 or "
+                        "--executor slurm")
+    if jobs > 1 and backend == "vllm":
+        raise SpecError(f"--jobs {jobs}: {what} is scored by vLLM, whose engine takes every "
+                        "core: use --jobs 1")
+
+
+def check_sweeps_parallel(sweeps: list[Sweep], jobs: int) -> None:
+    for sweep in sweeps:
+        for run in sweep.runs:
+            if run.skip is None:
+                check_parallel(jobs, run.spec.device, run.spec.eval.backend, run.spec.run_id)
+
+
+def _job_process(threads: int, folders: list[str]) -> None:
+    """A job process's set-up: its share of the cores, and the parent's included task folders."""
+    import torch
+
+    from hydrabench.config.includes import use_only
+
+    torch.set_num_threads(threads)
+    use_only(folders, "--include-path")
+
+
+def _job(spec: dict[str, Any], results_root: str, execute: Execute) -> str:
+    run = spec_from_dict(spec)
+    execute(run, store=RunStore(Path(results_root)))
+    return run.run_id
+
+
+def run_sweeps_in_processes(sweeps: list[Sweep], jobs: int) -> None:
+    """The runnable cells of `sweeps` (one store and execute), neither finished nor repeated
+    (sweeps may share runs), `jobs` at a time: one set of processes for them all."""
+    check_sweeps_parallel(sweeps, jobs)
+    if not sweeps:
+        return
+    todo: dict[str, PlannedRun] = {}
+    for sweep in sweeps:
+        sweep.log_plan()
+        for run in sweep.runs:
+            if run.skip is None and not sweep.store.has(run.spec.run_id):
+                todo.setdefault(run.spec.run_id, run)
+    run_in_processes([r.spec for r in todo.values()], sweeps[0].store, sweeps[0].execute, jobs,
+                     [f"{r.row.label} ({r.spec.task})" for r in todo.values()])
+
+
+def run_in_processes(specs: list[RunSpec], store: RunStore, execute: Execute, jobs: int,
+                     labels: list[str] | None = None) -> None:
+    """`specs` run `jobs` at a time, each process with cores/jobs torch threads (spawned: no
+    forked torch state). On a failure no new run starts, those running finish (their training
+    is kept), then the first error is raised; a finished run is never lost."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hydrabench.config.includes import included
+
+    if not specs:
+        return
+    labels = labels or [s.run_id for s in specs]
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    log(f"{len(specs)} runs, {jobs} at a time, {threads} thread(s) each")
+    started = time.monotonic()
+    folders = [str(f.root) for f in included()]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_job_process, initargs=(threads, folders)) as pool:
+        futures = {pool.submit(_job, spec.to_dict(), str(store.root.resolve()), execute):
+                   (label, spec.run_id) for spec, label in zip(specs, labels, strict=True)}
+        pending, failed = set(futures), None
+        while pending and failed is None:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                label, run_id = futures[future]
+                if future.exception() is not None:
+                    failed = failed or future
+                else:
+                    progress = eta(len(futures) - len(pending), len(futures),
+                                   time.monotonic() - started)
+                    log(f"{label} → {run_id}: done; {progress}")
+        if failed is not None:
+            for future in pending:
+                future.cancel()  # not started: nothing lost; those running finish
+            wait(pending)
+            err = failed.exception()
+            if isinstance(err, BrokenProcessPool):
+                raise SpecError("a run's process died (killed, or out of memory?): finished "
+                                "runs are kept; run the same command again to go on") from err
+            raise err
 
 
 def pointer_path(store: RunStore, run_id: str) -> Path:

@@ -704,17 +704,26 @@ def write_claims_report(claims: ClaimsFile, verdicts: Sequence[Verdict], profile
 def run_claims(name_or_path: str = DEFAULT_CLAIMS, profile: str = "tiny",
                seeds: tuple[int, ...] | None = None, *, report_only: bool = False,
                allow_code_execution: bool = False, store: RunStore | None = None,
-               out_dir: Path | None = None) -> list[Path]:
-    """`hydrabench claims`: run what the claims need (unless report_only), then the report."""
+               out_dir: Path | None = None, jobs: int = 1) -> list[Path]:
+    """`hydrabench claims`: run what the claims need (unless report_only), then the report.
+    `jobs` > 1: that many runs at once, but the tables of timing claims (kind ratio) first and
+    one at a time, so that what they measure had the machine to itself."""
     from hydrabench.paths import reports_root
 
     claims = load_claims(name_or_path)  # every claim checked before any work
     store = store or RunStore()
     if not report_only:
         from hydrabench.pipeline.run import execute
+        from hydrabench.pipeline.sweep import check_sweeps_parallel, run_sweeps_in_processes
 
-        for sweep in plan_claim_runs(claims, profile, seeds, execute, allow_code_execution):
-            sweep.run_local()
+        timed = {load_table(str(c.table)).name for c in claims.claims if c.kind == "ratio"}
+        sweeps = plan_claim_runs(claims, profile, seeds, execute, allow_code_execution)
+        check_sweeps_parallel(sweeps, jobs)
+        for sweep in sweeps:
+            if jobs == 1 or sweep.table.name in timed:
+                sweep.run_local()
+        if jobs > 1:
+            run_sweeps_in_processes([s for s in sweeps if s.table.name not in timed], jobs)
     verdicts = judge_claims(claims, profile, seeds, store)
     shown_seeds = seeds or claims.seeds
     return write_claims_report(claims, verdicts, profile, shown_seeds, out_dir or reports_root(),
