@@ -51,7 +51,7 @@ def test_a_sweep_in_two_processes_and_a_job_killed_midway(tmp_path: Path) -> Non
     store = RunStore(results)
     records = [store.load(p.name) for p in store.runs.iterdir() if p.is_dir()]
     assert len(records) == 3 and all(r.metrics for r in records)
-    assert {r.hardware["torch_threads"] for r in records} == {1}
+    assert {r.provenance.hardware["torch_threads"] for r in records} == {1}
     assert not [p for p in results.rglob("*") if p.name.startswith((".staging-", COMPLETE, ASIDE))]
     # A third time: every run is found finished, none runs again.
     done = subprocess.run(cli, env=child_env(results), capture_output=True, text=True,
