@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     claims.add_argument("--allow-code-execution", action="store_true",
                         help="also run claims on code columns (model-written code, sandboxed)")
     _add_jobs(claims)
+    claims.add_argument("--executor", choices=["local", "slurm"], default="local",
+                        help="local: the runs here; slurm: each table's runs as a job array, "
+                        "as `sweep --executor slurm` submits them")
+    claims.add_argument("--wait", action="store_true",
+                        help="slurm: block until the jobs have left the queue, then write the "
+                        "report")
 
     compare = sub.add_parser("compare", help="paired difference of two runs on the items both "
                              "scored: bootstrap 95%% CI and McNemar's exact p per task")
@@ -492,12 +498,16 @@ def _say(line: str) -> None:
 
 
 def _cmd_claims(args: argparse.Namespace) -> None:
+    from hydrabench.pipeline.sweep import check_slurm_installed
     from hydrabench.reports.claims import run_claims
 
     _check_jobs(args)
+    if args.executor == "slurm" and not args.report_only:
+        check_slurm_installed()  # before planning the runs
     for path in run_claims(args.file, args.profile, _seeds(args.seeds) if args.seeds else None,
                            report_only=args.report_only,
-                           allow_code_execution=args.allow_code_execution, jobs=args.jobs):
+                           allow_code_execution=args.allow_code_execution, jobs=args.jobs,
+                           executor=args.executor, wait=args.wait):
         print(path)
 
 

@@ -443,6 +443,45 @@ def test_claims_in_two_processes_run_the_timed_tables_first_and_alone(
     assert 1 <= len(others) <= 2 and str(os.getpid()) not in others
 
 
+def test_claims_on_slurm_submit_each_run_once_and_write_the_report_after_waiting(
+        store_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--executor slurm through the tables' sweeps, with a stand-in for submitit's Slurm
+    executor and for squeue (the real submission has its test in test_sweep.py): every planned
+    run submitted once (a run two tables share goes with the first); no report without --wait;
+    --wait on jobs that ended without a record is one error and no report; once the records
+    are there, the report."""
+    from test_sweep import StandInExecutor
+
+    from hydrabench.config.spec import spec_from_dict
+    from hydrabench.pipeline.sweep import Sweep
+
+    made: list[StandInExecutor] = []
+    submit = Sweep.submit_slurm
+    monkeypatch.setattr(Sweep, "submit_slurm", lambda self: submit(
+        self, executor_class=lambda folder: made.append(StandInExecutor(folder)) or made[-1]))
+    queue = {f"10_{i}": "PENDING" for i in range(50)}
+    monkeypatch.setattr("hydrabench.pipeline.sweep.queued_jobs", lambda: queue)
+    planned = {r.spec.run_id: r.spec for s in plan_claim_runs(load_claims(), PROFILE, (0,),
+                                                              record_in_log) for r in s.runs}
+    reports = store_env / "reports"
+
+    assert run_claims(seeds=(0,), executor="slurm", out_dir=reports) == []
+    submitted = [spec_from_dict(d).run_id for e in made for d in e.specs]
+    assert sorted(submitted) == sorted(planned) and not reports.exists()
+
+    queue.clear()  # the jobs left the queue without writing a record
+    with pytest.raises(SpecError, match=r"run\(s\) failed on Slurm"):
+        run_claims(seeds=(0,), executor="slurm", wait=True, out_dir=reports)
+    assert not reports.exists()
+
+    for spec in planned.values():
+        write_scored(RunStore(), spec, 100)
+    arrays = len(made)
+    paths = run_claims(seeds=(0,), executor="slurm", wait=True, out_dir=reports)
+    assert {p.name for p in paths} >= {"claims.md", "claims.csv", "claims.tex"}
+    assert len(made) == arrays  # every run finished: nothing submitted again
+
+
 def test_cli_report_only_writes_md_csv_tex_with_a_verdict_per_claim(
         store_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = RunStore(store_env / "results")

@@ -14,6 +14,7 @@ margin", and Holm's correction over every claim tested together. docs/claims.md 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,7 @@ from hydrabench.config.profiles import load_yaml
 from hydrabench.config.tables import Column, TableSpec, load_table
 from hydrabench.errors import SpecError, did_you_mean
 from hydrabench.paths import TASKS_DIR
+from hydrabench.progress import log
 from hydrabench.records.store import RunRecord, RunStore
 
 DEFAULT_CLAIMS = "hydralora"
@@ -566,6 +568,42 @@ def plan_claim_runs(claims: ClaimsFile, profile: str, seeds: tuple[int, ...] | N
     return sweeps
 
 
+def run_claim_runs(sweeps: list[Any], claims: ClaimsFile, jobs: int) -> None:
+    """The sweeps here, `jobs` runs at a time; the tables of timing claims first, alone."""
+    from hydrabench.pipeline.sweep import check_sweeps_parallel, run_sweeps_in_processes
+
+    timed = {load_table(str(c.table)).name for c in claims.claims if c.kind == "ratio"}
+    check_sweeps_parallel(sweeps, jobs)
+    for sweep in sweeps:
+        if jobs == 1 or sweep.table.name in timed:
+            sweep.run_local()
+    if jobs > 1:
+        run_sweeps_in_processes([s for s in sweeps if s.table.name not in timed], jobs)
+
+
+def submit_claim_runs(sweeps: list[Any], wait: bool) -> bool:
+    """Each sweep's job array on Slurm (a run another sweep queued is not submitted twice);
+    with `wait`, block until they have left the queue. True when every run is finished."""
+    from hydrabench.pipeline.sweep import format_status
+
+    for sweep in sweeps:
+        sweep.submit_slurm()
+    if not wait:
+        log("when the jobs have finished, the same command with --report-only writes the "
+            "report; `hydrabench sweep TABLE --status` shows where each table's runs stand")
+        return False
+    failed = 0
+    for sweep in sweeps:
+        statuses = sweep.wait()
+        if any(s.state == "failed" for s in statuses):
+            print(format_status(statuses), file=sys.stderr, flush=True)
+        failed += sum(s.state == "failed" for s in statuses)
+    if failed:
+        raise SpecError(f"{failed} run(s) failed on Slurm; their logs are named above: no "
+                        "report written (--report-only writes one from the records there are)")
+    return True
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -704,26 +742,25 @@ def write_claims_report(claims: ClaimsFile, verdicts: Sequence[Verdict], profile
 def run_claims(name_or_path: str = DEFAULT_CLAIMS, profile: str = "tiny",
                seeds: tuple[int, ...] | None = None, *, report_only: bool = False,
                allow_code_execution: bool = False, store: RunStore | None = None,
-               out_dir: Path | None = None, jobs: int = 1) -> list[Path]:
+               out_dir: Path | None = None, jobs: int = 1, executor: str = "local",
+               wait: bool = False) -> list[Path]:
     """`hydrabench claims`: run what the claims need (unless report_only), then the report.
     `jobs` > 1: that many runs at once, but the tables of timing claims (kind ratio) first and
-    one at a time, so that what they measure had the machine to itself."""
+    one at a time, so that what they measure had the machine to itself. `executor` "slurm":
+    submit them as the tables' sweeps do; the report only with `wait` (none if a run failed)."""
     from hydrabench.paths import reports_root
 
     claims = load_claims(name_or_path)  # every claim checked before any work
     store = store or RunStore()
     if not report_only:
         from hydrabench.pipeline.run import execute
-        from hydrabench.pipeline.sweep import check_sweeps_parallel, run_sweeps_in_processes
 
-        timed = {load_table(str(c.table)).name for c in claims.claims if c.kind == "ratio"}
         sweeps = plan_claim_runs(claims, profile, seeds, execute, allow_code_execution)
-        check_sweeps_parallel(sweeps, jobs)
-        for sweep in sweeps:
-            if jobs == 1 or sweep.table.name in timed:
-                sweep.run_local()
-        if jobs > 1:
-            run_sweeps_in_processes([s for s in sweeps if s.table.name not in timed], jobs)
+        if executor == "slurm":
+            if not submit_claim_runs(sweeps, wait):
+                return []
+        else:
+            run_claim_runs(sweeps, claims, jobs)
     verdicts = judge_claims(claims, profile, seeds, store)
     shown_seeds = seeds or claims.seeds
     return write_claims_report(claims, verdicts, profile, shown_seeds, out_dir or reports_root(),
