@@ -9,6 +9,7 @@ from conftest import assert_refused_in_one_line, error_lines
 from test_bad_input import RUN, STORIES, profile_file
 
 from hydrabench.cli import main
+from hydrabench.data.synthetic import EVAL_ITEMS
 
 HUGE = "99999999999999999999"  # beyond 64 bits: torch, numpy and lm-eval fail on it
 EVAL = ["eval", "--model", STORIES, "--task", "general"]
@@ -27,7 +28,8 @@ CASES = [
     ("--num-heads huge", [*RUN, "--num-heads", HUGE], "adapter setting num_heads must be below"),
     ("--num-splits 1e20", [*RUN, "--num-splits", "1e20"], "argument --num-splits: invalid int"),
     ("--num-fewshot beyond the task's pool", [*EVAL, "--num-fewshot", "1000", "--limit", "2"],
-     "num_fewshot 1000: task tiny_facts has 60 few-shot examples to draw from"),
+     f"num_fewshot 1000: task tiny_facts has {EVAL_ITEMS['facts']} few-shot examples to draw "
+     "from"),
     ("profile: bad dtype", [*RUN, "--profile", profile_file("extends: tiny\ndtype: float99\n")],
      "unknown dtype 'float99'; valid: float32, float16, bfloat16"),
     ("profile: bad device", [*RUN, "--profile", profile_file("extends: tiny\ndevice: tpu9\n")],
