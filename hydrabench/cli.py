@@ -107,7 +107,7 @@ def _check_jobs(args: argparse.Namespace) -> None:
         raise SpecError("--jobs is for --executor local: on Slurm every run is a job of its own")
     profile = load_profile(args.profile)
     check_parallel(args.jobs, profile.device, profile.eval.get("backend", "hf"),
-                   f"profile {profile.name}")
+                   f"profile {args.profile}")
 
 
 PROFILE_HELP = "a shipped profile (default: tiny, offline CPU) or your own .yaml file"
