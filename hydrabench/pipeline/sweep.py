@@ -383,10 +383,11 @@ def run_sweeps_in_processes(sweeps: list[Sweep], jobs: int) -> None:
 
 
 def run_in_processes(specs: list[RunSpec], store: RunStore, execute: Execute, jobs: int,
-                     labels: list[str] | None = None) -> None:
-    """`specs` run `jobs` at a time, each process with cores/jobs torch threads (spawned: no
-    forked torch state). On a failure no new run starts, those running finish (their training
-    is kept), then the first error is raised; a finished run is never lost."""
+                     labels: list[str]) -> None:
+    """`specs` (shown as `labels`) run `jobs` at a time, each process with cores/jobs torch
+    threads (spawned: no forked torch state). On a failure no new run starts, those running
+    finish (their training is kept), then the first error is raised; a finished run is never
+    lost."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
@@ -395,7 +396,6 @@ def run_in_processes(specs: list[RunSpec], store: RunStore, execute: Execute, jo
 
     if not specs:
         return
-    labels = labels or [s.run_id for s in specs]
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     log(f"{len(specs)} runs, {jobs} at a time, {threads} thread(s) each")
     started = time.monotonic()

@@ -592,14 +592,14 @@ def submit_claim_runs(sweeps: list[Any], wait: bool) -> bool:
         log("when the jobs have finished, the same command with --report-only writes the "
             "report; `hydrabench sweep TABLE --status` shows where each table's runs stand")
         return False
-    failed = 0
+    failed: set[str] = set()  # run ids: a run two tables share counts once
     for sweep in sweeps:
         statuses = sweep.wait()
         if any(s.state == "failed" for s in statuses):
             print(format_status(statuses), file=sys.stderr, flush=True)
-        failed += sum(s.state == "failed" for s in statuses)
+        failed |= {s.run.spec.run_id for s in statuses if s.state == "failed"}
     if failed:
-        raise SpecError(f"{failed} run(s) failed on Slurm; their logs are named above: no "
+        raise SpecError(f"{len(failed)} run(s) failed on Slurm; their logs are named above: no "
                         "report written (--report-only writes one from the records there are)")
     return True
 
